@@ -1,0 +1,51 @@
+# Two entry points for a fresh machine:  `make demo`  and  `make test`.
+# Both create .venv, install kdcache into it, then run. Re-running skips the install.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# This machine image ships a CPU build of torch 2.13 on disk; elsewhere take the registry's torch.
+TORCH  ?= $(if $(wildcard /opt/wheels/torch-2.13.0*),torch==2.13.0 torchvision==0.28.0,torch torchvision)
+PYTEST_ARGS ?=
+
+.PHONY: install install-dev demo demo-quick test test-all bench clean
+
+$(VENV)/bin/activate:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(VENV)/.installed: $(VENV)/bin/activate pyproject.toml
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e .[demo]
+	bash tools/install_pillow_simd.sh $(PY)
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) install -q -e .[dev]
+	bash tools/install_pillow_simd.sh $(PY)
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+demo: install
+	$(VENV)/bin/kdcache demo --out kdcache-demo
+
+demo-quick: install
+	$(VENV)/bin/kdcache demo --out kdcache-demo --quick
+
+test: install-dev
+	$(VENV)/bin/kdcache info
+	TRITON_INTERPRET=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-all: install-dev
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -m "" $(PYTEST_ARGS)
+
+bench: install-dev
+	$(PY) benchmarks/loss_bench.py
+	$(PY) benchmarks/precompute_bench.py
+	$(PY) benchmarks/train_bench.py
+
+clean:
+	rm -rf $(VENV) kdcache-demo build *.egg-info

@@ -1,0 +1,50 @@
+"""`kdcache precompute`: run the teacher once on V seeded views of every image, into a cache."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from . import cli
+from .options import RANGE, RGB
+
+
+@cli.command()
+@click.option("--data", required=True, help="Shards: a brace pattern (data/train-{000000..000099}.tar), a glob, or a directory.")
+@click.option("--teacher", required=True, help="Teacher spec: timm:NAME, torchvision:NAME, py:MODULE:FACTORY, or a TorchScript file.")
+@click.option("--teacher-weights", type=click.Path(), default=None, help="Teacher weights: a .pt/.pth state dict or .safetensors.")
+@click.option("--pretrained", is_flag=True, help="Let timm/torchvision fetch their pretrained weights (needs network).")
+@click.option("--num-classes", type=int, default=None, help="Expected teacher class count (checked; passed to py: factories).")
+@click.option("--out", required=True, help="Cache path (a local directory or an fsspec URL), e.g. cache.zarr.")
+@click.option("--views", "-V", default=10, show_default=True, help="Seeded views per image.")
+@click.option("--topk", "-k", default=10, show_default=True, help="Teacher outputs kept per view.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the view sampler.")
+@click.option("--res", default=224, show_default=True, help="Teacher input resolution (square).")
+@click.option("--scale", type=RANGE, default="0.08,1.0", show_default=True, help="Crop area fraction range MIN,MAX.")
+@click.option("--ratio", type=RANGE, default="0.75,1.3333333333333333", show_default=True, help="Crop aspect-ratio range MIN,MAX.")
+@click.option("--flip/--no-flip", default=True, show_default=True, help="Random horizontal flips.")
+@click.option("--mixup/--no-mixup", default=False, show_default=True, help="Mix pairs inside each shard (function matching).")
+@click.option("--batch-size", "-b", default=256, show_default=True, help="Teacher batch size.")
+@click.option("--device", default="auto", show_default=True, help="cuda, cuda:1, cpu, or auto.")
+@click.option("--workers", "-j", default=4, show_default=True, help="DataLoader workers (each owns whole shards).")
+@click.option("--mean", type=RGB, default=None, help="Override input mean R,G,B (default: timm config or ImageNet).")
+@click.option("--std", type=RGB, default=None, help="Override input std R,G,B.")
+@click.option("--shard-index", default=0, show_default=True, help="With --num-shard-groups: which group this process writes.")
+@click.option("--num-shard-groups", default=1, show_default=True, help="Split the shards into this many disjoint groups.")
+@click.option("--skip-bad", is_flag=True, help="Record undecodable images in the shard's attributes and go on.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def precompute(**kw):
+    """Run the teacher once on seeded views of every image and store its top-k in a Zarr cache.
+
+    Re-running the same command resumes: complete shards are skipped, interrupted ones redone.
+    A cache made with another teacher, seed, V, k or augmentation is refused. Under
+    `torchrun --nproc_per_node N -m kdcache precompute ...` each rank writes disjoint shards.
+    """
+    from ..precompute import PrecomputeConfig, precompute as run
+
+    kw["progress"] = not kw.pop("no_progress")
+    summary = run(PrecomputeConfig(**kw))
+    if summary["shards_written"] == 0 and summary["shards_skipped"]:
+        click.echo(f"all {summary['shards_skipped']} shards of this process are already complete in {summary['cache']}")
+    click.echo(json.dumps(summary))

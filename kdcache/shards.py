@@ -1,0 +1,305 @@
+"""WebDataset shards: finding them, streaming their samples, decoding images, and writing them (pack).
+
+A shard is a plain tar file whose members are grouped into samples by their key (the file name up
+to the first dot), WebDataset's convention. kdcache reads shards strictly in order, one shard at a
+time, and never assumes random access.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import braceexpand
+import webdataset as wds
+from PIL import Image
+from webdataset import tariterators
+
+from .errors import BadImageError, KdcacheError
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+_REMOTE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")  # s3://, gs://, http://, pipe:, ...
+
+
+@dataclass
+class Sample:
+    """One sample of a shard: its key, the encoded image and, when present, its class id."""
+
+    key: str
+    image: bytes
+    ext: str
+    cls: int | None
+    url: str
+
+
+def is_remote(url: str) -> bool:
+    return bool(_REMOTE.match(url)) and not url.startswith("file:")
+
+
+def expand_urls(pattern: str | Iterable[str]) -> list[str]:
+    """Shard URLs from a brace pattern (``data/train-{000..009}.tar``), a glob, a directory, a
+    comma-free list, or remote URLs. Local files must exist. Raises ``KdcacheError`` if nothing matches."""
+    if isinstance(pattern, (str, os.PathLike)):
+        patterns = [str(pattern)]
+    else:
+        patterns = [str(p) for p in pattern]
+    urls: list[str] = []
+    for pat in patterns:
+        for item in braceexpand.braceexpand(pat):
+            if item.startswith("file:"):
+                item = item[len("file:") :]
+            if is_remote(item):
+                urls.append(item)
+            elif os.path.isdir(item):
+                found = sorted(glob.glob(os.path.join(item, "*.tar")))
+                if not found:
+                    raise KdcacheError(f"directory {item} holds no .tar shards")
+                urls.extend(found)
+            elif any(c in item for c in "*?["):
+                urls.extend(sorted(glob.glob(item)))
+            elif os.path.isfile(item):
+                urls.append(item)
+            else:
+                raise KdcacheError(f"shard {item} does not exist (from pattern {pat!r})")
+    if not urls:
+        raise KdcacheError(f"the data pattern {patterns if len(patterns) > 1 else patterns[0]!r} matched no shards")
+    names = [shard_name(u) for u in urls]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise KdcacheError(f"two shards share the name {dupes[0]!r}; shard file names must be unique")
+    return urls
+
+
+def shard_name(url: str) -> str:
+    """The shard's stem: ``/data/train-000003.tar`` → ``train-000003``. Names the cache group."""
+    base = url.rstrip("/").rsplit("/", 1)[-1]
+    for suffix in (".tar.gz", ".tgz", ".tar"):
+        if base.endswith(suffix):
+            return base[: -len(suffix)]
+    return base
+
+
+def _parse_cls(raw, url: str, key: str) -> int:
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+        return int(text.strip())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise KdcacheError(f"sample {key!r} in shard {url} has a cls entry that is not an integer: {e}") from None
+
+
+def iter_samples(url: str) -> Iterator[Sample]:
+    """Stream the samples of one shard in tar order. Each needs an image; ``cls`` is optional.
+
+    Raises ``KdcacheError`` naming the shard and key for a sample without an image, a repeated
+    key, or a tar that cannot be read.
+    """
+    stream = tariterators.url_opener([{"url": url}])
+    files = tariterators.tar_file_expander(stream)
+    seen: set[str] = set()
+    try:
+        for raw in tariterators.group_by_keys(files):
+            key = raw["__key__"]
+            if key in seen:
+                raise KdcacheError(
+                    f"shard {url} holds key {key!r} twice; keys must be unique within a shard "
+                    "(re-pack the data or drop the duplicate)"
+                )
+            seen.add(key)
+            ext = next((e for e in IMAGE_EXTS if e in raw), None)
+            if ext is None:
+                have = sorted(k for k in raw if not k.startswith("__"))
+                raise KdcacheError(
+                    f"sample {key!r} in shard {url} has no image (looked for {', '.join(IMAGE_EXTS)}; found {have})"
+                )
+            cls = _parse_cls(raw["cls"], url, key) if "cls" in raw else None
+            yield Sample(key, raw[ext], ext, cls, url)
+    except KdcacheError:
+        raise
+    except ValueError as e:  # webdataset's duplicate-file error
+        raise KdcacheError(f"shard {url} is malformed: {e.args[0]}") from None
+    except (OSError, EOFError) as e:
+        raise KdcacheError(f"cannot read shard {url}: {e}") from None
+
+
+def decode_image(sample: Sample) -> Image.Image:
+    """Decode a sample's image fully, as RGB. Raises ``BadImageError`` naming shard and key."""
+    try:
+        with Image.open(io.BytesIO(sample.image)) as im:
+            im.load()
+            return im.convert("RGB")
+    except Exception as e:  # PIL raises many types for corrupt data
+        raise BadImageError(sample.url, sample.key, f"{type(e).__name__}: {e}") from None
+
+
+def find_classes_file(urls: list[str]) -> str | None:
+    """``classes.json`` next to the first local shard, if there is one."""
+    for url in urls[:1]:
+        if not is_remote(url):
+            cand = os.path.join(os.path.dirname(os.path.abspath(url)), "classes.json")
+            if os.path.isfile(cand):
+                return cand
+    return None
+
+
+def load_class_names(urls: list[str]) -> list[str] | None:
+    path = find_classes_file(urls)
+    if path is None:
+        return None
+    with open(path) as f:
+        names = json.load(f)
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise KdcacheError(f"{path} must hold a JSON list of class names")
+    return names
+
+
+# ---- writing ----------------------------------------------------------------------------------
+
+
+def write_shards(samples: Iterable[Sample], out_dir: str | Path, prefix: str, shard_size: int) -> list[str]:
+    """Write samples into ``out_dir/prefix-000000.tar``, ``...-000001.tar`` (``shard_size`` each)."""
+    if shard_size < 1:
+        raise KdcacheError("--shard-size must be at least 1")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: list[str] = []
+    writer = None
+    count = 0
+    try:
+        for s in samples:
+            if writer is None or count == shard_size:
+                if writer is not None:
+                    writer.close()
+                path = out_dir / f"{prefix}-{len(paths):06d}.tar"
+                tmp = path.with_suffix(".tar.tmp")
+                paths.append(str(path))
+                writer = wds.TarWriter(str(tmp))
+                count = 0
+            record = {"__key__": s.key, s.ext: s.image}
+            if s.cls is not None:
+                record["cls"] = str(int(s.cls)).encode()
+            writer.write(record)
+            count += 1
+    finally:
+        if writer is not None:
+            writer.close()
+    # Rename only once everything is written, so a crash never leaves a truncated .tar behind.
+    for p in paths:
+        tmp = Path(p).with_suffix(".tar.tmp")
+        if tmp.exists():
+            os.replace(tmp, p)
+    return paths
+
+
+_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
+
+
+def _key_for(class_name: str, stem: str, taken: set[str]) -> str:
+    # WebDataset splits a member name at its first dot, so keys must not contain dots.
+    base = _KEY_UNSAFE.sub("_", f"{class_name}_{stem}")
+    key, n = base, 1
+    while key in taken:
+        key, n = f"{base}_{n}", n + 1
+    taken.add(key)
+    return key
+
+
+def pack_imagefolder(
+    src: str | Path,
+    out: str | Path,
+    shard_size: int = 1000,
+    val_fraction: float = 0.0,
+    seed: int = 0,
+    skip_bad: bool = False,
+) -> dict:
+    """Convert an ImageFolder tree (``src/<class>/<image>``) into shuffled train/val shards.
+
+    Writes ``out/train/train-*.tar``, ``out/val/val-*.tar`` (when ``val_fraction > 0``) and a
+    ``classes.json`` (class names in index order) beside each split's shards. Images are copied byte for byte. The
+    validation split takes ``val_fraction`` of every class, chosen with ``seed``.
+    """
+    src = Path(src)
+    if not src.is_dir():
+        raise KdcacheError(f"{src} is not a directory; pack expects an ImageFolder tree src/<class>/<image>")
+    if not 0.0 <= val_fraction < 1.0:
+        raise KdcacheError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    classes = sorted(d.name for d in src.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise KdcacheError(f"{src} has no class sub-directories; expected src/<class>/<image>")
+    rng = random.Random(seed)
+    taken: set[str] = set()
+    train, val, skipped = [], [], []
+    for idx, name in enumerate(classes):
+        files = sorted(
+            p for p in (src / name).rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTS
+        )
+        items = []
+        for p in files:
+            try:
+                with Image.open(p) as im:
+                    im.verify()
+            except Exception as e:
+                if skip_bad:
+                    skipped.append(str(p))
+                    continue
+                raise KdcacheError(
+                    f"{p} is not a readable image ({type(e).__name__}: {e}); remove it or pass --skip-bad"
+                ) from None
+            items.append((p, _key_for(name, p.stem, taken), idx))
+        rng.shuffle(items)
+        n_val = int(round(len(items) * val_fraction))
+        val.extend(items[:n_val])
+        train.extend(items[n_val:])
+    if not train:
+        raise KdcacheError(f"{src} holds no images with extensions {', '.join(IMAGE_EXTS)}")
+    rng.shuffle(train)
+    rng.shuffle(val)
+
+    def samples(items):
+        for p, key, idx in items:
+            yield Sample(key, p.read_bytes(), p.suffix.lower().lstrip("."), idx, str(p))
+
+    return write_dataset(out, samples(train), samples(val) if val else None, classes, shard_size, skipped)
+
+
+def write_dataset(
+    out: str | Path,
+    train: Iterable[Sample],
+    val: Iterable[Sample] | None,
+    classes: list[str],
+    shard_size: int,
+    skipped: list[str] | None = None,
+) -> dict:
+    """Write ``out/train/train-*.tar`` (and ``out/val/val-*.tar``), each folder with a
+    ``classes.json`` beside its shards. Returns a summary dict."""
+    out = Path(out)
+    splits = {"train": train} if val is None else {"train": train, "val": val}
+    summary: dict = {"classes": len(classes), "skipped": list(skipped or [])}
+    for split, samples in splits.items():
+        counted = _Counter(samples)
+        paths = write_shards(counted, out / split, split, shard_size)
+        with open(out / split / "classes.json", "w") as f:
+            json.dump(list(classes), f, indent=0)
+        summary[f"{split}_shards"] = paths
+        summary[f"{split}_samples"] = counted.n
+    summary.setdefault("val_shards", [])
+    summary.setdefault("val_samples", 0)
+    return summary
+
+
+class _Counter:
+    """Wraps an iterable and counts what passes through."""
+
+    def __init__(self, it):
+        self.it, self.n = it, 0
+
+    def __iter__(self):
+        for x in self.it:
+            self.n += 1
+            yield x

@@ -1,0 +1,375 @@
+"""The cache: a Zarr v3 group holding the teacher's top-k outputs and the views they were taken on.
+
+Layout (format version 1)::
+
+    cache.zarr/                 attrs["kdcache"] = manifest
+      <shard stem>/             attrs: source, num_samples, complete, bad, render
+        keys      (N,)          str      sample keys, tar order
+        size      (N, 2)        int32    source image (height, width); (-1, -1) for a bad image
+        logprobs  (N, V, k)     float16  top-k log-probs at T=1, descending
+        classes   (N, V, k)     int16|int32  class ids; -1 for a bad image
+        box       (N, V, 4)     uint16|int32 x, y, w, h in source pixels
+        flip      (N, V)        bool
+        mix_with  (N, V)        int32    partner's index in the shard, -1 = not mixed
+        mix_lam   (N, V)        float16  weight of the record's own image
+
+Every per-view array is chunked one chunk per view and packed into one Zarr shard, so a shard
+group is a handful of files and an epoch reads one small chunk per array. ``docs/format.md``
+describes the semantics in full.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle
+
+from . import __version__
+from .errors import KdcacheError
+
+FORMAT_VERSION = 1
+ARRAYS = ("keys", "size", "logprobs", "classes", "box", "flip", "mix_with", "mix_lam")
+# Manifest fields that must agree before more shards are written into an existing cache.
+MATCHED_FIELDS = ("teacher", "augmentation", "seed", "views", "topk", "resolution", "shards")
+
+_FLOAT = BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.shuffle)
+_INT = BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.bitshuffle)
+
+
+def class_dtype(num_classes: int) -> np.dtype:
+    return np.dtype(np.int16) if num_classes <= np.iinfo(np.int16).max else np.dtype(np.int32)
+
+
+def box_dtype(max_side: int) -> np.dtype:
+    return np.dtype(np.uint16) if max_side <= np.iinfo(np.uint16).max else np.dtype(np.int32)
+
+
+def make_manifest(
+    *,
+    teacher: dict,
+    augmentation: dict,
+    seed: int,
+    views: int,
+    topk: int,
+    resolution: int,
+    render: dict,
+    shards: list[str],
+    sources: list[str],
+    class_names: list[str] | None = None,
+) -> dict:
+    """The cache's manifest (stored as ``attrs["kdcache"]`` of the root group)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "kdcache_version": __version__,
+        "teacher": teacher,
+        "augmentation": augmentation,
+        "seed": int(seed),
+        "views": int(views),
+        "topk": int(topk),
+        "resolution": int(resolution),
+        "render": render,
+        "shards": list(shards),
+        "sources": list(sources),
+        "class_names": list(class_names) if class_names is not None else None,
+    }
+
+
+def manifest_differences(old: dict, new: dict) -> list[str]:
+    """Human-readable lines for each matched field where two manifests disagree."""
+    out = []
+    for name in MATCHED_FIELDS:
+        a, b = old.get(name), new.get(name)
+        if json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
+            if isinstance(a, dict) and isinstance(b, dict):
+                for sub in sorted(set(a) | set(b)):
+                    if a.get(sub) != b.get(sub):
+                        out.append(f"{name}.{sub}: cache has {a.get(sub)!r}, this run has {b.get(sub)!r}")
+            elif name == "shards":
+                gone, new_ = sorted(set(a or []) - set(b or [])), sorted(set(b or []) - set(a or []))
+                out.append(f"shards: cache covers {len(a or [])} shards, this run {len(b or [])} "
+                           f"(only in cache: {gone[:3]}, only in this run: {new_[:3]})")
+            else:
+                out.append(f"{name}: cache has {a!r}, this run has {b!r}")
+    return out
+
+
+def _open_root(path: str, mode: str, storage_options: dict | None):
+    kw = {"storage_options": storage_options} if storage_options else {}
+    return zarr.open_group(str(path), mode=mode, zarr_format=3, **kw)
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in str(path) or str(path).startswith("file://")
+
+
+def open_manifest(path: str, storage_options: dict | None = None):
+    """Open an existing cache read-only and return (root group, manifest). Validates the format."""
+    path = str(path)
+    if _is_local(path):
+        local = path[len("file://") :] if path.startswith("file://") else path
+        if not os.path.exists(local):
+            raise KdcacheError(f"no cache at {path}: the path does not exist (run `kdcache precompute` first)")
+        if not os.path.isfile(os.path.join(local, "zarr.json")):
+            raise KdcacheError(f"{path} is not a kdcache store: it has no zarr.json (not a Zarr v3 group)")
+    try:
+        root = _open_root(path, "r", storage_options)
+    except Exception as e:
+        raise KdcacheError(f"{path} is not a kdcache store: cannot open it as a Zarr v3 group ({e})") from None
+    manifest = root.attrs.get("kdcache")
+    if not isinstance(manifest, dict):
+        raise KdcacheError(f"{path} is a Zarr group but not a kdcache store: it has no 'kdcache' manifest attribute")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise KdcacheError(
+            f"{path} uses cache format version {version!r}; this kdcache ({__version__}) reads version "
+            f"{FORMAT_VERSION}. Use a matching kdcache release or re-run precompute into a new cache."
+        )
+    for name in ("teacher", "views", "topk", "seed", "augmentation", "resolution"):
+        if name not in manifest:
+            raise KdcacheError(f"{path}: the manifest lacks {name!r}; the store is damaged or not written by kdcache")
+    return root, manifest
+
+
+@dataclass
+class ViewRecords:
+    """One view of every record in one shard group: the arrays an epoch needs."""
+
+    shard: str
+    view: int
+    keys: np.ndarray  # (N,) str
+    size: np.ndarray  # (N, 2) int32 height, width
+    logprobs: np.ndarray  # (N, k) float16
+    classes: np.ndarray  # (N, k) int
+    box: np.ndarray  # (N, 4) int
+    flip: np.ndarray  # (N,) bool
+    mix_with: np.ndarray  # (N,) int32
+    mix_lam: np.ndarray  # (N,) float16
+    bad: frozenset
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def _keys(group) -> np.ndarray:
+    """The keys array as a plain numpy unicode array (zarr returns numpy's variable-width strings)."""
+    return np.array([str(k) for k in group["keys"][:]], dtype=str)
+
+
+class CacheReader:
+    """Read access to a cache (local path or fsspec URL). Opening validates the format."""
+
+    def __init__(self, path: str, storage_options: dict | None = None):
+        self.path = str(path)
+        self.root, self.manifest = open_manifest(self.path, storage_options)
+
+    @property
+    def views(self) -> int:
+        return int(self.manifest["views"])
+
+    @property
+    def topk(self) -> int:
+        return int(self.manifest["topk"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.manifest["teacher"]["num_classes"])
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.manifest.get("class_names")
+
+    def shard_names(self) -> list[str]:
+        """Shard groups present in the store (complete or not), sorted."""
+        return sorted(self.root.group_keys())
+
+    def has_shard(self, name: str) -> bool:
+        return name in set(self.root.group_keys())
+
+    def shard_attrs(self, name: str) -> dict:
+        if not self.has_shard(name):
+            raise KdcacheError(f"cache {self.path} has no shard group {name!r} (run precompute on that shard)")
+        return dict(self.root[name].attrs)
+
+    def is_complete(self, name: str) -> bool:
+        return self.has_shard(name) and bool(self.root[name].attrs.get("complete", False))
+
+    def check_shard(self, name: str) -> int:
+        """Validate one complete shard group's arrays (presence, shapes, dtypes). Returns N."""
+        attrs = self.shard_attrs(name)
+        if not attrs.get("complete", False):
+            raise KdcacheError(
+                f"shard {name!r} in cache {self.path} is incomplete (precompute was interrupted); "
+                "re-run the same `kdcache precompute` command to finish it"
+            )
+        g = self.root[name]
+        present = set(g.array_keys())
+        missing = [a for a in ARRAYS if a not in present]
+        if missing:
+            raise KdcacheError(f"shard {name!r} in cache {self.path} lacks arrays {missing}; re-run precompute on it")
+        n, V, k = int(attrs.get("num_samples", -1)), self.views, self.topk
+        expect = {
+            "keys": (n,), "size": (n, 2), "logprobs": (n, V, k), "classes": (n, V, k),
+            "box": (n, V, 4), "flip": (n, V), "mix_with": (n, V), "mix_lam": (n, V),
+        }
+        for a, shape in expect.items():
+            if tuple(g[a].shape) != shape:
+                raise KdcacheError(
+                    f"shard {name!r} array {a!r} has shape {tuple(g[a].shape)}, expected {shape} "
+                    f"(num_samples={n}, views={V}, topk={k}); the store is damaged"
+                )
+        if g["logprobs"].dtype != np.float16:
+            raise KdcacheError(f"shard {name!r} array 'logprobs' is {g['logprobs'].dtype}, expected float16")
+        return n
+
+    def read_view(self, name: str, view: int) -> ViewRecords:
+        """View ``view`` of every record in shard ``name``: one chunk read per array."""
+        n = self.check_shard(name)
+        if not 0 <= view < self.views:
+            raise KdcacheError(f"view {view} is out of range; cache {self.path} holds views 0..{self.views - 1}")
+        g = self.root[name]
+        return ViewRecords(
+            shard=name,
+            view=view,
+            keys=_keys(g),
+            size=np.asarray(g["size"][:]),
+            logprobs=np.asarray(g["logprobs"][:, view]),
+            classes=np.asarray(g["classes"][:, view]),
+            box=np.asarray(g["box"][:, view]),
+            flip=np.asarray(g["flip"][:, view]),
+            mix_with=np.asarray(g["mix_with"][:, view]),
+            mix_lam=np.asarray(g["mix_lam"][:, view]),
+            bad=frozenset(self.shard_attrs(name).get("bad", {})),
+        )
+
+    def read_shard(self, name: str) -> dict[str, np.ndarray]:
+        """Every array of one shard group, all views."""
+        self.check_shard(name)
+        g = self.root[name]
+        out = {a: np.asarray(g[a][:]) for a in ARRAYS if a != "keys"}
+        out["keys"] = _keys(g)
+        return out
+
+    def nbytes_stored(self, name: str) -> int:
+        g = self.root[name]
+        return int(sum(g[a].nbytes_stored() for a in g.array_keys()))
+
+    def nbytes_raw(self, name: str) -> int:
+        g = self.root[name]
+        total = 0
+        for a in g.array_keys():
+            arr = g[a]
+            if a == "keys":
+                total += int(sum(len(str(k).encode()) for k in arr[:]))
+            else:
+                total += int(np.prod(arr.shape)) * np.dtype(arr.dtype.to_native_dtype() if hasattr(arr.dtype, "to_native_dtype") else arr.dtype).itemsize
+        return total
+
+
+class CacheWriter:
+    """Creates a cache or opens one for more shards. Refuses a cache made with other settings.
+
+    A shard group is written by one writer only and marked ``complete`` after all its arrays are
+    written; an incomplete group found later is deleted and rewritten.
+    """
+
+    def __init__(self, path: str, manifest: dict, storage_options: dict | None = None):
+        self.path = str(path)
+        self.storage_options = storage_options
+        self.manifest = manifest
+        self.root = self._create_or_open()
+
+    def _create_or_open(self):
+        path = self.path
+        local = path[len("file://") :] if path.startswith("file://") else path
+        exists = os.path.exists(local) if _is_local(path) else self._remote_exists()
+        if exists and _is_local(path) and os.path.isdir(local) and not os.listdir(local):
+            exists = False  # an empty directory is fine to create into
+        if not exists:
+            try:
+                root = _open_root(path, "w-", self.storage_options)
+                root.attrs["kdcache"] = self.manifest
+                return _open_root(path, "r+", self.storage_options)
+            except FileExistsError:
+                pass  # another process created it first: open and compare below
+        if _is_local(path) and os.path.exists(local) and not os.path.isdir(local):
+            raise KdcacheError(f"output path {path} is a file, not a kdcache store; choose another --out")
+        try:
+            _, old = open_manifest(path, self.storage_options)
+        except KdcacheError as e:
+            raise KdcacheError(f"refusing to write into {path}: {e}. Choose an empty or new --out path.") from None
+        diffs = manifest_differences(old, self.manifest)
+        if diffs:
+            raise KdcacheError(
+                f"the cache at {path} was made with other settings; refusing to mix them:\n  "
+                + "\n  ".join(diffs)
+                + "\nUse a new --out path, or re-run with the cache's settings to resume it."
+            )
+        return _open_root(path, "r+", self.storage_options)
+
+    def _remote_exists(self) -> bool:
+        try:
+            open_manifest(self.path, self.storage_options)
+            return True
+        except KdcacheError:
+            return False
+
+    def is_complete(self, name: str) -> bool:
+        return name in set(self.root.group_keys()) and bool(self.root[name].attrs.get("complete", False))
+
+    def write_shard(
+        self,
+        name: str,
+        *,
+        source: str,
+        keys,
+        size: np.ndarray,
+        logprobs: np.ndarray,
+        classes: np.ndarray,
+        box: np.ndarray,
+        flip: np.ndarray,
+        mix_with: np.ndarray,
+        mix_lam: np.ndarray,
+        bad: dict[str, str] | None = None,
+        render: dict | None = None,
+    ) -> None:
+        """Write one whole shard group, then mark it complete. Replaces an incomplete group."""
+        n = len(keys)
+        V, k = int(self.manifest["views"]), int(self.manifest["topk"])
+        shapes = {
+            "size": (size, (n, 2)), "logprobs": (logprobs, (n, V, k)), "classes": (classes, (n, V, k)),
+            "box": (box, (n, V, 4)), "flip": (flip, (n, V)), "mix_with": (mix_with, (n, V)),
+            "mix_lam": (mix_lam, (n, V)),
+        }
+        for a, (arr, shape) in shapes.items():
+            if tuple(arr.shape) != shape:
+                raise ValueError(f"write_shard({name!r}): {a} has shape {arr.shape}, expected {shape}")
+        g = self.root.create_group(name, overwrite=True)
+        g.attrs.update({"source": source, "num_samples": n, "complete": False})
+        rows = max(n, 1)
+        max_side = int(size.max()) if n else 0
+
+        def put(aname, data, dtype, codec):
+            shape = data.shape
+            per_view = len(shape) >= 2 and aname not in ("size",)
+            chunks = (rows, 1) + shape[2:] if per_view else (rows,) + shape[1:]
+            shards = (rows,) + shape[1:] if per_view else None
+            arr = g.create_array(aname, shape=shape, chunks=chunks, shards=shards, dtype=dtype, compressors=codec)
+            if n:
+                arr[...] = data.astype(dtype, copy=False)
+
+        keys_arr = g.create_array("keys", shape=(n,), chunks=(rows,), dtype=str)
+        if n:
+            keys_arr[:] = np.asarray(list(keys), dtype=str)
+        put("size", np.asarray(size), np.int32, _INT)
+        put("logprobs", np.asarray(logprobs), np.float16, _FLOAT)
+        put("classes", np.asarray(classes), class_dtype(int(self.manifest["teacher"]["num_classes"])), _INT)
+        put("box", np.asarray(box), box_dtype(max_side), _INT)
+        put("flip", np.asarray(flip), np.bool_, _INT)
+        put("mix_with", np.asarray(mix_with), np.int32, _INT)
+        put("mix_lam", np.asarray(mix_lam), np.float16, _FLOAT)
+        # Only now, with every array on disk, does the group count as done.
+        g.attrs.update({"bad": dict(bad or {}), "render": render or self.manifest.get("render"), "complete": True})

@@ -1,0 +1,101 @@
+"""Shared fixtures: small real datasets (JPEG and PNG of varied sizes in WebDataset shards), a tiny
+teacher with saved weights, and a precomputed cache. Everything is generated on disk per session."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+NUM_CLASSES = 5
+
+
+def make_image(rng: np.random.Generator, width: int, height: int, cls: int) -> Image.Image:
+    """A real picture with class-dependent structure (so a teacher can learn something)."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([
+        128 + 100 * np.sin(xx / (3 + cls) + cls),
+        128 + 100 * np.cos(yy / (4 + cls)),
+        (xx * (cls + 1) + yy) % 256,
+    ], axis=-1)
+    noise = rng.normal(0, 12, size=base.shape)
+    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8), "RGB")
+
+
+def encode(im: Image.Image, ext: str) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format={"jpg": "JPEG", "png": "PNG"}[ext], **({"quality": 90} if ext == "jpg" else {}))
+    return buf.getvalue()
+
+
+def write_dataset(root: Path, shards: int = 3, per_shard: int = 7, seed: int = 0, prefix: str = "train") -> list[str]:
+    """Shards of JPEG and PNG images of varied sizes with cls labels, plus classes.json."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s in range(shards):
+        path = root / f"{prefix}-{s:06d}.tar"
+        with wds.TarWriter(str(path)) as w:
+            for i in range(per_shard):
+                cls = int(rng.integers(NUM_CLASSES))
+                width, height = int(rng.integers(24, 64)), int(rng.integers(24, 64))
+                ext = "png" if (s + i) % 3 == 0 else "jpg"
+                im = make_image(rng, width, height, cls)
+                w.write({"__key__": f"{prefix}{s}_{i:04d}", ext: encode(im, ext), "cls": str(cls).encode()})
+        paths.append(str(path))
+    with open(root / "classes.json", "w") as f:
+        json.dump([f"class_{c}" for c in range(NUM_CLASSES)], f)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory) -> Path:
+    """3 train shards x 7 samples (varied sizes, JPEG+PNG, cls labels) + classes.json."""
+    root = tmp_path_factory.mktemp("data") / "train"
+    write_dataset(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def teacher_weights(tmp_path_factory) -> Path:
+    """A tiny teacher's weights file (a real state dict on disk)."""
+    from kdcache.zoo import tiny_cnn
+
+    torch.manual_seed(0)
+    model = tiny_cnn(NUM_CLASSES)
+    path = tmp_path_factory.mktemp("weights") / "teacher.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+TEACHER = "py:kdcache.zoo:tiny_cnn"
+
+
+def precompute_config(data, out, weights, **kw):
+    from kdcache.precompute import PrecomputeConfig
+
+    base = dict(
+        data=str(data), teacher=TEACHER, teacher_weights=str(weights), num_classes=NUM_CLASSES, out=str(out), views=3, topk=3,
+        seed=7, res=32, mixup=True, batch_size=8, workers=0, device="cpu", progress=False,
+    )
+    base.update(kw)
+    return PrecomputeConfig(**base)
+
+
+@pytest.fixture(scope="session")
+def cache(dataset, teacher_weights, tmp_path_factory) -> Path:
+    """A precomputed cache of ``dataset`` (V=3, k=3, mixup on, res 32)."""
+    from kdcache.precompute import precompute
+
+    out = tmp_path_factory.mktemp("cache") / "cache.zarr"
+    precompute(precompute_config(dataset, out, teacher_weights))
+    return out
