@@ -27,7 +27,7 @@ from .errors import BadImageError, KdcacheError
 from .models import create_model, logits_of, normalize
 from .shards import decode_image, expand_urls, iter_samples, load_class_names, shard_name
 from .store import CacheWriter, make_manifest
-from .views import AugSpec, ShardViews, render, render_backend, sample_shard_views
+from .views import AugSpec, ShardViews, mix_pixels, render_backend, render_crops, sample_shard_views
 
 
 @dataclass
@@ -119,10 +119,14 @@ class WorkerError:
 
 @dataclass
 class RecordBatch:
+    """Rendered views as uint8 crops; ``views.mix_pixels(own, other, lam)`` gives the pixels."""
+
     name: str
     index: np.ndarray  # (b,) record index in shard
     view: np.ndarray  # (b,) view index
-    pixels: torch.Tensor  # (b, 3, R, R) float32 in [0, 1]
+    own: torch.Tensor  # (b, 3, R, R) uint8
+    other: torch.Tensor  # (b, 3, R, R) uint8, zeros where not mixed
+    lam: torch.Tensor  # (b,) float32, 1.0 where not mixed
 
 
 def read_shard_images(url: str, skip_bad: bool):
@@ -179,20 +183,52 @@ class ShardRenderStream(IterableDataset):
             valid = np.array([im is not None for im in images], dtype=bool)
             sv = shard_views(cfg.seed, name, keys, sizes, valid, cfg.views, aug)
             yield ShardStart(url, name, keys, sizes, sv, bad, valid)
-            idx, vix, pix = [], [], []
+            batch = _BatchBuilder(name, cfg.batch_size, cfg.res)
             for i in np.flatnonzero(valid):
                 for v in range(cfg.views):
                     view = sv.view(i, v)
                     partner = images[view.mix_with] if view.mixed else None
                     pview = sv.view(view.mix_with, v) if view.mixed else None
-                    pix.append(render(images[i], view, cfg.res, partner, pview))
-                    idx.append(i)
-                    vix.append(v)
-                    if len(pix) == cfg.batch_size:
-                        yield RecordBatch(name, np.array(idx), np.array(vix), torch.stack(pix))
-                        idx, vix, pix = [], [], []
-            if pix:
-                yield RecordBatch(name, np.array(idx), np.array(vix), torch.stack(pix))
+                    own, other = render_crops(images[i], view, cfg.res, partner, pview)
+                    if batch.add(i, v, own, other, view.mix_lam):
+                        yield batch.take()
+            if len(batch):
+                yield batch.take()
+
+
+class _BatchBuilder:
+    """Fills preallocated uint8 buffers with crops, one record at a time."""
+
+    def __init__(self, name: str, size: int, res: int):
+        self.name, self.size, self.res = name, size, res
+        self._new()
+
+    def _new(self):
+        b, r = self.size, self.res
+        self.own = torch.empty((b, 3, r, r), dtype=torch.uint8)
+        self.other = torch.zeros((b, 3, r, r), dtype=torch.uint8)
+        self.lam = torch.ones(b, dtype=torch.float32)
+        self.idx, self.vix = [], []
+
+    def __len__(self):
+        return len(self.idx)
+
+    def add(self, i, v, own, other, lam) -> bool:
+        """Add one record; True when the batch is full."""
+        j = len(self.idx)
+        self.own[j] = own
+        if other is not None:
+            self.other[j] = other
+            self.lam[j] = float(lam)
+        self.idx.append(int(i))
+        self.vix.append(int(v))
+        return len(self.idx) == self.size
+
+    def take(self) -> RecordBatch:
+        n = len(self.idx)
+        out = RecordBatch(self.name, np.array(self.idx), np.array(self.vix), self.own[:n], self.other[:n], self.lam[:n])
+        self._new()
+        return out
 
 
 # ---- the main side: teacher → top-k → shard groups --------------------------------------------
@@ -214,7 +250,8 @@ def _identity(x):
 
 
 def teacher_topk(model, pixels: torch.Tensor, mean, std, k: int, device: torch.device):
-    """Top-k log-probabilities (T=1, descending) and class ids of the teacher for a batch."""
+    """Top-k log-probabilities (T=1, descending) and class ids of the teacher for a batch of
+    float pixels in [0, 1] (B, 3, H, W)."""
     x = pixels.to(device, non_blocking=True)
     x = normalize(x, mean, std)
     if device.type == "cuda":
@@ -291,7 +328,11 @@ def precompute(cfg: PrecomputeConfig) -> dict:
                 pending[item.name] = p = _Pending(item, cfg.views, cfg.topk)
             else:
                 p = pending[item.name]
-                vals, ids = teacher_topk(model, item.pixels, info.mean, info.std, cfg.topk, device)
+                pixels = mix_pixels(
+                    item.own.to(device, non_blocking=True), item.other.to(device, non_blocking=True),
+                    item.lam.to(device, non_blocking=True),
+                )
+                vals, ids = teacher_topk(model, pixels, info.mean, info.std, cfg.topk, device)
                 p.logprobs[item.index, item.view] = vals
                 p.classes[item.index, item.view] = ids
                 p.remaining -= len(item.index)

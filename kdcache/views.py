@@ -211,6 +211,46 @@ def crop_pixels(image: Image.Image, view: View, size: int) -> np.ndarray:
     return np.array(out, dtype=np.uint8)  # a writable copy, ready for torch.from_numpy
 
 
+def crop_tensor(image: Image.Image, view: View, size: int) -> torch.Tensor:
+    """``crop_pixels`` as a uint8 CHW tensor (what workers ship: 4x smaller than float)."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return torch.from_numpy(crop_pixels(image, view, size)).permute(2, 0, 1)
+
+
+def mix_pixels(own: torch.Tensor, other: torch.Tensor | None, lam) -> torch.Tensor:
+    """uint8 crops → float32 pixels in [0, 1]: ``own/255·λ + other/255·(1 − λ)``.
+
+    The one place where pixels are scaled and mixed, for a single image (CHW, float λ) or a batch
+    (BCHW, λ of shape (B,)). Separate multiply and add kernels keep the result bit-identical
+    between the two forms. ``other=None`` (or λ = 1 everywhere) leaves ``own`` unmixed.
+    """
+    x = own.float().div_(255.0)
+    if other is None:
+        return x
+    lam = torch.as_tensor(lam, dtype=torch.float32, device=x.device)
+    if lam.dim() == 1:
+        lam = lam.view(-1, 1, 1, 1)
+    y = other.float().div_(255.0)
+    return x.mul_(lam).add_(y.mul_(1.0 - lam))
+
+
+def render_crops(
+    image: Image.Image,
+    view: View,
+    size: int,
+    partner: Image.Image | None = None,
+    partner_view: View | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The uint8 crops a view needs: its own, and its partner's when mixed (else ``None``)."""
+    own = crop_tensor(image, view, size)
+    if not view.mixed:
+        return own, None
+    if partner is None or partner_view is None:
+        raise ValueError("a mixed view needs its partner's image and view to render")
+    return own, crop_tensor(partner, partner_view, size)
+
+
 def render(
     image: Image.Image,
     view: View,
@@ -223,15 +263,5 @@ def render(
     For a mixed view, pass the partner record's decoded image and *its* view of the same view
     index; the result is ``λ·own + (1 − λ)·partner`` with λ = ``view.mix_lam``.
     """
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    own = torch.from_numpy(crop_pixels(image, view, size)).permute(2, 0, 1).float().div_(255.0)
-    if not view.mixed:
-        return own
-    if partner is None or partner_view is None:
-        raise ValueError("a mixed view needs its partner's image and view to render")
-    if partner.mode != "RGB":
-        partner = partner.convert("RGB")
-    other = torch.from_numpy(crop_pixels(partner, partner_view, size)).permute(2, 0, 1).float().div_(255.0)
-    lam = float(view.mix_lam)
-    return own.mul_(lam).add_(other, alpha=1.0 - lam)
+    own, other = render_crops(image, view, size, partner, partner_view)
+    return mix_pixels(own, other, view.mix_lam)
