@@ -15,16 +15,20 @@ $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
+# torch first (so the CPU wheel on disk is used where there is one), then kdcache, then
+# Pillow-SIMD last, since the other packages pull plain Pillow in.
 $(VENV)/.installed: $(VENV)/bin/activate pyproject.toml
 	$(PIP) install -q $(TORCH)
 	$(PIP) install -q -e .[demo]
 	bash tools/install_pillow_simd.sh $(PY)
 	touch $@
 
-$(VENV)/.installed-dev: $(VENV)/.installed
+# The dev extras include the demo's; installing them marks the plain install done too.
+$(VENV)/.installed-dev: $(VENV)/bin/activate pyproject.toml
+	$(PIP) install -q $(TORCH)
 	$(PIP) install -q -e .[dev]
 	bash tools/install_pillow_simd.sh $(PY)
-	touch $@
+	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
