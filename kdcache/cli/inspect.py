@@ -1,0 +1,80 @@
+"""`kdcache inspect`: look inside a cache (summary, one record, a rendered picture). Read-only."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from . import cli
+
+
+def storage_options_option(f):
+    return click.option(
+        "--storage-options", default=None, metavar="JSON",
+        help='fsspec options for a remote cache URL, as JSON (e.g. \'{"anon": true}\').',
+    )(f)
+
+
+def parse_storage_options(text: str | None) -> dict | None:
+    from ..errors import KdcacheError
+
+    if not text:
+        return None
+    try:
+        opts = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise KdcacheError(f"--storage-options is not valid JSON: {e}") from None
+    if not isinstance(opts, dict):
+        raise KdcacheError("--storage-options must be a JSON object")
+    return opts
+
+
+@cli.command()
+@click.argument("cache")
+@click.option("--shard", default=None, help="Show one record: the shard group (the data shard's file stem).")
+@click.option("--key", default=None, help="Show one record: its sample key (with --shard).")
+@click.option("--view", type=int, default=None, help="Only this view of the record (default: all; --render: 0).")
+@click.option("--render", "render_out", type=click.Path(dir_okay=False), default=None,
+              help="Write a PNG of the record's view (needs --shard, --key and --data).")
+@click.option("--data", default=None, help="The data shards (pattern, glob or folder); needed by --render.")
+@click.option("--top", default=10, show_default=True, help="How many of the most frequent top-1 classes to list.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (fields in docs/cli.md) instead of text.")
+@storage_options_option
+def inspect(cache, shard, key, view, render_out, data, top, as_json, storage_options):
+    """Summarise the cache CACHE (a path or an fsspec URL), or show one record.
+
+    \b
+    kdcache inspect cache.zarr                                  manifest, shard table, totals
+    kdcache inspect cache.zarr --shard train-000003 --key k42   one record, all views
+    kdcache inspect cache.zarr --shard S --key K --view 2 --render v.png --data data/train
+
+    Never writes to the cache.
+    """
+    from .. import inspect as api
+    from ..errors import KdcacheError
+
+    opts = parse_storage_options(storage_options)
+    if (shard is None) != (key is None):
+        raise KdcacheError("--shard and --key go together: name the record's shard group and its key")
+    if shard is None and (view is not None or render_out is not None):
+        raise KdcacheError("--view and --render need a record: pass --shard and --key")
+    if render_out is not None and data is None:
+        raise KdcacheError("--render needs --data: the shards holding the source images")
+    if render_out is not None:
+        out = api.render_record(cache, shard, key, data, render_out, view=0 if view is None else view,
+                                storage_options=opts)
+        if as_json:
+            click.echo(json.dumps(out, indent=2))
+        else:
+            click.echo(api.format_record(out))
+            for w in out["warnings"]:
+                click.echo(f"warning: {w}", err=True)
+            click.echo(f"wrote {out['png']} ({out['width']}x{out['height']} px)")
+        return
+    if shard is not None:
+        out = api.record_info(cache, shard, key, view, storage_options=opts)
+        click.echo(json.dumps(out, indent=2) if as_json else api.format_record(out))
+        return
+    out = api.summarize(cache, storage_options=opts, top=top)
+    click.echo(json.dumps(out, indent=2) if as_json else api.format_summary(out))

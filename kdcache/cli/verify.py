@@ -1,0 +1,47 @@
+"""`kdcache verify`: re-run the teacher on sampled replayed views and prove the cache matches. Read-only."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from . import cli
+from .inspect import parse_storage_options, storage_options_option
+
+
+@cli.command()
+@click.argument("cache")
+@click.option("--data", required=True, help="The data shards the cache was made from (pattern, glob or folder).")
+@click.option("--teacher", required=True, help="Teacher spec, as given to precompute.")
+@click.option("--teacher-weights", type=click.Path(), default=None, help="Teacher weights file, as given to precompute.")
+@click.option("--num-classes", type=int, default=None, help="Teacher class count (default: the cache's).")
+@click.option("--pretrained", is_flag=True, help="As for precompute: let timm/torchvision fetch their weights.")
+@click.option("--samples", "-n", default=64, show_default=True, help="(record, view) pairs to re-run.")
+@click.option("--device", default="auto", show_default=True, help="cuda, cuda:1, cpu, or auto.")
+@click.option("--seed", default=0, show_default=True, help="Seed for choosing the sampled records.")
+@click.option("--batch-size", "-b", default=64, show_default=True, help="Teacher batch size.")
+@click.option("--atol", default=1e-2, show_default=True,
+              help="Absolute log-prob tolerance (plus one float16 ulp, 2^-10 x |stored|).")
+@click.option("--allow-teacher-mismatch", is_flag=True,
+              help="Only warn (do not fail) when the teacher spec or weights hash differ from the cache's.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (fields in docs/cli.md) instead of text.")
+@storage_options_option
+def verify(cache, data, teacher, teacher_weights, num_classes, pretrained, samples, device, seed, batch_size, atol,
+           allow_teacher_mismatch, as_json, storage_options):
+    """Re-run the teacher on randomly chosen replayed views of CACHE and compare with what is stored.
+
+    Exit code 0 when every sampled record agrees within tolerance, 1 when any does not (they are
+    listed), 2 for unusable input. Never writes to the cache.
+    """
+    from .. import inspect as api
+
+    out = api.verify(
+        cache, data, teacher, teacher_weights=teacher_weights, num_classes=num_classes, pretrained=pretrained,
+        samples=samples,
+        device=device, seed=seed, batch_size=batch_size, atol=atol,
+        allow_teacher_mismatch=allow_teacher_mismatch, storage_options=parse_storage_options(storage_options),
+    )
+    click.echo(json.dumps(out, indent=2) if as_json else api.format_verify(out))
+    sys.exit(0 if out["ok"] else 1)

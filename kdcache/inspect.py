@@ -1,0 +1,835 @@
+"""Looking inside a cache, and proving that replay is exact.
+
+Everything here is read-only: the cache is opened with ``CacheReader`` (Zarr mode ``"r"``) and
+nothing is ever written into it. A cache may be a local path or an fsspec URL.
+
+- ``summarize``      manifest, per-shard table and totals (records, bytes, top-k mass, entropy, top-1).
+- ``record_info``    one record: per view its box, flip, mixup partner and λ, and the teacher's top-k.
+- ``render_record``  a PNG: source image with the crop box, the rendered (mixed) view, the top-k bars.
+- ``verify``         re-run the teacher on randomly chosen replayed views and compare with the cache.
+
+Each returns a plain dict (JSON-ready, field names documented in ``docs/cli.md``); the
+``format_*`` functions turn those dicts into the text the CLI prints.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import KdcacheError
+from .store import CacheReader
+
+# Version of the JSON layout produced by summarize / record_info / verify. Bump on renames.
+JSON_SCHEMA = 1
+
+# verify's default tolerance on a log-probability: |Δ| <= ATOL + RTOL·|stored|. RTOL is one float16
+# ulp relative to the value (2^-10), the storage's own rounding; ATOL absorbs float32 summation-order
+# differences between the batch precompute ran and the batch verify runs.
+ATOL = 1e-2
+RTOL = 2.0**-10
+
+# Render figure: fixed size so the PNG is always FIG_WIDTH x FIG_HEIGHT pixels.
+FIGSIZE = (12.0, 4.0)
+DPI = 100
+DISPLAY_SIZE = 256  # the rendered view is upscaled (nearest) to this many pixels for display
+
+
+def _open(cache, storage_options: dict | None) -> CacheReader:
+    return cache if isinstance(cache, CacheReader) else CacheReader(str(cache), storage_options)
+
+
+def _class_name(names: list[str] | None, c: int) -> str | None:
+    if names is not None and 0 <= c < len(names):
+        return names[c]
+    return None
+
+
+def _num(x) -> float | None:
+    """A JSON-safe float (None for NaN / infinity)."""
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+# ---- statistics of the sparse teacher distribution ---------------------------------------------
+
+
+def topk_mass(logprobs: np.ndarray) -> np.ndarray:
+    """Σ exp(l_i) over the last axis (float64); -inf entries contribute 0."""
+    return np.exp(logprobs.astype(np.float64)).sum(-1)
+
+
+def reconstructed_entropy(logprobs: np.ndarray, num_classes: int) -> np.ndarray:
+    """Entropy (nats) of the teacher distribution rebuilt with the uniform tail (DESIGN §3).
+
+    Top-k probs p_i = exp(l_i); tail mass m = max(0, 1 − Σ p_i) spread evenly over the C − k other
+    classes: H = −Σ p_i log p_i − m·log(m / (C − k)), with 0·log 0 = 0 (and no tail term when k = C).
+    """
+    lp = logprobs.astype(np.float64)
+    k = lp.shape[-1]
+    p = np.exp(lp)
+    with np.errstate(invalid="ignore"):
+        plogp = np.where(p > 0, p * lp, 0.0)
+    h = -plogp.sum(-1)
+    m = np.maximum(0.0, 1.0 - p.sum(-1))
+    rest = num_classes - k
+    if rest > 0:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            tail = np.where(m > 0, m * np.log(m / rest), 0.0)
+        h = h - tail
+    return h
+
+
+# ---- summary -----------------------------------------------------------------------------------
+
+
+def _bytes_under(reader: CacheReader, name: str) -> int:
+    """Bytes stored under one shard group (every chunk and metadata document), any store."""
+    group = reader.root[name]
+    try:
+        from zarr.core.sync import sync
+
+        sp = group.store_path
+        return int(sync(sp.store.getsize_prefix(sp.path)))
+    except Exception:  # older zarr or a store without listing: arrays only
+        return int(sum(group[a].nbytes_stored() for a in group.array_keys()))
+
+
+def _valid_mask(keys: np.ndarray, size: np.ndarray, bad: dict) -> np.ndarray:
+    """Records that hold teacher outputs: not listed as bad and with a real image size."""
+    bad_keys = set(bad)
+    return np.array([k not in bad_keys for k in keys], dtype=bool) & (size[:, 0] >= 0)
+
+
+def summarize(cache, storage_options: dict | None = None, top: int = 10) -> dict:
+    """Manifest, per-shard table and totals over the complete shards (see docs/cli.md)."""
+    reader = _open(cache, storage_options)
+    man = reader.manifest
+    names = reader.class_names
+    C, V, k = reader.num_classes, reader.views, reader.topk
+    present = reader.shard_names()
+    listed = list(man.get("shards") or [])
+    order = listed + [s for s in present if s not in set(listed)]
+
+    shards, bad_list = [], []
+    n_samples = n_bad = n_records = total_bytes = total_raw = 0
+    mass_sum = ent_sum = 0.0
+    top1 = Counter()
+    complete_names, incomplete, missing = [], [], []
+    for name in order:
+        row = {"name": name, "status": "missing", "complete": False, "samples": None, "bad": None,
+               "records": None, "bytes": 0, "raw_bytes": None, "source": None, "render": None}
+        if name not in present:
+            missing.append(name)
+            shards.append(row)
+            continue
+        attrs = reader.shard_attrs(name)
+        row["source"] = attrs.get("source")
+        row["render"] = attrs.get("render")
+        row["samples"] = int(attrs["num_samples"]) if "num_samples" in attrs else None
+        row["bytes"] = _bytes_under(reader, name)
+        if not attrs.get("complete", False):
+            row["status"] = "incomplete"
+            incomplete.append(name)
+            shards.append(row)
+            continue
+        data = reader.read_shard(name)  # validates arrays, shapes and dtypes
+        bad = dict(attrs.get("bad") or {})
+        valid = _valid_mask(data["keys"], data["size"], bad)
+        lp = data["logprobs"][valid]  # (n, V, k)
+        cls = data["classes"][valid]
+        recs = int(valid.sum()) * V
+        row.update(status="complete", complete=True, bad=len(bad), records=recs, raw_bytes=reader.nbytes_raw(name))
+        for key, why in sorted(bad.items()):
+            bad_list.append({"shard": name, "key": key, "reason": why})
+        complete_names.append(name)
+        n_samples += len(data["keys"])
+        n_bad += len(bad)
+        n_records += recs
+        total_bytes += row["bytes"]
+        total_raw += row["raw_bytes"]
+        if recs:
+            mass_sum += float(topk_mass(lp).sum())
+            ent_sum += float(reconstructed_entropy(lp, C).sum())
+            top1.update(np.asarray(cls[..., 0]).ravel().tolist())
+        shards.append(row)
+
+    most = sorted(top1.items(), key=lambda t: (-t[1], t[0]))[: max(0, top)]
+    totals = {
+        "complete_only": True,
+        "shards_total": len(order),
+        "shards_complete": len(complete_names),
+        "shards_incomplete": incomplete,
+        "shards_missing": missing,
+        "samples": n_samples,
+        "bad_samples": n_bad,
+        "records": n_records,
+        "bytes": total_bytes,
+        "raw_bytes": total_raw,
+        "bytes_per_record": total_bytes / n_records if n_records else None,
+        "compression_ratio": total_raw / total_bytes if total_bytes else None,
+        "mean_topk_mass": mass_sum / n_records if n_records else None,
+        "mean_entropy": ent_sum / n_records if n_records else None,
+        "max_entropy": math.log(C),
+        "top1": [
+            {"class": int(c), "name": _class_name(names, int(c)), "count": int(n), "fraction": n / n_records}
+            for c, n in most
+        ],
+    }
+    return {
+        "schema": JSON_SCHEMA,
+        "cache": reader.path,
+        "format_version": man.get("format_version"),
+        "kdcache_version": man.get("kdcache_version"),
+        "teacher": man.get("teacher"),
+        "num_classes": C,
+        "class_names": names,
+        "views": V,
+        "topk": k,
+        "seed": man.get("seed"),
+        "augmentation": man.get("augmentation"),
+        "resolution": man.get("resolution"),
+        "render": man.get("render"),
+        "shards": shards,
+        "bad": bad_list,
+        "totals": totals,
+    }
+
+
+# ---- one record --------------------------------------------------------------------------------
+
+
+def _find_record(reader: CacheReader, shard: str, key: str) -> tuple[dict, int]:
+    if not reader.has_shard(shard):
+        have = reader.shard_names()
+        raise KdcacheError(
+            f"cache {reader.path} has no shard {shard!r} (it has {len(have)}: {', '.join(have[:5])}"
+            f"{' ...' if len(have) > 5 else ''})"
+        )
+    data = reader.read_shard(shard)
+    hits = np.flatnonzero(data["keys"] == key)
+    if not len(hits):
+        raise KdcacheError(f"shard {shard!r} of cache {reader.path} has no key {key!r} ({len(data['keys'])} keys)")
+    return data, int(hits[0])
+
+
+def _check_view(reader: CacheReader, view: int | None) -> None:
+    if view is not None and not 0 <= view < reader.views:
+        raise KdcacheError(f"view {view} is out of range; cache {reader.path} holds views 0..{reader.views - 1}")
+
+
+def _topk_entries(lp: np.ndarray, cls: np.ndarray, names) -> list[dict]:
+    return [
+        {"class": int(c), "name": _class_name(names, int(c)), "logprob": _num(l), "prob": float(np.exp(np.float64(l)))}
+        for l, c in zip(lp, cls)
+    ]
+
+
+def record_info(cache, shard: str, key: str, view: int | None = None, storage_options: dict | None = None) -> dict:
+    """One record of one shard: geometry and teacher top-k per view (all views unless ``view``)."""
+    reader = _open(cache, storage_options)
+    _check_view(reader, view)
+    data, i = _find_record(reader, shard, key)
+    bad = dict(reader.shard_attrs(shard).get("bad") or {})
+    names, C = reader.class_names, reader.num_classes
+    keys = data["keys"]
+    views = []
+    for v in range(reader.views) if view is None else [view]:
+        lp, cls = data["logprobs"][i, v], data["classes"][i, v]
+        j = int(data["mix_with"][i, v])
+        x, y, w, h = (int(t) for t in data["box"][i, v])
+        entry = {
+            "view": v,
+            "box": {"x": x, "y": y, "w": w, "h": h},
+            "flip": bool(data["flip"][i, v]),
+            "mixed": j >= 0,
+            "mix_with": j,
+            "mix_key": str(keys[j]) if 0 <= j < len(keys) else None,
+            "mix_lam": float(data["mix_lam"][i, v]),
+            "topk": _topk_entries(lp, cls, names),
+            "topk_mass": None,
+            "tail_mass": None,
+            "entropy": None,
+        }
+        if key not in bad:
+            mass = float(topk_mass(lp))
+            entry.update(topk_mass=mass, tail_mass=max(0.0, 1.0 - mass),
+                         entropy=float(reconstructed_entropy(lp[None], C)[0]))
+        views.append(entry)
+    return {
+        "schema": JSON_SCHEMA,
+        "cache": reader.path,
+        "shard": shard,
+        "key": key,
+        "index": i,
+        "size": {"height": int(data["size"][i, 0]), "width": int(data["size"][i, 1])},
+        "bad": bad.get(key),
+        "num_classes": C,
+        "resolution": int(reader.manifest["resolution"]),
+        "views": views,
+    }
+
+
+# ---- render ------------------------------------------------------------------------------------
+
+
+def _shard_urls(data) -> dict[str, str]:
+    from .shards import expand_urls, shard_name
+
+    return {shard_name(u): u for u in expand_urls(data)}
+
+
+def _load_images(url: str, want: set[str]) -> dict:
+    """Stream one data shard once; decode only the samples whose key is in ``want``.
+
+    Returns key → PIL image, or key → the ``BadImageError`` message when it does not decode.
+    """
+    from .errors import BadImageError
+    from .shards import decode_image, iter_samples
+
+    out = {}
+    if not want:
+        return out
+    stream = iter_samples(url)
+    try:
+        for sample in stream:
+            if sample.key in want:
+                try:
+                    out[sample.key] = decode_image(sample)
+                except BadImageError as e:
+                    out[sample.key] = str(e)
+                if len(out) == len(want):
+                    break
+    finally:
+        stream.close()
+    return out
+
+
+def render_record(
+    cache, shard: str, key: str, data, out: str, view: int = 0, storage_options: dict | None = None
+) -> dict:
+    """Write a PNG (FIGSIZE at DPI: 1200x400 px) showing one record's view: the source image with the
+    crop box, the partner image with its box (when mixed), the rendered view, and the top-k bars.
+
+    Returns the record's ``record_info`` for that view plus ``png`` and ``warnings``.
+    """
+    import torch
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+    from PIL import Image
+
+    from .views import View, render
+
+    reader = _open(cache, storage_options)
+    info = record_info(reader, shard, key, view, storage_options)
+    if info["bad"] is not None:
+        raise KdcacheError(f"record {key!r} of shard {shard!r} is a bad image ({info['bad']}); there is no view to render")
+    urls = _shard_urls(data)
+    if shard not in urls:
+        raise KdcacheError(f"the data pattern {data!r} has no shard named {shard!r} (found {len(urls)} shards)")
+    v = info["views"][0]
+    want = {key} | ({v["mix_key"]} if v["mixed"] else set())
+    images = _load_images(urls[shard], want)
+    warnings = []
+    for kk in sorted(want):
+        if kk not in images:
+            raise KdcacheError(f"data shard {urls[shard]} has no sample {kk!r}; the data differ from the cache's")
+        if isinstance(images[kk], str):
+            raise KdcacheError(images[kk])
+    sd = reader.read_shard(shard)
+
+    def view_of(i: int) -> View:
+        x, y, w, h = (int(t) for t in sd["box"][i, view])
+        return View(x, y, w, h, bool(sd["flip"][i, view]), int(sd["mix_with"][i, view]), float(sd["mix_lam"][i, view]))
+
+    for kk, i in [(key, info["index"])] + ([(v["mix_key"], v["mix_with"])] if v["mixed"] else []):
+        h, w = (int(t) for t in sd["size"][i])
+        im = images[kk]
+        if (im.height, im.width) != (h, w):
+            warnings.append(f"image {kk!r} is {im.height}x{im.width} in the data but {h}x{w} in the cache")
+
+    res = info["resolution"]
+    own_view = view_of(info["index"])
+    partner = images[v["mix_key"]] if v["mixed"] else None
+    pview = view_of(v["mix_with"]) if v["mixed"] else None
+    pix = render(images[key], own_view, res, partner, pview)
+    arr = (pix.permute(1, 2, 0).clamp(0, 1).mul(255).round().to(torch.uint8)).numpy()
+    shown = Image.fromarray(arr).resize((DISPLAY_SIZE, DISPLAY_SIZE), Image.Resampling.NEAREST)
+
+    fig = Figure(figsize=FIGSIZE, dpi=DPI)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 4, gridspec_kw={"width_ratios": [1, 1, 1, 1.3]})
+
+    def draw_source(ax, im, vw: View, title):
+        ax.imshow(im)
+        ax.add_patch(Rectangle((vw.x - 0.5, vw.y - 0.5), vw.w, vw.h, fill=False, edgecolor="red", linewidth=2))
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+    draw_source(axes[0], images[key], own_view,
+                f"{key}  ({images[key].width}x{images[key].height} WxH)\nbox x,y,w,h {own_view.box}" + (" flip" if own_view.flip else ""))
+    if v["mixed"]:
+        draw_source(axes[1], partner, pview,
+                    f"partner {v['mix_key']} (#{v['mix_with']})\nbox x,y,w,h {pview.box}" + (" flip" if pview.flip else ""))
+    else:
+        axes[1].axis("off")
+        axes[1].text(0.5, 0.5, "not mixed", ha="center", va="center", transform=axes[1].transAxes)
+    axes[2].imshow(shown)
+    axes[2].set_xticks([])
+    axes[2].set_yticks([])
+    axes[2].set_title(f"view {view} at {res}px" + (f", mixed λ={v['mix_lam']:.3f}" if v["mixed"] else ""), fontsize=9)
+
+    ax = axes[3]
+    labels = [t["name"] or str(t["class"]) for t in v["topk"]]
+    probs = [t["prob"] for t in v["topk"]]
+    if info["num_classes"] > len(probs):
+        labels.append(f"{info['num_classes'] - len(probs)} others")
+        probs.append(v["tail_mass"] or 0.0)
+    ypos = np.arange(len(probs))
+    colors = ["tab:blue"] * len(v["topk"]) + ["tab:gray"] * (len(probs) - len(v["topk"]))
+    ax.barh(ypos, probs, color=colors)
+    ax.set_yticks(ypos, labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("teacher probability")
+    ax.set_title(f"teacher top-{len(v['topk'])} (mass {v['topk_mass']:.3f})", fontsize=9)
+    fig.suptitle(f"{shard} / {key} / view {view}", fontsize=10)
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.14, top=0.82, wspace=0.35)
+    fig.savefig(out, dpi=DPI, format="png")
+    result = dict(info)
+    result.update(png=str(out), warnings=warnings, width=int(FIGSIZE[0] * DPI), height=int(FIGSIZE[1] * DPI))
+    return result
+
+
+# ---- verify ------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Pick:
+    shard: str
+    index: int
+    view: int
+
+
+def _tol(value: float, atol: float, rtol: float) -> float:
+    return atol + rtol * abs(value) if math.isfinite(value) else atol
+
+
+def compare_record(stored_lp, stored_cls, vals, ids, atol: float = ATOL, rtol: float = RTOL) -> dict:
+    """Compare one stored top-k with the teacher's recomputed full sorted log-probs.
+
+    ``vals``/``ids``: all C log-probs of the re-run (float16, as precompute stores them) in
+    descending order and their classes. Returns the deltas, agreement flags and a list of reasons
+    (empty when the record agrees within tolerance).
+    """
+    k = len(stored_lp)
+    C = len(vals)
+    now = np.empty(C, dtype=np.float64)
+    now[np.asarray(ids, dtype=np.int64)] = np.asarray(vals, dtype=np.float64)
+    s = np.asarray(stored_lp, dtype=np.float64)
+    c = np.asarray(stored_cls, dtype=np.int64)
+    reasons = []
+    if (c < 0).any() or (c >= C).any():
+        return {"max_delta": None, "top1_exact": False, "topk_exact": False,
+                "reasons": [f"stored classes {c.tolist()} are outside 0..{C - 1}"]}
+    r = now[c]
+    with np.errstate(invalid="ignore"):
+        d = np.where(s == r, 0.0, np.abs(s - r))
+    d = np.where(np.isnan(d), np.inf, d)
+    max_delta = float(d.max()) if k else 0.0
+    for j in range(k):
+        if d[j] > _tol(s[j], atol, rtol):
+            reasons.append(
+                f"log-prob of class {int(c[j])} (rank {j + 1}): stored {s[j]:.4f}, teacher now {r[j]:.4f} "
+                f"(|Δ| {d[j]:.4f} > {_tol(s[j], atol, rtol):.4f})"
+            )
+    top = float(vals[0])
+    top1_exact = int(ids[0]) == int(c[0])
+    if not top1_exact and now[c[0]] < top - _tol(top, atol, rtol):
+        reasons.append(
+            f"top-1: stored class {int(c[0])}, teacher now says {int(ids[0])} "
+            f"({top:.4f} vs {now[c[0]]:.4f} for the stored class; not a tie within tolerance)"
+        )
+    fresh = set(int(t) for t in ids[:k])
+    topk_exact = fresh == set(c.tolist())
+    if not topk_exact:
+        kth = float(vals[k - 1])
+        tk = _tol(kth, atol, rtol)
+        far = [int(t) for t in c if int(t) not in fresh and now[t] < kth - tk]
+        if far:
+            below = ", ".join(f"class {t} by {kth - now[t]:.4f}" for t in far)
+            reasons.append(
+                f"top-{k} set: stored {sorted(c.tolist())}, teacher now {sorted(fresh)}; now below the k-th "
+                f"log-prob {kth:.4f}: {below} (> {tk:.4f}, not a tie)"
+            )
+    return {"max_delta": max_delta, "top1_exact": top1_exact, "topk_exact": topk_exact, "reasons": reasons}
+
+
+def _expected_geometry(seed, aug, shard, key, i, v, size, n, bad_rows, mix_cache):
+    """The view the seeded sampler draws for (shard, key, v), as precompute stores it."""
+    from .views import mixup_pairs, sample_view
+
+    h, w = int(size[0]), int(size[1])
+    vw = sample_view(seed, key, v, w, h, aug)
+    j, lam = -1, 1.0
+    if aug.mixup and n > 1:
+        if (shard, v) not in mix_cache:
+            mix_cache[(shard, v)] = mixup_pairs(seed, shard, v, n)
+        mw, ml = mix_cache[(shard, v)]
+        j, lam = int(mw[i]), float(ml[i])
+        if j >= 0 and j in bad_rows:
+            j, lam = -1, 1.0
+    return vw.box, vw.flip, j, lam
+
+
+def verify(
+    cache,
+    data,
+    teacher: str,
+    teacher_weights: str | None = None,
+    num_classes: int | None = None,
+    pretrained: bool = False,
+    samples: int = 64,
+    device: str = "auto",
+    seed: int = 0,
+    batch_size: int = 64,
+    atol: float = ATOL,
+    rtol: float = RTOL,
+    allow_teacher_mismatch: bool = False,
+    storage_options: dict | None = None,
+    progress=None,
+) -> dict:
+    """Re-run the teacher on ``samples`` randomly chosen (record, view) pairs and compare.
+
+    Views are replayed from the stored geometry with ``views.render`` (partner included when
+    mixed), normalised with the manifest's mean/std, and run through ``precompute.teacher_topk``.
+    Also checks that each sampled key (and mixup partner) is in the data with the stored image size,
+    that the stored geometry is what the seeded sampler draws, and that the teacher's spec and
+    weights hash match the manifest. ``ok`` is True when nothing disagrees (docs/cli.md).
+    """
+    import torch
+
+    from .models import create_model, file_sha256
+    from .precompute import resolve_device, teacher_topk
+    from .views import SAMPLER_VERSION, AugSpec, View, render, render_backend
+
+    if samples < 1:
+        raise KdcacheError("--samples must be at least 1")
+    if batch_size < 1:
+        raise KdcacheError("--batch-size must be at least 1")
+    reader = _open(cache, storage_options)
+    man = reader.manifest
+    C, V, k, res = reader.num_classes, reader.views, reader.topk, int(man["resolution"])
+    if num_classes is not None and num_classes != C:
+        raise KdcacheError(f"--num-classes {num_classes} disagrees with the cache, whose teacher has {C} classes")
+    urls = _shard_urls(data)
+    warnings: list[str] = []
+    problems: list[str] = []
+
+    # The teacher: identity against the manifest, then build it with the cache's normalisation.
+    mt = man["teacher"]
+    spec_ok = teacher == mt.get("spec")
+    if teacher_weights and not os.path.isfile(teacher_weights):
+        raise KdcacheError(f"weights file {teacher_weights} does not exist")
+    sha = file_sha256(teacher_weights) if teacher_weights else None
+    weights_ok = sha == mt.get("weights_sha256")
+    for ok, what in ((spec_ok, f"teacher spec {teacher!r} differs from the cache's {mt.get('spec')!r}"),
+                     (weights_ok, f"teacher weights sha256 {sha} differs from the cache's {mt.get('weights_sha256')}")):
+        if not ok:
+            (warnings if allow_teacher_mismatch else problems).append(what)
+    here, there = render_backend(), man.get("render") or {}
+    render_ok = all(here.get(f) == there.get(f) for f in ("pil", "pil_version", "resample"))
+    if not render_ok:
+        warnings.append(
+            f"this machine renders with {here.get('pil')} {here.get('pil_version')} ({here.get('resample')}), the cache "
+            f"was made with {there.get('pil')} {there.get('pil_version')} ({there.get('resample')}); "
+            "resampling may differ slightly"
+        )
+
+    # Sample (shard, record, view) uniformly among valid records of complete shards in the data.
+    pool, counts, shard_rows = [], [], {}
+    for name in reader.shard_names():
+        if not reader.is_complete(name):
+            warnings.append(f"shard {name!r} is incomplete in the cache; not checked")
+            continue
+        if name not in urls:
+            warnings.append(f"shard {name!r} is not in the data pattern; not checked")
+            continue
+        reader.check_shard(name)
+        g = reader.root[name]
+        keys = np.array([str(x) for x in g["keys"][:]], dtype=str)
+        size = np.asarray(g["size"][:])
+        valid = np.flatnonzero(_valid_mask(keys, size, dict(reader.shard_attrs(name).get("bad") or {})))
+        if len(valid):
+            pool.append(name)
+            counts.append(len(valid) * V)
+            shard_rows[name] = valid
+    if not pool:
+        raise KdcacheError(
+            f"no complete cache shard of {reader.path} is in the data {data!r}: "
+            f"cache shards {reader.shard_names()[:5]}, data shards {sorted(urls)[:5]}"
+        )
+    total = int(sum(counts))
+    rng = np.random.default_rng(seed)
+    flat = np.arange(total) if samples >= total else np.sort(rng.choice(total, size=samples, replace=False))
+    bounds = np.cumsum([0] + counts)
+    picks: list[_Pick] = []
+    for f in flat.tolist():
+        s = int(np.searchsorted(bounds, f, side="right") - 1)
+        r = f - int(bounds[s])
+        picks.append(_Pick(pool[s], int(shard_rows[pool[s]][r // V]), r % V))
+
+    # Build the teacher only once the inputs are known to be usable.
+    info = create_model(teacher, num_classes=C, weights=teacher_weights, pretrained=pretrained, mean=mt.get("mean"),
+                        std=mt.get("std"), resolution=res)
+    dev = resolve_device(device)
+    model = info.model.to(dev).eval()
+
+    aug = AugSpec.from_dict(man["augmentation"])
+    check_geometry = aug.version == SAMPLER_VERSION
+    if not check_geometry:
+        warnings.append(f"the cache's views were drawn by sampler version {aug.version}, this kdcache has "
+                        f"{SAMPLER_VERSION}; stored geometry is replayed but not re-drawn")
+
+    failures: dict[tuple, dict] = {}
+
+    def fail(p: _Pick, key: str, reason: str):
+        entry = failures.setdefault((p.shard, p.index, p.view),
+                                    {"shard": p.shard, "key": key, "index": p.index, "view": p.view, "reasons": []})
+        entry["reasons"].append(reason)
+
+    stats = {"keys_checked": 0, "keys_found": 0, "sizes_match": 0, "geometry_checked": 0, "geometry_match": 0,
+             "compared": 0, "top1_exact": 0, "topk_exact": 0, "max_delta": 0.0}
+    seed_ = int(man["seed"])
+    by_shard: dict[str, list[_Pick]] = {}
+    for p in picks:
+        by_shard.setdefault(p.shard, []).append(p)
+    with torch.inference_mode():
+        for name, plist in by_shard.items():
+            sd = reader.read_shard(name)
+            keys, n = sd["keys"], len(sd["keys"])
+            bad_rows = set(np.flatnonzero(~_valid_mask(keys, sd["size"], dict(reader.shard_attrs(name).get("bad") or {}))).tolist())
+            rows = {p.index for p in plist} | {int(sd["mix_with"][p.index, p.view]) for p in plist} - {-1}
+            want = {str(keys[i]) for i in rows if 0 <= i < n}
+            images = _load_images(urls[name], want)
+            usable = {}  # row → image whose key exists, decodes and has the stored size
+            for i in sorted(rows):
+                if not 0 <= i < n:
+                    continue
+                kk = str(keys[i])
+                stats["keys_checked"] += 1
+                im = images.get(kk)
+                if im is None:
+                    usable[i] = f"key {kk!r} (row {i}) is not in data shard {urls[name]}"
+                    continue
+                stats["keys_found"] += 1
+                if isinstance(im, str):
+                    usable[i] = im
+                    continue
+                h, w = (int(t) for t in sd["size"][i])
+                if (im.height, im.width) != (h, w):
+                    usable[i] = f"image {kk!r} is {im.height}x{im.width} (HxW) in the data, {h}x{w} in the cache"
+                    continue
+                stats["sizes_match"] += 1
+                usable[i] = im
+            mix_cache: dict = {}
+            batch: list[tuple[_Pick, object]] = []
+
+            def view_of(i, v):
+                x, y, w, h = (int(t) for t in sd["box"][i, v])
+                return View(x, y, w, h, bool(sd["flip"][i, v]), int(sd["mix_with"][i, v]), float(sd["mix_lam"][i, v]))
+
+            def run(batch):
+                pix = torch.stack([t for _, t in batch])
+                vals, ids = teacher_topk(model, pix, info.mean, info.std, C, dev)
+                for (p, _), vv, ii in zip(batch, vals, ids):
+                    res_ = compare_record(sd["logprobs"][p.index, p.view], sd["classes"][p.index, p.view], vv, ii,
+                                          atol, rtol)
+                    stats["compared"] += 1
+                    stats["top1_exact"] += res_["top1_exact"]
+                    stats["topk_exact"] += res_["topk_exact"]
+                    md = res_["max_delta"]
+                    stats["max_delta"] = max(stats["max_delta"], md if md is not None else math.inf)
+                    for why in res_["reasons"]:
+                        fail(p, str(keys[p.index]), why)
+
+            for p in plist:
+                key, vw = str(keys[p.index]), view_of(p.index, p.view)
+                if check_geometry:
+                    stats["geometry_checked"] += 1
+                    box, flip, j, lam = _expected_geometry(seed_, aug, name, key, p.index, p.view, sd["size"][p.index],
+                                                           n, bad_rows, mix_cache)
+                    got = (vw.box, vw.flip, vw.mix_with, vw.mix_lam)
+                    if got == (tuple(box), flip, j, lam):
+                        stats["geometry_match"] += 1
+                    else:
+                        fail(p, key, f"geometry: stored box {vw.box} flip {vw.flip} mix_with {vw.mix_with} λ {vw.mix_lam:.4f}"
+                                     f", the seeded sampler draws box {tuple(box)} flip {flip} mix_with {j} λ {lam:.4f}")
+                need = [p.index] + ([vw.mix_with] if vw.mixed else [])
+                if vw.mixed and not 0 <= vw.mix_with < n:
+                    fail(p, key, f"mixup partner index {vw.mix_with} is outside the shard's {n} records")
+                    continue
+                blocked = [("" if i == p.index else "mixup partner: ") + usable[i]
+                           for i in need if isinstance(usable.get(i), str)]
+                if blocked:
+                    for why in blocked:
+                        fail(p, key, why)
+                    continue
+                partner = usable[vw.mix_with] if vw.mixed else None
+                pview = view_of(vw.mix_with, p.view) if vw.mixed else None
+                batch.append((p, render(usable[p.index], vw, res, partner, pview)))
+                if len(batch) == batch_size:
+                    run(batch)
+                    batch = []
+                if progress is not None:
+                    progress(1)
+            if batch:
+                run(batch)
+            del images, usable
+
+    fails = sorted(failures.values(), key=lambda e: (e["shard"], e["index"], e["view"]))
+    n_cmp = stats["compared"]
+    return {
+        "schema": JSON_SCHEMA,
+        "ok": not fails and not problems,
+        "cache": reader.path,
+        "data": data if isinstance(data, str) else list(data),
+        "seed": seed,
+        "samples_requested": samples,
+        "samples_checked": len(picks),
+        "population": total,
+        "shards_checked": sorted(by_shard),
+        "tolerance": {"atol": atol, "rtol": rtol},
+        "teacher": {"spec": teacher, "cache_spec": mt.get("spec"), "spec_matches": spec_ok,
+                    "weights_sha256": sha, "cache_weights_sha256": mt.get("weights_sha256"), "weights_match": weights_ok},
+        "render": {"here": here, "cache": there, "matches": render_ok},
+        "keys_checked": stats["keys_checked"],
+        "keys_found": stats["keys_found"],
+        "sizes_match": stats["sizes_match"],
+        "geometry_checked": stats["geometry_checked"],
+        "geometry_match": stats["geometry_match"],
+        "compared": n_cmp,
+        "top1_agreement": stats["top1_exact"] / n_cmp if n_cmp else None,
+        "topk_set_agreement": stats["topk_exact"] / n_cmp if n_cmp else None,
+        "max_abs_delta_logprob": _num(stats["max_delta"]) if n_cmp else None,
+        "warnings": warnings,
+        "problems": problems,
+        "failures": fails,
+    }
+
+
+# ---- text --------------------------------------------------------------------------------------
+
+
+def _fmt_bytes(n: int | None) -> str:
+    return "-" if n is None else f"{n:,}"
+
+
+def format_summary(s: dict, max_shards: int = 50) -> str:
+    t = s["teacher"] or {}
+    aug = s["augmentation"] or {}
+    rd = s["render"] or {}
+    tot = s["totals"]
+    sha = t.get("weights_sha256")
+    lines = [
+        f"cache         {s['cache']}  (format {s['format_version']}, written by kdcache {s['kdcache_version']})",
+        f"teacher       {t.get('spec')}  weights {t.get('weights') or '-'}  sha256 {sha[:16] + '…' if sha else '-'}",
+        f"              {s['num_classes']} classes, mean {t.get('mean')}, std {t.get('std')}",
+        f"views V       {s['views']}    top-k {s['topk']}    seed {s['seed']}    teacher resolution {s['resolution']}",
+        f"augmentation  {aug.get('name')} v{aug.get('version')}  scale {aug.get('scale')}  ratio "
+        f"{[round(x, 4) for x in aug.get('ratio', [])]}  flip {aug.get('flip')}  mixup {aug.get('mixup')}",
+        f"render        {rd.get('pil')} {rd.get('pil_version')} ({rd.get('resample')})",
+        "",
+        f"{'shard':24s} {'status':10s} {'samples':>8s} {'bad':>5s} {'bytes':>12s}",
+    ]
+    for row in s["shards"][:max_shards]:
+        lines.append(
+            f"{row['name']:24s} {row['status']:10s} {'-' if row['samples'] is None else row['samples']:>8} "
+            f"{'-' if row['bad'] is None else row['bad']:>5} {_fmt_bytes(row['bytes']):>12s}"
+        )
+    if len(s["shards"]) > max_shards:
+        lines.append(f"... {len(s['shards']) - max_shards} more shards (use --json for all)")
+    lines.append("")
+    skipped = len(tot["shards_incomplete"]) + len(tot["shards_missing"])
+    lines.append(
+        f"totals over the {tot['shards_complete']} complete shards of {tot['shards_total']}"
+        + (f" ({len(tot['shards_incomplete'])} incomplete, {len(tot['shards_missing'])} missing: not counted)" if skipped else "")
+    )
+    lines.append(f"  samples {tot['samples']}, bad {tot['bad_samples']}, records {tot['records']} "
+                 f"(good samples x {s['views']} views)")
+    if tot["records"]:
+        lines.append(f"  bytes on disk {_fmt_bytes(tot['bytes'])} ({tot['bytes_per_record']:.1f} per record), raw arrays "
+                     f"{_fmt_bytes(tot['raw_bytes'])}, compression ratio {tot['compression_ratio']:.2f}x")
+        lines.append(f"  mean top-{s['topk']} probability mass {tot['mean_topk_mass']:.4f}; mean entropy of the "
+                     f"reconstructed teacher {tot['mean_entropy']:.4f} nats (max log C = {tot['max_entropy']:.4f})")
+        tops = ", ".join(
+            f"{e['name'] + ' ' if e['name'] else ''}[{e['class']}] {e['count']} ({100 * e['fraction']:.1f}%)"
+            for e in tot["top1"]
+        )
+        lines.append(f"  most frequent teacher top-1: {tops}")
+    if s["bad"]:
+        lines.append(f"bad records ({len(s['bad'])}):")
+        for b in s["bad"][:20]:
+            lines.append(f"  {b['shard']} {b['key']}: {b['reason']}")
+        if len(s["bad"]) > 20:
+            lines.append(f"  ... {len(s['bad']) - 20} more (use --json for all)")
+    return "\n".join(lines)
+
+
+def format_record(r: dict) -> str:
+    lines = [f"{r['shard']} / {r['key']}  (row {r['index']}, image {r['size']['height']}x{r['size']['width']} HxW)"]
+    if r["bad"] is not None:
+        lines.append(f"  bad image, no teacher outputs: {r['bad']}")
+    for v in r["views"]:
+        b = v["box"]
+        mix = (f"mixed with #{v['mix_with']} {v['mix_key']} (own weight λ={v['mix_lam']:.4f})" if v["mixed"]
+               else "not mixed")
+        lines.append(f"view {v['view']}: box x={b['x']} y={b['y']} w={b['w']} h={b['h']}, flip {v['flip']}, {mix}")
+        if r["bad"] is None:
+            for t in v["topk"]:
+                nm = f" {t['name']}" if t["name"] else ""
+                lines.append(f"    class {t['class']:>5}{nm:16s}  p={t['prob']:.4f}  log p={t['logprob']:.4f}")
+            lines.append(f"    top-k mass {v['topk_mass']:.4f}, tail {v['tail_mass']:.4f}, entropy {v['entropy']:.4f} nats")
+    return "\n".join(lines)
+
+
+def format_verify(r: dict, max_failures: int = 50) -> str:
+    t = r["teacher"]
+    tol = r["tolerance"]
+    lines = [
+        f"verify {r['cache']} against {r['data']}",
+        f"  sampled {r['samples_checked']} of {r['population']} (record, view) pairs in {len(r['shards_checked'])} "
+        f"shards (seed {r['seed']})",
+        f"  teacher spec {'matches' if t['spec_matches'] else 'DIFFERS'}, weights sha256 "
+        f"{'matches' if t['weights_match'] else 'DIFFERS'}",
+        f"  render: here {r['render']['here'].get('pil')} {r['render']['here'].get('pil_version')}, cache "
+        f"{r['render']['cache'].get('pil')} {r['render']['cache'].get('pil_version')}"
+        f"{'' if r['render']['matches'] else ' (DIFFERENT)'}",
+        f"  keys found {r['keys_found']}/{r['keys_checked']}, image sizes match {r['sizes_match']}/{r['keys_checked']}, "
+        f"geometry matches the seeded sampler {r['geometry_match']}/{r['geometry_checked']}",
+    ]
+    if r["compared"]:
+        lines.append(
+            f"  top-1 agreement {100 * r['top1_agreement']:.1f}%, top-k set agreement {100 * r['topk_set_agreement']:.1f}% "
+            f"over {r['compared']} views; max |Δ log-prob| "
+            f"{'inf' if r['max_abs_delta_logprob'] is None else format(r['max_abs_delta_logprob'], '.4g')}"
+            f" (tolerance {tol['atol']} + {tol['rtol']:.3g}·|stored|)"
+        )
+    for w in r["warnings"]:
+        lines.append(f"warning: {w}")
+    for p in r["problems"]:
+        lines.append(f"problem: {p}")
+    if r["failures"]:
+        lines.append(f"{len(r['failures'])} records disagree:")
+        for f in r["failures"][:max_failures]:
+            lines.append(f"  {f['shard']} {f['key']} view {f['view']}: " + "; ".join(f["reasons"]))
+        if len(r["failures"]) > max_failures:
+            lines.append(f"  ... {len(r['failures']) - max_failures} more (use --json for all)")
+    lines.append("OK: the cache replays exactly within tolerance" if r["ok"] else "FAILED: the cache does not replay as stored")
+    return "\n".join(lines)
