@@ -5,8 +5,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-# This machine image ships a CPU build of torch 2.13 on disk; elsewhere take the registry's torch.
-TORCH  ?= $(if $(wildcard /opt/wheels/torch-2.13.0*),torch==2.13.0 torchvision==0.28.0,torch torchvision)
+# The registry's torch and torchvision (CUDA builds, which also run on the CPU). A CPU-only torch
+# wheel next to the registry's torchvision does not work: torchvision's ops are built for CUDA torch.
+TORCH  ?= torch torchvision
 PYTEST_ARGS ?=
 
 .PHONY: install install-dev demo demo-quick test test-all bench clean
