@@ -1,0 +1,740 @@
+"""The training stream: WebDataset shards joined with the cache by key, views replayed exactly.
+
+Read top to bottom:
+
+1. ``prepare_shards`` (main process, before training) finds how many usable records each shard
+   holds — from the cache's attributes (``num_samples`` minus ``bad``), or from a tar header scan
+   when there is no cache — and checks what can be checked without decoding: every shard has a
+   complete cache group, the tar's keys equal the cache's keys, ``cls`` labels are present when
+   needed.
+2. ``ReplayStream.plan(epoch)`` is a pure function of ``(seed, epoch, rank, world, workers,
+   batch size)``: a seeded permutation of the shards, dealt greedily to the ranks (balancing
+   sample counts) and, inside a rank, to the DataLoader workers. Every rank runs the same number
+   of steps: ``min over ranks of ceil(rank samples / batch size)`` (see *Step equalisation*).
+3. A worker owns whole shards. For each it decodes every image once, reads view ``e mod V`` of
+   the shard's cache group in one go, checks keys and image sizes against the cache, and pushes
+   ``(shard, record)`` references through a seeded shuffle buffer. Rendering happens only when a
+   reference leaves the buffer: ``views.render_crops`` gives uint8 crops (own, and the partner's
+   for a mixed record), exactly as precompute renders them; ``views.mix_pixels`` on the device
+   turns them into the float pixels. Workers ship chunks of ``batch_size`` records.
+4. ``epoch_batches`` runs the DataLoader, re-cuts the chunks into batches of ``batch_size`` and
+   stops after the plan's step count. DataLoader returns worker chunks round-robin in a fixed
+   order, so with deterministic workers the batch sequence is a pure function of the plan.
+
+Step equalisation: uneven shard sizes give ranks different sample counts; each rank stops after
+the same ``steps = min_r ceil(N_r / B)`` batches (its last batch may be partial). Records a rank
+holds beyond ``steps * B`` are dropped for that epoch (they differ from epoch to epoch, because
+the shard permutation changes). With one rank nothing is ever dropped. ``plan().dropped`` says
+how many.
+
+Resume: ``epoch_batches(..., skip_batches=N)`` reproduces the epoch from batch N. Workers replace
+every chunk that lies wholly inside the first ``N * B`` records by a ``Skipped`` marker (the
+shuffle buffer still runs on references, nothing is rendered), so the round-robin interleave and
+the remaining batches are exactly those of an uninterrupted epoch.
+
+Modes: with a cache the views (and, for cached KD, the targets) come from the cache. Without a
+cache the views are drawn by ``views.sample_view``/``mixup_pairs`` from ``view_seed`` — the same
+functions precompute uses — for view index ``e mod V`` (``views`` given) or ``e`` (fresh views
+every epoch); with the cache's seed, augmentation and V they are the cache's views exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tarfile
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset import tariterators
+
+from .errors import BadImageError, KdcacheError
+from .shards import IMAGE_EXTS, decode_image, is_remote, iter_samples, shard_name
+from .store import CacheReader
+from .views import AugSpec, View, mix_pixels, mixup_pairs, render_crops, sample_view, stable_seed
+
+# ---- shard table (main process) ------------------------------------------------------------
+
+
+@dataclass
+class ShardInfo:
+    url: str
+    name: str
+    count: int  # usable records (num_samples minus bad)
+
+
+@dataclass
+class ShardScan:
+    keys: list[str]
+    has_cls: list[bool]
+
+
+_META = re.compile(r"__[^/]*__($|/)")
+
+
+def scan_shard(url: str) -> ShardScan:
+    """Keys (tar order) and whether each sample has a ``cls`` entry, without reading image data.
+
+    Local tars are scanned header by header (seeking over member data); remote ones are streamed
+    through ``shards.iter_samples``. Same grouping rule and errors as ``iter_samples``.
+    """
+    if is_remote(url):
+        keys, has = [], []
+        for s in iter_samples(url):
+            keys.append(s.key)
+            has.append(s.cls is not None)
+        return ShardScan(keys, has)
+
+    def files(tf):
+        for m in tf:
+            name = m.name
+            if not m.isreg() or name is None:
+                continue
+            if "/" not in name and name.startswith("__") and name.endswith("__"):
+                continue
+            if _META.match(name):
+                continue
+            yield {"fname": name, "data": b"", "__url__": url}
+
+    keys, has, seen = [], [], set()
+    try:
+        with tarfile.open(url, "r:*") as tf:
+            for raw in tariterators.group_by_keys(files(tf)):
+                key = raw["__key__"]
+                if key in seen:
+                    raise KdcacheError(
+                        f"shard {url} holds key {key!r} twice; keys must be unique within a shard "
+                        "(re-pack the data or drop the duplicate)"
+                    )
+                seen.add(key)
+                if not any(e in raw for e in IMAGE_EXTS):
+                    have = sorted(k for k in raw if not k.startswith("__"))
+                    raise KdcacheError(
+                        f"sample {key!r} in shard {url} has no image (looked for {', '.join(IMAGE_EXTS)}; found {have})"
+                    )
+                keys.append(key)
+                has.append("cls" in raw)
+    except KdcacheError:
+        raise
+    except ValueError as e:
+        raise KdcacheError(f"shard {url} is malformed: {e.args[0]}") from None
+    except (OSError, EOFError, tarfile.TarError) as e:
+        raise KdcacheError(f"cannot read shard {url}: {e}") from None
+    return ShardScan(keys, has)
+
+
+def _cache_keys(reader: CacheReader, name: str) -> list[str]:
+    return [str(k) for k in reader.root[name]["keys"][:]]
+
+
+def _first_difference(a: list[str], b: list[str]) -> tuple[int, str | None, str | None]:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i, x, y
+    i = min(len(a), len(b))
+    return i, (a[i] if i < len(a) else None), (b[i] if i < len(b) else None)
+
+
+def _key_mismatch(url: str, name: str, cache_path: str, data_keys: list[str], cache_keys: list[str]) -> KdcacheError:
+    i, d, c = _first_difference(data_keys, cache_keys)
+    return KdcacheError(
+        f"shard {url} does not match cache group {name!r} of {cache_path}: the first differing key is at "
+        f"record {i} (data has {d!r}, cache has {c!r}; data holds {len(data_keys)} samples, cache "
+        f"{len(cache_keys)}). The cache was made from other data; use the matching --data and --cache"
+    )
+
+
+def _check_one(url: str, reader: CacheReader | None, need_labels: bool, scan_local: bool) -> ShardInfo:
+    name = shard_name(url)
+    scan = scan_shard(url) if (reader is None or scan_local) and not (reader is not None and is_remote(url)) else None
+    if reader is not None:
+        if not reader.has_shard(name):
+            raise KdcacheError(
+                f"cache {reader.path} has no group for shard {name!r} ({url}); the cache was made for other "
+                "data, or precompute has not covered this shard yet"
+            )
+        n = reader.check_shard(name)  # complete, shapes
+        bad = reader.shard_attrs(name).get("bad", {}) or {}
+        count = n - len(bad)
+        if scan is not None:
+            ckeys = _cache_keys(reader, name)
+            if scan.keys != ckeys:
+                raise _key_mismatch(url, name, reader.path, scan.keys, ckeys)
+    else:
+        count = len(scan.keys)
+        bad = {}
+    if need_labels and scan is not None:
+        for key, has in zip(scan.keys, scan.has_cls):
+            if not has and key not in bad:
+                raise KdcacheError(
+                    f"sample {key!r} in shard {url} has no cls label, but training needs labels "
+                    "(--label-weight > 0 or labels-only mode); use labelled shards or --label-weight 0"
+                )
+    return ShardInfo(url, name, int(count))
+
+
+def gather_across_ranks(fn, items: list, rank: int, world: int) -> list:
+    """``[fn(x) for x in items]`` with the work split over ranks; errors re-raised on every rank."""
+    mine = {}
+    err = None
+    for i in range(rank, len(items), world):
+        try:
+            mine[i] = fn(items[i])
+        except KdcacheError as e:
+            err = str(e)
+            break
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, (mine, err))
+    else:
+        parts = [(mine, err)]
+    errors = [e for _, e in parts if e]
+    if errors:
+        raise KdcacheError(errors[0])
+    merged = {}
+    for m, _ in parts:
+        merged.update(m)
+    return [merged[i] for i in range(len(items))]
+
+
+def prepare_shards(
+    urls: list[str], reader: CacheReader | None, need_labels: bool, rank: int = 0, world: int = 1,
+    scan_local: bool = True,
+) -> list[ShardInfo]:
+    """Usable record counts per shard, with the checks that need no decoding (see module doc)."""
+    return gather_across_ranks(lambda u: _check_one(u, reader, need_labels, scan_local), urls, rank, world)
+
+
+# ---- what workers ship ------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    """Rendered records (a worker chunk or a training batch). Pixels stay uint8 until the device."""
+
+    own: torch.Tensor  # (b, 3, R, R) uint8
+    other: torch.Tensor | None  # (b, 3, R, R) uint8 partner crops, zeros where unmixed; None = no mixing
+    lam: torch.Tensor  # (b,) float32 own-image weight (1.0 where unmixed)
+    label: torch.Tensor  # (b,) int64 own class id, -1 where the shard has no cls
+    label_other: torch.Tensor  # (b,) int64 partner class id (= label where unmixed)
+    index: torch.Tensor  # (b,) int64 record index in its shard
+    keys: list[str]
+    shards: list[str]
+    view: int
+    logprobs: torch.Tensor | None = None  # (b, k) float16 cached teacher top-k
+    classes: torch.Tensor | None = None  # (b, k) int64
+    t_own: torch.Tensor | None = None  # crops at the live teacher's resolution when it differs
+    t_other: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def pin_memory(self):
+        for f in ("own", "other", "lam", "label", "label_other", "logprobs", "classes", "t_own", "t_other"):
+            t = getattr(self, f)
+            if t is not None:
+                setattr(self, f, t.pin_memory())
+        return self
+
+    def pixels(self, device) -> torch.Tensor:
+        """Float32 pixels in [0, 1] on ``device`` (mixed as precompute mixes them)."""
+        return _mix(self.own, self.other, self.lam, device)
+
+    def teacher_pixels(self, device) -> torch.Tensor | None:
+        """Pixels at the live teacher's resolution, or None when it equals the student's."""
+        if self.t_own is None:
+            return None
+        return _mix(self.t_own, self.t_other, self.lam, device)
+
+    def mixed(self) -> bool:
+        return self.other is not None and bool((self.lam < 1).any())
+
+    def targets(self, num_classes: int, device) -> torch.Tensor:
+        """Hard labels (b,) when nothing is mixed, else soft labels λ·onehot(own) + (1−λ)·onehot(partner)."""
+        a = self.label.to(device, non_blocking=True)
+        if not self.mixed():
+            return a
+        b = self.label_other.to(device, non_blocking=True)
+        lam = self.lam.to(device, non_blocking=True).unsqueeze(1)
+        soft = torch.zeros(len(self), num_classes, device=device)
+        soft.scatter_(1, a.unsqueeze(1), lam)
+        soft.scatter_add_(1, b.unsqueeze(1), 1.0 - lam)
+        return soft
+
+    def slice(self, lo: int, hi: int) -> "Batch":
+        def s(t):
+            return None if t is None else t[lo:hi]
+
+        return Batch(
+            s(self.own), s(self.other), s(self.lam), s(self.label), s(self.label_other), s(self.index),
+            self.keys[lo:hi], self.shards[lo:hi], self.view, s(self.logprobs), s(self.classes),
+            s(self.t_own), s(self.t_other),
+        )
+
+    @staticmethod
+    def cat(parts: list["Batch"]) -> "Batch":
+        if len(parts) == 1:
+            return parts[0]
+
+        def c(f, zeros_like=None):
+            ts = [getattr(p, f) for p in parts]
+            if all(t is None for t in ts):
+                return None
+            if any(t is None for t in ts):  # some parts unmixed: their partner crops are zeros
+                ref = [getattr(p, zeros_like) for p in parts]
+                ts = [t if t is not None else torch.zeros_like(r) for t, r in zip(ts, ref)]
+            return torch.cat(ts)
+
+        return Batch(
+            c("own"), c("other", "own"), c("lam"), c("label"), c("label_other"), c("index"),
+            [k for p in parts for k in p.keys], [s for p in parts for s in p.shards], parts[0].view,
+            c("logprobs"), c("classes"), c("t_own"), c("t_other", "t_own"),
+        )
+
+
+def _mix(own, other, lam, device):
+    own = own.to(device, non_blocking=True)
+    if other is None:
+        return mix_pixels(own, None, None)
+    return mix_pixels(own, other.to(device, non_blocking=True), lam.to(device, non_blocking=True))
+
+
+@dataclass
+class Skipped:
+    """Stands for a chunk of ``n`` records a resumed epoch has already trained on."""
+
+    n: int
+
+
+@dataclass
+class WorkerError:
+    message: str
+
+
+# ---- epoch plan -------------------------------------------------------------------------
+
+
+@dataclass
+class EpochPlan:
+    epoch: int
+    view: int
+    rank_shards: list[list[int]]  # shard indices per rank
+    worker_shards: list[list[int]]  # this rank's shard indices per worker
+    worker_counts: list[int]  # records per worker (this rank)
+    rank_counts: list[int]
+    steps: int
+    batch_size: int
+
+    @property
+    def dropped(self) -> int:
+        """Records (all ranks together) left out this epoch by step equalisation."""
+        return sum(max(0, n - self.steps * self.batch_size) for n in self.rank_counts)
+
+    def chunk_order(self) -> list[tuple[int, int]]:
+        """(worker, records) of every chunk in the order DataLoader delivers them: round-robin
+        over workers, an exhausted worker dropping out."""
+        B = self.batch_size
+        chunks = [[B] * (n // B) + ([n % B] if n % B else []) for n in self.worker_counts]
+        out = []
+        for j in range(max((len(c) for c in chunks), default=0)):
+            for w, c in enumerate(chunks):
+                if j < len(c):
+                    out.append((w, c[j]))
+        return out
+
+    def skip_chunks(self, skip_batches: int) -> list[int]:
+        """Per worker: how many of its leading chunks lie wholly inside the first ``skip_batches`` batches."""
+        limit = skip_batches * self.batch_size
+        skips = [0] * len(self.worker_counts)
+        pos = 0
+        for w, n in self.chunk_order():
+            pos += n
+            if pos <= limit:
+                skips[w] += 1
+        return skips
+
+
+def _deal(order, counts, bins: int) -> list[list[int]]:
+    """Deal items (in ``order``) to ``bins``, each to the bin holding fewest records so far."""
+    out = [[] for _ in range(bins)]
+    totals = [0] * bins
+    for i in order:
+        b = min(range(bins), key=lambda j: (totals[j], j))
+        out[b].append(int(i))
+        totals[b] += counts[i]
+    return out
+
+
+# ---- the stream ---------------------------------------------------------------------------
+
+
+@dataclass
+class StreamConfig:
+    batch_size: int
+    res: int  # student resolution
+    seed: int = 0  # shard permutation and shuffle buffer
+    cache: str | None = None  # views (and targets) from this cache
+    storage_options: dict | None = None
+    with_targets: bool = True  # ship the cached top-k (cached-KD mode)
+    teacher_res: int | None = None  # live teacher resolution when it differs from ``res``
+    views: int | None = None  # V without a cache (None: view index = epoch)
+    view_seed: int = 0  # without a cache
+    aug: AugSpec = field(default_factory=AugSpec)  # without a cache
+    need_labels: bool = False
+    num_classes: int | None = None  # checks cls < C
+    shuffle_buffer: int = 1024
+    rank: int = 0
+    world: int = 1
+    workers: int = 0
+
+
+class _Shard:
+    """One decoded shard and the one view each of its records gets this epoch."""
+
+    def __init__(self, name, url, keys, images, labels, box, flip, mix_with, mix_lam, usable, logprobs=None, classes=None):
+        self.name, self.url, self.keys, self.images, self.labels = name, url, keys, images, labels
+        self.box, self.flip, self.mix_with, self.mix_lam = box, flip, mix_with, mix_lam
+        self.usable, self.logprobs, self.classes = usable, logprobs, classes
+
+    def view(self, i: int) -> View:
+        x, y, w, h = (int(t) for t in self.box[i])
+        return View(x, y, w, h, bool(self.flip[i]), int(self.mix_with[i]), float(self.mix_lam[i]))
+
+
+def read_shard(url: str, skip_bad: bool):
+    """Decode every image of a shard once: keys, sizes, images (None where bad), bad map, cls
+    (None where absent). ``precompute.read_shard_images`` plus the labels."""
+    keys, sizes, images, bad, labels = [], [], [], {}, []
+    for sample in iter_samples(url):
+        keys.append(sample.key)
+        labels.append(sample.cls)
+        try:
+            im = decode_image(sample)
+        except BadImageError as e:
+            if not skip_bad:
+                raise
+            bad[sample.key] = e.cause
+            images.append(None)
+            sizes.append((-1, -1))
+            continue
+        images.append(im)
+        sizes.append((im.height, im.width))
+    return keys, np.asarray(sizes, dtype=np.int32).reshape(-1, 2), images, bad, labels
+
+
+def one_view(seed: int, name: str, keys, sizes, valid, view: int, aug: AugSpec):
+    """View ``view`` of every record of a shard: what ``precompute.shard_views`` draws for that
+    view index (box, flip, mix_with, mix_lam), without drawing the other views."""
+    n = len(keys)
+    box = np.zeros((n, 4), dtype=np.int64)
+    flip = np.zeros(n, dtype=bool)
+    for i in range(n):
+        h, w = (int(t) for t in sizes[i]) if valid[i] else (1, 1)
+        vw = sample_view(seed, keys[i], view, w, h, aug)
+        box[i], flip[i] = vw.box, vw.flip
+    mix_with = np.full(n, -1, dtype=np.int32)
+    mix_lam = np.ones(n, dtype=np.float16)
+    if aug.mixup and n > 1:
+        mix_with, mix_lam = mixup_pairs(seed, name, view, n)
+    for i in np.flatnonzero(~np.asarray(valid, dtype=bool)):
+        j = mix_with[i]
+        if j >= 0:
+            mix_with[j], mix_lam[j] = -1, 1.0
+        box[i], flip[i], mix_with[i], mix_lam[i] = 0, False, -1, 1.0
+    return box, flip, mix_with, mix_lam
+
+
+class ReplayStream(IterableDataset):
+    """Replayed views of the training shards. Call ``set_epoch`` before iterating (or use ``epoch_batches``)."""
+
+    def __init__(self, shards: list[ShardInfo], cfg: StreamConfig):
+        if cfg.batch_size < 1:
+            raise KdcacheError("--batch-size must be at least 1")
+        self.shards, self.cfg = shards, cfg
+        self.epoch, self._skips = 0, None
+        self._reader = None
+        self._cache_views = None
+        if cfg.cache is not None:
+            self._cache_views = CacheReader(cfg.cache, cfg.storage_options).views
+
+    # -- plan --
+
+    def view_index(self, epoch: int) -> int:
+        if self._cache_views is not None:
+            return epoch % self._cache_views
+        return epoch if self.cfg.views is None else epoch % self.cfg.views
+
+    @property
+    def num_views(self) -> int | None:
+        return self._cache_views if self._cache_views is not None else self.cfg.views
+
+    def plan(self, epoch: int) -> EpochPlan:
+        cfg = self.cfg
+        counts = [s.count for s in self.shards]
+        order = np.random.Generator(np.random.PCG64(stable_seed("shards", cfg.seed, epoch))).permutation(len(counts))
+        ranks = _deal(order, counts, cfg.world)
+        rank_counts = [sum(counts[i] for i in r) for r in ranks]
+        if min(rank_counts) == 0:
+            raise KdcacheError(
+                f"{len(counts)} shards holding {sum(counts)} usable records cannot feed {cfg.world} ranks: "
+                "a rank would get no data; use more (smaller) shards or fewer processes"
+            )
+        W = max(1, cfg.workers)
+        mine = ranks[cfg.rank]
+        workers = _deal(mine, counts, W)
+        return EpochPlan(
+            epoch=epoch, view=self.view_index(epoch), rank_shards=ranks, worker_shards=workers,
+            worker_counts=[sum(counts[i] for i in w) for w in workers], rank_counts=rank_counts,
+            steps=min(math.ceil(n / cfg.batch_size) for n in rank_counts), batch_size=cfg.batch_size,
+        )
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> EpochPlan:
+        plan = self.plan(epoch)
+        self.epoch = epoch
+        self._skips = plan.skip_chunks(skip_batches)
+        return plan
+
+    # -- worker side --
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        plan = self.plan(self.epoch)
+        if nw != len(plan.worker_shards):
+            raise RuntimeError(f"ReplayStream planned for {len(plan.worker_shards)} workers but runs in {nw}")
+        skips = self._skips or [0] * nw
+        try:
+            yield from self._stream(plan, wid, skips[wid])
+        except KdcacheError as e:
+            yield WorkerError(str(e))
+
+    def _open_reader(self):
+        if self._reader is None and self.cfg.cache is not None:
+            self._reader = CacheReader(self.cfg.cache, self.cfg.storage_options)
+        return self._reader
+
+    def _load(self, info: ShardInfo, view: int) -> _Shard:
+        cfg = self.cfg
+        reader = self._open_reader()
+        keys, sizes, images, bad_decode, labels = read_shard(info.url, skip_bad=reader is not None)
+        n = len(keys)
+        if reader is not None:
+            rec = reader.read_view(info.name, view)
+            ckeys = [str(k) for k in rec.keys]
+            if keys != ckeys:
+                raise _key_mismatch(info.url, info.name, reader.path, keys, ckeys)
+            bad = rec.bad
+            valid = np.array([k not in bad for k in keys], dtype=bool)
+            for i in np.flatnonzero(valid):
+                if images[i] is None:
+                    raise KdcacheError(
+                        f"cannot decode image {keys[i]!r} in shard {info.url} ({bad_decode[keys[i]]}), but the cache "
+                        "holds teacher outputs for it: the data changed since precompute"
+                    )
+                h, w = int(rec.size[i, 0]), int(rec.size[i, 1])
+                if (images[i].height, images[i].width) != (h, w):
+                    raise KdcacheError(
+                        f"image {keys[i]!r} in shard {info.url} is {images[i].height}x{images[i].width} (HxW) but "
+                        f"cache {reader.path} recorded {h}x{w}: cache and data come from different datasets "
+                        "(or the images changed since precompute)"
+                    )
+                if cfg.with_targets and int(rec.classes[i, 0]) < 0:
+                    raise KdcacheError(f"cache group {info.name!r} has no teacher output for {keys[i]!r}; the store is damaged")
+            box, flip, mix_with, mix_lam = rec.box, rec.flip, rec.mix_with, rec.mix_lam
+            logprobs = rec.logprobs if cfg.with_targets else None
+            classes = rec.classes.astype(np.int64) if cfg.with_targets else None
+        else:
+            valid = np.ones(n, dtype=bool)
+            box, flip, mix_with, mix_lam = one_view(cfg.view_seed, info.name, keys, sizes, valid, view, cfg.aug)
+            logprobs = classes = None
+        lab = np.full(n, -1, dtype=np.int64)
+        for i in np.flatnonzero(valid):
+            c = labels[i]
+            if c is None:
+                if cfg.need_labels:
+                    raise KdcacheError(
+                        f"sample {keys[i]!r} in shard {info.url} has no cls label, but training needs labels "
+                        "(--label-weight > 0 or labels-only mode)"
+                    )
+                continue
+            if c < 0 or (cfg.num_classes is not None and c >= cfg.num_classes):
+                raise KdcacheError(
+                    f"sample {keys[i]!r} in shard {info.url} has cls {c}, outside 0..{(cfg.num_classes or 1) - 1}"
+                )
+            lab[i] = c
+        usable = np.flatnonzero(valid)
+        if len(usable) != info.count:
+            raise KdcacheError(
+                f"shard {info.url} yields {len(usable)} usable records but {info.count} were planned; "
+                "the data or the cache changed during the run"
+            )
+        return _Shard(info.name, info.url, keys, images, lab, box, flip, mix_with, mix_lam, usable, logprobs, classes)
+
+    def _refs(self, plan: EpochPlan, wid: int):
+        """(shard, record) references of this worker's stream, through the seeded shuffle buffer."""
+        cfg = self.cfg
+        rng = np.random.Generator(np.random.PCG64(stable_seed("shuffle", cfg.seed, plan.epoch, cfg.rank, wid)))
+        size = max(0, int(cfg.shuffle_buffer))
+        buf: list = []
+        for si in plan.worker_shards[wid]:
+            shard = self._load(self.shards[si], plan.view)
+            for i in rng.permutation(shard.usable):
+                if len(buf) < size:
+                    buf.append((shard, int(i)))
+                    continue
+                if size == 0:
+                    yield shard, int(i)
+                    continue
+                j = int(rng.integers(len(buf)))
+                out, buf[j] = buf[j], (shard, int(i))
+                yield out
+            del shard
+        for j in rng.permutation(len(buf)):
+            yield buf[j]
+
+    def _stream(self, plan: EpochPlan, wid: int, skip_chunks: int):
+        B = self.cfg.batch_size
+        skip_records = min(skip_chunks * B, plan.worker_counts[wid])
+        builder = _ChunkBuilder(self.cfg, plan.view)
+        pos = 0
+        for shard, i in self._refs(plan, wid):
+            if pos < skip_records:
+                pos += 1
+                if pos % B == 0 or pos == plan.worker_counts[wid]:
+                    yield Skipped(B if pos % B == 0 else pos % B)
+                continue
+            pos += 1
+            if builder.add(shard, i):
+                yield builder.take()
+        if len(builder):
+            yield builder.take()
+
+
+class _ChunkBuilder:
+    """Renders references into a chunk of up to ``batch_size`` records."""
+
+    def __init__(self, cfg: StreamConfig, view: int):
+        self.cfg, self.viewi = cfg, view
+        self._new()
+
+    def _new(self):
+        self.items: list = []
+
+    def __len__(self):
+        return len(self.items)
+
+    def add(self, shard: _Shard, i: int) -> bool:
+        self.items.append((shard, i))
+        return len(self.items) == self.cfg.batch_size
+
+    def take(self) -> Batch:
+        cfg, items = self.cfg, self.items
+        b, R = len(items), cfg.res
+        own = torch.empty((b, 3, R, R), dtype=torch.uint8)
+        other = None
+        tr = cfg.teacher_res
+        t_own = torch.empty((b, 3, tr, tr), dtype=torch.uint8) if tr else None
+        t_other = None
+        lam = torch.ones(b, dtype=torch.float32)
+        label = torch.empty(b, dtype=torch.int64)
+        label_other = torch.empty(b, dtype=torch.int64)
+        index = torch.empty(b, dtype=torch.int64)
+        with_t = cfg.with_targets and items and items[0][0].logprobs is not None
+        logprobs = torch.empty((b, items[0][0].logprobs.shape[1]), dtype=torch.float16) if with_t else None
+        classes = torch.empty((b, items[0][0].classes.shape[1]), dtype=torch.int64) if with_t else None
+        for j, (s, i) in enumerate(items):
+            view = s.view(i)
+            partner = s.images[view.mix_with] if view.mixed else None
+            pview = s.view(view.mix_with) if view.mixed else None
+            o, p = render_crops(s.images[i], view, R, partner, pview)
+            own[j] = o
+            if p is not None:
+                if other is None:
+                    other = torch.zeros((b, 3, R, R), dtype=torch.uint8)
+                other[j] = p
+                lam[j] = float(view.mix_lam)
+            if tr:
+                o, p = render_crops(s.images[i], view, tr, partner, pview)
+                t_own[j] = o
+                if p is not None:
+                    if t_other is None:
+                        t_other = torch.zeros((b, 3, tr, tr), dtype=torch.uint8)
+                    t_other[j] = p
+            label[j] = int(s.labels[i])
+            label_other[j] = int(s.labels[view.mix_with]) if view.mixed else int(s.labels[i])
+            index[j] = i
+            if with_t:
+                logprobs[j] = torch.from_numpy(np.asarray(s.logprobs[i]))
+                classes[j] = torch.from_numpy(np.asarray(s.classes[i]))
+        out = Batch(
+            own, other, lam, label, label_other, index, [s.keys[i] for s, i in items],
+            [s.name for s, _ in items], self.viewi, logprobs, classes, t_own, t_other,
+        )
+        self._new()
+        return out
+
+
+def _identity(x):
+    return x
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)
+
+
+def epoch_batches(stream: ReplayStream, epoch: int, skip_batches: int = 0, pin_memory: bool = False,
+                  prefetch_factor: int = 2):
+    """The training batches of ``epoch`` for this rank, from batch ``skip_batches`` on.
+
+    Exactly ``plan.steps - skip_batches`` batches of ``batch_size`` records (the last may be
+    smaller). Raises ``KdcacheError`` for a user-facing problem met inside a worker.
+    """
+    plan = stream.set_epoch(epoch, skip_batches)
+    W = stream.cfg.workers
+    loader = DataLoader(
+        stream, batch_size=None, num_workers=W, collate_fn=_identity, pin_memory=pin_memory,
+        prefetch_factor=prefetch_factor if W else None, persistent_workers=False,
+        worker_init_fn=_worker_init if W else None,
+        generator=torch.Generator().manual_seed(stable_seed("loader", stream.cfg.seed, epoch) % (1 << 62)),
+    )
+    B = stream.cfg.batch_size
+    to_drop = skip_batches * B
+    want = plan.steps - skip_batches
+    done = 0
+    pending: list[Batch] = []
+    have = 0
+    it = iter(loader)
+    try:
+        for item in it:
+            if done >= want:
+                break
+            if isinstance(item, WorkerError):
+                raise KdcacheError(item.message)
+            if isinstance(item, Skipped):
+                to_drop -= item.n
+                continue
+            if to_drop > 0:
+                d = min(to_drop, len(item))
+                to_drop -= d
+                if d == len(item):
+                    continue
+                item = item.slice(d, len(item))
+            pending.append(item)
+            have += len(item)
+            while have >= B and done < want:
+                merged = Batch.cat(pending)
+                yield merged.slice(0, B) if len(merged) > B else merged
+                done += 1
+                rest = merged.slice(B, len(merged)) if len(merged) > B else None
+                pending, have = ([rest], len(rest)) if rest is not None else ([], 0)
+        if done < want and have > 0:
+            yield Batch.cat(pending)
+            done += 1
+    finally:
+        del it
+    if done < want:
+        raise KdcacheError(f"epoch {epoch}: the stream ended after {done} of {want} batches; the data changed during the run")

@@ -1,0 +1,250 @@
+"""`kdcache train` end to end on real shards and a real cache (CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from click.testing import CliRunner
+
+from conftest import NUM_CLASSES, TEACHER
+from kdcache.cli import cli
+from kdcache.losses import sparse_kd_loss
+from kdcache.models import create_model, normalize
+from kdcache.replay import ReplayStream, StreamConfig, epoch_batches, prepare_shards
+from kdcache.shards import expand_urls, iter_samples, shard_name
+from kdcache.store import CacheReader
+from kdcache.train import TrainConfig, manifest_digest, train
+
+STUDENT = "py:kdcache.zoo:tiny_cnn"
+RES = 32
+
+
+@pytest.fixture(scope="module")
+def init_weights(tmp_path_factory) -> Path:
+    from kdcache.zoo import tiny_cnn
+
+    torch.manual_seed(123)
+    path = tmp_path_factory.mktemp("init") / "student0.pt"
+    torch.save(tiny_cnn(NUM_CLASSES).state_dict(), path)
+    return path
+
+
+def config(dataset, out, **kw) -> TrainConfig:
+    base = dict(data=str(dataset), student=STUDENT, out=str(out), epochs=2, batch_size=4, res=RES, lr=1e-2,
+                weight_decay=0.0, workers=0, device="cpu", progress=False, log_every=2)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def kd_loss_over_views(dataset, cache, weights) -> float:
+    """Mean cached-KD loss of a student over every record of views 0..2 (a fixed yardstick)."""
+    reader = CacheReader(str(cache))
+    st = ReplayStream(prepare_shards(expand_urls(str(dataset)), reader, False),
+                      StreamConfig(batch_size=64, res=RES, cache=str(cache)))
+    info = create_model(STUDENT, num_classes=NUM_CLASSES, weights=str(weights))
+    model = info.model.train()  # batch statistics: independent of the running averages
+    losses = []
+    with torch.no_grad():
+        for epoch in range(3):
+            for b in epoch_batches(st, epoch):
+                z = model(normalize(b.pixels("cpu"), info.mean, info.std))
+                losses.append(sparse_kd_loss(z, b.logprobs, b.classes).item())
+    return float(np.mean(losses))
+
+
+def state(path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_precompute_then_train_two_epochs(dataset, cache, init_weights, tmp_path):
+    out = tmp_path / "run"
+    summary = train(config(dataset, out, cache=str(cache), student_weights=str(init_weights),
+                           val_data=str(dataset), label_weight=0.0, checkpoint_every=4))
+    # the distillation loss falls: measured on all stored views before and after
+    before = kd_loss_over_views(dataset, cache, init_weights)
+    after = kd_loss_over_views(dataset, cache, out / "student.pt")
+    assert after < 0.5 * before, (before, after)
+
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved == json.loads(json.dumps(summary))
+    for key in ("final_val_top1", "final_val_top5", "best_val_top1", "best_val_top5", "images_per_s", "wall_time_s",
+                "mode", "cache_manifest_sha256", "steps", "epochs"):
+        assert saved[key] is not None, key
+    assert saved["mode"] == "cached" and saved["steps"] == 12 and saved["epochs"] == 2
+    assert saved["cache_manifest_sha256"] == manifest_digest(CacheReader(str(cache)).manifest)
+    assert 0 <= saved["final_val_top1"] <= saved["final_val_top5"] <= 1
+    assert saved["views_reused"] is False and saved["records_dropped"] == 0
+
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["resolved"]["mode"] == "cached" and cfg["resolved"]["num_classes"] == NUM_CLASSES
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [l for l in lines if "loss" in l]
+    assert [l["step"] for l in train_lines] == [2, 4, 6, 8, 10, 12]
+    assert all(np.isfinite(l["loss"]) and l["images_per_s"] > 0 and l["lr"] > 0 for l in train_lines)
+    assert sum("val_top1" in l for l in lines) == 2
+    ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert (ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]) == (2, 0, 12)
+    assert not [p for p in os.listdir(out) if ".tmp" in p]
+    # student.pt is a plain state dict the next run can start from
+    create_model(STUDENT, num_classes=NUM_CLASSES, weights=str(out / "student.pt"))
+    again = train(config(dataset, tmp_path / "run2", cache=str(cache), student_weights=str(out / "student.pt"), epochs=1))
+    assert again["steps"] == 6
+
+
+def test_cached_and_live_teacher_train_alike(dataset, cache, teacher_weights, init_weights, tmp_path):
+    common = dict(student_weights=str(init_weights), epochs=1, label_weight=0.3)
+    s_cached = train(config(dataset, tmp_path / "cached", cache=str(cache), **common))
+    s_live = train(config(dataset, tmp_path / "live", cache=str(cache), teacher=TEACHER,
+                          teacher_weights=str(teacher_weights), **common))
+    assert (s_cached["mode"], s_live["mode"]) == ("cached", "live")
+    a, b = state(tmp_path / "cached" / "student.pt"), state(tmp_path / "live" / "student.pt")
+    # the live teacher sees the same views and its top-k is cast like precompute's: same targets
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    cfg = json.loads((tmp_path / "live" / "config.json").read_text())["resolved"]
+    assert cfg["mode"] == "live" and cfg["teacher_res"] == RES and cfg["topk"] == 3
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_is_bitwise_equal(dataset, cache, init_weights, tmp_path, workers):
+    kw = dict(cache=str(cache), student_weights=str(init_weights), workers=workers, label_weight=0.5,
+              optimizer="sgd", lr=0.05, warmup_steps=3, grad_clip=1.0, batch_size=3)
+    straight = train(config(dataset, tmp_path / "straight", **kw))
+    stopped = train(config(dataset, tmp_path / "cut", stop_after=5, **kw))  # mid epoch 0 (7 steps/epoch)
+    assert stopped["stopped_at"] == 5 and not (tmp_path / "cut" / "summary.json").exists()
+    with pytest.raises(Exception, match="already holds a run"):
+        train(config(dataset, tmp_path / "cut", **kw))
+    resumed = train(config(dataset, tmp_path / "cut", resume=True, **kw))
+    assert resumed["steps"] == straight["steps"] == 14
+    a, b = state(tmp_path / "straight" / "student.pt"), state(tmp_path / "cut" / "student.pt")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the metrics file holds each step once
+    steps = [json.loads(l)["step"] for l in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(l)]
+    assert steps == sorted(set(steps))
+
+
+def test_labels_only_without_cache_reuses_views_with_warning(dataset, tmp_path):
+    with pytest.warns(UserWarning, match="views are reused"):
+        s = train(config(dataset, tmp_path / "labels", epochs=3, views=2, mixup=True, val_data=str(dataset)))
+    assert s["mode"] == "labels" and s["views_reused"] is True and s["final_val_top1"] is not None
+    assert json.loads((tmp_path / "labels" / "config.json").read_text())["resolved"]["mode"] == "labels"
+
+
+# ---- bad input: a clear message and exit code 2 ----------------------------------------------
+
+
+def run_cli(*args):
+    result = CliRunner().invoke(cli, ["train", *map(str, args)], catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def base_args(dataset, out, cache=None):
+    args = ["--data", dataset, "--student", STUDENT, "--out", out, "--res", RES, "--batch-size", 4,
+            "--workers", 0, "--device", "cpu", "--no-progress"]
+    return args + (["--cache", cache] if cache is not None else [])
+
+
+def rewrite(src_dir, dst_dir, change):
+    """Copy shards sample by sample; ``change(url, index, record)`` may edit the record dict."""
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    for u in expand_urls(str(src_dir)):
+        with wds.TarWriter(str(dst_dir / f"{shard_name(u)}.tar")) as w:
+            for j, s in enumerate(iter_samples(u)):
+                rec = {"__key__": s.key, s.ext: s.image, "cls": str(s.cls).encode()}
+                change(u, j, rec)
+                w.write(rec)
+    return dst_dir
+
+
+def test_cli_trains(dataset, cache, tmp_path):
+    code, out = run_cli(*base_args(dataset, tmp_path / "r", cache), "--epochs", 1, "--label-weight", 0.5)
+    assert code == 0, out
+    assert json.loads(out.strip().splitlines()[-1])["mode"] == "cached"
+
+
+def test_bad_inputs_exit_2(dataset, cache, tmp_path):
+    # data from another dataset: a key differs (caught before training)
+    other = rewrite(dataset, tmp_path / "other", lambda u, j, r: r.update(__key__="stranger") if (j == 4 and u.endswith("000001.tar")) else None)
+    code, out = run_cli(*base_args(other, tmp_path / "r1", cache))
+    assert code == 2 and "train-000001" in out and "'stranger'" in out and "train1_0004" in out, out
+
+    # same keys, other image sizes (caught when the shard is read)
+    from conftest import encode, make_image
+
+    def resize(u, j, r):
+        if j == 0 and u.endswith("000002.tar"):
+            r.pop("png", None), r.pop("jpg", None)
+            r["png"] = encode(make_image(np.random.default_rng(0), 13, 11, 1), "png")
+
+    sized = rewrite(dataset, tmp_path / "sized", resize)
+    code, out = run_cli(*base_args(sized, tmp_path / "r2", cache))
+    assert code == 2 and "train2_0000" in out and "train-000002" in out and "11x13" in out, out
+
+    # the cache's class count differs from the student head
+    code, out = run_cli(*base_args(dataset, tmp_path / "r3", cache), "--num-classes", 7)
+    assert code == 2 and "5-class" in out and "7" in out, out
+
+    # an incomplete cache shard
+    broken = tmp_path / "broken.zarr"
+    shutil.copytree(cache, broken)
+    import zarr
+
+    g = zarr.open_group(str(broken), mode="r+")
+    g["train-000001"].attrs["complete"] = False
+    code, out = run_cli(*base_args(dataset, tmp_path / "r4", broken))
+    assert code == 2 and "train-000001" in out and "incomplete" in out, out
+
+    # no cls labels while --label-weight > 0, and as --val-data
+    unlabelled = rewrite(dataset, tmp_path / "nocls", lambda u, j, r: r.pop("cls"))
+    code, out = run_cli(*base_args(unlabelled, tmp_path / "r5", cache), "--label-weight", 0.5)
+    assert code == 2 and "no cls label" in out and "train0_0000" in out, out
+    code, out = run_cli(*base_args(dataset, tmp_path / "r6", cache), "--val-data", unlabelled)
+    assert code == 2 and "no cls label" in out, out
+    code, out = run_cli(*base_args(unlabelled, tmp_path / "r6b"), "--num-classes", 5)  # labels-only mode
+    assert code == 2 and "no cls label" in out, out
+
+    # an unknown student spec
+    args = base_args(dataset, tmp_path / "r7", cache)
+    args[args.index(STUDENT)] = "py:kdcache.zoo:no_such_net"
+    code, out = run_cli(*args)
+    assert code == 2 and "no_such_net" in out, out
+
+    # a shard the cache never saw
+    extra = tmp_path / "extra"
+    shutil.copytree(dataset, extra)
+    shutil.copy(extra / "train-000000.tar", extra / "train-000009.tar")
+    code, out = run_cli(*base_args(extra, tmp_path / "r8", cache))
+    assert code == 2 and "train-000009" in out, out
+    assert not (tmp_path / "r8" / "checkpoint.pt").exists()
+
+
+# ---- many processes ------------------------------------------------------------------------
+
+
+def test_ddp_two_processes_gloo(dataset, cache, tmp_path):
+    out = tmp_path / "ddp"
+    """torchrun, two CPU processes, gloo: both ranks run the same number of steps; rank 0 writes."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "kdcache", "train", *map(str, base_args(dataset, out, cache)), "--epochs", "2", "--batch-size", "3",
+           "--val-data", str(dataset)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
+    assert len(results) == 2  # both ranks finished
+    assert results[0]["steps"] == results[1]["steps"] == 2 * 3  # ceil(7 / 3) per epoch on both ranks
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 6 and summary["final_val_top1"] is not None
+    assert summary["records_dropped"] == 2 * (14 - 9)  # the rank holding two shards stops at 3 batches of 3
+    assert (out / "student.pt").exists() and (out / "metrics.jsonl").exists()
