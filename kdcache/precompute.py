@@ -273,7 +273,10 @@ def precompute(cfg: PrecomputeConfig) -> dict:
         raise KdcacheError("--topk must be at least 1")
     if cfg.batch_size < 1:
         raise KdcacheError("--batch-size must be at least 1")
-    aug = cfg.augmentation()  # validates the ranges
+    try:
+        aug = cfg.augmentation()  # validates the ranges
+    except ValueError as e:
+        raise KdcacheError(f"invalid --scale/--ratio: {e}") from None
     urls = expand_urls(cfg.data)
     rank, world = distributed_context()
     device = resolve_device(cfg.device)

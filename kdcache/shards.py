@@ -13,6 +13,7 @@ import json
 import os
 import random
 import re
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -123,7 +124,16 @@ def iter_samples(url: str) -> Iterator[Sample]:
     except KdcacheError:
         raise
     except ValueError as e:  # webdataset's duplicate-file error
-        raise KdcacheError(f"shard {url} is malformed: {e.args[0]}") from None
+        msg = str(e.args[0]) if e.args else str(e)
+        if "duplicate file name" in msg:  # the same key twice in a row: "<key>.<ext>: duplicate ..."
+            member = msg.split(":", 1)[0]
+            raise KdcacheError(
+                f"shard {url} holds key {member.split('.', 1)[0]!r} twice (member {member!r} repeats); "
+                "keys must be unique within a shard (re-pack the data or drop the duplicate)"
+            ) from None
+        raise KdcacheError(f"shard {url} is malformed: {msg}") from None
+    except tarfile.TarError as e:  # empty, truncated or not a tar at all
+        raise KdcacheError(f"cannot read shard {url}: it is not a readable tar file ({e.args[0] if e.args else e})") from None
     except (OSError, EOFError) as e:
         raise KdcacheError(f"cannot read shard {url}: {e}") from None
 

@@ -290,8 +290,10 @@ class CacheWriter:
             exists = False  # an empty directory is fine to create into
         if not exists:
             try:
-                root = _open_root(path, "w-", self.storage_options)
-                root.attrs["kdcache"] = self.manifest
+                # The manifest goes into the group's first write, so a process that opens the
+                # store a moment later (another --shard-index group) never sees it without one.
+                kw = {"storage_options": self.storage_options} if self.storage_options else {}
+                zarr.open_group(path, mode="w-", zarr_format=3, attributes={"kdcache": self.manifest}, **kw)
                 return _open_root(path, "r+", self.storage_options)
             except FileExistsError:
                 pass  # another process created it first: open and compare below
