@@ -99,3 +99,43 @@ def cache(dataset, teacher_weights, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cache") / "cache.zarr"
     precompute(precompute_config(dataset, out, teacher_weights))
     return out
+
+
+# ---- helpers for the precompute-stage tests (views, shards, store, models, precompute) ----------
+
+
+def write_tar(path: Path, members) -> str:
+    """A tar holding ``members`` exactly as given: (name, bytes) pairs, in order (duplicates allowed)."""
+    import tarfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as t:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def write_imagefolder(root: Path, per_class=(6, 5, 4), seed: int = 0) -> dict[str, bytes]:
+    """An ImageFolder tree root/<class>/<image> of real JPEG and PNG files; returns {relative path: bytes}."""
+    rng = np.random.default_rng(seed)
+    files = {}
+    for c, n in enumerate(per_class):
+        d = Path(root) / f"cls_{chr(ord('a') + c)}"
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            ext = "png" if i % 2 else "jpg"
+            data = encode(make_image(rng, int(rng.integers(20, 48)), int(rng.integers(20, 48)), c), ext)
+            name = f"img.{i:03d}.{ext}" if i == 0 else f"img{i:03d}.{ext}"
+            (d / name).write_bytes(data)
+            files[f"{d.name}/{name}"] = data
+    return files
+
+
+def corrupt_jpeg(rng: np.random.Generator | None = None) -> bytes:
+    """A truncated JPEG: its header opens (64x64) but decoding the pixels fails."""
+    rng = rng or np.random.default_rng(1)
+    good = encode(make_image(rng, 64, 64, 0), "jpg")
+    return good[: len(good) // 2]
