@@ -48,4 +48,4 @@ def main():
 
 
 # Sub-commands register themselves on `cli` when imported.
-from . import info, inspect, pack, precompute, train, verify  # noqa: E402,F401
+from . import demo, info, inspect, pack, precompute, train, verify  # noqa: E402,F401
