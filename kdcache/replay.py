@@ -150,7 +150,9 @@ def _key_mismatch(url: str, name: str, cache_path: str, data_keys: list[str], ca
 
 def _check_one(url: str, reader: CacheReader | None, need_labels: bool, scan_local: bool) -> ShardInfo:
     name = shard_name(url)
-    scan = scan_shard(url) if (reader is None or scan_local) and not (reader is not None and is_remote(url)) else None
+    # Without a cache the scan gives the count; with one it checks keys (local tars only: a remote
+    # tar would have to be downloaded whole; the stream checks those when it reads them).
+    scan = scan_shard(url) if reader is None or (scan_local and not is_remote(url)) else None
     if reader is not None:
         if not reader.has_shard(name):
             raise KdcacheError(

@@ -211,3 +211,33 @@ def test_key_and_size_mismatch_name_shard_and_key(dataset, cache, tmp_path):
                 w.write({"__key__": key, s.ext: s.image, "cls": str(s.cls).encode()})
     with pytest.raises(KdcacheError, match=r"train-000002.tar does not match .* record 2 \(data has 'zz_renamed', cache has 'train2_0002'"):
         prepare_shards(expand_urls(str(renamed)), CacheReader(str(cache)), need_labels=False)
+
+
+def test_bad_records_are_skipped(tmp_path, teacher_weights):
+    """A record precompute marked bad (undecodable) is left out; counts come from the cache attrs."""
+    import webdataset as wds
+
+    from conftest import encode, make_image, precompute_config
+    from kdcache.precompute import precompute
+
+    rng = np.random.default_rng(3)
+    data = tmp_path / "data"
+    data.mkdir()
+    for s in range(2):
+        with wds.TarWriter(str(data / f"part-{s:06d}.tar")) as w:
+            for i in range(5):
+                img = encode(make_image(rng, 40, 30, i % NUM_CLASSES), "jpg")
+                if (s, i) == (1, 2):
+                    img = img[: len(img) // 2]  # header opens, pixels do not decode
+                w.write({"__key__": f"p{s}_{i}", "jpg": img, "cls": str(i % NUM_CLASSES).encode()})
+    cache = tmp_path / "c.zarr"
+    precompute(precompute_config(data, cache, teacher_weights, skip_bad=True))
+    reader = CacheReader(str(cache))
+    assert "p1_2" in reader.shard_attrs("part-000001")["bad"]
+    shards = prepare_shards(expand_urls(str(data)), reader, need_labels=True)
+    assert [s.count for s in shards] == [5, 4]
+    for workers in (0, 2):
+        st = ReplayStream(shards, StreamConfig(batch_size=4, res=RES, cache=str(cache), workers=workers,
+                                               need_labels=True, num_classes=NUM_CLASSES))
+        got = pairs(epoch_batches(st, 0))
+        assert len(got) == 9 and "p1_2" not in {k for k, _ in got}
