@@ -248,8 +248,8 @@ def create_model(
     found = infer_num_classes(model, resolution)
     if num_classes is not None and found != num_classes:
         raise KdcacheError(
-            f"model {spec!r} outputs {found} classes but {num_classes} were asked for (--num-classes or the "
-            "data's classes.json); pass the matching class count or the right model"
+            f"model {spec!r} outputs {found} classes but {num_classes} were asked for (--num-classes); "
+            "pass the matching class count or the right model"
         )
     dmean, dstd = normalization(model)
     mean = tuple(float(x) for x in mean) if mean is not None else dmean

@@ -249,9 +249,9 @@ def _identity(x):
     return x
 
 
-def teacher_topk(model, pixels: torch.Tensor, mean, std, k: int, device: torch.device):
-    """Top-k log-probabilities (T=1, descending) and class ids of the teacher for a batch of
-    float pixels in [0, 1] (B, 3, H, W)."""
+def teacher_topk_tensors(model, pixels: torch.Tensor, mean, std, k: int, device: torch.device):
+    """Top-k log-probabilities (T=1, descending, float16) and class ids of the teacher, as tensors
+    on ``device``, for a batch of float pixels in [0, 1] (B, 3, H, W)."""
     x = pixels.to(device, non_blocking=True)
     x = normalize(x, mean, std)
     if device.type == "cuda":
@@ -262,7 +262,13 @@ def teacher_topk(model, pixels: torch.Tensor, mean, std, k: int, device: torch.d
         logits = logits_of(model(x))
     logp = torch.log_softmax(logits.float(), dim=-1)
     vals, ids = torch.topk(logp, k, dim=-1, largest=True, sorted=True)
-    return vals.half().cpu().numpy(), ids.cpu().numpy()
+    return vals.half(), ids
+
+
+def teacher_topk(model, pixels: torch.Tensor, mean, std, k: int, device: torch.device):
+    """``teacher_topk_tensors`` as numpy arrays on the host (what the store keeps)."""
+    vals, ids = teacher_topk_tensors(model, pixels, mean, std, k, device)
+    return vals.cpu().numpy(), ids.cpu().numpy()
 
 
 def precompute(cfg: PrecomputeConfig) -> dict:

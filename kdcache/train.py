@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .errors import KdcacheError
 from .models import create_model, logits_of, normalize
-from .precompute import resolve_device, teacher_topk
+from .precompute import resolve_device, teacher_topk_tensors
 from .replay import (
     Batch, ReplayStream, ShardInfo, StreamConfig, WorkerError, _identity, epoch_batches, prepare_shards,
 )
@@ -492,7 +492,7 @@ def train(cfg: TrainConfig) -> dict:
     epoch0, skip0, step = 0, 0, 0
     best = {"best_val_top1": None, "best_val_top5": None, "best_step": None}
     last_val: dict = {}
-    train_time, images_seen, prev_wall = 0.0, 0, 0.0
+    train_time, images_seen, prev_wall, train_cpu = 0.0, 0, 0.0, 0.0
     if ckpt is not None:
         _unwrap(model).load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -501,6 +501,7 @@ def train(cfg: TrainConfig) -> dict:
         epoch0, skip0, step = int(ckpt["epoch"]), int(ckpt["step_in_epoch"]), int(ckpt["global_step"])
         best, last_val = dict(ckpt["best"]), dict(ckpt["last_val"])
         train_time, images_seen = float(ckpt["train_time_s"]), int(ckpt["images_seen"])
+        train_cpu = float(ckpt.get("train_cpu_s", 0.0))
         prev_wall = float(ckpt.get("wall_time_s", 0.0))
         _set_rng_state(ckpt["rng"], device)
         _say(rank, f"resuming {out} at epoch {epoch0}, step {skip0} of the epoch (global step {step})")
@@ -534,7 +535,8 @@ def train(cfg: TrainConfig) -> dict:
             "version": CHECKPOINT_VERSION, "model": _unwrap(train_model).state_dict(), "optimizer": opt.state_dict(),
             "scaler": scaler.state_dict() if scaler.is_enabled() else {}, "epoch": epoch, "step_in_epoch": in_epoch,
             "global_step": step, "rng": _rng_state(device), "best": best, "last_val": dict(last_val),
-            "train_time_s": train_time, "images_seen": images_seen, "metrics_bytes": writer.offset(),
+            "train_time_s": train_time, "train_cpu_s": train_cpu, "images_seen": images_seen,
+            "metrics_bytes": writer.offset(),
             "wall_time_s": prev_wall + time.perf_counter() - t_setup,
             "config": run_config,
         }, ckpt_path)
@@ -556,6 +558,7 @@ def train(cfg: TrainConfig) -> dict:
         skip = skip0 if epoch == epoch0 else 0
         in_epoch = skip
         t_epoch = t_mark = time.perf_counter()
+        c_mark = time.process_time()
         for batch in epoch_batches(stream, epoch, skip_batches=skip, pin_memory=cuda):
             lr = lr_at(step, base_lr, cfg.warmup_steps, total_steps, cfg.min_lr)
             for g in opt.param_groups:
@@ -580,6 +583,9 @@ def train(cfg: TrainConfig) -> dict:
             train_time += now - t_mark
             win_time += now - t_mark
             t_mark = now
+            cnow = time.process_time()  # this process's CPU time (not the data workers'): robust to a busy machine
+            train_cpu += cnow - c_mark
+            c_mark = cnow
             if bar is not None:
                 bar.update(1)
             if step % cfg.log_every == 0 or in_epoch == steps_per_epoch[epoch]:
@@ -597,10 +603,10 @@ def train(cfg: TrainConfig) -> dict:
             end_of_epoch = in_epoch == steps_per_epoch[epoch]
             if val_stream is not None and cfg.eval_every and step % cfg.eval_every == 0 and not end_of_epoch:
                 run_eval(epoch)
-                t_mark = time.perf_counter()
+                t_mark, c_mark = time.perf_counter(), time.process_time()
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not end_of_epoch:
                 save_checkpoint(epoch, in_epoch)
-                t_mark = time.perf_counter()
+                t_mark, c_mark = time.perf_counter(), time.process_time()
             if cfg.stop_after is not None and step >= cfg.stop_after and not end_of_epoch:
                 save_checkpoint(epoch, in_epoch)
                 stopped = True
@@ -631,6 +637,7 @@ def train(cfg: TrainConfig) -> dict:
         **best,
         "images_per_s": images_seen / max(train_time, 1e-9),
         "wall_time_s": None, "train_time_s": train_time, "setup_s": setup_s,
+        "main_cpu_ms_per_image": 1000.0 * train_cpu / max(images_seen / world, 1),
         "cache": cfg.cache, "cache_manifest_sha256": resolved["cache_manifest_sha256"],
         "views": V, "views_reused": views_reused,
         "records_dropped": sum(p.dropped for p in plans),
@@ -671,9 +678,8 @@ def _step_loss(model, batch: Batch, mode: str, cfg: TrainConfig, device, sinfo, 
         x = x.contiguous(memory_format=torch.channels_last)
     with autocast():
         z = logits_of(model(x))
-    z = z.float()
     if mode == "labels":
-        return F.cross_entropy(z, batch.targets(num_classes, device))
+        return F.cross_entropy(z.float(), batch.targets(num_classes, device))
     if mode == "cached":
         lp = batch.logprobs.to(device, non_blocking=True)
         ids = batch.classes.to(device, non_blocking=True)
@@ -681,9 +687,8 @@ def _step_loss(model, batch: Batch, mode: str, cfg: TrainConfig, device, sinfo, 
         t_mean, t_std, k = tspec
         tx = batch.teacher_pixels(device)
         with torch.no_grad():
-            vals, idx = teacher_topk(teacher, raw if tx is None else tx, t_mean, t_std, k, device)
-        lp = torch.from_numpy(vals).to(device)
-        ids = torch.from_numpy(idx).to(device)
+            lp, ids = teacher_topk_tensors(teacher, raw if tx is None else tx, t_mean, t_std, k, device)
     labels = batch.targets(num_classes, device) if cfg.label_weight > 0 else None
+    # The logits go in their own dtype: the fused kernel reads bf16/fp16 and writes the gradient in it.
     return sparse_kd_loss(z, lp, ids, temperature=cfg.temperature, tail=cfg.tail, labels=labels,
                           label_weight=cfg.label_weight, backend=cfg.loss_backend)
