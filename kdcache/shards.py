@@ -145,7 +145,18 @@ def decode_image(sample: Sample) -> Image.Image:
             im.load()
             return im.convert("RGB")
     except Exception as e:  # PIL raises many types for corrupt data
-        raise BadImageError(sample.url, sample.key, f"{type(e).__name__}: {e}") from None
+        cause = f"{type(e).__name__}: {e}"
+        if sample.ext == "webp" and not webp_supported():
+            cause += (" (this PIL build has no WebP support: install libwebp-dev and rebuild Pillow-SIMD "
+                      "with `bash tools/install_pillow_simd.sh`, or use plain Pillow)")
+        raise BadImageError(sample.url, sample.key, cause) from None
+
+
+def webp_supported() -> bool:
+    """Whether the PIL in use can decode WebP (Pillow-SIMD built without libwebp cannot)."""
+    from PIL import features
+
+    return bool(features.check("webp"))
 
 
 def find_classes_file(urls: list[str]) -> str | None:
