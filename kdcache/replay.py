@@ -41,7 +41,6 @@ every epoch); with the cache's seed, augmentation and V they are the cache's vie
 from __future__ import annotations
 
 import math
-import os
 import re
 import tarfile
 from dataclasses import dataclass, field

@@ -33,7 +33,6 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
