@@ -525,7 +525,7 @@ def verify(
         raise KdcacheError("--batch-size must be at least 1")
     reader = _open(cache, storage_options)
     man = reader.manifest
-    C, V, k, res = reader.num_classes, reader.views, reader.topk, int(man["resolution"])
+    C, V, res = reader.num_classes, reader.views, int(man["resolution"])
     if num_classes is not None and num_classes != C:
         raise KdcacheError(f"--num-classes {num_classes} disagrees with the cache, whose teacher has {C} classes")
     urls = _shard_urls(data)

@@ -250,7 +250,6 @@ def teacher_at_temperature(logprobs: torch.Tensor, C: int, temperature: float, t
     log-prob/prob of *each* tail class (uniform modes; ``q = 0`` when there is no tail) and (B,)
     total tail mass ``p_tail = (C - k) * q``. ``log_q`` is finite even where ``q == 0``.
     """
-    tiny = torch.finfo(dtype).tiny
     neg = torch.finfo(dtype).min
     T = float(temperature)
     k = logprobs.shape[1]

@@ -72,42 +72,28 @@ def _call_factory(fn, num_classes: int | None, spec: str):
     return model
 
 
-_TV_SHIM = None  # keeps the placeholder op library below alive
+def import_torchvision():
+    """Import torchvision (timm imports it too), turning a torch/torchvision mismatch into advice.
 
-
-def _import_torchvision():
-    """Import torchvision (timm imports it too), tolerating a wheel whose C++ ops cannot load.
-
-    A CUDA build of torchvision next to a CPU build of torch (what the registry serves on Linux,
-    where no CPU torchvision exists for the pinned torch) fails at import: its meta registrations
-    name ``torchvision::nms``/``qnms``, which the unloadable extension should have defined.
-    Classification models never call those ops, so declare their schemas (no kernels) and import
-    again; the detection ops then fail only if something calls them.
+    A torchvision wheel built for another torch (for example the registry's CUDA torchvision next
+    to a CPU-only torch) fails at import with ``operator torchvision::nms does not exist``.
     """
-    global _TV_SHIM
-    import sys
-
     try:
         import torchvision
-
-        return torchvision
     except RuntimeError as e:
-        if "torchvision::" not in str(e) or _TV_SHIM is not None:
+        if "torchvision::" not in str(e):
             raise
-    for mod in [m for m in sys.modules if m.split(".")[0] in ("torchvision", "timm")]:
-        del sys.modules[mod]
-    _TV_SHIM = torch.library.Library("torchvision", "DEF")
-    for op in ("nms", "qnms"):
-        _TV_SHIM.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    import torchvision
-
+        raise KdcacheError(
+            f"torchvision does not match the installed torch ({e}). Install a matching pair, e.g. "
+            "`pip install --force-reinstall torch torchvision` (what `make install` does)"
+        ) from None
     return torchvision
 
 
 def build_model(spec: str, num_classes: int | None = None, pretrained: bool = False) -> nn.Module:
     """The architecture named by ``spec`` (random weights unless ``pretrained``)."""
     if spec.startswith("timm:"):
-        _import_torchvision()
+        import_torchvision()
         import timm
 
         name = spec[len("timm:") :]
@@ -117,7 +103,7 @@ def build_model(spec: str, num_classes: int | None = None, pretrained: bool = Fa
         kw = {} if num_classes is None else {"num_classes": num_classes}
         return timm.create_model(name, pretrained=pretrained, **kw)
     if spec.startswith("torchvision:"):
-        torchvision = _import_torchvision()
+        torchvision = import_torchvision()
 
         name = spec[len("torchvision:") :]
         if name not in torchvision.models.list_models(module=torchvision.models):

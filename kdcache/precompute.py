@@ -23,9 +23,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .errors import BadImageError, KdcacheError
+from .errors import KdcacheError
 from .models import create_model, logits_of, normalize
-from .shards import decode_image, expand_urls, iter_samples, load_class_names, shard_name
+from .shards import decode_shard, expand_urls, load_class_names, shard_name
 from .store import CacheWriter, make_manifest
 from .views import AugSpec, ShardViews, mix_pixels, render_backend, render_crops, sample_shard_views
 
@@ -129,25 +129,6 @@ class RecordBatch:
     lam: torch.Tensor  # (b,) float32, 1.0 where not mixed
 
 
-def read_shard_images(url: str, skip_bad: bool):
-    """Decode every image of a shard once. Returns keys, sizes, images (None where bad), bad map."""
-    keys, sizes, images, bad = [], [], [], {}
-    for sample in iter_samples(url):
-        keys.append(sample.key)
-        try:
-            im = decode_image(sample)
-        except BadImageError as e:
-            if not skip_bad:
-                raise
-            bad[sample.key] = e.cause
-            images.append(None)
-            sizes.append((-1, -1))
-            continue
-        images.append(im)
-        sizes.append((im.height, im.width))
-    return keys, np.asarray(sizes, dtype=np.int32).reshape(-1, 2), images, bad
-
-
 def shard_views(seed: int, name: str, keys, sizes, valid, num_views: int, aug: AugSpec) -> ShardViews:
     """Views for a shard, with bad records given no view and no mixup partner."""
     safe = np.where(valid[:, None], sizes, 1)
@@ -179,7 +160,8 @@ class ShardRenderStream(IterableDataset):
         cfg, aug = self.cfg, self.cfg.augmentation()
         for url in urls:
             name = shard_name(url)
-            keys, sizes, images, bad = read_shard_images(url, cfg.skip_bad)
+            d = decode_shard(url, cfg.skip_bad)
+            keys, sizes, images, bad = d.keys, d.sizes, d.images, d.bad
             valid = np.array([im is not None for im in images], dtype=bool)
             sv = shard_views(cfg.seed, name, keys, sizes, valid, cfg.views, aug)
             yield ShardStart(url, name, keys, sizes, sv, bad, valid)

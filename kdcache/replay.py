@@ -41,18 +41,15 @@ every epoch); with the cache's seed, augmentation and V they are the cache's vie
 from __future__ import annotations
 
 import math
-import re
-import tarfile
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset import tariterators
 
-from .errors import BadImageError, KdcacheError
-from .shards import IMAGE_EXTS, decode_image, is_remote, iter_samples, shard_name
+from .errors import KdcacheError
+from .shards import decode_shard, is_remote, scan_keys, shard_name
 from .store import CacheReader
 from .views import AugSpec, View, mix_pixels, mixup_pairs, render_crops, sample_view, stable_seed
 
@@ -64,66 +61,6 @@ class ShardInfo:
     url: str
     name: str
     count: int  # usable records (num_samples minus bad)
-
-
-@dataclass
-class ShardScan:
-    keys: list[str]
-    has_cls: list[bool]
-
-
-_META = re.compile(r"__[^/]*__($|/)")
-
-
-def scan_shard(url: str) -> ShardScan:
-    """Keys (tar order) and whether each sample has a ``cls`` entry, without reading image data.
-
-    Local tars are scanned header by header (seeking over member data); remote ones are streamed
-    through ``shards.iter_samples``. Same grouping rule and errors as ``iter_samples``.
-    """
-    if is_remote(url):
-        keys, has = [], []
-        for s in iter_samples(url):
-            keys.append(s.key)
-            has.append(s.cls is not None)
-        return ShardScan(keys, has)
-
-    def files(tf):
-        for m in tf:
-            name = m.name
-            if not m.isreg() or name is None:
-                continue
-            if "/" not in name and name.startswith("__") and name.endswith("__"):
-                continue
-            if _META.match(name):
-                continue
-            yield {"fname": name, "data": b"", "__url__": url}
-
-    keys, has, seen = [], [], set()
-    try:
-        with tarfile.open(url, "r:*") as tf:
-            for raw in tariterators.group_by_keys(files(tf)):
-                key = raw["__key__"]
-                if key in seen:
-                    raise KdcacheError(
-                        f"shard {url} holds key {key!r} twice; keys must be unique within a shard "
-                        "(re-pack the data or drop the duplicate)"
-                    )
-                seen.add(key)
-                if not any(e in raw for e in IMAGE_EXTS):
-                    have = sorted(k for k in raw if not k.startswith("__"))
-                    raise KdcacheError(
-                        f"sample {key!r} in shard {url} has no image (looked for {', '.join(IMAGE_EXTS)}; found {have})"
-                    )
-                keys.append(key)
-                has.append("cls" in raw)
-    except KdcacheError:
-        raise
-    except ValueError as e:
-        raise KdcacheError(f"shard {url} is malformed: {e.args[0]}") from None
-    except (OSError, EOFError, tarfile.TarError) as e:
-        raise KdcacheError(f"cannot read shard {url}: {e}") from None
-    return ShardScan(keys, has)
 
 
 def _cache_keys(reader: CacheReader, name: str) -> list[str]:
@@ -151,7 +88,7 @@ def _check_one(url: str, reader: CacheReader | None, need_labels: bool, scan_loc
     name = shard_name(url)
     # Without a cache the scan gives the count; with one it checks keys (local tars only: a remote
     # tar would have to be downloaded whole; the stream checks those when it reads them).
-    scan = scan_shard(url) if reader is None or (scan_local and not is_remote(url)) else None
+    scan = scan_keys(url) if reader is None or (scan_local and not is_remote(url)) else None
     if reader is not None:
         if not reader.has_shard(name):
             raise KdcacheError(
@@ -163,13 +100,13 @@ def _check_one(url: str, reader: CacheReader | None, need_labels: bool, scan_loc
         count = n - len(bad)
         if scan is not None:
             ckeys = _cache_keys(reader, name)
-            if scan.keys != ckeys:
-                raise _key_mismatch(url, name, reader.path, scan.keys, ckeys)
+            if scan[0] != ckeys:
+                raise _key_mismatch(url, name, reader.path, scan[0], ckeys)
     else:
-        count = len(scan.keys)
+        count = len(scan[0])
         bad = {}
     if need_labels and scan is not None:
-        for key, has in zip(scan.keys, scan.has_cls):
+        for key, has in zip(*scan):
             if not has and key not in bad:
                 raise KdcacheError(
                     f"sample {key!r} in shard {url} has no cls label, but training needs labels "
@@ -406,27 +343,6 @@ class _Shard:
         return View(x, y, w, h, bool(self.flip[i]), int(self.mix_with[i]), float(self.mix_lam[i]))
 
 
-def read_shard(url: str, skip_bad: bool):
-    """Decode every image of a shard once: keys, sizes, images (None where bad), bad map, cls
-    (None where absent). ``precompute.read_shard_images`` plus the labels."""
-    keys, sizes, images, bad, labels = [], [], [], {}, []
-    for sample in iter_samples(url):
-        keys.append(sample.key)
-        labels.append(sample.cls)
-        try:
-            im = decode_image(sample)
-        except BadImageError as e:
-            if not skip_bad:
-                raise
-            bad[sample.key] = e.cause
-            images.append(None)
-            sizes.append((-1, -1))
-            continue
-        images.append(im)
-        sizes.append((im.height, im.width))
-    return keys, np.asarray(sizes, dtype=np.int32).reshape(-1, 2), images, bad, labels
-
-
 def one_view(seed: int, name: str, keys, sizes, valid, view: int, aug: AugSpec):
     """View ``view`` of every record of a shard: what ``precompute.shard_views`` draws for that
     view index (box, flip, mix_with, mix_lam), without drawing the other views."""
@@ -521,7 +437,8 @@ class ReplayStream(IterableDataset):
     def _load(self, info: ShardInfo, view: int) -> _Shard:
         cfg = self.cfg
         reader = self._open_reader()
-        keys, sizes, images, bad_decode, labels = read_shard(info.url, skip_bad=reader is not None)
+        d = decode_shard(info.url, skip_bad=reader is not None)
+        keys, sizes, images, bad_decode, labels = d.keys, d.sizes, d.images, d.bad, d.labels
         n = len(keys)
         if reader is not None:
             rec = reader.read_view(info.name, view)

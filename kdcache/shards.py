@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import braceexpand
+import numpy as np
 import webdataset as wds
 from PIL import Image
 from webdataset import tariterators
@@ -95,14 +96,12 @@ def _parse_cls(raw, url: str, key: str) -> int:
         raise KdcacheError(f"sample {key!r} in shard {url} has a cls entry that is not an integer: {e}") from None
 
 
-def iter_samples(url: str) -> Iterator[Sample]:
-    """Stream the samples of one shard in tar order. Each needs an image; ``cls`` is optional.
+def _grouped(url: str, files) -> Iterator[tuple[str, dict, str]]:
+    """Group tar members into samples (WebDataset's rule) and validate them.
 
-    Raises ``KdcacheError`` naming the shard and key for a sample without an image, a repeated
-    key, or a tar that cannot be read.
+    Yields (key, raw sample dict, image extension). Raises ``KdcacheError`` naming the shard and
+    key for a repeated key, a sample without an image, or a tar that cannot be read.
     """
-    stream = tariterators.url_opener([{"url": url}])
-    files = tariterators.tar_file_expander(stream)
     seen: set[str] = set()
     try:
         for raw in tariterators.group_by_keys(files):
@@ -119,8 +118,7 @@ def iter_samples(url: str) -> Iterator[Sample]:
                 raise KdcacheError(
                     f"sample {key!r} in shard {url} has no image (looked for {', '.join(IMAGE_EXTS)}; found {have})"
                 )
-            cls = _parse_cls(raw["cls"], url, key) if "cls" in raw else None
-            yield Sample(key, raw[ext], ext, cls, url)
+            yield key, raw, ext
     except KdcacheError:
         raise
     except ValueError as e:  # webdataset's duplicate-file error
@@ -136,6 +134,79 @@ def iter_samples(url: str) -> Iterator[Sample]:
         raise KdcacheError(f"cannot read shard {url}: it is not a readable tar file ({e.args[0] if e.args else e})") from None
     except (OSError, EOFError) as e:
         raise KdcacheError(f"cannot read shard {url}: {e}") from None
+
+
+def iter_samples(url: str) -> Iterator[Sample]:
+    """Stream the samples of one shard in tar order. Each needs an image; ``cls`` is optional.
+
+    Raises ``KdcacheError`` naming the shard and key for a sample without an image, a repeated
+    key, or a tar that cannot be read.
+    """
+    files = tariterators.tar_file_expander(tariterators.url_opener([{"url": url}]))
+    for key, raw, ext in _grouped(url, files):
+        cls = _parse_cls(raw["cls"], url, key) if "cls" in raw else None
+        yield Sample(key, raw[ext], ext, cls, url)
+
+
+_META = re.compile(r"__[^/]*__($|/)")  # WebDataset's per-shard metadata members
+
+
+def scan_keys(url: str) -> tuple[list[str], list[bool]]:
+    """Keys (tar order) and whether each sample has a ``cls`` entry, without reading image data.
+
+    A local tar is read header by header, seeking over member data; a remote one is streamed.
+    The same grouping rule and errors as ``iter_samples``.
+    """
+    if is_remote(url):
+        samples = list(iter_samples(url))
+        return [s.key for s in samples], [s.cls is not None for s in samples]
+
+    def headers(tf):
+        for m in tf:
+            if m.isreg() and m.name and not _META.match(m.name):
+                yield {"fname": m.name, "data": b"", "__url__": url}
+
+    keys, has_cls = [], []
+    try:
+        with tarfile.open(url, "r:*") as tf:
+            for key, raw, _ in _grouped(url, headers(tf)):
+                keys.append(key)
+                has_cls.append("cls" in raw)
+    except (OSError, EOFError, tarfile.TarError) as e:  # opening failed before _grouped could map it
+        raise KdcacheError(f"cannot read shard {url}: {e}") from None
+    return keys, has_cls
+
+
+@dataclass
+class DecodedShard:
+    """Every sample of one shard, decoded once."""
+
+    keys: list[str]
+    sizes: np.ndarray  # (N, 2) int32 height, width; (-1, -1) where the image is bad
+    images: list  # PIL images, None where bad
+    bad: dict[str, str]  # key -> cause, for images that failed to decode (with skip_bad)
+    labels: list  # cls per sample, None where absent
+
+
+def decode_shard(url: str, skip_bad: bool = False) -> DecodedShard:
+    """Decode every image of a shard once. A bad image raises ``BadImageError`` unless
+    ``skip_bad``, which records it and keeps its place (so arrays stay aligned with tar order)."""
+    keys, sizes, images, bad, labels = [], [], [], {}, []
+    for sample in iter_samples(url):
+        keys.append(sample.key)
+        labels.append(sample.cls)
+        try:
+            im = decode_image(sample)
+        except BadImageError as e:
+            if not skip_bad:
+                raise
+            bad[sample.key] = e.cause
+            images.append(None)
+            sizes.append((-1, -1))
+            continue
+        images.append(im)
+        sizes.append((im.height, im.width))
+    return DecodedShard(keys, np.asarray(sizes, dtype=np.int32).reshape(-1, 2), images, bad, labels)
 
 
 def decode_image(sample: Sample) -> Image.Image:

@@ -229,7 +229,7 @@ class CacheReader:
 
     def read_view(self, name: str, view: int) -> ViewRecords:
         """View ``view`` of every record in shard ``name``: one chunk read per array."""
-        n = self.check_shard(name)
+        self.check_shard(name)
         if not 0 <= view < self.views:
             raise KdcacheError(f"view {view} is out of range; cache {self.path} holds views 0..{self.views - 1}")
         g = self.root[name]

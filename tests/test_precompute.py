@@ -21,7 +21,7 @@ from conftest import NUM_CLASSES, corrupt_jpeg, encode, make_image, precompute_c
 from kdcache.errors import KdcacheError
 from kdcache.models import create_model, normalize
 from kdcache.precompute import my_shards, precompute
-from kdcache.shards import decode_image, expand_urls, iter_samples
+from kdcache.shards import decode_image, iter_samples
 from kdcache.store import ARRAYS, CacheReader
 from kdcache.views import AugSpec, View, mixup_pairs, render, sample_view
 from kdcache.zoo import tiny_cnn

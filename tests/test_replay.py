@@ -9,11 +9,11 @@ import torch
 from conftest import NUM_CLASSES, TEACHER
 from kdcache.errors import KdcacheError
 from kdcache.models import create_model
-from kdcache.precompute import read_shard_images, teacher_topk
+from kdcache.precompute import teacher_topk
 from kdcache.replay import (
-    EpochPlan, ReplayStream, ShardInfo, StreamConfig, epoch_batches, one_view, prepare_shards, scan_shard,
+    EpochPlan, ReplayStream, ShardInfo, StreamConfig, epoch_batches, one_view, prepare_shards,
 )
-from kdcache.shards import expand_urls, iter_samples, shard_name
+from kdcache.shards import decode_shard, expand_urls, iter_samples, scan_keys, shard_name
 from kdcache.store import CacheReader
 from kdcache.views import AugSpec, render
 
@@ -38,9 +38,9 @@ def test_prepare_shards_counts_and_scan(dataset, cache):
     urls = expand_urls(str(dataset))
     shards = prepare_shards(urls, CacheReader(str(cache)), need_labels=True)
     assert [s.count for s in shards] == [7, 7, 7]
-    scan = scan_shard(urls[0])
-    assert scan.keys == [s.key for s in iter_samples(urls[0])]
-    assert all(scan.has_cls)
+    keys, has_cls = scan_keys(urls[0])
+    assert keys == [s.key for s in iter_samples(urls[0])]
+    assert all(has_cls)
 
 
 def test_coverage_independent_of_workers(dataset, cache):
@@ -84,7 +84,7 @@ def test_cached_targets_equal_teacher_on_batch_images(dataset, cache, teacher_we
 def test_mixed_records_render_as_precompute(dataset, cache):
     reader = CacheReader(str(cache))
     urls = {shard_name(u): u for u in expand_urls(str(dataset))}
-    decoded = {n: read_shard_images(u, skip_bad=False) for n, u in urls.items()}
+    decoded = {n: decode_shard(u) for n, u in urls.items()}
     arrays = {n: reader.read_shard(n) for n in urls}
     labels = {n: [s.cls for s in iter_samples(u)] for n, u in urls.items()}
     epoch = 2
@@ -95,7 +95,7 @@ def test_mixed_records_render_as_precompute(dataset, cache):
         for j in range(len(b)):
             name, i = b.shards[j], int(b.index[j])
             a = arrays[name]
-            images = decoded[name][2]
+            images = decoded[name].images
             assert a["keys"][i] == b.keys[j]
             from kdcache.views import ShardViews
 
