@@ -248,14 +248,20 @@ def format_report(r: dict) -> str:
 
 
 def next_steps(out: Path) -> str:
+    from .store import CacheReader
+
     rel = os.path.relpath(out)
+    rel = str(out) if rel.startswith("..") else rel
+    reader = CacheReader(str(out / "cache.zarr"))
+    shard = reader.shard_names()[0]
+    key = str(reader.root[shard]["keys"][0])
     return f"""
 Everything is in {rel}/. Explore it with the other commands:
   kdcache inspect {rel}/cache.zarr
-  kdcache inspect {rel}/cache.zarr --json
-  kdcache inspect {rel}/cache.zarr --shard train-000000 --key <KEY> --render record.png --data {rel}/data/train
+  kdcache inspect {rel}/cache.zarr --shard {shard} --key {key} --view 1
+  kdcache inspect {rel}/cache.zarr --shard {shard} --key {key} --render record.png --data {rel}/data/train
   kdcache verify {rel}/cache.zarr --data {rel}/data/train --teacher {TEACHER} \\
       --teacher-weights {rel}/runs/teacher/student.pt --num-classes 10
   kdcache train --data {rel}/data/train --cache {rel}/cache.zarr --student {STUDENT} --num-classes 10 \\
-      --res 32 --out {rel}/runs/my-student --val-data {rel}/data/val
+      --res 32 --epochs 4 --out {rel}/runs/my-student --val-data {rel}/data/val
 """
