@@ -6,6 +6,7 @@ Specs, in the spirit of timm's ``create_model``:
 - ``torchvision:NAME``       any torchvision classification model (``torchvision:resnet18``)
 - ``py:MODULE:FACTORY``      a function of yours; it gets ``num_classes=`` when the class count is known
 - ``PATH.pt`` / ``PATH.ts``  a TorchScript file (``torch.jit.save``)
+- ``PATH.pt2``               a ``torch.export`` program (``torch.export.save``), TorchScript's successor
 
 Weights come from a file (``.pt``/``.pth`` state dict, or ``.safetensors``); nothing is downloaded
 unless ``pretrained=True`` is asked for explicitly with a timm or torchvision spec.
@@ -90,6 +91,23 @@ def import_torchvision():
     return torchvision
 
 
+class ExportedModel(nn.Module):
+    """A ``torch.export`` program as a module. Its graph was fixed in the mode it was exported in
+    (export teachers in eval mode), so ``train()``/``eval()`` only set the flag here; the exported
+    module itself refuses them."""
+
+    def __init__(self, graph: nn.Module):
+        super().__init__()
+        self.graph = graph
+
+    def forward(self, x):
+        return self.graph(x)
+
+    def train(self, mode: bool = True):
+        self.training = mode
+        return self
+
+
 def build_model(spec: str, num_classes: int | None = None, pretrained: bool = False) -> nn.Module:
     """The architecture named by ``spec`` (random weights unless ``pretrained``)."""
     if spec.startswith("timm:"):
@@ -126,6 +144,20 @@ def build_model(spec: str, num_classes: int | None = None, pretrained: bool = Fa
         if fn is None or not callable(fn):
             raise KdcacheError(f"model spec {spec!r}: module {module_name!r} has no callable {attr!r}")
         return _call_factory(fn, num_classes, spec)
+    if os.path.isfile(spec) and spec.endswith(".pt2"):
+        try:
+            model = ExportedModel(torch.export.load(spec).module())
+        except Exception as e:
+            raise KdcacheError(f"model spec {spec!r}: cannot load it as a torch.export program ({e})") from None
+        try:
+            model(torch.zeros(1, 3, 32, 32))  # batches of any size must pass the program's guards
+        except Exception as e:
+            if "Guard failed" in str(e) and "size()[0]" in str(e):
+                raise KdcacheError(
+                    f"model spec {spec!r}: the program was exported with a fixed batch size; export it with a "
+                    'dynamic batch dimension: dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}}'
+                ) from None
+        return model
     if os.path.isfile(spec):
         try:
             return torch.jit.load(spec, map_location="cpu")
@@ -133,7 +165,8 @@ def build_model(spec: str, num_classes: int | None = None, pretrained: bool = Fa
             raise KdcacheError(f"model spec {spec!r}: the file is not a TorchScript model ({e}); "
                                "save one with torch.jit.save, or use a timm:/torchvision:/py: spec") from None
     raise KdcacheError(
-        f"unknown model spec {spec!r}: use timm:NAME, torchvision:NAME, py:MODULE:FACTORY, or a TorchScript file path"
+        f"unknown model spec {spec!r}: use timm:NAME, torchvision:NAME, py:MODULE:FACTORY, "
+        "a TorchScript file, or a torch.export .pt2 file"
     )
 
 

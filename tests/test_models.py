@@ -69,6 +69,26 @@ def test_torchscript_file(tmp_path, ref_model):
     assert _same_params(info.model, other)
 
 
+def test_exported_program_file(tmp_path, ref_model):
+    path = tmp_path / "teacher.pt2"
+    ref_model.eval()
+    batch = {"x": {0: torch.export.Dim("batch", min=1)}}
+    program = torch.export.export(ref_model, (torch.rand(2, 3, 32, 32),), dynamic_shapes=batch)
+    torch.export.save(program, str(path))
+    info = create_model(str(path), num_classes=NUM_CLASSES, resolution=32)
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(info.model(x), ref_model(x), atol=1e-6)
+    assert info.num_classes == NUM_CLASSES
+    fixed = tmp_path / "fixed.pt2"  # exported with a fixed batch size: refused with advice
+    torch.export.save(torch.export.export(ref_model, (torch.rand(2, 3, 32, 32),)), str(fixed))
+    with pytest.raises(KdcacheError, match=r"fixed\.pt2.*dynamic batch"):
+        create_model(str(fixed), resolution=32)
+    (tmp_path / "junk.pt2").write_bytes(b"not a program")
+    with pytest.raises(KdcacheError, match=r"junk\.pt2.*torch\.export"):
+        create_model(str(tmp_path / "junk.pt2"), resolution=32)
+
+
 @pytest.mark.parametrize("kind", ["pt", "pth-wrapped", "safetensors"])
 def test_weights_files(tmp_path, ref_model, kind):
     state = ref_model.state_dict()
