@@ -136,13 +136,31 @@ def _grouped(url: str, files) -> Iterator[tuple[str, dict, str]]:
         raise KdcacheError(f"cannot read shard {url}: {e}") from None
 
 
+def open_shard(url: str):
+    """A binary stream of a shard: local files, ``pipe:`` and the schemes WebDataset handles
+    (http(s), gs, hf, ...) through WebDataset; any other scheme (s3://, az://, memory://, ...)
+    through fsspec."""
+    import importlib
+
+    gopen = importlib.import_module("webdataset.gopen")
+    scheme = url.split(":", 1)[0].lower() if is_remote(url) else None
+    try:
+        if scheme is not None and scheme not in gopen.gopen_schemes:
+            import fsspec
+
+            return fsspec.open(url, "rb").open()
+        return gopen.gopen(url)
+    except (OSError, ValueError, ImportError) as e:
+        raise KdcacheError(f"cannot open shard {url}: {e}") from None
+
+
 def iter_samples(url: str) -> Iterator[Sample]:
     """Stream the samples of one shard in tar order. Each needs an image; ``cls`` is optional.
 
     Raises ``KdcacheError`` naming the shard and key for a sample without an image, a repeated
     key, or a tar that cannot be read.
     """
-    files = tariterators.tar_file_expander(tariterators.url_opener([{"url": url}]))
+    files = tariterators.tar_file_expander([{"url": url, "stream": open_shard(url)}])
     for key, raw, ext in _grouped(url, files):
         cls = _parse_cls(raw["cls"], url, key) if "cls" in raw else None
         yield Sample(key, raw[ext], ext, cls, url)

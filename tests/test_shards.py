@@ -229,3 +229,19 @@ def test_write_dataset_helper_matches_iter_samples(tmp_path):
     paths = write_dataset(tmp_path / "d", shards=2, per_shard=3, prefix="val")
     assert [shard_name(p) for p in paths] == ["val-000000", "val-000001"]
     assert [s.key for s in iter_samples(paths[1])] == ["val1_0000", "val1_0001", "val1_0002"]
+
+
+def test_remote_shards_through_fsspec(dataset):
+    """A scheme WebDataset has no handler for (here fsspec's in-memory filesystem, standing in
+    for s3:// or az://) is read through fsspec, sample for sample like the local file."""
+    import fsspec
+
+    local = sorted(str(p) for p in dataset.glob("*.tar"))[0]
+    url = "memory://kdcache-test/shards/" + Path(local).name
+    with fsspec.open(url, "wb") as f:
+        f.write(Path(local).read_bytes())
+    assert expand_urls(url) == [url]
+    remote = [(s.key, s.ext, s.cls, s.image) for s in iter_samples(url)]
+    assert remote == [(s.key, s.ext, s.cls, s.image) for s in iter_samples(local)] and remote
+    with pytest.raises(KdcacheError, match=r"cannot open shard memory://kdcache-test/missing\.tar"):
+        list(iter_samples("memory://kdcache-test/missing.tar"))
