@@ -116,7 +116,9 @@ def build_model(spec: str, num_classes: int | None = None, pretrained: bool = Fa
 
         name = spec[len("timm:") :]
         if not timm.is_model(name):
-            close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:5]
+            import difflib
+
+            close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=5, cutoff=0.6)
             raise KdcacheError(f"unknown timm model {name!r} in spec {spec!r}" + (f"; similar names: {close}" if close else ""))
         kw = {} if num_classes is None else {"num_classes": num_classes}
         return timm.create_model(name, pretrained=pretrained, **kw)

@@ -173,3 +173,8 @@ def test_mean_std_validation_and_normalize():
     x = torch.full((1, 3, 2, 2), 0.5)
     y = normalize(x, (0.5, 0.25, 0.0), (0.5, 0.25, 1.0))
     assert torch.allclose(y[0, :, 0, 0], torch.tensor([0.0, 1.0, 0.5]))
+
+
+def test_unknown_timm_name_suggests_close_names():
+    with pytest.raises(KdcacheError, match=r"unknown timm model 'convnext_tinyy'.*similar names: \['convnext_tiny'"):
+        create_model("timm:convnext_tinyy", resolution=32)
