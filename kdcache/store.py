@@ -156,9 +156,9 @@ class ViewRecords:
         return len(self.keys)
 
 
-def _keys(group) -> np.ndarray:
-    """The keys array as a plain numpy unicode array (zarr returns numpy's variable-width strings)."""
-    return np.array([str(k) for k in group["keys"][:]], dtype=str)
+def _keys(keys_array) -> np.ndarray:
+    """The keys as a plain numpy unicode array (zarr returns numpy's variable-width strings)."""
+    return np.array([str(k) for k in keys_array[:]], dtype=str)
 
 
 class CacheReader:
@@ -167,6 +167,8 @@ class CacheReader:
     def __init__(self, path: str, storage_options: dict | None = None):
         self.path = str(path)
         self.root, self.manifest = open_manifest(self.path, storage_options)
+        self._groups: set[str] = set()  # shard groups seen so far (groups are never removed)
+        self._valid: dict[str, tuple[int, dict, dict]] = {}  # complete shard -> (N, arrays, attrs)
 
     @property
     def views(self) -> int:
@@ -186,21 +188,34 @@ class CacheReader:
 
     def shard_names(self) -> list[str]:
         """Shard groups present in the store (complete or not), sorted."""
-        return sorted(self.root.group_keys())
+        self._groups = set(self.root.group_keys())
+        return sorted(self._groups)
 
     def has_shard(self, name: str) -> bool:
-        return name in set(self.root.group_keys())
+        # Listing a large store is slow; list again only when the name is not known yet.
+        return name in self._groups or name in set(self.shard_names())
 
     def shard_attrs(self, name: str) -> dict:
+        if name in self._valid:
+            return dict(self._valid[name][2])
         if not self.has_shard(name):
             raise KdcacheError(f"cache {self.path} has no shard group {name!r} (run precompute on that shard)")
         return dict(self.root[name].attrs)
 
     def is_complete(self, name: str) -> bool:
-        return self.has_shard(name) and bool(self.root[name].attrs.get("complete", False))
+        return name in self._valid or (self.has_shard(name) and bool(self.root[name].attrs.get("complete", False)))
 
     def check_shard(self, name: str) -> int:
-        """Validate one complete shard group's arrays (presence, shapes, dtypes). Returns N."""
+        """Validate one complete shard group's arrays (presence, shapes, dtypes). Returns N.
+
+        A complete group never changes, so it is validated once per reader and its array
+        handles are kept for the reads that follow.
+        """
+        return self._open_shard(name)[0]
+
+    def _open_shard(self, name: str) -> tuple[int, dict, dict]:
+        if name in self._valid:
+            return self._valid[name]
         attrs = self.shard_attrs(name)
         if not attrs.get("complete", False):
             raise KdcacheError(
@@ -208,7 +223,7 @@ class CacheReader:
                 "re-run the same `kdcache precompute` command to finish it"
             )
         g = self.root[name]
-        present = set(g.array_keys())
+        present = dict(g.arrays())
         missing = [a for a in ARRAYS if a not in present]
         if missing:
             raise KdcacheError(f"shard {name!r} in cache {self.path} lacks arrays {missing}; re-run precompute on it")
@@ -218,41 +233,40 @@ class CacheReader:
             "box": (n, V, 4), "flip": (n, V), "mix_with": (n, V), "mix_lam": (n, V),
         }
         for a, shape in expect.items():
-            if tuple(g[a].shape) != shape:
+            if tuple(present[a].shape) != shape:
                 raise KdcacheError(
-                    f"shard {name!r} array {a!r} has shape {tuple(g[a].shape)}, expected {shape} "
+                    f"shard {name!r} array {a!r} has shape {tuple(present[a].shape)}, expected {shape} "
                     f"(num_samples={n}, views={V}, topk={k}); the store is damaged"
                 )
-        if g["logprobs"].dtype != np.float16:
-            raise KdcacheError(f"shard {name!r} array 'logprobs' is {g['logprobs'].dtype}, expected float16")
-        return n
+        if present["logprobs"].dtype != np.float16:
+            raise KdcacheError(f"shard {name!r} array 'logprobs' is {present['logprobs'].dtype}, expected float16")
+        self._valid[name] = (n, {a: present[a] for a in ARRAYS}, attrs)
+        return self._valid[name]
 
     def read_view(self, name: str, view: int) -> ViewRecords:
         """View ``view`` of every record in shard ``name``: one chunk read per array."""
-        self.check_shard(name)
+        _, arr, attrs = self._open_shard(name)
         if not 0 <= view < self.views:
             raise KdcacheError(f"view {view} is out of range; cache {self.path} holds views 0..{self.views - 1}")
-        g = self.root[name]
         return ViewRecords(
             shard=name,
             view=view,
-            keys=_keys(g),
-            size=np.asarray(g["size"][:]),
-            logprobs=np.asarray(g["logprobs"][:, view]),
-            classes=np.asarray(g["classes"][:, view]),
-            box=np.asarray(g["box"][:, view]),
-            flip=np.asarray(g["flip"][:, view]),
-            mix_with=np.asarray(g["mix_with"][:, view]),
-            mix_lam=np.asarray(g["mix_lam"][:, view]),
-            bad=frozenset(self.shard_attrs(name).get("bad", {})),
+            keys=_keys(arr["keys"]),
+            size=np.asarray(arr["size"][:]),
+            logprobs=np.asarray(arr["logprobs"][:, view]),
+            classes=np.asarray(arr["classes"][:, view]),
+            box=np.asarray(arr["box"][:, view]),
+            flip=np.asarray(arr["flip"][:, view]),
+            mix_with=np.asarray(arr["mix_with"][:, view]),
+            mix_lam=np.asarray(arr["mix_lam"][:, view]),
+            bad=frozenset(attrs.get("bad", {})),
         )
 
     def read_shard(self, name: str) -> dict[str, np.ndarray]:
         """Every array of one shard group, all views."""
-        self.check_shard(name)
-        g = self.root[name]
-        out = {a: np.asarray(g[a][:]) for a in ARRAYS if a != "keys"}
-        out["keys"] = _keys(g)
+        _, arr, _ = self._open_shard(name)
+        out = {a: np.asarray(arr[a][:]) for a in ARRAYS if a != "keys"}
+        out["keys"] = _keys(arr["keys"])
         return out
 
     def nbytes_stored(self, name: str) -> int:
