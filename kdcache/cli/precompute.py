@@ -44,7 +44,14 @@ def precompute(**kw):
     from ..precompute import PrecomputeConfig, precompute as run
 
     kw["progress"] = not kw.pop("no_progress")
-    summary = run(PrecomputeConfig(**kw))
-    if summary["shards_written"] == 0 and summary["shards_skipped"]:
-        click.echo(f"all {summary['shards_skipped']} shards of this process are already complete in {summary['cache']}")
-    click.echo(json.dumps(summary))
+    s = run(PrecomputeConfig(**kw))
+    if s["shards_written"] == 0 and s["shards_skipped"]:
+        click.echo(f"all {s['shards_skipped']} shards of this process are already complete in {s['cache']}", err=True)
+    else:
+        click.echo(
+            f"precompute: wrote {s['shards_written']} shards ({s['images']} images x {kw['views']} views"
+            f"{', %d bad' % s['bad'] if s['bad'] else ''}) in {s['seconds']:.1f} s, {s['images_per_s']:.1f} img/s"
+            f"{'; %d already complete' % s['shards_skipped'] if s['shards_skipped'] else ''} -> {s['cache']}",
+            err=True,
+        )
+    click.echo(json.dumps(s))  # the machine-readable summary on stdout

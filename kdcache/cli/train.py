@@ -78,5 +78,14 @@ def train(**kw):
 
     kw["compile"] = kw.pop("compile_")
     kw["progress"] = not kw.pop("no_progress")
-    summary = run(TrainConfig(**kw))
-    click.echo(json.dumps(summary))
+    s = run(TrainConfig(**kw))
+    if s.get("final_val_top1") is not None:
+        val = f", val top-1 {100 * s['final_val_top1']:.1f}% (best {100 * s['best_val_top1']:.1f}%)"
+    else:
+        val = ""
+    click.echo(
+        f"train ({s['mode']}): {s['epochs']} epochs, {s['steps']} steps{val}, {s['images_per_s']:.0f} img/s, "
+        f"{s['wall_time_s']:.1f} s -> {kw['out']}/student.pt, summary.json",
+        err=True,
+    )
+    click.echo(json.dumps(s))  # the machine-readable summary on stdout
