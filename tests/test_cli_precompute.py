@@ -47,10 +47,12 @@ def nothing_complete(out: Path) -> bool:
 def test_success_prints_summary(dataset, teacher_weights, tmp_path):
     res = run(dataset, tmp_path / "c.zarr", teacher_weights)
     assert res.exit_code == 0, res.output
-    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    summary = json.loads(res.stdout.strip().splitlines()[-1])  # stdout: the JSON summary for scripts
     assert summary["shards_written"] == 3 and summary["records"] == 42
+    assert "precompute: wrote 3 shards (21 images x 2 views)" in res.stderr  # stderr: for people
     res = run(dataset, tmp_path / "c.zarr", teacher_weights)
-    assert res.exit_code == 0 and "all 3 shards of this process are already complete" in res.stdout
+    assert res.exit_code == 0 and "all 3 shards of this process are already complete" in res.stderr
+    assert json.loads(res.stdout.strip().splitlines()[-1])["shards_skipped"] == 3
 
 
 def test_timm_teacher_end_to_end(dataset, tmp_path):
