@@ -3,6 +3,7 @@ teacher with saved weights, and a precomputed cache. Everything is generated on 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -17,6 +18,18 @@ from PIL import Image
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 NUM_CLASSES = 5
+
+
+def snapshot(root) -> dict:
+    """Every file under ``root``: size, mtime and content hash."""
+    out = {}
+    for dp, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(dp, f)
+            st = os.stat(p)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, root)] = (st.st_size, st.st_mtime_ns, hashlib.sha256(fh.read()).hexdigest())
+    return out
 
 
 def make_image(rng: np.random.Generator, width: int, height: int, cls: int) -> Image.Image:

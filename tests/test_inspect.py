@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -18,7 +17,7 @@ import zarr
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import NUM_CLASSES, TEACHER, precompute_config, write_dataset
+from conftest import NUM_CLASSES, TEACHER, snapshot, precompute_config, write_dataset
 from kdcache.cli import cli
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
@@ -26,18 +25,6 @@ DOCS = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
 
 def run(*args):
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-def snapshot(root) -> dict:
-    """Every file under ``root``: size, mtime and content hash."""
-    out = {}
-    for dp, _, files in os.walk(root):
-        for f in files:
-            p = os.path.join(dp, f)
-            st = os.stat(p)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, root)] = (st.st_size, st.st_mtime_ns, hashlib.sha256(fh.read()).hexdigest())
-    return out
 
 
 def dir_bytes(path) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -17,24 +16,13 @@ import zarr
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import NUM_CLASSES, TEACHER, precompute_config
+from conftest import NUM_CLASSES, TEACHER, snapshot, precompute_config
 from kdcache.cli import cli
 from kdcache.inspect import compare_record
 
 
 def run(*args):
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-def snapshot(root) -> dict:
-    out = {}
-    for dp, _, files in os.walk(root):
-        for f in files:
-            p = os.path.join(dp, f)
-            st = os.stat(p)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, root)] = (st.st_size, st.st_mtime_ns, hashlib.sha256(fh.read()).hexdigest())
-    return out
 
 
 @pytest.fixture(scope="module")
