@@ -254,7 +254,7 @@ def next_steps(out: Path) -> str:
     rel = str(out) if rel.startswith("..") else rel
     reader = CacheReader(str(out / "cache.zarr"))
     shard = reader.shard_names()[0]
-    key = str(reader.root[shard]["keys"][0])
+    key = str(reader.keys(shard)[0])
     return f"""
 Everything is in {rel}/. Explore it with the other commands:
   kdcache inspect {rel}/cache.zarr

@@ -561,10 +561,7 @@ def verify(
         if name not in urls:
             warnings.append(f"shard {name!r} is not in the data pattern; not checked")
             continue
-        reader.check_shard(name)
-        g = reader.root[name]
-        keys = np.array([str(x) for x in g["keys"][:]], dtype=str)
-        size = np.asarray(g["size"][:])
+        keys, size = reader.keys(name), reader.sizes(name)
         valid = np.flatnonzero(_valid_mask(keys, size, dict(reader.shard_attrs(name).get("bad") or {})))
         if len(valid):
             pool.append(name)

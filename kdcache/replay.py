@@ -63,10 +63,6 @@ class ShardInfo:
     count: int  # usable records (num_samples minus bad)
 
 
-def _cache_keys(reader: CacheReader, name: str) -> list[str]:
-    return [str(k) for k in reader.root[name]["keys"][:]]
-
-
 def _first_difference(a: list[str], b: list[str]) -> tuple[int, str | None, str | None]:
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y:
@@ -99,7 +95,7 @@ def _check_one(url: str, reader: CacheReader | None, need_labels: bool, scan_loc
         bad = reader.shard_attrs(name).get("bad", {}) or {}
         count = n - len(bad)
         if scan is not None:
-            ckeys = _cache_keys(reader, name)
+            ckeys = reader.keys(name).tolist()
             if scan[0] != ckeys:
                 raise _key_mismatch(url, name, reader.path, scan[0], ckeys)
     else:

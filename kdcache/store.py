@@ -243,6 +243,14 @@ class CacheReader:
         self._valid[name] = (n, {a: present[a] for a in ARRAYS}, attrs)
         return self._valid[name]
 
+    def keys(self, name: str) -> np.ndarray:
+        """The sample keys of a complete shard group, in tar order."""
+        return _keys(self._open_shard(name)[1]["keys"])
+
+    def sizes(self, name: str) -> np.ndarray:
+        """(N, 2) source image (height, width) of a complete shard group; (-1, -1) for bad images."""
+        return np.asarray(self._open_shard(name)[1]["size"][:])
+
     def read_view(self, name: str, view: int) -> ViewRecords:
         """View ``view`` of every record in shard ``name``: one chunk read per array."""
         _, arr, attrs = self._open_shard(name)

@@ -123,6 +123,9 @@ def test_plain_zarr_reads_the_store(cache):
     ref = CacheReader(str(cache)).read_view("train-000002", 1)
     assert keys == ref.keys.tolist() and np.array_equal(lp, ref.logprobs) and np.array_equal(cl, ref.classes)
     assert manifest["views"] == 3
+    reader = CacheReader(str(cache))
+    assert reader.keys("train-000002").tolist() == keys
+    assert np.array_equal(reader.sizes("train-000002"), g["size"][:]) and reader.sizes("train-000002").shape == (7, 2)
 
 
 # ---- opening: validation -----------------------------------------------------------------------
