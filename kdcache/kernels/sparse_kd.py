@@ -4,7 +4,8 @@ One program per row of the batch.  See docs/losses.md for the derivation; in sho
 ``a = z / T`` and the teacher at temperature T described by its k top-k probabilities ``p_i`` and
 one per-class tail probability ``q`` (uniform/renorm) or a tail *bucket* mass ``P_tail`` (bucket):
 
-* pass 1 streams the row once in blocks of ``BLOCK`` and keeps, in fp32,
+* the teacher's tail mass and its probabilities at T come from the k stored log-probs;
+* pass 1 streams the row once in blocks of ``BLOCK`` and keeps
   - an online log-sum-exp of ``a``                       -> ``lse``  (student log-normaliser at T)
   - the shifted row sum ``sum_j (a_j - s0)``               (closed form of the uniform-tail cross term)
   - an online log-sum-exp of ``z`` when CE is on and T != 1 (the CE normaliser at T=1)
@@ -13,6 +14,9 @@ one per-class tail probability ``q`` (uniform/renorm) or a tail *bucket* mass ``
 * pass 2 writes ``T*(softmax(a) - target) * grad_scale`` (+ the CE gradient) over the whole row,
   with the tail target everywhere; after ``tl.debug_barrier()`` the k top-k entries are rewritten
   with their exact values, recomputed in fp32.
+
+Every intermediate is float32 (see the comment on the constants below; ``tl.static_assert`` states
+it, and tests/kernel_ir.py checks the compiled IR for float64).
 
 The kernel is jitted lazily (``_kernel()``) so the interpreter/compiled choice follows
 ``TRITON_INTERPRET`` at the time of the first call, not at import time.
@@ -48,10 +52,13 @@ def _sparse_kd_kernel(
     BLOCK: tl.constexpr,
     KBLOCK: tl.constexpr,
 ):
-    # A finite "minus infinity": masked lanes and empty accumulators use it, so no -inf - -inf
-    # (NaN) is ever formed; exp(NEG - x) underflows to exactly 0 for any realistic x.
-    NEG: tl.constexpr = -3.0e38
-    TINY: tl.constexpr = 1.0e-38
+    # Every intermediate is float32. Constants are typed explicitly: Triton types a bare Python
+    # float that float32 cannot hold as a normal number (1e-38, say) as float64, and float64 would
+    # then spread through everything computed from it.
+    # NEG is a finite "minus infinity": masked lanes and empty accumulators use it, so no
+    # -inf - -inf (NaN) is ever formed; exp(NEG - x) underflows to exactly 0 for any realistic x.
+    NEG = tl.full((), -3.0e38, tl.float32)
+    TINY = tl.full((), 1.0e-30, tl.float32)  # floor under a log of a mass (a normal float32)
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride_z
     ids_row = ids_ptr + row * stride_ids
@@ -66,16 +73,24 @@ def _sparse_kd_kernel(
     zk_raw = tl.load(z_row + ids, mask=valid, other=0.0).to(tl.float32)
     zk = zk_raw * inv_T
 
-    # tail mass at T=1, clamped (fp16 rounding can push it below 0). 1 - sum(exp(l)) cancels
-    # badly when the top-k hold nearly all the mass, so these k values are summed in float64.
-    top_mass = tl.sum(tl.where(kmask, tl.exp(l.to(tl.float64)), 0.0), axis=0)
-    m64 = tl.maximum(1.0 - top_mass, 0.0)
-    m = m64.to(tl.float32)
+    # Tail mass at T=1, m = 1 - sum(exp(l)), in float32 without the cancellation of the naive sum
+    # (which loses every tail mass below float32's epsilon when the top-k hold nearly all of it):
+    # split off the largest entry, m = (1 - p_max) - sum(other p), and take 1 - p_max = -expm1(l_max)
+    # from its Taylor series when l_max is near 0. The error is then ~eps * (1 - p_max), not ~eps.
+    l_m = tl.where(kmask, l, NEG)
+    l_max = tl.max(l_m, axis=0)
+    i_max = tl.argmax(l_m, axis=0)
+    rest = tl.sum(tl.where(kmask & (koffs != i_max), tl.exp(l), 0.0), axis=0)
+    x = l_max
+    series = x * (1.0 + x * 0.5 * (1.0 + x * (1.0 / 3.0) * (1.0 + x * 0.25 * (1.0 + x * 0.2 * (
+        1.0 + x * (1.0 / 6.0) * (1.0 + x * (1.0 / 7.0) * (1.0 + x * 0.125)))))))
+    expm1_max = tl.where(x > -0.5, series, tl.exp(x) - 1.0)  # truncation error < 2e-8 relative
+    m = tl.maximum(-expm1_max - rest, 0.0)
     if TAIL == 1:
         has_tail = m < 0.0  # renorm: never a tail (a false scalar of the right type)
     else:
         has_tail = (m > 0.0) & (C > K)
-    u_T = (tl.log(tl.maximum(m64, TINY)).to(tl.float32) - log_n_tail) * inv_T  # per tail class, at T
+    u_T = (tl.log(tl.maximum(m, TINY)) - log_n_tail) * inv_T  # per tail class, at T
     lT = tl.where(kmask, l * inv_T, NEG)
     mx = tl.maximum(tl.max(lT, axis=0), tl.where(has_tail, u_T, NEG))
     tot = tl.sum(tl.where(kmask, tl.exp(lT - mx), 0.0), axis=0)
@@ -87,6 +102,14 @@ def _sparse_kd_kernel(
     q = tl.where(has_tail, tl.exp(log_q), 0.0)
     log_ptail = u_T + log_n_tail - lse_t     # whole tail bucket
     p_tail = tl.where(has_tail, tl.exp(log_ptail), 0.0)
+
+    # float32 throughout (checked when the kernel is traced, and by the interpreter)
+    tl.static_assert(m.dtype == tl.float32)
+    tl.static_assert(u_T.dtype == tl.float32)
+    tl.static_assert(lse_t.dtype == tl.float32)
+    tl.static_assert(p.dtype == tl.float32)
+    tl.static_assert(q.dtype == tl.float32)
+    tl.static_assert(p_tail.dtype == tl.float32)
 
     # ---- pass 1: online log-sum-exp(s) over the row -----------------------------------------
     # shift for the row sums (limits cancellation): z at the teacher's first top-k class
@@ -137,6 +160,7 @@ def _sparse_kd_kernel(
     # ---- row loss -----------------------------------------------------------------------------
     if TAIL == 2:
         lse_tail = tl_m + tl.log(tl.maximum(tl_s, TINY))   # student's non-top-k log-mass (+ lse)
+        tl.static_assert(lse_tail.dtype == tl.float32)
         log_stail = lse_tail - lse
         kl = tl.sum(tl.where(valid & (p > 0.0), p * (log_p - log_s_top), 0.0), axis=0)
         kl += tl.where(p_tail > 0.0, p_tail * (log_ptail - log_stail), 0.0)
@@ -146,6 +170,8 @@ def _sparse_kd_kernel(
         sum_pa = tl.sum(tl.where(valid, (p - q) * (zk - s0), 0.0), axis=0) + q * row_sum
         kl = neg_ent + (lse - s0) - sum_pa
     row_loss = T * T * kl
+    tl.static_assert(lse.dtype == tl.float32)
+    tl.static_assert(kl.dtype == tl.float32)
     if LABELS != 0:
         if CE_SEPARATE:
             lse1 = ce_m + tl.log(ce_s)
@@ -159,6 +185,7 @@ def _sparse_kd_kernel(
     if LABELS == 2:
         # -sum_j y_j (z_j - lse1), shifted by c_raw
         row_loss += ce_weight * (y_sum * (lse1 - c_raw) - yz_sum)
+    tl.static_assert(row_loss.dtype == tl.float32)
     tl.store(loss_ptr + row, row_loss)
 
     # ---- pass 2: dense gradient, then the k entries exactly ------------------------------------
@@ -188,6 +215,7 @@ def _sparse_kd_kernel(
                 else:
                     yv = tl.load(lab_row + offs, mask=mask, other=0.0).to(tl.float32)
                     g += ce_c * (y_sum * s1 - yv)
+            tl.static_assert(g.dtype == tl.float32)
             tl.store(g_row + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
         tl.debug_barrier()
         s_top = tl.exp(log_s_top)
@@ -202,6 +230,7 @@ def _sparse_kd_kernel(
             else:
                 y_top = tl.load(lab_row + ids, mask=valid, other=0.0).to(tl.float32)
                 g_top += ce_c * (y_sum * s1_top - y_top)
+        tl.static_assert(g_top.dtype == tl.float32)
         tl.store(g_row + ids, g_top.to(grad_ptr.dtype.element_ty), mask=valid)
 
 
