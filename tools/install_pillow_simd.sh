@@ -12,9 +12,14 @@ if "$PY" -c 'import PIL, importlib.metadata as m; assert m.version("Pillow-SIMD"
   exit 0
 fi
 log=$(mktemp)
+# Build with the interpreter's own setuptools and pybind11 when it has them (the Makefile installs
+# the locked ones); pip's build isolation would fetch the newest instead. The version comes from
+# the lock when PIP_CONSTRAINT names it.
+build=()
+if "$PY" -c 'import setuptools, pybind11' 2>/dev/null; then build=(--no-build-isolation); fi
 "$PY" -m pip uninstall -q -y pillow pillow-simd >"$log" 2>&1
-if CC="${CC:-cc} -mavx2" "$PY" -m pip install -q --no-deps pillow-simd >>"$log" 2>&1 \
-   || "$PY" -m pip install -q --no-deps pillow-simd >>"$log" 2>&1; then
+if CC="${CC:-cc} -mavx2" "$PY" -m pip install -q --no-deps "${build[@]}" pillow-simd >>"$log" 2>&1 \
+   || "$PY" -m pip install -q --no-deps "${build[@]}" pillow-simd >>"$log" 2>&1; then
   echo "install_pillow_simd: Pillow-SIMD installed"
   if ! "$PY" -c 'from PIL import features; assert features.check("webp")' 2>/dev/null; then
     echo "install_pillow_simd: note: built without WebP (no libwebp headers); .webp samples will not decode." >&2
