@@ -1,10 +1,10 @@
 """The cache: a Zarr v3 group holding the teacher's top-k outputs and the views they were taken on.
 
-Layout (format version 1)::
+Layout (format version 2)::
 
     cache.zarr/                 attrs["kdcache"] = manifest
       <shard stem>/             attrs: source, num_samples, complete, bad, render
-        keys      (N,)          str      sample keys, tar order
+        keys      (N, L)        uint8    sample keys, tar order: UTF-8 bytes zero-padded to L
         size      (N, 2)        int32    source image (height, width); (-1, -1) for a bad image
         logprobs  (N, V, k)     float16  top-k log-probs at T=1, descending
         classes   (N, V, k)     int16|int32  class ids; -1 for a bad image
@@ -16,6 +16,10 @@ Layout (format version 1)::
 Every per-view array is chunked one chunk per view and packed into one Zarr shard, so a shard
 group is a handful of files and an epoch reads one small chunk per array. ``docs/format.md``
 describes the semantics in full.
+
+Format version 1 stored ``keys`` as a (N,) Zarr ``string`` (vlen-utf8) array, which tensorstore
+cannot open. Version 1 caches are still read (keys come back as the same str arrays); they are
+not written to any more.
 """
 
 from __future__ import annotations
@@ -31,10 +35,14 @@ from zarr.codecs import BloscCodec, BloscShuffle
 from . import __version__
 from .errors import KdcacheError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Cache formats this release reads. Version 1 differs only in the keys array (Zarr string dtype).
+READ_VERSIONS = (1, 2)
+# Array attributes of the keys array (version 2): how a plain-zarr user decodes its rows.
+KEYS_ATTRS = {"encoding": "utf-8, zero-padded"}
 ARRAYS = ("keys", "size", "logprobs", "classes", "box", "flip", "mix_with", "mix_lam")
 # Manifest fields that must agree before more shards are written into an existing cache.
-MATCHED_FIELDS = ("teacher", "augmentation", "seed", "views", "topk", "resolution", "shards")
+MATCHED_FIELDS = ("teacher", "augmentation", "seed", "views", "topk", "resolution", "shards", "compute")
 
 _FLOAT = BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.shuffle)
 _INT = BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.bitshuffle)
@@ -60,8 +68,13 @@ def make_manifest(
     shards: list[str],
     sources: list[str],
     class_names: list[str] | None = None,
+    compute: dict | None = None,
 ) -> dict:
-    """The cache's manifest (stored as ``attrs["kdcache"]`` of the root group)."""
+    """The cache's manifest (stored as ``attrs["kdcache"]`` of the root group).
+
+    ``compute`` records how the teacher ran: ``{"batch_size": int, "device": "cpu"|"cuda",
+    "precision": "fp32"|"bf16"}`` (None when the caller does not say).
+    """
     return {
         "format_version": FORMAT_VERSION,
         "kdcache_version": __version__,
@@ -75,6 +88,7 @@ def make_manifest(
         "shards": list(shards),
         "sources": list(sources),
         "class_names": list(class_names) if class_names is not None else None,
+        "compute": dict(compute) if compute is not None else None,
     }
 
 
@@ -83,6 +97,8 @@ def manifest_differences(old: dict, new: dict) -> list[str]:
     out = []
     for name in MATCHED_FIELDS:
         a, b = old.get(name), new.get(name)
+        if name == "compute" and old.get("format_version") == 1:
+            continue  # format 1 did not record it (and a format-1 cache is never written to again)
         if name == "shards":  # the same shards listed in another order are the same data
             a, b = sorted(a or []), sorted(b or [])
         if json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
@@ -125,10 +141,11 @@ def open_manifest(path: str, storage_options: dict | None = None):
     if not isinstance(manifest, dict):
         raise KdcacheError(f"{path} is a Zarr group but not a kdcache store: it has no 'kdcache' manifest attribute")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version not in READ_VERSIONS:
+        readable = " and ".join(str(v) for v in READ_VERSIONS)
         raise KdcacheError(
-            f"{path} uses cache format version {version!r}; this kdcache ({__version__}) reads version "
-            f"{FORMAT_VERSION}. Use a matching kdcache release or re-run precompute into a new cache."
+            f"{path} uses cache format version {version!r}; this kdcache ({__version__}) reads versions "
+            f"{readable}. Use a matching kdcache release or re-run precompute into a new cache."
         )
     for name in ("teacher", "views", "topk", "seed", "augmentation", "resolution"):
         if name not in manifest:
@@ -156,9 +173,47 @@ class ViewRecords:
         return len(self.keys)
 
 
+def _is_string_keys(keys_array) -> bool:
+    """Whether a keys array is format 1's (N,) Zarr string array rather than format 2's (N, L) uint8."""
+    return np.dtype(keys_array.dtype).kind in ("T", "U", "O")
+
+
+def encode_keys(keys) -> np.ndarray:
+    """Sample keys as format 2 stores them: (N, L) uint8, each row the key's UTF-8 bytes zero-padded
+    to L = the longest key in bytes (at least 1). A key holding a NUL character cannot round-trip
+    (its padding would be indistinguishable) and is refused."""
+    encoded = []
+    for k in keys:
+        k = str(k)
+        if "\x00" in k:
+            raise KdcacheError(
+                f"sample key {k!r} contains a NUL character; kdcache stores keys as zero-padded UTF-8 "
+                "bytes and cannot store it without changing it. Rename the sample in the shard."
+            )
+        encoded.append(k.encode("utf-8"))
+    width = max([1] + [len(e) for e in encoded])
+    # numpy's fixed-width bytes pad with NULs: exactly the stored layout.
+    return np.array(encoded, dtype=f"S{width}").view(np.uint8).reshape(len(encoded), width)
+
+
+def decode_keys(rows: np.ndarray) -> np.ndarray:
+    """(N, L) uint8 rows of zero-padded UTF-8 back to a numpy str array of N keys."""
+    rows = np.ascontiguousarray(rows, dtype=np.uint8)
+    if rows.ndim != 2 or rows.shape[1] < 1:
+        raise KdcacheError(f"keys array has shape {rows.shape}, expected (N, L) with L >= 1; the store is damaged")
+    # Fixed-width bytes drop trailing NULs when read back: the padding goes, the key stays.
+    raw = rows.view(f"S{rows.shape[1]}").reshape(rows.shape[0]).tolist()
+    try:
+        return np.array([b.decode("utf-8") for b in raw], dtype=str)
+    except UnicodeDecodeError as e:
+        raise KdcacheError(f"a stored key is not valid UTF-8 ({e}); the store is damaged") from None
+
+
 def _keys(keys_array) -> np.ndarray:
-    """The keys as a plain numpy unicode array (zarr returns numpy's variable-width strings)."""
-    return np.array([str(k) for k in keys_array[:]], dtype=str)
+    """The keys as a plain numpy unicode array, from either format's keys array."""
+    if _is_string_keys(keys_array):  # format 1: zarr returns numpy's variable-width strings
+        return np.array([str(k) for k in keys_array[:]], dtype=str)
+    return decode_keys(np.asarray(keys_array[:]))
 
 
 class CacheReader:
@@ -167,6 +222,7 @@ class CacheReader:
     def __init__(self, path: str, storage_options: dict | None = None):
         self.path = str(path)
         self.root, self.manifest = open_manifest(self.path, storage_options)
+        self.format_version = int(self.manifest["format_version"])
         self._groups: set[str] = set()  # shard groups seen so far (groups are never removed)
         self._valid: dict[str, tuple[int, dict, dict]] = {}  # complete shard -> (N, arrays, attrs)
 
@@ -228,8 +284,22 @@ class CacheReader:
         if missing:
             raise KdcacheError(f"shard {name!r} in cache {self.path} lacks arrays {missing}; re-run precompute on it")
         n, V, k = int(attrs.get("num_samples", -1)), self.views, self.topk
+        keys = present["keys"]
+        if self.format_version == 1:
+            keys_shape = (n,)
+            if not _is_string_keys(keys):
+                raise KdcacheError(
+                    f"shard {name!r} array 'keys' is {keys.dtype}, expected strings (cache format 1); the store is damaged"
+                )
+        else:  # (N, L) zero-padded UTF-8 rows, L >= 1
+            width = int(keys.shape[1]) if len(keys.shape) == 2 and keys.shape[1] >= 1 else 1
+            keys_shape = (n, width)
+            if np.dtype(keys.dtype) != np.uint8:
+                raise KdcacheError(
+                    f"shard {name!r} array 'keys' is {keys.dtype}, expected uint8 (cache format 2); the store is damaged"
+                )
         expect = {
-            "keys": (n,), "size": (n, 2), "logprobs": (n, V, k), "classes": (n, V, k),
+            "keys": keys_shape, "size": (n, 2), "logprobs": (n, V, k), "classes": (n, V, k),
             "box": (n, V, 4), "flip": (n, V), "mix_with": (n, V), "mix_lam": (n, V),
         }
         for a, shape in expect.items():
@@ -282,11 +352,12 @@ class CacheReader:
         return int(sum(g[a].nbytes_stored() for a in g.array_keys()))
 
     def nbytes_raw(self, name: str) -> int:
+        """Uncompressed bytes of a shard group's arrays (format 1 string keys: their UTF-8 bytes)."""
         g = self.root[name]
         total = 0
         for a in g.array_keys():
             arr = g[a]
-            if a == "keys":
+            if a == "keys" and _is_string_keys(arr):
                 total += int(sum(len(str(k).encode()) for k in arr[:]))
             else:
                 total += int(np.prod(arr.shape)) * np.dtype(arr.dtype.to_native_dtype() if hasattr(arr.dtype, "to_native_dtype") else arr.dtype).itemsize
@@ -303,6 +374,11 @@ class CacheWriter:
     def __init__(self, path: str, manifest: dict, storage_options: dict | None = None):
         self.path = str(path)
         self.storage_options = storage_options
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise KdcacheError(
+                f"CacheWriter writes cache format {FORMAT_VERSION} only, the manifest says "
+                f"{manifest.get('format_version')!r}; build it with make_manifest()"
+            )
         self.manifest = manifest
         self.root = self._create_or_open()
 
@@ -327,6 +403,15 @@ class CacheWriter:
             _, old = open_manifest(path, self.storage_options)
         except KdcacheError as e:
             raise KdcacheError(f"refusing to write into {path}: {e}. Choose an empty or new --out path.") from None
+        if old.get("format_version") != FORMAT_VERSION:
+            made_by = old.get("kdcache_version")
+            raise KdcacheError(
+                f"refusing to write into {path}: the cache was made by an older kdcache "
+                f"({made_by or 'unknown release'}, cache format {old.get('format_version')}) and this kdcache "
+                f"({__version__}) writes format {FORMAT_VERSION} only, so it cannot add shards to it. Finish it "
+                f"with the kdcache release that started it{f' ({made_by})' if made_by else ''}, or precompute "
+                "into a new --out path. The cache stays readable for train, inspect and verify."
+            )
         diffs = manifest_differences(old, self.manifest)
         if diffs:
             raise KdcacheError(
@@ -363,6 +448,7 @@ class CacheWriter:
         render: dict | None = None,
     ) -> None:
         """Write one whole shard group, then mark it complete. Replaces an incomplete group."""
+        keys = list(keys)
         n = len(keys)
         V, k = int(self.manifest["views"]), int(self.manifest["topk"])
         shapes = {
@@ -373,23 +459,23 @@ class CacheWriter:
         for a, (arr, shape) in shapes.items():
             if tuple(arr.shape) != shape:
                 raise ValueError(f"write_shard({name!r}): {a} has shape {arr.shape}, expected {shape}")
+        key_rows = encode_keys(keys)  # refuses a key that cannot round-trip, before touching the store
         g = self.root.create_group(name, overwrite=True)
         g.attrs.update({"source": source, "num_samples": n, "complete": False})
         rows = max(n, 1)
         max_side = int(size.max()) if n else 0
 
-        def put(aname, data, dtype, codec):
+        def put(aname, data, dtype, codec, attributes=None):
             shape = data.shape
-            per_view = len(shape) >= 2 and aname not in ("size",)
+            per_view = len(shape) >= 2 and aname not in ("keys", "size")
             chunks = (rows, 1) + shape[2:] if per_view else (rows,) + shape[1:]
             shards = (rows,) + shape[1:] if per_view else None
-            arr = g.create_array(aname, shape=shape, chunks=chunks, shards=shards, dtype=dtype, compressors=codec)
+            arr = g.create_array(aname, shape=shape, chunks=chunks, shards=shards, dtype=dtype, compressors=codec,
+                                 attributes=attributes)
             if n:
                 arr[...] = data.astype(dtype, copy=False)
 
-        keys_arr = g.create_array("keys", shape=(n,), chunks=(rows,), dtype=str)
-        if n:
-            keys_arr[:] = np.asarray(list(keys), dtype=str)
+        put("keys", key_rows, np.uint8, _INT, attributes=dict(KEYS_ATTRS))
         put("size", np.asarray(size), np.int32, _INT)
         put("logprobs", np.asarray(logprobs), np.float16, _FLOAT)
         put("classes", np.asarray(classes), class_dtype(int(self.manifest["teacher"]["num_classes"])), _INT)

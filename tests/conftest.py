@@ -152,3 +152,9 @@ def corrupt_jpeg(rng: np.random.Generator | None = None) -> bytes:
     rng = rng or np.random.default_rng(1)
     good = encode(make_image(rng, 64, 64, 0), "jpg")
     return good[: len(good) // 2]
+
+
+def plain_keys(keys_array) -> list[str]:
+    """A shard group's keys read with plain zarr, decoded as docs/format.md says (format 2: rows of
+    zero-padded UTF-8 bytes), without kdcache's reader."""
+    return [bytes(row).rstrip(b"\0").decode("utf-8") for row in keys_array[:]]

@@ -17,8 +17,9 @@ import zarr
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import NUM_CLASSES, TEACHER, snapshot, precompute_config, write_dataset
+from conftest import NUM_CLASSES, TEACHER, plain_keys, precompute_config, snapshot, write_dataset
 from kdcache.cli import cli
+from kdcache.store import FORMAT_VERSION
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
 
@@ -45,13 +46,12 @@ def expected_summary(cache_path) -> dict:
         shards[name] = row
         if not row["complete"]:
             continue
-        keys = [str(x) for x in g["keys"][:]]
+        keys = plain_keys(g["keys"])
         bad = set(attrs.get("bad") or {})
         keep = np.array([kk not in bad for kk in keys])
         lp = g["logprobs"][:].astype(np.float64)[keep].reshape(-1, k)
         cls = g["classes"][:].astype(np.int64)[keep].reshape(-1, k)
-        raw = sum(len(kk.encode()) for kk in keys)
-        raw += sum(g[a][:].nbytes for a in ("size", "logprobs", "classes", "box", "flip", "mix_with", "mix_lam"))
+        raw = sum(g[a][:].nbytes for a in ("keys", "size", "logprobs", "classes", "box", "flip", "mix_with", "mix_lam"))
         row.update(samples=len(keys), bad=len(bad), records=int(keep.sum()) * V, raw=raw)
         for l, c in zip(lp, cls):
             dense = np.full(C, 0.0)
@@ -81,7 +81,7 @@ def test_summary_matches_independent_computation(cache):
     exp = expected_summary(cache)
     man = exp["manifest"]
 
-    assert s["format_version"] == 1 and s["views"] == man["views"] == 3 and s["topk"] == man["topk"] == 3
+    assert s["format_version"] == FORMAT_VERSION == 2 and s["views"] == man["views"] == 3 and s["topk"] == man["topk"] == 3
     assert s["seed"] == 7 and s["resolution"] == 32 and s["num_classes"] == NUM_CLASSES
     assert s["teacher"]["spec"] == TEACHER and s["teacher"]["weights_sha256"] == man["teacher"]["weights_sha256"]
     assert s["augmentation"] == man["augmentation"] and s["render"] == man["render"]
@@ -116,7 +116,7 @@ def test_summary_matches_independent_computation(cache):
     out = text.stdout
     for needle in (TEACHER, man["teacher"]["weights_sha256"][:16], "train-000000", "complete", "records 63",
                    f"{exp['bytes']:,}", f"{exp['mass']:.4f}", f"{exp['entropy']:.4f}", man["render"]["pil"],
-                   "format 1", "seed 7", "teacher resolution 32"):
+                   f"format {FORMAT_VERSION}", "seed 7", "teacher resolution 32"):
         assert needle in out, (needle, out)
     assert snapshot(cache) == before
 
@@ -170,7 +170,7 @@ def test_json_carries_documented_fields(cache, dataset, tmp_path):
 def test_record_matches_arrays(cache):
     root = zarr.open_group(str(cache), mode="r")
     g = root["train-000001"]
-    keys = [str(k) for k in g["keys"][:]]
+    keys = plain_keys(g["keys"])
     for i in (0, 3, 6):
         key = keys[i]
         res = run("inspect", cache, "--shard", "train-000001", "--key", key, "--json")
@@ -208,7 +208,7 @@ def test_render_png(cache, dataset, tmp_path, mixed):
     g = root["train-000002"]
     mw = g["mix_with"][:]
     i, v = map(int, np.argwhere(mw >= 0 if mixed else mw < 0)[0])
-    key = str(g["keys"][i])
+    key = plain_keys(g["keys"])[i]
     before = snapshot(cache)
     out = tmp_path / "view.png"
     res = run("inspect", cache, "--shard", "train-000002", "--key", key, "--view", v, "--render", out, "--data", dataset)

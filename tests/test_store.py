@@ -1,4 +1,5 @@
-"""The store, format v1 (DESIGN §2, docs/format.md): arrays, dtypes, layout, manifest, validation."""
+"""The store, format v2 (DESIGN §2, docs/format.md): arrays, dtypes, layout, manifest, validation;
+format v1 caches (string keys) stay readable; tensorstore reads every array."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import zarr
 from zarr.codecs import BloscCodec
 
-from conftest import NUM_CLASSES, TEACHER
+from conftest import NUM_CLASSES, TEACHER, snapshot
 from kdcache import __version__
 from kdcache.errors import KdcacheError
 from kdcache.store import (
@@ -18,6 +19,8 @@ from kdcache.store import (
     FORMAT_VERSION,
     CacheReader,
     CacheWriter,
+    box_dtype,
+    class_dtype,
     make_manifest,
     manifest_differences,
 )
@@ -67,7 +70,7 @@ def test_cache_arrays_and_dtypes(cache):
 
 def test_manifest_fields(cache, dataset):
     m = CacheReader(str(cache)).manifest
-    assert m["format_version"] == FORMAT_VERSION == 1 and m["kdcache_version"] == __version__
+    assert m["format_version"] == FORMAT_VERSION == 2 and m["kdcache_version"] == __version__
     assert m["teacher"]["spec"] == TEACHER and m["teacher"]["num_classes"] == NUM_CLASSES
     assert m["teacher"]["weights"] == "teacher.pt" and len(m["teacher"]["weights_sha256"]) == 64
     assert m["teacher"]["mean"] == [0.485, 0.456, 0.406] and m["teacher"]["std"] == [0.229, 0.224, 0.225]
@@ -118,7 +121,9 @@ def test_plain_zarr_reads_the_store(cache):
     manifest = root.attrs["kdcache"]
     g = root["train-000002"]
     assert g.attrs["complete"]
-    keys = [str(k) for k in g["keys"][:]]
+    # keys: (N, L) uint8 rows of zero-padded UTF-8, decoded as docs/format.md shows
+    assert g["keys"].attrs["encoding"] == "utf-8, zero-padded"
+    keys = [bytes(row).rstrip(b"\0").decode("utf-8") for row in g["keys"][:]]
     lp, cl = g["logprobs"][:, 1], g["classes"][:, 1]
     ref = CacheReader(str(cache)).read_view("train-000002", 1)
     assert keys == ref.keys.tolist() and np.array_equal(lp, ref.logprobs) and np.array_equal(cl, ref.classes)
@@ -161,10 +166,11 @@ def test_open_rejects_non_stores(tmp_path):
 
 
 def test_open_checks_format_version_and_manifest(cache_copy):
-    _set_root_attr(cache_copy, lambda m: m.update(format_version=2))
-    with pytest.raises(KdcacheError, match="uses cache format version 2; this kdcache .* reads version 1"):
-        CacheReader(str(cache_copy))
-    _set_root_attr(cache_copy, lambda m: (m.update(format_version=1), m.pop("topk")))
+    for bad in (99, 0, "2", None):
+        _set_root_attr(cache_copy, lambda m: m.update(format_version=bad))
+        with pytest.raises(KdcacheError, match=f"uses cache format version {bad!r}; this kdcache .* reads versions 1 and 2"):
+            CacheReader(str(cache_copy))
+    _set_root_attr(cache_copy, lambda m: (m.update(format_version=2), m.pop("topk")))
     with pytest.raises(KdcacheError, match="the manifest lacks 'topk'"):
         CacheReader(str(cache_copy))
 
@@ -258,6 +264,9 @@ def test_write_shard_checks_shapes(tmp_path):
         (dict(augmentation={"scale": [0.08, 1.0], "ratio": [0.75, 4 / 3], "flip": True, "mixup": True, "name": "inception_crop", "version": 1}),
          "augmentation.mixup: cache has False, this run has True"),
         (dict(shards=["s0", "s1"]), "shards: cache covers 1 shards, this run 2"),
+        # a format-2 cache that recorded no teacher compute settings vs a run that does
+        (dict(compute={"batch_size": 8, "device": "cpu", "precision": "fp32"}),
+         "compute: cache has None, this run has {'batch_size': 8, 'device': 'cpu', 'precision': 'fp32'}"),
     ],
 )
 def test_writer_refuses_other_settings(tmp_path, change, expect):
@@ -284,3 +293,257 @@ def test_writer_refuses_non_stores(tmp_path):
     (tmp_path / "empty").mkdir()
     CacheWriter(str(tmp_path / "empty"), _manifest())
     assert CacheReader(str(tmp_path / "empty")).manifest["views"] == 2
+
+
+# ---- format 2: keys as zero-padded UTF-8 bytes; tensorstore reads everything -------------------
+
+MIXED_KEYS = ["a", "café_ü_1", "bad_one", "k3_longer_name", "日本語", ""]
+
+
+def _mixed_cache(path, keys=MIXED_KEYS, V=2, k=3):
+    """A cache written by CacheWriter: keys of different lengths (non-ASCII, one empty), one bad
+    record with the placeholder values precompute writes, and an empty shard (N = 0)."""
+    m = _manifest(shards=["s0", "s1"], sources=["/d/s0.tar", "/d/s1.tar"],
+                  compute={"batch_size": 8, "device": "cpu", "precision": "fp32"})
+    w = CacheWriter(str(path), m)
+    rec = _records(len(keys), V=V, k=k)
+    rec["keys"] = list(keys)
+    b = keys.index("bad_one")
+    rec["size"][b] = -1
+    rec["logprobs"][b] = -np.inf
+    rec["classes"][b] = -1
+    rec["box"][b] = 0
+    rec["mix_with"][[0, 1], 0] = [1, 0]
+    rec["mix_lam"][[0, 1], 0] = 0.75
+    w.write_shard("s0", source="/d/s0.tar", bad={"bad_one": "OSError: truncated"}, **rec)
+    w.write_shard("s1", source="/d/s1.tar", **_records(0, V=V, k=k))
+    return rec
+
+
+def _ts_read(path):
+    ts = pytest.importorskip("tensorstore")
+    arr = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}).result()
+    return arr, arr.read().result()
+
+
+def test_tensorstore_reads_every_array(tmp_path):
+    """DESIGN §2: any Zarr v3 reader reads the store. Format 1's string keys made tensorstore fail
+    ("string data type is not one of the supported data types"). Zero-size arrays (the N = 0
+    shard) open and read fine in tensorstore, so they are checked too."""
+    path = tmp_path / "c.zarr"
+    rec = _mixed_cache(path)
+    r = CacheReader(str(path))
+    root = zarr.open_group(str(path), mode="r")
+    checked = {}
+    for name, g in sorted(root.groups()):
+        full = r.read_shard(name)
+        n = int(g.attrs["num_samples"])
+        for a in sorted(g.array_keys()):
+            arr, data = _ts_read(path / name / a)
+            assert tuple(arr.shape) == g[a].shape and data.dtype == np.dtype(g[a].dtype), (name, a)
+            assert np.array_equal(data, g[a][:]), (name, a)
+            if a == "keys":
+                assert data.dtype == np.uint8 and data.ndim == 2 and data.shape[0] == n and data.shape[1] >= 1
+                decoded = [bytes(row).rstrip(b"\0").decode("utf-8") for row in data]
+                assert decoded == r.keys(name).tolist() == full["keys"].tolist()
+            else:
+                assert np.array_equal(data, full[a]), (name, a)
+            checked[(name, a)] = data.shape
+    assert sorted(checked) == sorted((s, a) for s in ("s0", "s1") for a in ARRAYS)
+    assert checked[("s0", "keys")] == (6, len("k3_longer_name")) and checked[("s1", "keys")] == (0, 1)
+    assert checked[("s1", "logprobs")] == (0, 2, 3)
+    assert r.keys("s0").tolist() == MIXED_KEYS and r.keys("s1").tolist() == []
+    # the bad record's placeholders survive, as read by tensorstore
+    _, lp = _ts_read(path / "s0" / "logprobs")
+    assert np.isneginf(lp[2]).all() and np.array_equal(_ts_read(path / "s0" / "size")[1][2], [-1, -1])
+    assert np.array_equal(lp, rec["logprobs"].astype(np.float16))
+
+
+def test_tensorstore_reads_the_precomputed_cache(cache):
+    r = CacheReader(str(cache))
+    for name in r.shard_names():
+        full = r.read_shard(name)
+        for a in ARRAYS:
+            _, data = _ts_read(cache / name / a)
+            if a == "keys":
+                assert [bytes(row).rstrip(b"\0").decode() for row in data] == full["keys"].tolist()
+            else:
+                assert np.array_equal(data, full[a]), (name, a)
+
+
+def test_keys_layout(tmp_path):
+    path = tmp_path / "c.zarr"
+    _mixed_cache(path)
+    g = zarr.open_group(str(path / "s0"), mode="r")
+    keys = g["keys"]
+    width = max(len(k.encode("utf-8")) for k in MIXED_KEYS)
+    assert width == len("k3_longer_name") and len("日本語".encode()) == 9
+    assert keys.shape == (6, width) and keys.dtype == np.uint8 and keys.attrs.asdict() == {"encoding": "utf-8, zero-padded"}
+    rows = keys[:]
+    for row, k in zip(rows, MIXED_KEYS):
+        b = k.encode("utf-8")
+        assert bytes(row) == b + b"\0" * (width - len(b))
+    # chunked like `size`: one chunk, not sharded, integer Blosc
+    assert keys.chunks == (6, width) and keys.shards is None
+    (codec,) = keys.compressors
+    assert isinstance(codec, BloscCodec) and codec.cname.value == "zstd" and codec.shuffle.value == "bitshuffle"
+    # empty shard: L is still 1; keys that are all empty: L = 1 as well
+    assert zarr.open_array(str(path / "s1" / "keys"), mode="r").shape == (0, 1)
+    w = CacheWriter(str(path), _manifest(shards=["s0", "s1"], sources=["/d/s0.tar", "/d/s1.tar"],
+                                          compute={"batch_size": 8, "device": "cpu", "precision": "fp32"}))
+    rec = _records(2)
+    rec["keys"] = ["", ""]
+    w.write_shard("s1", source="/d/s1.tar", **rec)
+    assert zarr.open_array(str(path / "s1" / "keys"), mode="r").shape == (2, 1)
+    r = CacheReader(str(path))
+    assert r.keys("s1").tolist() == ["", ""] and r.read_view("s1", 0).keys.tolist() == ["", ""]
+    # read paths agree and give plain numpy str arrays
+    assert r.keys("s0").dtype.kind == "U" and r.read_view("s0", 1).keys.tolist() == MIXED_KEYS
+    assert r.read_shard("s0")["keys"].tolist() == MIXED_KEYS
+    # nbytes_raw: keys count N * L bytes, like any uint8 array
+    assert r.nbytes_raw("s0") >= 6 * width
+
+
+def test_nul_key_refused(tmp_path):
+    w = CacheWriter(str(tmp_path / "c.zarr"), _manifest())
+    rec = _records(3)
+    rec["keys"] = ["ok", "a\x00b", "ok2"]
+    with pytest.raises(KdcacheError, match=r"sample key 'a\\x00b' contains a NUL character.*cannot store it"):
+        w.write_shard("s0", source="/d/s0.tar", **rec)
+    assert not CacheReader(str(tmp_path / "c.zarr")).has_shard("s0")  # nothing written
+    rec["keys"] = ["ok", "trailing\x00", "ok2"]  # would silently read back as "trailing"
+    with pytest.raises(KdcacheError, match="NUL character"):
+        w.write_shard("s0", source="/d/s0.tar", **rec)
+
+
+# ---- format 1 caches: still read, never written ------------------------------------------------
+
+
+def _write_v1_cache(path, groups: dict, V=2, k=3, num_classes=10):
+    """A format-1 cache, built with plain zarr exactly as kdcache's format-1 CacheWriter wrote it:
+    manifest without "compute", `keys` a (N,) Zarr string array, the other arrays as today."""
+    from zarr.codecs import BloscShuffle
+
+    flt = BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.shuffle)
+    itg = BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.bitshuffle)
+    manifest = _manifest(shards=sorted(groups), sources=[f"/d/{s}.tar" for s in sorted(groups)])
+    manifest.update(format_version=1, kdcache_version="0.1.0")
+    manifest.pop("compute")
+    root = zarr.open_group(str(path), mode="w-", zarr_format=3, attributes={"kdcache": manifest})
+    for name, (rec, bad) in groups.items():
+        n = len(rec["keys"])
+        g = root.create_group(name, overwrite=True)
+        g.attrs.update({"source": f"/d/{name}.tar", "num_samples": n, "complete": False})
+        rows = max(n, 1)
+        max_side = int(rec["size"].max()) if n else 0
+
+        def put(aname, data, dtype, codec):
+            shape = data.shape
+            per_view = len(shape) >= 2 and aname not in ("size",)
+            chunks = (rows, 1) + shape[2:] if per_view else (rows,) + shape[1:]
+            shards = (rows,) + shape[1:] if per_view else None
+            arr = g.create_array(aname, shape=shape, chunks=chunks, shards=shards, dtype=dtype, compressors=codec)
+            if n:
+                arr[...] = data.astype(dtype, copy=False)
+
+        keys_arr = g.create_array("keys", shape=(n,), chunks=(rows,), dtype=str)
+        if n:
+            keys_arr[:] = np.asarray(list(rec["keys"]), dtype=str)
+        put("size", np.asarray(rec["size"]), np.int32, itg)
+        put("logprobs", np.asarray(rec["logprobs"]), np.float16, flt)
+        put("classes", np.asarray(rec["classes"]), class_dtype(num_classes), itg)
+        put("box", np.asarray(rec["box"]), box_dtype(max_side), itg)
+        put("flip", np.asarray(rec["flip"]), np.bool_, itg)
+        put("mix_with", np.asarray(rec["mix_with"]), np.int32, itg)
+        put("mix_lam", np.asarray(rec["mix_lam"]), np.float16, flt)
+        g.attrs.update({"bad": bad, "render": manifest["render"], "complete": True})
+    return manifest
+
+
+def test_format_1_cache_is_read_like_format_2(tmp_path):
+    v2 = tmp_path / "v2.zarr"
+    rec = _mixed_cache(v2)
+    v1 = tmp_path / "v1.zarr"
+    _write_v1_cache(v1, {"s0": (rec, {"bad_one": "OSError: truncated"}), "s1": (_records(0), {})})
+    assert zarr.open_array(str(v1 / "s0" / "keys"), mode="r").dtype.kind == "T"  # really the old layout
+    r1, r2 = CacheReader(str(v1)), CacheReader(str(v2))
+    assert (r1.format_version, r2.format_version) == (1, 2)
+    for name in ("s0", "s1"):
+        k1, k2 = r1.keys(name), r2.keys(name)
+        assert k1.tolist() == k2.tolist() and k1.dtype == k2.dtype and k1.dtype.kind == "U"
+        d1, d2 = r1.read_shard(name), r2.read_shard(name)
+        assert sorted(d1) == sorted(d2) == sorted(ARRAYS)
+        for a in ARRAYS:
+            assert d1[a].dtype == d2[a].dtype and np.array_equal(d1[a], d2[a]), (name, a)
+        for v in range(2):
+            vr1, vr2 = r1.read_view(name, v), r2.read_view(name, v)
+            assert vr1.keys.dtype == vr2.keys.dtype and vr1.keys.tolist() == vr2.keys.tolist()
+            assert vr1.bad == vr2.bad and np.array_equal(vr1.logprobs, vr2.logprobs)
+    assert r1.keys("s0").tolist() == MIXED_KEYS and r1.read_view("s0", 1).keys.tolist() == MIXED_KEYS
+    # nbytes_raw: format 1 counts the keys' UTF-8 bytes, format 2 the padded rows; other arrays equal
+    other = r2.nbytes_raw("s0") - 6 * len("k3_longer_name")
+    assert r1.nbytes_raw("s0") == other + sum(len(k.encode("utf-8")) for k in MIXED_KEYS)
+    assert r1.nbytes_raw("s1") == r2.nbytes_raw("s1")  # N = 0: no key bytes either way
+    # a format-2 cache whose keys are strings (or the reverse) is damaged, not silently misread
+    _set_root_attr(v1, lambda m: m.update(format_version=2))
+    with pytest.raises(KdcacheError, match="array 'keys' is .*, expected uint8 \\(cache format 2\\)"):
+        CacheReader(str(v1)).keys("s0")
+    _set_root_attr(v1, lambda m: m.update(format_version=1))
+    _set_root_attr(v2, lambda m: m.update(format_version=1))
+    with pytest.raises(KdcacheError, match="array 'keys' is uint8, expected strings \\(cache format 1\\)"):
+        CacheReader(str(v2)).read_view("s0", 0)
+
+
+def test_format_1_cache_is_refused_for_writing(tmp_path):
+    v1 = tmp_path / "v1.zarr"
+    rec = _records(3)
+    _write_v1_cache(v1, {"s0": (rec, {})})
+    before = snapshot(v1)
+    with pytest.raises(KdcacheError) as ei:
+        CacheWriter(str(v1), _manifest(shards=["s0"], compute={"batch_size": 8, "device": "cpu", "precision": "fp32"}))
+    msg = str(ei.value)
+    assert "made by an older kdcache (0.1.0, cache format 1)" in msg
+    assert "Finish it with the kdcache release that started it (0.1.0), or precompute into a new --out path" in msg
+    assert "made with other settings" not in msg
+    assert snapshot(v1) == before  # untouched
+    assert CacheReader(str(v1)).read_shard("s0")["keys"].tolist() == ["k0", "k1", "k2"]  # still readable
+    # the writer never writes format 1 either
+    old = _manifest()
+    old["format_version"] = 1
+    with pytest.raises(KdcacheError, match="CacheWriter writes cache format 2 only"):
+        CacheWriter(str(tmp_path / "new.zarr"), old)
+    assert not (tmp_path / "new.zarr").exists()
+
+
+# ---- the teacher's compute settings ------------------------------------------------------------
+
+CPU = {"batch_size": 8, "device": "cpu", "precision": "fp32"}
+
+
+@pytest.mark.parametrize(
+    "change,expect",
+    [
+        (dict(batch_size=16), "compute.batch_size: cache has 8, this run has 16"),
+        (dict(device="cuda"), "compute.device: cache has 'cpu', this run has 'cuda'"),
+        (dict(precision="bf16"), "compute.precision: cache has 'fp32', this run has 'bf16'"),
+    ],
+)
+def test_compute_recorded_and_matched(tmp_path, change, expect):
+    path = str(tmp_path / "c.zarr")
+    CacheWriter(path, _manifest(compute=CPU))
+    assert CacheReader(path).manifest["compute"] == CPU
+    with pytest.raises(KdcacheError) as ei:
+        CacheWriter(path, _manifest(compute=dict(CPU, **change)))
+    assert "made with other settings" in str(ei.value) and expect in str(ei.value)
+    CacheWriter(path, _manifest(compute=dict(CPU)))  # the same settings resume
+    assert _manifest()["compute"] is None  # not given: recorded as null
+
+
+def test_compute_missing_from_old_manifest(tmp_path):
+    new = _manifest(compute=CPU)
+    old2 = _manifest()  # format 2 without compute settings: a difference
+    assert manifest_differences(old2, new) == [f"compute: cache has None, this run has {CPU!r}"]
+    del old2["compute"]
+    assert manifest_differences(old2, new) == [f"compute: cache has None, this run has {CPU!r}"]
+    old1 = dict(old2, format_version=1)  # format 1 never recorded it: not a difference
+    assert manifest_differences(old1, new) == []
