@@ -1,4 +1,4 @@
-"""Looking inside a cache, and proving that replay is exact.
+"""Looking inside a cache: summaries, one record, a rendered picture (``kdcache.verify`` proves replay).
 
 Everything here is read-only: the cache is opened with ``CacheReader`` (Zarr mode ``"r"``) and
 nothing is ever written into it. A cache may be a local path or an fsspec URL.
@@ -6,7 +6,6 @@ nothing is ever written into it. A cache may be a local path or an fsspec URL.
 - ``summarize``      manifest, per-shard table and totals (records, bytes, top-k mass, entropy, top-1).
 - ``record_info``    one record: per view its box, flip, mixup partner and λ, and the teacher's top-k.
 - ``render_record``  a PNG: source image with the crop box, the rendered (mixed) view, the top-k bars.
-- ``verify``         re-run the teacher on randomly chosen replayed views and compare with the cache.
 
 Each returns a plain dict (JSON-ready, field names documented in ``docs/cli.md``); the
 ``format_*`` functions turn those dicts into the text the CLI prints.
@@ -15,9 +14,7 @@ Each returns a plain dict (JSON-ready, field names documented in ``docs/cli.md``
 from __future__ import annotations
 
 import math
-import os
 from collections import Counter
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -26,12 +23,6 @@ from .store import CacheReader
 
 # Version of the JSON layout produced by summarize / record_info / verify. Bump on renames.
 JSON_SCHEMA = 1
-
-# verify's default tolerance on a log-probability: |Δ| <= ATOL + RTOL·|stored|. RTOL is one float16
-# ulp relative to the value (2^-10), the storage's own rounding; ATOL absorbs float32 summation-order
-# differences between the batch precompute ran and the batch verify runs.
-ATOL = 1e-2
-RTOL = 2.0**-10
 
 # Render figure: fixed size so the PNG is always FIG_WIDTH x FIG_HEIGHT pixels.
 FIGSIZE = (12.0, 4.0)
@@ -277,13 +268,13 @@ def record_info(cache, shard: str, key: str, view: int | None = None, storage_op
 # ---- render ------------------------------------------------------------------------------------
 
 
-def _shard_urls(data) -> dict[str, str]:
+def shard_urls(data) -> dict[str, str]:
     from .shards import expand_urls, shard_name
 
     return {shard_name(u): u for u in expand_urls(data)}
 
 
-def _load_images(url: str, want: set[str]) -> dict:
+def load_images(url: str, want: set[str]) -> dict:
     """Stream one data shard once; decode only the samples whose key is in ``want``.
 
     Returns key → PIL image, or key → the ``BadImageError`` message when it does not decode.
@@ -329,12 +320,12 @@ def render_record(
     info = record_info(reader, shard, key, view, storage_options)
     if info["bad"] is not None:
         raise KdcacheError(f"record {key!r} of shard {shard!r} is a bad image ({info['bad']}); there is no view to render")
-    urls = _shard_urls(data)
+    urls = shard_urls(data)
     if shard not in urls:
         raise KdcacheError(f"the data pattern {data!r} has no shard named {shard!r} (found {len(urls)} shards)")
     v = info["views"][0]
     want = {key} | ({v["mix_key"]} if v["mixed"] else set())
-    images = _load_images(urls[shard], want)
+    images = load_images(urls[shard], want)
     warnings = []
     for kk in sorted(want):
         if kk not in images:
@@ -405,320 +396,6 @@ def render_record(
     result = dict(info)
     result.update(png=str(out), warnings=warnings, width=int(FIGSIZE[0] * DPI), height=int(FIGSIZE[1] * DPI))
     return result
-
-
-# ---- verify ------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Pick:
-    shard: str
-    index: int
-    view: int
-
-
-def _tol(value: float, atol: float, rtol: float) -> float:
-    return atol + rtol * abs(value) if math.isfinite(value) else atol
-
-
-def compare_record(stored_lp, stored_cls, vals, ids, atol: float = ATOL, rtol: float = RTOL) -> dict:
-    """Compare one stored top-k with the teacher's recomputed full sorted log-probs.
-
-    ``vals``/``ids``: all C log-probs of the re-run (float16, as precompute stores them) in
-    descending order and their classes. Returns the deltas, agreement flags and a list of reasons
-    (empty when the record agrees within tolerance).
-    """
-    k = len(stored_lp)
-    C = len(vals)
-    now = np.empty(C, dtype=np.float64)
-    now[np.asarray(ids, dtype=np.int64)] = np.asarray(vals, dtype=np.float64)
-    s = np.asarray(stored_lp, dtype=np.float64)
-    c = np.asarray(stored_cls, dtype=np.int64)
-    reasons = []
-    if (c < 0).any() or (c >= C).any():
-        return {"max_delta": None, "top1_exact": False, "topk_exact": False,
-                "reasons": [f"stored classes {c.tolist()} are outside 0..{C - 1}"]}
-    r = now[c]
-    with np.errstate(invalid="ignore"):
-        d = np.where(s == r, 0.0, np.abs(s - r))
-    d = np.where(np.isnan(d), np.inf, d)
-    max_delta = float(d.max()) if k else 0.0
-    for j in range(k):
-        if d[j] > _tol(s[j], atol, rtol):
-            reasons.append(
-                f"log-prob of class {int(c[j])} (rank {j + 1}): stored {s[j]:.4f}, teacher now {r[j]:.4f} "
-                f"(|Δ| {d[j]:.4f} > {_tol(s[j], atol, rtol):.4f})"
-            )
-    top = float(vals[0])
-    top1_exact = int(ids[0]) == int(c[0])
-    if not top1_exact and now[c[0]] < top - _tol(top, atol, rtol):
-        reasons.append(
-            f"top-1: stored class {int(c[0])}, teacher now says {int(ids[0])} "
-            f"({top:.4f} vs {now[c[0]]:.4f} for the stored class; not a tie within tolerance)"
-        )
-    fresh = set(int(t) for t in ids[:k])
-    topk_exact = fresh == set(c.tolist())
-    if not topk_exact:
-        kth = float(vals[k - 1])
-        tk = _tol(kth, atol, rtol)
-        far = [int(t) for t in c if int(t) not in fresh and now[t] < kth - tk]
-        if far:
-            below = ", ".join(f"class {t} by {kth - now[t]:.4f}" for t in far)
-            reasons.append(
-                f"top-{k} set: stored {sorted(c.tolist())}, teacher now {sorted(fresh)}; now below the k-th "
-                f"log-prob {kth:.4f}: {below} (> {tk:.4f}, not a tie)"
-            )
-    return {"max_delta": max_delta, "top1_exact": top1_exact, "topk_exact": topk_exact, "reasons": reasons}
-
-
-def _expected_geometry(seed, aug, shard, key, i, v, size, n, bad_rows, mix_cache):
-    """The view the seeded sampler draws for (shard, key, v), as precompute stores it."""
-    from .views import mixup_pairs, sample_view
-
-    h, w = int(size[0]), int(size[1])
-    vw = sample_view(seed, key, v, w, h, aug)
-    j, lam = -1, 1.0
-    if aug.mixup and n > 1:
-        if (shard, v) not in mix_cache:
-            mix_cache[(shard, v)] = mixup_pairs(seed, shard, v, n)
-        mw, ml = mix_cache[(shard, v)]
-        j, lam = int(mw[i]), float(ml[i])
-        if j >= 0 and j in bad_rows:
-            j, lam = -1, 1.0
-    return vw.box, vw.flip, j, lam
-
-
-def verify(
-    cache,
-    data,
-    teacher: str,
-    teacher_weights: str | None = None,
-    num_classes: int | None = None,
-    pretrained: bool = False,
-    samples: int = 64,
-    device: str = "auto",
-    seed: int = 0,
-    batch_size: int = 64,
-    atol: float = ATOL,
-    rtol: float = RTOL,
-    allow_teacher_mismatch: bool = False,
-    storage_options: dict | None = None,
-    progress=None,
-) -> dict:
-    """Re-run the teacher on ``samples`` randomly chosen (record, view) pairs and compare.
-
-    Views are replayed from the stored geometry with ``views.render`` (partner included when
-    mixed), normalised with the manifest's mean/std, and run through ``precompute.teacher_topk``.
-    Also checks that each sampled key (and mixup partner) is in the data with the stored image size,
-    that the stored geometry is what the seeded sampler draws, and that the teacher's spec and
-    weights hash match the manifest. ``ok`` is True when nothing disagrees (docs/cli.md).
-    """
-    import torch
-
-    from .models import create_model, file_sha256
-    from .precompute import resolve_device, teacher_topk
-    from .views import SAMPLER_VERSION, AugSpec, View, render, render_backend
-
-    if samples < 1:
-        raise KdcacheError("--samples must be at least 1")
-    if batch_size < 1:
-        raise KdcacheError("--batch-size must be at least 1")
-    reader = _open(cache, storage_options)
-    man = reader.manifest
-    C, V, res = reader.num_classes, reader.views, int(man["resolution"])
-    if num_classes is not None and num_classes != C:
-        raise KdcacheError(f"--num-classes {num_classes} disagrees with the cache, whose teacher has {C} classes")
-    urls = _shard_urls(data)
-    warnings: list[str] = []
-    problems: list[str] = []
-
-    # The teacher: identity against the manifest, then build it with the cache's normalisation.
-    mt = man["teacher"]
-    spec_ok = teacher == mt.get("spec")
-    if teacher_weights and not os.path.isfile(teacher_weights):
-        raise KdcacheError(f"weights file {teacher_weights} does not exist")
-    sha = file_sha256(teacher_weights) if teacher_weights else None
-    weights_ok = sha == mt.get("weights_sha256")
-    for ok, what in ((spec_ok, f"teacher spec {teacher!r} differs from the cache's {mt.get('spec')!r}"),
-                     (weights_ok, f"teacher weights sha256 {sha} differs from the cache's {mt.get('weights_sha256')}")):
-        if not ok:
-            (warnings if allow_teacher_mismatch else problems).append(what)
-    here, there = render_backend(), man.get("render") or {}
-    render_ok = all(here.get(f) == there.get(f) for f in ("pil", "pil_version", "resample"))
-    if not render_ok:
-        warnings.append(
-            f"this machine renders with {here.get('pil')} {here.get('pil_version')} ({here.get('resample')}), the cache "
-            f"was made with {there.get('pil')} {there.get('pil_version')} ({there.get('resample')}); "
-            "resampling may differ slightly"
-        )
-
-    # Sample (shard, record, view) uniformly among valid records of complete shards in the data.
-    pool, counts, shard_rows = [], [], {}
-    for name in reader.shard_names():
-        if not reader.is_complete(name):
-            warnings.append(f"shard {name!r} is incomplete in the cache; not checked")
-            continue
-        if name not in urls:
-            warnings.append(f"shard {name!r} is not in the data pattern; not checked")
-            continue
-        keys, size = reader.keys(name), reader.sizes(name)
-        valid = np.flatnonzero(_valid_mask(keys, size, dict(reader.shard_attrs(name).get("bad") or {})))
-        if len(valid):
-            pool.append(name)
-            counts.append(len(valid) * V)
-            shard_rows[name] = valid
-    if not pool:
-        raise KdcacheError(
-            f"no complete cache shard of {reader.path} is in the data {data!r}: "
-            f"cache shards {reader.shard_names()[:5]}, data shards {sorted(urls)[:5]}"
-        )
-    total = int(sum(counts))
-    rng = np.random.default_rng(seed)
-    flat = np.arange(total) if samples >= total else np.sort(rng.choice(total, size=samples, replace=False))
-    bounds = np.cumsum([0] + counts)
-    picks: list[_Pick] = []
-    for f in flat.tolist():
-        s = int(np.searchsorted(bounds, f, side="right") - 1)
-        r = f - int(bounds[s])
-        picks.append(_Pick(pool[s], int(shard_rows[pool[s]][r // V]), r % V))
-
-    # Build the teacher only once the inputs are known to be usable.
-    info = create_model(teacher, num_classes=C, weights=teacher_weights, pretrained=pretrained, mean=mt.get("mean"),
-                        std=mt.get("std"), resolution=res)
-    dev = resolve_device(device)
-    model = info.model.to(dev).eval()
-
-    aug = AugSpec.from_dict(man["augmentation"])
-    check_geometry = aug.version == SAMPLER_VERSION
-    if not check_geometry:
-        warnings.append(f"the cache's views were drawn by sampler version {aug.version}, this kdcache has "
-                        f"{SAMPLER_VERSION}; stored geometry is replayed but not re-drawn")
-
-    failures: dict[tuple, dict] = {}
-
-    def fail(p: _Pick, key: str, reason: str):
-        entry = failures.setdefault((p.shard, p.index, p.view),
-                                    {"shard": p.shard, "key": key, "index": p.index, "view": p.view, "reasons": []})
-        entry["reasons"].append(reason)
-
-    stats = {"keys_checked": 0, "keys_found": 0, "sizes_match": 0, "geometry_checked": 0, "geometry_match": 0,
-             "compared": 0, "top1_exact": 0, "topk_exact": 0, "max_delta": 0.0}
-    seed_ = int(man["seed"])
-    by_shard: dict[str, list[_Pick]] = {}
-    for p in picks:
-        by_shard.setdefault(p.shard, []).append(p)
-    with torch.inference_mode():
-        for name, plist in by_shard.items():
-            sd = reader.read_shard(name)
-            keys, n = sd["keys"], len(sd["keys"])
-            bad_rows = set(np.flatnonzero(~_valid_mask(keys, sd["size"], dict(reader.shard_attrs(name).get("bad") or {}))).tolist())
-            rows = {p.index for p in plist} | {int(sd["mix_with"][p.index, p.view]) for p in plist} - {-1}
-            want = {str(keys[i]) for i in rows if 0 <= i < n}
-            images = _load_images(urls[name], want)
-            usable = {}  # row → image whose key exists, decodes and has the stored size
-            for i in sorted(rows):
-                if not 0 <= i < n:
-                    continue
-                kk = str(keys[i])
-                stats["keys_checked"] += 1
-                im = images.get(kk)
-                if im is None:
-                    usable[i] = f"key {kk!r} (row {i}) is not in data shard {urls[name]}"
-                    continue
-                stats["keys_found"] += 1
-                if isinstance(im, str):
-                    usable[i] = im
-                    continue
-                h, w = (int(t) for t in sd["size"][i])
-                if (im.height, im.width) != (h, w):
-                    usable[i] = f"image {kk!r} is {im.height}x{im.width} (HxW) in the data, {h}x{w} in the cache"
-                    continue
-                stats["sizes_match"] += 1
-                usable[i] = im
-            mix_cache: dict = {}
-            batch: list[tuple[_Pick, object]] = []
-
-            def view_of(i, v):
-                x, y, w, h = (int(t) for t in sd["box"][i, v])
-                return View(x, y, w, h, bool(sd["flip"][i, v]), int(sd["mix_with"][i, v]), float(sd["mix_lam"][i, v]))
-
-            def run(batch):
-                pix = torch.stack([t for _, t in batch])
-                vals, ids = teacher_topk(model, pix, info.mean, info.std, C, dev)
-                for (p, _), vv, ii in zip(batch, vals, ids):
-                    res_ = compare_record(sd["logprobs"][p.index, p.view], sd["classes"][p.index, p.view], vv, ii,
-                                          atol, rtol)
-                    stats["compared"] += 1
-                    stats["top1_exact"] += res_["top1_exact"]
-                    stats["topk_exact"] += res_["topk_exact"]
-                    md = res_["max_delta"]
-                    stats["max_delta"] = max(stats["max_delta"], md if md is not None else math.inf)
-                    for why in res_["reasons"]:
-                        fail(p, str(keys[p.index]), why)
-
-            for p in plist:
-                key, vw = str(keys[p.index]), view_of(p.index, p.view)
-                if check_geometry:
-                    stats["geometry_checked"] += 1
-                    box, flip, j, lam = _expected_geometry(seed_, aug, name, key, p.index, p.view, sd["size"][p.index],
-                                                           n, bad_rows, mix_cache)
-                    got = (vw.box, vw.flip, vw.mix_with, vw.mix_lam)
-                    if got == (tuple(box), flip, j, lam):
-                        stats["geometry_match"] += 1
-                    else:
-                        fail(p, key, f"geometry: stored box {vw.box} flip {vw.flip} mix_with {vw.mix_with} λ {vw.mix_lam:.4f}"
-                                     f", the seeded sampler draws box {tuple(box)} flip {flip} mix_with {j} λ {lam:.4f}")
-                need = [p.index] + ([vw.mix_with] if vw.mixed else [])
-                if vw.mixed and not 0 <= vw.mix_with < n:
-                    fail(p, key, f"mixup partner index {vw.mix_with} is outside the shard's {n} records")
-                    continue
-                blocked = [("" if i == p.index else "mixup partner: ") + usable[i]
-                           for i in need if isinstance(usable.get(i), str)]
-                if blocked:
-                    for why in blocked:
-                        fail(p, key, why)
-                    continue
-                partner = usable[vw.mix_with] if vw.mixed else None
-                pview = view_of(vw.mix_with, p.view) if vw.mixed else None
-                batch.append((p, render(usable[p.index], vw, res, partner, pview)))
-                if len(batch) == batch_size:
-                    run(batch)
-                    batch = []
-                if progress is not None:
-                    progress(1)
-            if batch:
-                run(batch)
-            del images, usable
-
-    fails = sorted(failures.values(), key=lambda e: (e["shard"], e["index"], e["view"]))
-    n_cmp = stats["compared"]
-    return {
-        "schema": JSON_SCHEMA,
-        "ok": not fails and not problems,
-        "cache": reader.path,
-        "data": data if isinstance(data, str) else list(data),
-        "seed": seed,
-        "samples_requested": samples,
-        "samples_checked": len(picks),
-        "population": total,
-        "shards_checked": sorted(by_shard),
-        "tolerance": {"atol": atol, "rtol": rtol},
-        "teacher": {"spec": teacher, "cache_spec": mt.get("spec"), "spec_matches": spec_ok,
-                    "weights_sha256": sha, "cache_weights_sha256": mt.get("weights_sha256"), "weights_match": weights_ok},
-        "render": {"here": here, "cache": there, "matches": render_ok},
-        "keys_checked": stats["keys_checked"],
-        "keys_found": stats["keys_found"],
-        "sizes_match": stats["sizes_match"],
-        "geometry_checked": stats["geometry_checked"],
-        "geometry_match": stats["geometry_match"],
-        "compared": n_cmp,
-        "top1_agreement": stats["top1_exact"] / n_cmp if n_cmp else None,
-        "topk_set_agreement": stats["topk_exact"] / n_cmp if n_cmp else None,
-        "max_abs_delta_logprob": _num(stats["max_delta"]) if n_cmp else None,
-        "warnings": warnings,
-        "problems": problems,
-        "failures": fails,
-    }
 
 
 # ---- text --------------------------------------------------------------------------------------
@@ -793,40 +470,4 @@ def format_record(r: dict) -> str:
                 nm = f" {t['name']}" if t["name"] else ""
                 lines.append(f"    class {t['class']:>5}{nm:16s}  p={t['prob']:.4f}  log p={t['logprob']:.4f}")
             lines.append(f"    top-k mass {v['topk_mass']:.4f}, tail {v['tail_mass']:.4f}, entropy {v['entropy']:.4f} nats")
-    return "\n".join(lines)
-
-
-def format_verify(r: dict, max_failures: int = 50) -> str:
-    t = r["teacher"]
-    tol = r["tolerance"]
-    lines = [
-        f"verify {r['cache']} against {r['data']}",
-        f"  sampled {r['samples_checked']} of {r['population']} (record, view) pairs in {len(r['shards_checked'])} "
-        f"shards (seed {r['seed']})",
-        f"  teacher spec {'matches' if t['spec_matches'] else 'DIFFERS'}, weights sha256 "
-        f"{'matches' if t['weights_match'] else 'DIFFERS'}",
-        f"  render: here {r['render']['here'].get('pil')} {r['render']['here'].get('pil_version')}, cache "
-        f"{r['render']['cache'].get('pil')} {r['render']['cache'].get('pil_version')}"
-        f"{'' if r['render']['matches'] else ' (DIFFERENT)'}",
-        f"  keys found {r['keys_found']}/{r['keys_checked']}, image sizes match {r['sizes_match']}/{r['keys_checked']}, "
-        f"geometry matches the seeded sampler {r['geometry_match']}/{r['geometry_checked']}",
-    ]
-    if r["compared"]:
-        lines.append(
-            f"  top-1 agreement {100 * r['top1_agreement']:.1f}%, top-k set agreement {100 * r['topk_set_agreement']:.1f}% "
-            f"over {r['compared']} views; max |Δ log-prob| "
-            f"{'inf' if r['max_abs_delta_logprob'] is None else format(r['max_abs_delta_logprob'], '.4g')}"
-            f" (tolerance {tol['atol']} + {tol['rtol']:.3g}·|stored|)"
-        )
-    for w in r["warnings"]:
-        lines.append(f"warning: {w}")
-    for p in r["problems"]:
-        lines.append(f"problem: {p}")
-    if r["failures"]:
-        lines.append(f"{len(r['failures'])} records disagree:")
-        for f in r["failures"][:max_failures]:
-            lines.append(f"  {f['shard']} {f['key']} view {f['view']}: " + "; ".join(f["reasons"]))
-        if len(r["failures"]) > max_failures:
-            lines.append(f"  ... {len(r['failures']) - max_failures} more (use --json for all)")
-    lines.append("OK: the cache replays exactly within tolerance" if r["ok"] else "FAILED: the cache does not replay as stored")
     return "\n".join(lines)

@@ -6,7 +6,7 @@ Read top to bottom:
 2. Shards already complete in the cache are skipped: re-running the same command resumes.
 3. DataLoader workers each own whole shards. A worker reads a shard, decodes every image once,
    draws the shard's views (crops, flips, mixup pairs) and renders all V views from the decoded
-   images, in batches.
+   images, in teacher batches that are a fixed function of the shard (``teacher_batches``).
 4. The main process runs the teacher on each batch (autocast on CUDA), takes log-softmax and top-k,
    and files the results into the shard's arrays.
 5. When every record of a shard is in, the shard group is written and only then marked complete.
@@ -165,52 +165,38 @@ class ShardRenderStream(IterableDataset):
             valid = np.array([im is not None for im in images], dtype=bool)
             sv = shard_views(cfg.seed, name, keys, sizes, valid, cfg.views, aug)
             yield ShardStart(url, name, keys, sizes, sv, bad, valid)
-            batch = _BatchBuilder(name, cfg.batch_size, cfg.res)
-            for i in np.flatnonzero(valid):
-                for v in range(cfg.views):
-                    view = sv.view(i, v)
-                    partner = images[view.mix_with] if view.mixed else None
-                    pview = sv.view(view.mix_with, v) if view.mixed else None
-                    own, other = render_crops(images[i], view, cfg.res, partner, pview)
-                    if batch.add(i, v, own, other, view.mix_lam):
-                        yield batch.take()
-            if len(batch):
-                yield batch.take()
+            for pairs in teacher_batches(valid, cfg.views, cfg.batch_size):
+                yield render_batch(name, images, sv, pairs, cfg.res)
 
 
-class _BatchBuilder:
-    """Fills preallocated uint8 buffers with crops, one record at a time."""
+def teacher_batches(valid: np.ndarray, views: int, batch_size: int) -> list[np.ndarray]:
+    """How the teacher sees one shard: its (record, view) pairs, records in tar order with all their
+    views, bad records left out, cut into consecutive batches of ``batch_size`` (the last may be
+    smaller). A pure function of the shard, so a resumed run (which redoes unfinished shards whole)
+    and ``kdcache verify`` give the teacher exactly the batches an uninterrupted run gave it: batch
+    composition can change a result's last bit (cuDNN/oneDNN pick kernels by shape).
 
-    def __init__(self, name: str, size: int, res: int):
-        self.name, self.size, self.res = name, size, res
-        self._new()
+    Returns one (b, 2) int64 array of (record, view) per batch.
+    """
+    rows = np.flatnonzero(np.asarray(valid, dtype=bool))
+    pairs = np.stack([np.repeat(rows, views), np.tile(np.arange(views), len(rows))], axis=1).astype(np.int64)
+    return [pairs[i : i + batch_size] for i in range(0, len(pairs), batch_size)]
 
-    def _new(self):
-        b, r = self.size, self.res
-        self.own = torch.empty((b, 3, r, r), dtype=torch.uint8)
-        self.other = torch.zeros((b, 3, r, r), dtype=torch.uint8)
-        self.lam = torch.ones(b, dtype=torch.float32)
-        self.idx, self.vix = [], []
 
-    def __len__(self):
-        return len(self.idx)
-
-    def add(self, i, v, own, other, lam) -> bool:
-        """Add one record; True when the batch is full."""
-        j = len(self.idx)
-        self.own[j] = own
-        if other is not None:
-            self.other[j] = other
-            self.lam[j] = float(lam)
-        self.idx.append(int(i))
-        self.vix.append(int(v))
-        return len(self.idx) == self.size
-
-    def take(self) -> RecordBatch:
-        n = len(self.idx)
-        out = RecordBatch(self.name, np.array(self.idx), np.array(self.vix), self.own[:n], self.other[:n], self.lam[:n])
-        self._new()
-        return out
+def render_batch(name: str, images: list, sv: ShardViews, pairs: np.ndarray, res: int) -> "RecordBatch":
+    """The uint8 crops of the given (record, view) pairs of one shard: one teacher batch."""
+    b = len(pairs)
+    own = torch.empty((b, 3, res, res), dtype=torch.uint8)
+    other = torch.zeros((b, 3, res, res), dtype=torch.uint8)
+    lam = torch.ones(b, dtype=torch.float32)
+    for j, (i, v) in enumerate(pairs.tolist()):
+        view = sv.view(i, v)
+        partner = images[view.mix_with] if view.mixed else None
+        pview = sv.view(view.mix_with, v) if view.mixed else None
+        own[j], crop = render_crops(images[i], view, res, partner, pview)
+        if crop is not None:
+            other[j], lam[j] = crop, float(view.mix_lam)
+    return RecordBatch(name, pairs[:, 0].copy(), pairs[:, 1].copy(), own, other, lam)
 
 
 # ---- the main side: teacher → top-k → shard groups --------------------------------------------
@@ -253,6 +239,22 @@ def teacher_topk(model, pixels: torch.Tensor, mean, std, k: int, device: torch.d
     return vals.cpu().numpy(), ids.cpu().numpy()
 
 
+def batch_topk(model, batch: RecordBatch, mean, std, k: int, device: torch.device):
+    """The teacher's top-k for a rendered batch: crops mixed on the device, then ``teacher_topk``."""
+    pixels = mix_pixels(
+        batch.own.to(device, non_blocking=True), batch.other.to(device, non_blocking=True),
+        batch.lam.to(device, non_blocking=True),
+    )
+    return teacher_topk(model, pixels, mean, std, k, device)
+
+
+def compute_record(batch_size: int, device: torch.device) -> dict:
+    """How the teacher ran, as the manifest records it. The same data, settings and seed give the
+    same outputs bit for bit only with these fixed too."""
+    return {"batch_size": int(batch_size), "device": device.type,
+            "precision": "bf16" if device.type == "cuda" else "fp32"}
+
+
 def precompute(cfg: PrecomputeConfig) -> dict:
     """Run the teacher stage. Returns a summary (shards written and skipped, records, images/s)."""
     if cfg.views < 1:
@@ -280,6 +282,7 @@ def precompute(cfg: PrecomputeConfig) -> dict:
         teacher=info.describe(), augmentation=aug.to_dict(), seed=cfg.seed, views=cfg.views, topk=cfg.topk,
         resolution=cfg.res, render=render_backend(), shards=[shard_name(u) for u in urls], sources=urls,
         class_names=names if names is not None and len(names) == info.num_classes else None,
+        compute=compute_record(cfg.batch_size, device),
     )
     # Rank 0 creates the store; the others open it once it exists.
     if rank == 0:
@@ -319,11 +322,7 @@ def precompute(cfg: PrecomputeConfig) -> dict:
                 pending[item.name] = p = _Pending(item, cfg.views, cfg.topk)
             else:
                 p = pending[item.name]
-                pixels = mix_pixels(
-                    item.own.to(device, non_blocking=True), item.other.to(device, non_blocking=True),
-                    item.lam.to(device, non_blocking=True),
-                )
-                vals, ids = teacher_topk(model, pixels, info.mean, info.std, cfg.topk, device)
+                vals, ids = batch_topk(model, item, info.mean, info.std, cfg.topk, device)
                 p.logprobs[item.index, item.view] = vals
                 p.classes[item.index, item.view] = ids
                 p.remaining -= len(item.index)

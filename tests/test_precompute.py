@@ -20,7 +20,7 @@ import zarr
 from conftest import NUM_CLASSES, corrupt_jpeg, encode, make_image, precompute_config, write_dataset
 from kdcache.errors import KdcacheError
 from kdcache.models import create_model, normalize
-from kdcache.precompute import my_shards, precompute
+from kdcache.precompute import my_shards, precompute, teacher_batches
 from kdcache.shards import decode_image, iter_samples
 from kdcache.store import ARRAYS, CacheReader
 from kdcache.views import AugSpec, View, mixup_pairs, render, sample_view
@@ -200,6 +200,7 @@ def test_rerun_skips_complete_and_redoes_incomplete(cache, dataset, teacher_weig
         (dict(res=48), "resolution: cache has 32, this run has 48"),
         (dict(mean=(0.5, 0.5, 0.5)), "teacher.mean: cache has [0.485, 0.456, 0.406], this run has [0.5, 0.5, 0.5]"),
         ("weights", "teacher.weights_sha256: cache has"),
+        (dict(batch_size=16), "compute.batch_size: cache has 8, this run has 16"),
     ],
 )
 def test_other_settings_are_refused(cache, dataset, teacher_weights, tmp_path, change, expect):
@@ -216,6 +217,54 @@ def test_other_settings_are_refused(cache, dataset, teacher_weights, tmp_path, c
         precompute(precompute_config(dataset, out, weights, **change))
     assert "made with other settings" in str(ei.value) and expect in str(ei.value)
     assert before == {p: p.stat().st_mtime_ns for p in out.rglob("*")}  # nothing touched
+
+
+def test_teacher_batches_are_a_function_of_the_shard():
+    """Records in tar order with all their views, bad records left out, cut every batch_size."""
+    valid = np.array([True, False, True, True])
+    batches = teacher_batches(valid, 2, 4)
+    assert [b.tolist() for b in batches] == [[[0, 0], [0, 1], [2, 0], [2, 1]], [[3, 0], [3, 1]]]
+    assert all(b.dtype == np.int64 for b in batches)
+    assert teacher_batches(np.zeros(3, dtype=bool), 2, 4) == []
+    assert [len(b) for b in teacher_batches(np.ones(5, dtype=bool), 3, 4)] == [4, 4, 4, 3]
+
+
+def test_manifest_records_how_the_teacher_ran(cache):
+    assert CacheReader(str(cache)).manifest["compute"] == {"batch_size": 8, "device": "cpu", "precision": "fp32"}
+
+
+def test_teacher_sees_the_same_batches_however_the_run_is_split(dataset, teacher_weights, tmp_path, monkeypatch):
+    """Whatever the worker count and whichever shards a previous run finished, every teacher call
+    gets the batch ``teacher_batches`` defines for its shard, never a mix of shards."""
+    import kdcache.precompute as pc
+
+    seen = []
+    real = pc.batch_topk
+
+    def spy(model, batch, *a, **kw):
+        seen.append((batch.name, batch.index.tolist(), batch.view.tolist()))
+        return real(model, batch, *a, **kw)
+
+    monkeypatch.setattr(pc, "batch_topk", spy)
+    runs = {}
+    for label, workers in (("one pass", 0), ("2 workers", 2), ("resumed", 0)):
+        out = tmp_path / f"{label}.zarr"
+        if label == "resumed":  # a previous run that finished only train-000001
+            precompute(precompute_config(dataset, out, teacher_weights, workers=workers))
+            for name in ("train-000000", "train-000002"):
+                zarr.open_group(str(out), mode="r+")[name].attrs["complete"] = False
+        seen.clear()
+        precompute(precompute_config(dataset, out, teacher_weights, workers=workers))
+        runs[label] = sorted(seen)
+    reader = CacheReader(str(tmp_path / "one pass.zarr"))
+    expect = []
+    for name in reader.shard_names():
+        valid = reader.sizes(name)[:, 0] >= 0
+        expect += [(name, b[:, 0].tolist(), b[:, 1].tolist()) for b in teacher_batches(valid, reader.views, 8)]
+    assert runs["one pass"] == runs["2 workers"] == sorted(expect)
+    assert runs["resumed"] == sorted(e for e in expect if e[0] != "train-000001")
+    for label in ("2 workers", "resumed"):
+        assert_same_cache(tmp_path / "one pass.zarr", tmp_path / f"{label}.zarr")
 
 
 # ---- shard groups and ranks --------------------------------------------------------------------

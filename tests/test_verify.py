@@ -16,9 +16,9 @@ import zarr
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import NUM_CLASSES, TEACHER, snapshot, precompute_config
+from conftest import NUM_CLASSES, TEACHER, plain_keys, precompute_config, snapshot
 from kdcache.cli import cli
-from kdcache.inspect import compare_record
+from kdcache.verify import compare_record
 
 
 def run(*args):
@@ -114,7 +114,7 @@ def altered(cache, tmp_path, array, edit):
     a = g[array][:]
     edit(a, i, v)
     g[array][:] = a
-    return c, str(g["keys"][i]), v
+    return c, plain_keys(g["keys"])[i], v
 
 
 def failing_records(res) -> list[tuple[str, str, int]]:
@@ -258,23 +258,57 @@ def test_compare_record_tolerance_and_ties():
     vals = np.array([-1.0, -1.5, -2.0, -3.0, -4.0], dtype=np.float16)
     same = compare_record(vals[:3], ids[:3], vals, ids)
     assert same["reasons"] == [] and same["top1_exact"] and same["topk_exact"] and same["max_delta"] == 0
-    # within tolerance: 0.005 < 1e-2
-    ok = compare_record(vals[:3] + np.float16(0.005), ids[:3], vals, ids)
+    assert same["tail_delta"] == 0
+    # The default tolerance is one float16 step (2^-10·|x|) plus 1e-4: a step passes, 0.005 does not.
+    step = np.array([-1.0 + 2**-10, -1.5, -2.0], dtype=np.float16)
+    assert compare_record(step, ids[:3], vals, ids)["reasons"] == []
+    assert len(compare_record(vals[:3] + np.float16(0.005), ids[:3], vals, ids)["reasons"]) >= 3
+    # The tie rules, with a wider tolerance (--atol 1e-2): within it, 0.005 < 1e-2
+    wide = dict(atol=1e-2)
+    ok = compare_record(vals[:3] + np.float16(0.005), ids[:3], vals, ids, **wide)
     assert ok["reasons"] == []
-    bad = compare_record(vals[:3] - np.float16(0.05), ids[:3], vals, ids)
-    assert len(bad["reasons"]) == 3
+    bad = compare_record(vals[:3] - np.float16(0.05), ids[:3], vals, ids, **wide)
+    assert len([r for r in bad["reasons"] if r.startswith("log-prob")]) == 3
     # A near-tie at the top: precompute saw class 0 ahead of class 2 by 0.004, the re-run the reverse.
     tvals = np.array([-1.0, -1.004, -2.0, -3.0, -4.0], dtype=np.float16)
-    tie = compare_record(np.array([-1.0, -1.004, -2.0], dtype=np.float16), np.array([0, 2, 1]), tvals, ids)
+    tie = compare_record(np.array([-1.0, -1.004, -2.0], dtype=np.float16), np.array([0, 2, 1]), tvals, ids, **wide)
     assert tie["top1_exact"] is False and tie["reasons"] == []
     # A real top-1 change (gap 0.5) fails.
-    swap = compare_record(np.array([-1.0, -1.5, -2.0], dtype=np.float16), np.array([0, 2, 1]), vals, ids)
+    swap = compare_record(np.array([-1.0, -1.5, -2.0], dtype=np.float16), np.array([0, 2, 1]), vals, ids, **wide)
     assert any(r.startswith("top-1") for r in swap["reasons"])
     # Boundary tie for the top-k set: stored class 1 at rank 3 vs class 3, 0.003 apart.
     bvals = np.array([-1.0, -1.5, -2.0, -2.003, -4.0], dtype=np.float16)
     bids = np.array([2, 0, 3, 1, 4])
-    btie = compare_record(np.array([-1.0, -1.5, -2.003], dtype=np.float16), np.array([2, 0, 1]), bvals, bids)
+    btie = compare_record(np.array([-1.0, -1.5, -2.003], dtype=np.float16), np.array([2, 0, 1]), bvals, bids, **wide)
     assert btie["topk_exact"] is False and btie["reasons"] == []
+
+
+def test_tail_mass_catches_a_shared_bias():
+    """A shift shared by every stored log-prob moves the mass outside the top-k; the tail check sees
+    it even where each entry alone stays within its tolerance."""
+    # A confident teacher, every entry +0.009 (the old default tolerance, 0.01, let this pass):
+    # the tail goes from 0.005 to about 0. The default tolerance fails it, tail included.
+    p = np.array([0.95, 0.03, 0.015] + [0.005 / 7] * 7)
+    ids = np.argsort(-p)
+    vals = np.log(p[ids]).astype(np.float16)
+    biased = (vals[:3].astype(np.float64) + 0.009).astype(np.float16)
+    r = compare_record(biased, ids[:3], vals, ids)
+    assert any(x.startswith("tail mass") for x in r["reasons"]) and r["tail_delta"] > 0.004, r["reasons"]
+    assert compare_record(vals[:3], ids[:3], vals, ids)["reasons"] == []
+    # A spread teacher (10 classes of ~0.0995, tail 0.005), every entry one float16 step up: each
+    # entry is within its tolerance, but together they move the tail by ~0.002 (> the root-sum-
+    # square of the steps, ~0.0007).
+    p = np.array([0.0995] * 10 + [0.005 / 90] * 90)
+    ids = np.arange(100)
+    vals = np.log(p).astype(np.float16)
+    up = np.nextafter(vals[:10], np.float16(0))
+    r = compare_record(up, ids[:10], vals, ids)
+    assert not [x for x in r["reasons"] if x.startswith("log-prob")]
+    assert any(x.startswith("tail mass") for x in r["reasons"]), r["reasons"]
+    # one entry a step up, the others as stored: rounding noise, not a shift
+    one = vals[:10].copy()
+    one[0] = up[0]
+    assert compare_record(one, ids[:10], vals, ids)["reasons"] == []
 
 
 def test_bad_inputs_exit_2(sharp, dataset, tmp_path):
@@ -304,3 +338,75 @@ def test_bad_inputs_exit_2(sharp, dataset, tmp_path):
     shutil.copytree(c, holes)
     shutil.rmtree(holes / "train-000001" / "box")
     fails(*verify_args(holes, dataset, weights), needle="lacks arrays ['box']")
+
+
+def test_verify_reruns_precompute_batches_exactly(sharp, dataset):
+    """verify gives the teacher the batches precompute gave it (recorded batch size), so on the same
+    machine every stored float16 comes back bit for bit, tail mass included."""
+    weights, c = sharp
+    r = json.loads(run(*verify_args(c, dataset, weights)).stdout)
+    assert r["ok"] and r["exact_batches"] is True and r["compared"] == 63
+    assert r["max_abs_delta_logprob"] == 0.0 and r["max_abs_delta_tail_mass"] == 0.0
+    assert r["tolerance"] == {"atol": 1e-4, "rtol": 2.0**-10}
+
+
+def _cache_copy(c, tmp_path):
+    out = tmp_path / "cache.zarr"
+    shutil.copytree(c, out)
+    return out
+
+
+def test_verify_reports_a_missing_group(sharp, dataset, tmp_path):
+    weights, c0 = sharp
+    c = _cache_copy(c0, tmp_path)
+    shutil.rmtree(c / "train-000001")
+    res = run(*verify_args(c, dataset, weights, "--samples", 6))
+    assert res.exit_code == 1, res.output
+    r = json.loads(res.stdout)
+    assert r["ok"] is False and r["failures"] == []
+    assert any("'train-000001'" in p and "missing from the store" in p for p in r["problems"]), r["problems"]
+    assert any("train-000001.tar has no group in the cache" in p for p in r["problems"]), r["problems"]
+    text = run(*verify_args(c, dataset, weights, "--samples", 6, as_json=False))
+    assert text.exit_code == 1 and "problem: shard group 'train-000001'" in text.stdout and "FAILED" in text.stdout
+
+
+def test_verify_reports_an_incomplete_group(sharp, dataset, tmp_path):
+    weights, c0 = sharp
+    c = _cache_copy(c0, tmp_path)
+    zarr.open_group(str(c), mode="r+")["train-000002"].attrs["complete"] = False
+    res = run(*verify_args(c, dataset, weights, "--samples", 6))
+    assert res.exit_code == 1, res.output
+    r = json.loads(res.stdout)
+    assert any("'train-000002' is incomplete" in p for p in r["problems"]), r["problems"]
+    assert "train-000002" not in r["shards_checked"]
+
+
+def test_verify_reports_data_shards_the_cache_never_covered(sharp, dataset, tmp_path):
+    from conftest import write_dataset
+
+    weights, c = sharp
+    data = tmp_path / "train"
+    shutil.copytree(dataset, data)
+    write_dataset(tmp_path / "more", shards=1, per_shard=3, seed=9, prefix="extra")
+    shutil.copy(tmp_path / "more" / "extra-000000.tar", data / "extra-000000.tar")
+    res = run(*verify_args(c, data, weights, "--samples", 6))
+    assert res.exit_code == 1, res.output
+    r = json.loads(res.stdout)
+    assert r["failures"] == [] and any("extra-000000.tar has no group in the cache" in p for p in r["problems"])
+    # a subset of the cache's shards is fine: the others are not checked, and that is only a warning
+    res = run(*verify_args(c, dataset / "train-000000.tar", weights, "--samples", 6))
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.stdout)
+    assert r["problems"] == [] and any("not in the data pattern" in w for w in r["warnings"])
+
+
+def test_verify_with_a_shared_bias_fails(sharp, dataset, tmp_path):
+    """+0.009 on every stored log-prob passed the old tolerance (0.01); now it fails."""
+    weights, c0 = sharp
+    c = _cache_copy(c0, tmp_path)
+    g = zarr.open_group(str(c), mode="r+")["train-000001"]
+    lp = g["logprobs"][:]
+    g["logprobs"][:] = (lp.astype(np.float64) + 0.009).astype(np.float16)
+    fails, r = failing_records(run(*verify_args(c, dataset, weights)))
+    assert {s for s, _, _ in fails} == {"train-000001"} and len(fails) == 7 * 3
+    assert all(any(x.startswith("tail mass") for x in f["reasons"]) for f in r["failures"])

@@ -1,0 +1,513 @@
+"""Proving that a cache replays exactly (`kdcache verify`). Read-only.
+
+Read top to bottom; each phase is one function:
+
+1. ``identity``   the teacher's spec and weights hash, the render backend (PIL flavour) and the
+                  device and precision the teacher ran with, against the manifest.
+2. ``coverage``   the cache's shard groups against the data's shards. A group the manifest lists but
+                  the store lacks, an incomplete group, or a data shard the cache never covered is a
+                  problem: training on that data would stop there.
+3. ``sample``     ``samples`` (shard, record, view) picks, uniform over the usable records of the
+                  complete groups that are in the data.
+4. ``check_shard`` per sampled shard: stream the data shard once and decode what the picks need
+                  (their images, their mixup partners, and the other records of their teacher
+                  batches); check keys and image sizes; check the stored geometry against the seeded
+                  sampler; re-run the teacher on each pick's batch *as precompute composed it*
+                  (``precompute.teacher_batches`` with the cache's batch size) and compare the top-k
+                  log-probs and the tail mass.
+
+Because the batches are the ones precompute ran, the same device type and the same render backend
+give back the stored float16 values exactly; the default tolerance allows one float16 step plus a
+float32 summation-order margin (a machine with other CPU kernels or thread counts), nothing more.
+Format-1 caches did not record the batch size; their picks run in batches of ``--batch-size``.
+
+``verify`` returns a plain dict (fields in docs/cli.md); ``format_verify`` is the CLI's text.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import KdcacheError
+from .inspect import JSON_SCHEMA, _num, _open, _valid_mask, load_images, shard_urls
+from .store import CacheReader
+
+# Tolerance on a log-probability: |Δ| <= ATOL + RTOL·|stored|. RTOL·|x| is at least one float16
+# step at x (the storage's rounding: a float32 difference in the last bits can flip it); ATOL is a
+# float32 margin for values near 0, where float16 steps are finer than float32's summation noise.
+ATOL = 1e-4
+RTOL = 2.0**-10
+
+
+@dataclass
+class Pick:
+    shard: str
+    index: int
+    view: int
+
+
+@dataclass
+class Tally:
+    """Counters over the picks (and their mixup partners), reported in the result."""
+
+    keys_checked: int = 0
+    keys_found: int = 0
+    sizes_match: int = 0
+    geometry_checked: int = 0
+    geometry_match: int = 0
+    compared: int = 0
+    top1_exact: int = 0
+    topk_exact: int = 0
+    max_delta: float = 0.0
+    max_tail_delta: float = 0.0
+    exact_batches: int = 0
+    failures: dict = field(default_factory=dict)
+
+    def fail(self, p: Pick, key: str, reason: str) -> None:
+        entry = self.failures.setdefault(
+            (p.shard, p.index, p.view), {"shard": p.shard, "key": key, "index": p.index, "view": p.view, "reasons": []})
+        entry["reasons"].append(reason)
+
+
+# ---- 1. identity -------------------------------------------------------------------------------
+
+
+def identity(manifest: dict, teacher: str, teacher_weights: str | None, device_type: str,
+             allow_teacher_mismatch: bool) -> tuple[dict, list[str], list[str]]:
+    """The identity checks. Returns (report fields, problems, warnings)."""
+    from .models import file_sha256
+    from .views import render_backend
+
+    problems, warnings = [], []
+    mt = manifest["teacher"]
+    spec_ok = teacher == mt.get("spec")
+    if teacher_weights and not os.path.isfile(teacher_weights):
+        raise KdcacheError(f"weights file {teacher_weights} does not exist")
+    sha = file_sha256(teacher_weights) if teacher_weights else None
+    weights_ok = sha == mt.get("weights_sha256")
+    for ok, what in ((spec_ok, f"teacher spec {teacher!r} differs from the cache's {mt.get('spec')!r}"),
+                     (weights_ok, f"teacher weights sha256 {sha} differs from the cache's {mt.get('weights_sha256')}")):
+        if not ok:
+            (warnings if allow_teacher_mismatch else problems).append(what)
+    here, there = render_backend(), manifest.get("render") or {}
+    render_ok = all(here.get(f) == there.get(f) for f in ("pil", "pil_version", "resample"))
+    if not render_ok:
+        warnings.append(
+            f"this machine renders with {here.get('pil')} {here.get('pil_version')} ({here.get('resample')}), the cache "
+            f"was made with {there.get('pil')} {there.get('pil_version')} ({there.get('resample')}); "
+            "resampling may differ slightly")
+    compute = manifest.get("compute") or {}
+    if compute.get("device") and compute["device"] != device_type:
+        warnings.append(
+            f"the teacher ran on {compute['device']} ({compute.get('precision')}) for this cache and runs on "
+            f"{device_type} here; other kernels and precision can move log-probs beyond the tolerance. "
+            f"Verify on a {compute['device']} device (--device), or widen --atol")
+    report = {
+        "teacher": {"spec": teacher, "cache_spec": mt.get("spec"), "spec_matches": spec_ok, "weights_sha256": sha,
+                    "cache_weights_sha256": mt.get("weights_sha256"), "weights_match": weights_ok},
+        "render": {"here": here, "cache": there, "matches": render_ok},
+    }
+    return report, problems, warnings
+
+
+def render_hint(render: dict) -> str | None:
+    """What to do when records disagree and this machine's PIL is not the one that made the cache."""
+    if render["matches"]:
+        return None
+    here, there = render["here"], render["cache"]
+    if there.get("pil") == "Pillow-SIMD" and here.get("pil") != "Pillow-SIMD":
+        fix = (f"a later pip install probably replaced Pillow-SIMD with Pillow; restore it with `pip install "
+               f"--no-deps --force-reinstall pillow-simd=={there.get('pil_version')}` (or `bash "
+               "tools/install_pillow_simd.sh PYTHON` from a kdcache checkout)")
+    else:
+        fix = f"install {there.get('pil')} {there.get('pil_version')} to replay this cache's pixels exactly"
+    return (f"the cache was rendered with {there.get('pil')} {there.get('pil_version')} and this machine renders "
+            f"with {here.get('pil')} {here.get('pil_version')}: their resampling differs by a pixel level, which moves "
+            f"log-probs by about 0.01. {fix}, then verify again")
+
+
+# ---- 2. coverage -------------------------------------------------------------------------------
+
+
+def coverage(reader: CacheReader, urls: dict[str, str]) -> tuple[list[str], list[str], list[str]]:
+    """Groups checked against data shards. Returns (groups usable for sampling, problems, warnings)."""
+    problems, warnings, usable = [], [], []
+    present = set(reader.shard_names())
+    listed = list(reader.manifest.get("shards") or [])
+    for name in listed:
+        if name not in present:
+            problems.append(f"shard group {name!r} is listed in the cache's manifest but missing from the store; "
+                            "re-run the precompute command to write it")
+    for name in sorted(present):
+        if not reader.is_complete(name):
+            problems.append(f"shard group {name!r} is incomplete (precompute was interrupted or is running); "
+                            "re-run the same precompute command to finish it")
+        elif name not in urls:
+            warnings.append(f"shard {name!r} is not in the data pattern; not checked")
+        else:
+            usable.append(name)
+    for name, url in sorted(urls.items()):
+        if name not in present:
+            problems.append(f"data shard {url} has no group in the cache (the cache never covered it): training "
+                            "on this data would stop there; precompute it into the cache or leave it out of --data")
+    return usable, problems, warnings
+
+
+# ---- 3. sample ---------------------------------------------------------------------------------
+
+
+def sample(reader: CacheReader, names: list[str], samples: int, seed: int) -> tuple[list[Pick], int]:
+    """``samples`` (shard, record, view) picks, uniform over the usable records. Returns (picks, population)."""
+    V = reader.views
+    pool, counts, rows = [], [], {}
+    for name in names:
+        keys, size = reader.keys(name), reader.sizes(name)
+        valid = np.flatnonzero(_valid_mask(keys, size, dict(reader.shard_attrs(name).get("bad") or {})))
+        if len(valid):
+            pool.append(name)
+            counts.append(len(valid) * V)
+            rows[name] = valid
+    total = int(sum(counts))
+    if not total:
+        return [], 0
+    rng = np.random.default_rng(seed)
+    flat = np.arange(total) if samples >= total else np.sort(rng.choice(total, size=samples, replace=False))
+    bounds = np.cumsum([0] + counts)
+    picks = []
+    for f in flat.tolist():
+        s = int(np.searchsorted(bounds, f, side="right") - 1)
+        r = f - int(bounds[s])
+        picks.append(Pick(pool[s], int(rows[pool[s]][r // V]), r % V))
+    return picks, total
+
+
+# ---- 4. one shard ------------------------------------------------------------------------------
+
+
+@dataclass
+class Teacher:
+    model: object
+    mean: tuple
+    std: tuple
+    device: object
+    num_classes: int
+
+
+def check_shard(reader: CacheReader, name: str, url: str, picks: list[Pick], teacher: Teacher, tally: Tally,
+                atol: float, rtol: float, fallback_batch: int, progress=None) -> None:
+    """Keys, sizes, geometry and teacher outputs of the picks of one shard (see the module doc)."""
+    import torch
+    from PIL import Image
+
+    from .precompute import batch_topk, render_batch, shard_views, teacher_batches
+    from .views import SAMPLER_VERSION, AugSpec, ShardViews
+
+    man = reader.manifest
+    V, res = reader.views, int(man["resolution"])
+    sd = reader.read_shard(name)
+    keys, n = sd["keys"], len(sd["keys"])
+    valid = _valid_mask(keys, sd["size"], dict(reader.shard_attrs(name).get("bad") or {}))
+    stored = ShardViews(sd["box"], sd["flip"], sd["mix_with"], sd["mix_lam"])
+
+    # Which teacher batches to run: the ones precompute ran (when the cache says how), else the picks.
+    batch_size = (man.get("compute") or {}).get("batch_size")
+    if batch_size:
+        plan = teacher_batches(valid, V, int(batch_size))
+        where = {(int(i), int(v)): b for b, pairs in enumerate(plan) for i, v in pairs}
+        wanted = sorted({where[(p.index, p.view)] for p in picks})
+        batches = [plan[b] for b in wanted]
+    else:
+        pairs = np.array([(p.index, p.view) for p in picks], dtype=np.int64).reshape(-1, 2)
+        batches = [pairs[i : i + fallback_batch] for i in range(0, len(pairs), fallback_batch)]
+    picked = {(p.index, p.view): p for p in picks}
+
+    # Rows to decode: every record of those batches and its mixup partner.
+    rows = {int(i) for b in batches for i in b[:, 0]}
+    rows |= {int(stored.mix_with[i, v]) for b in batches for i, v in b.tolist()} - {-1}
+    rows = {i for i in rows if 0 <= i < n}
+    need = {p.index for p in picks} | {int(stored.mix_with[p.index, p.view]) for p in picks} - {-1}
+    loaded = load_images(url, {str(keys[i]) for i in rows})
+    images: list = [None] * n
+    unusable: dict[int, str] = {}
+    for i in sorted(rows):
+        key = str(keys[i])
+        im = loaded.get(key)
+        h, w = (int(t) for t in sd["size"][i])
+        if im is None:
+            unusable[i] = f"key {key!r} (row {i}) is not in data shard {url}"
+        elif isinstance(im, str):
+            unusable[i] = im
+        elif (im.height, im.width) != (h, w):
+            unusable[i] = f"image {key!r} is {im.height}x{im.width} (HxW) in the data, {h}x{w} in the cache"
+        if i in need:
+            tally.keys_checked += 1
+            tally.keys_found += im is not None
+            tally.sizes_match += i not in unusable
+        # An unusable row still fills its place in the batch (black pixels of the stored size), so the
+        # other records of the batch run exactly as precompute ran them.
+        images[i] = Image.new("RGB", (max(w, 1), max(h, 1))) if i in unusable else im
+
+    aug = AugSpec.from_dict(man["augmentation"])
+    drawn = None
+    if aug.version == SAMPLER_VERSION:
+        drawn = shard_views(int(man["seed"]), name, keys, np.asarray(sd["size"]), valid, V, aug)
+    for p in picks:
+        key = str(keys[p.index])
+        if drawn is not None:
+            tally.geometry_checked += 1
+            got, want = stored.view(p.index, p.view), drawn.view(p.index, p.view)
+            if got == want:
+                tally.geometry_match += 1
+            else:
+                tally.fail(p, key, f"geometry: stored box {got.box} flip {got.flip} mix_with {got.mix_with} "
+                                   f"λ {got.mix_lam:.4f}, the seeded sampler draws box {want.box} flip {want.flip} "
+                                   f"mix_with {want.mix_with} λ {want.mix_lam:.4f}")
+        j = int(stored.mix_with[p.index, p.view])
+        if j >= n:
+            tally.fail(p, key, f"mixup partner index {j} is outside the shard's {n} records")
+        for i in [p.index] + ([j] if 0 <= j < n else []):
+            if i in unusable:
+                tally.fail(p, key, ("" if i == p.index else "mixup partner: ") + unusable[i])
+
+    C = teacher.num_classes
+    for pairs in batches:
+        if (stored.mix_with[pairs[:, 0], pairs[:, 1]] >= n).any():
+            pairs = pairs[stored.mix_with[pairs[:, 0], pairs[:, 1]] < n]  # cannot render; failed above
+        with torch.inference_mode():
+            vals, ids = batch_topk(teacher.model, render_batch(name, images, stored, pairs, res), teacher.mean,
+                                   teacher.std, C, teacher.device)
+        tally.exact_batches += bool(batch_size)
+        for (i, v), vv, ii in zip(pairs.tolist(), vals, ids):
+            p = picked.get((i, v))
+            if p is None or (p.shard, p.index, p.view) in tally.failures:
+                continue  # a batch-mate, or a pick whose inputs already failed
+            r = compare_record(sd["logprobs"][i, v], sd["classes"][i, v], vv, ii, atol, rtol)
+            tally.compared += 1
+            tally.top1_exact += r["top1_exact"]
+            tally.topk_exact += r["topk_exact"]
+            tally.max_delta = max(tally.max_delta, math.inf if r["max_delta"] is None else r["max_delta"])
+            tally.max_tail_delta = max(tally.max_tail_delta, r["tail_delta"] if r["tail_delta"] is not None else math.inf)
+            for why in r["reasons"]:
+                tally.fail(p, str(keys[i]), why)
+        if progress is not None:
+            progress(sum((i, v) in picked for i, v in pairs.tolist()))
+
+
+def _tol(value: float, atol: float, rtol: float) -> float:
+    return atol + rtol * abs(value) if math.isfinite(value) else atol
+
+
+def compare_record(stored_lp, stored_cls, vals, ids, atol: float = ATOL, rtol: float = RTOL) -> dict:
+    """Compare one stored top-k with the teacher's recomputed full sorted log-probs.
+
+    ``vals``/``ids``: all C log-probs of the re-run (float16, as precompute stores them) in
+    descending order and their classes. Besides each log-prob, the tail mass ``1 − Σ exp(l_i)`` over
+    the stored classes is compared: each entry may round either way within its tolerance, but the
+    tail may only move by the root-sum-square of those steps, so a bias shared by every entry (which
+    would move the mass outside the top-k) fails even when each entry alone is within tolerance.
+    Returns the deltas, agreement flags and a list of reasons (empty when the record agrees).
+    """
+    k = len(stored_lp)
+    C = len(vals)
+    now = np.empty(C, dtype=np.float64)
+    now[np.asarray(ids, dtype=np.int64)] = np.asarray(vals, dtype=np.float64)
+    s = np.asarray(stored_lp, dtype=np.float64)
+    c = np.asarray(stored_cls, dtype=np.int64)
+    reasons = []
+    if (c < 0).any() or (c >= C).any():
+        return {"max_delta": None, "tail_delta": None, "top1_exact": False, "topk_exact": False,
+                "reasons": [f"stored classes {c.tolist()} are outside 0..{C - 1}"]}
+    r = now[c]
+    with np.errstate(invalid="ignore"):
+        d = np.where(s == r, 0.0, np.abs(s - r))
+    d = np.where(np.isnan(d), np.inf, d)
+    max_delta = float(d.max()) if k else 0.0
+    tols = np.array([_tol(x, atol, rtol) for x in s])
+    for j in range(k):
+        if d[j] > tols[j]:
+            reasons.append(
+                f"log-prob of class {int(c[j])} (rank {j + 1}): stored {s[j]:.4f}, teacher now {r[j]:.4f} "
+                f"(|Δ| {d[j]:.4f} > {tols[j]:.4f})"
+            )
+    p_s, p_r = np.exp(s), np.exp(r)
+    tail_s, tail_r = max(0.0, 1.0 - p_s.sum()), max(0.0, 1.0 - p_r.sum())
+    tail_delta = abs(tail_s - tail_r)
+    tail_tol = float(np.sqrt(np.sum((np.maximum(p_s, p_r) * tols) ** 2))) + 1e-7
+    if tail_delta > tail_tol:
+        reasons.append(f"tail mass outside the top-{k}: stored {tail_s:.6f}, teacher now {tail_r:.6f} "
+                       f"(|Δ| {tail_delta:.6f} > {tail_tol:.6f}: the stored log-probs are shifted together)")
+    top = float(vals[0])
+    top1_exact = int(ids[0]) == int(c[0])
+    if not top1_exact and now[c[0]] < top - _tol(top, atol, rtol):
+        reasons.append(
+            f"top-1: stored class {int(c[0])}, teacher now says {int(ids[0])} "
+            f"({top:.4f} vs {now[c[0]]:.4f} for the stored class; not a tie within tolerance)"
+        )
+    fresh = set(int(t) for t in ids[:k])
+    topk_exact = fresh == set(c.tolist())
+    if not topk_exact:
+        kth = float(vals[k - 1])
+        tk = _tol(kth, atol, rtol)
+        far = [int(t) for t in c if int(t) not in fresh and now[t] < kth - tk]
+        if far:
+            below = ", ".join(f"class {t} by {kth - now[t]:.4f}" for t in far)
+            reasons.append(
+                f"top-{k} set: stored {sorted(c.tolist())}, teacher now {sorted(fresh)}; now below the k-th "
+                f"log-prob {kth:.4f}: {below} (> {tk:.4f}, not a tie)"
+            )
+    return {"max_delta": max_delta, "tail_delta": tail_delta, "top1_exact": top1_exact,
+            "topk_exact": topk_exact, "reasons": reasons}
+
+
+# ---- the whole check ---------------------------------------------------------------------------
+
+
+def verify(
+    cache,
+    data,
+    teacher: str,
+    teacher_weights: str | None = None,
+    num_classes: int | None = None,
+    pretrained: bool = False,
+    samples: int = 64,
+    device: str = "auto",
+    seed: int = 0,
+    batch_size: int = 64,
+    atol: float = ATOL,
+    rtol: float = RTOL,
+    allow_teacher_mismatch: bool = False,
+    storage_options: dict | None = None,
+    progress=None,
+) -> dict:
+    """Re-run the teacher on ``samples`` randomly chosen (record, view) pairs and compare.
+
+    ``ok`` is True when nothing disagrees and nothing is missing (docs/cli.md lists the fields).
+    ``batch_size`` is only used for format-1 caches, which did not record precompute's.
+    """
+    from .models import create_model
+    from .precompute import resolve_device
+
+    if samples < 1:
+        raise KdcacheError("--samples must be at least 1")
+    if batch_size < 1:
+        raise KdcacheError("--batch-size must be at least 1")
+    reader = _open(cache, storage_options)
+    man = reader.manifest
+    C = reader.num_classes
+    if num_classes is not None and num_classes != C:
+        raise KdcacheError(f"--num-classes {num_classes} disagrees with the cache, whose teacher has {C} classes")
+    urls = shard_urls(data)
+    dev = resolve_device(device)
+
+    ident, problems, warnings = identity(man, teacher, teacher_weights, dev.type, allow_teacher_mismatch)
+    names, more_problems, more_warnings = coverage(reader, urls)
+    problems += more_problems
+    warnings += more_warnings
+    if not names:
+        raise KdcacheError(
+            f"no complete cache shard of {reader.path} is in the data {data!r}: "
+            f"cache shards {reader.shard_names()[:5]}, data shards {sorted(urls)[:5]}"
+        )
+    picks, population = sample(reader, names, samples, seed)
+    if (man.get("augmentation") or {}).get("version") != _sampler_version():
+        warnings.append(f"the cache's views were drawn by sampler version {man['augmentation'].get('version')}, "
+                        f"this kdcache has {_sampler_version()}; stored geometry is replayed but not re-drawn")
+    if not (man.get("compute") or {}).get("batch_size"):
+        warnings.append("the cache does not record precompute's teacher batches (format 1); the picks run in "
+                        f"batches of --batch-size {batch_size}, so the last bits may differ")
+
+    # Build the teacher only once the inputs are known to be usable.
+    mt = man["teacher"]
+    info = create_model(teacher, num_classes=C, weights=teacher_weights, pretrained=pretrained, mean=mt.get("mean"),
+                        std=mt.get("std"), resolution=int(man["resolution"]))
+    t = Teacher(info.model.to(dev).eval(), info.mean, info.std, dev, C)
+    tally = Tally()
+    by_shard: dict[str, list[Pick]] = {}
+    for p in picks:
+        by_shard.setdefault(p.shard, []).append(p)
+    for name, plist in by_shard.items():
+        check_shard(reader, name, urls[name], plist, t, tally, atol, rtol, batch_size, progress)
+
+    fails = sorted(tally.failures.values(), key=lambda e: (e["shard"], e["index"], e["view"]))
+    hints = [h for h in [render_hint(ident["render"])] if h and fails]
+    n_cmp = tally.compared
+    return {
+        "schema": JSON_SCHEMA,
+        "ok": not fails and not problems,
+        "cache": reader.path,
+        "data": data if isinstance(data, str) else list(data),
+        "seed": seed,
+        "samples_requested": samples,
+        "samples_checked": len(picks),
+        "population": population,
+        "shards_checked": sorted(by_shard),
+        "tolerance": {"atol": atol, "rtol": rtol},
+        "exact_batches": bool((man.get("compute") or {}).get("batch_size")),
+        **ident,
+        "keys_checked": tally.keys_checked,
+        "keys_found": tally.keys_found,
+        "sizes_match": tally.sizes_match,
+        "geometry_checked": tally.geometry_checked,
+        "geometry_match": tally.geometry_match,
+        "compared": n_cmp,
+        "top1_agreement": tally.top1_exact / n_cmp if n_cmp else None,
+        "topk_set_agreement": tally.topk_exact / n_cmp if n_cmp else None,
+        "max_abs_delta_logprob": _num(tally.max_delta) if n_cmp else None,
+        "max_abs_delta_tail_mass": _num(tally.max_tail_delta) if n_cmp else None,
+        "warnings": warnings,
+        "problems": problems,
+        "hints": hints,
+        "failures": fails,
+    }
+
+
+def _sampler_version() -> int:
+    from .views import SAMPLER_VERSION
+
+    return SAMPLER_VERSION
+
+
+# ---- text --------------------------------------------------------------------------------------
+
+
+def format_verify(r: dict, max_failures: int = 50) -> str:
+    t = r["teacher"]
+    tol = r["tolerance"]
+    lines = [
+        f"verify {r['cache']} against {r['data']}",
+        f"  sampled {r['samples_checked']} of {r['population']} (record, view) pairs in {len(r['shards_checked'])} "
+        f"shards (seed {r['seed']})" + ("; teacher batches as precompute ran them" if r["exact_batches"] else ""),
+        f"  teacher spec {'matches' if t['spec_matches'] else 'DIFFERS'}, weights sha256 "
+        f"{'matches' if t['weights_match'] else 'DIFFERS'}",
+        f"  render: here {r['render']['here'].get('pil')} {r['render']['here'].get('pil_version')}, cache "
+        f"{r['render']['cache'].get('pil')} {r['render']['cache'].get('pil_version')}"
+        f"{'' if r['render']['matches'] else ' (DIFFERENT)'}",
+        f"  keys found {r['keys_found']}/{r['keys_checked']}, image sizes match {r['sizes_match']}/{r['keys_checked']}, "
+        f"geometry matches the seeded sampler {r['geometry_match']}/{r['geometry_checked']}",
+    ]
+    if r["compared"]:
+        fmt = lambda x, spec: "inf" if x is None else format(x, spec)  # noqa: E731
+        lines.append(
+            f"  top-1 agreement {100 * r['top1_agreement']:.1f}%, top-k set agreement {100 * r['topk_set_agreement']:.1f}% "
+            f"over {r['compared']} views; max |Δ log-prob| {fmt(r['max_abs_delta_logprob'], '.4g')}"
+            f" (tolerance {tol['atol']:g} + {tol['rtol']:.3g}·|stored|), max |Δ tail mass| "
+            f"{fmt(r['max_abs_delta_tail_mass'], '.3g')}"
+        )
+    for w in r["warnings"]:
+        lines.append(f"warning: {w}")
+    for p in r["problems"]:
+        lines.append(f"problem: {p}")
+    if r["failures"]:
+        lines.append(f"{len(r['failures'])} records disagree:")
+        for f in r["failures"][:max_failures]:
+            lines.append(f"  {f['shard']} {f['key']} view {f['view']}: " + "; ".join(f["reasons"]))
+        if len(r["failures"]) > max_failures:
+            lines.append(f"  ... {len(r['failures']) - max_failures} more (use --json for all)")
+    for h in r["hints"]:
+        lines.append(f"hint: {h}")
+    lines.append("OK: the cache replays exactly within tolerance" if r["ok"] else "FAILED: the cache does not replay as stored")
+    return "\n".join(lines)
