@@ -4,9 +4,10 @@ Read top to bottom:
 
 1. ``prepare_shards`` (main process, before training) finds how many usable records each shard
    holds — from the cache's attributes (``num_samples`` minus ``bad``), or from a tar header scan
-   when there is no cache — and checks what can be checked without decoding: every shard has a
-   complete cache group, the tar's keys equal the cache's keys, ``cls`` labels are present when
-   needed.
+   when there is no cache (with ``skip_bad``: a pass that decodes every image once and records
+   the undecodable ones in ``ShardInfo.bad``) — and checks what can be checked without decoding:
+   every shard has a complete cache group, the tar's keys equal the cache's keys, ``cls`` labels
+   are present when needed.
 2. ``ReplayStream.plan(epoch)`` is a pure function of ``(seed, epoch, rank, world, workers,
    batch size)``: a seeded permutation of the shards, dealt greedily to the ranks (balancing
    sample counts) and, inside a rank, to the DataLoader workers. Every rank runs the same number
@@ -48,8 +49,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .errors import KdcacheError
-from .shards import decode_shard, is_remote, scan_keys, shard_name
+from .errors import BadImageError, KdcacheError
+from .shards import decode_image, decode_shard, is_remote, iter_samples, scan_keys, shard_name
 from .store import CacheReader
 from .views import AugSpec, View, mix_pixels, mixup_pairs, render_crops, sample_view, stable_seed
 
@@ -61,6 +62,9 @@ class ShardInfo:
     url: str
     name: str
     count: int  # usable records (num_samples minus bad)
+    # key -> cause for the records left out: the cache's ``bad`` attribute, or (no cache, --skip-bad)
+    # the images that failed to decode before training
+    bad: dict[str, str] = field(default_factory=dict)
 
 
 def _first_difference(a: list[str], b: list[str]) -> tuple[int, str | None, str | None]:
@@ -80,11 +84,32 @@ def _key_mismatch(url: str, name: str, cache_path: str, data_keys: list[str], ca
     )
 
 
-def _check_one(url: str, reader: CacheReader | None, need_labels: bool, scan_local: bool) -> ShardInfo:
+def _decode_scan(url: str) -> tuple[list[str], list[bool], dict[str, str]]:
+    """Keys, whether each has ``cls``, and the undecodable images (key -> cause): every image of
+    the shard decoded once and dropped (no images are kept)."""
+    keys, has_cls, bad = [], [], {}
+    for sample in iter_samples(url):
+        keys.append(sample.key)
+        has_cls.append(sample.cls is not None)
+        try:
+            decode_image(sample)
+        except BadImageError as e:
+            bad[sample.key] = e.cause
+    return keys, has_cls, bad
+
+
+def _check_one(url: str, reader: CacheReader | None, need_labels: bool, scan_local: bool,
+               skip_bad: bool = False) -> ShardInfo:
     name = shard_name(url)
-    # Without a cache the scan gives the count; with one it checks keys (local tars only: a remote
-    # tar would have to be downloaded whole; the stream checks those when it reads them).
-    scan = scan_keys(url) if reader is None or (scan_local and not is_remote(url)) else None
+    # Without a cache the scan gives the count (with skip_bad: a decoding pass, which also finds
+    # the bad images); with one it checks keys (local tars only: a remote tar would have to be
+    # downloaded whole; the stream checks those when it reads them).
+    bad: dict[str, str] = {}
+    if reader is None and skip_bad:
+        keys, has_cls, bad = _decode_scan(url)
+        scan = (keys, has_cls)
+    else:
+        scan = scan_keys(url) if reader is None or (scan_local and not is_remote(url)) else None
     if reader is not None:
         if not reader.has_shard(name):
             raise KdcacheError(
@@ -92,15 +117,14 @@ def _check_one(url: str, reader: CacheReader | None, need_labels: bool, scan_loc
                 "data, or precompute has not covered this shard yet"
             )
         n = reader.check_shard(name)  # complete, shapes
-        bad = reader.shard_attrs(name).get("bad", {}) or {}
+        bad = dict(reader.shard_attrs(name).get("bad", {}) or {})
         count = n - len(bad)
         if scan is not None:
             ckeys = reader.keys(name).tolist()
             if scan[0] != ckeys:
                 raise _key_mismatch(url, name, reader.path, scan[0], ckeys)
     else:
-        count = len(scan[0])
-        bad = {}
+        count = len(scan[0]) - len(bad)
     if need_labels and scan is not None:
         for key, has in zip(*scan):
             if not has and key not in bad:
@@ -108,7 +132,7 @@ def _check_one(url: str, reader: CacheReader | None, need_labels: bool, scan_loc
                     f"sample {key!r} in shard {url} has no cls label, but training needs labels "
                     "(--label-weight > 0 or labels-only mode); use labelled shards or --label-weight 0"
                 )
-    return ShardInfo(url, name, int(count))
+    return ShardInfo(url, name, int(count), {str(k): str(v) for k, v in bad.items()})
 
 
 def gather_across_ranks(fn, items: list, rank: int, world: int) -> list:
@@ -137,10 +161,15 @@ def gather_across_ranks(fn, items: list, rank: int, world: int) -> list:
 
 def prepare_shards(
     urls: list[str], reader: CacheReader | None, need_labels: bool, rank: int = 0, world: int = 1,
-    scan_local: bool = True,
+    scan_local: bool = True, skip_bad: bool = False,
 ) -> list[ShardInfo]:
-    """Usable record counts per shard, with the checks that need no decoding (see module doc)."""
-    return gather_across_ranks(lambda u: _check_one(u, reader, need_labels, scan_local), urls, rank, world)
+    """Usable record counts per shard, with the checks that need no decoding (see module doc).
+
+    ``skip_bad`` matters only without a cache: every image is then decoded once (shards split
+    over ranks) to find the undecodable ones, which go into ``ShardInfo.bad`` and are not counted.
+    With a cache the bad records are the cache's (``bad`` attribute) either way.
+    """
+    return gather_across_ranks(lambda u: _check_one(u, reader, need_labels, scan_local, skip_bad), urls, rank, world)
 
 
 # ---- what workers ship ------------------------------------------------------------------
@@ -320,6 +349,7 @@ class StreamConfig:
     aug: AugSpec = field(default_factory=AugSpec)  # without a cache
     need_labels: bool = False
     num_classes: int | None = None  # checks cls < C
+    skip_bad: bool = False  # without a cache: leave out the records ShardInfo.bad lists (found before training)
     shuffle_buffer: int = 1024
     rank: int = 0
     world: int = 1
@@ -359,6 +389,22 @@ def one_view(seed: int, name: str, keys, sizes, valid, view: int, aug: AugSpec):
             mix_with[j], mix_lam[j] = -1, 1.0
         box[i], flip[i], mix_with[i], mix_lam[i] = 0, False, -1, 1.0
     return box, flip, mix_with, mix_lam
+
+
+def _check_bad_unchanged(info: ShardInfo, keys: list[str], bad_now: dict[str, str]) -> None:
+    """Without a cache, the records that fail to decode now must be those found before training
+    (``info.bad``): the plan's counts and the mixup partners depend on them."""
+    for k in keys:
+        if k in bad_now and k not in info.bad:
+            raise KdcacheError(
+                f"cannot decode image {k!r} in shard {info.url} ({bad_now[k]}), but it decoded before training: "
+                "the data changed during the run"
+            )
+        if k in info.bad and k not in bad_now:
+            raise KdcacheError(
+                f"image {k!r} in shard {info.url} could not be decoded before training ({info.bad[k]}) but decodes "
+                "now: the data changed during the run"
+            )
 
 
 class ReplayStream(IterableDataset):
@@ -433,7 +479,7 @@ class ReplayStream(IterableDataset):
     def _load(self, info: ShardInfo, view: int) -> _Shard:
         cfg = self.cfg
         reader = self._open_reader()
-        d = decode_shard(info.url, skip_bad=reader is not None)
+        d = decode_shard(info.url, skip_bad=reader is not None or cfg.skip_bad)
         keys, sizes, images, bad_decode, labels = d.keys, d.sizes, d.images, d.bad, d.labels
         n = len(keys)
         if reader is not None:
@@ -462,7 +508,8 @@ class ReplayStream(IterableDataset):
             logprobs = rec.logprobs if cfg.with_targets else None
             classes = rec.classes.astype(np.int64) if cfg.with_targets else None
         else:
-            valid = np.ones(n, dtype=bool)
+            _check_bad_unchanged(info, keys, bad_decode)
+            valid = np.array([k not in info.bad for k in keys], dtype=bool)
             box, flip, mix_with, mix_lam = one_view(cfg.view_seed, info.name, keys, sizes, valid, view, cfg.aug)
             logprobs = classes = None
         lab = np.full(n, -1, dtype=np.int64)

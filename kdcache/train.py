@@ -38,7 +38,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .errors import KdcacheError
+from .errors import BadImageError, KdcacheError
 from .models import create_model, logits_of, normalize
 from .precompute import resolve_device, teacher_topk_tensors
 from .replay import (
@@ -51,9 +51,10 @@ from .views import AugSpec, View, crop_tensor, mix_pixels
 MODES = ("auto", "cached", "live", "labels")
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_VERSION = 1
+BAD_KEYS_SHOWN = 20  # bad records named on stderr and in summary.json (all are counted)
 # Settings that must not change when a run is resumed (the data order or the model would differ).
 RESUME_FIXED = ("data", "cache", "student", "mode", "batch_size", "seed", "res", "world_size", "num_classes",
-                "optimizer", "teacher", "views", "view_seed", "shuffle_buffer")
+                "optimizer", "teacher", "views", "view_seed", "shuffle_buffer", "skip_bad")
 
 
 @dataclass
@@ -102,6 +103,9 @@ class TrainConfig:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: bool = True
     mixup: bool = False
+    # Without a cache: decode every image once before training and leave the undecodable ones out
+    # (listed in summary.json) instead of stopping. With a cache its recorded bad images are left out anyway.
+    skip_bad: bool = False
     loss_backend: str = "auto"
     stop_after: int | None = None  # stop after this many global steps (checkpoint written, no summary)
     progress: bool = True
@@ -171,12 +175,18 @@ def check_config(cfg: TrainConfig) -> None:
 
 
 def lr_at(step: int, base: float, warmup: int, total: int, min_lr: float = 0.0) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine from ``base`` to ``min_lr`` at ``total``."""
-    if warmup > 0 and step < warmup:
-        return base * (step + 1) / warmup
-    span = max(1, total - warmup)
-    t = min(1.0, (step - warmup) / span)
-    return min_lr + (base - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
+    """The learning rate of step ``step`` (0-based) of ``total`` (docs/training.md, *Schedule*).
+
+    Steps ``s < warmup`` ramp linearly, ``base·(s+1)/(warmup+1)``, strictly below the peak. From
+    step ``warmup`` on, a cosine from ``base`` to ``min_lr``: ``t = (s−warmup)/max(1, total−1−warmup)``,
+    ``min_lr + (base−min_lr)·(1+cos πt)/2``. So ``base`` is used exactly once (step ``warmup``) and
+    the last step runs at exactly ``min_lr`` (when ``total−1 > warmup``).
+    """
+    if step < warmup:
+        return base * (step + 1) / (warmup + 1)
+    t = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
+    w = 0.5 * (1.0 + math.cos(math.pi * t))  # 1 at the peak, 0 at the end (both exact in floating point)
+    return base * w + min_lr * (1.0 - w)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
@@ -224,8 +234,10 @@ def center_view(width: int, height: int, crop_fraction: float = 0.875) -> View:
 class ValStream(IterableDataset):
     """Validation images (centre view at ``res``) and labels; workers own whole shards."""
 
-    def __init__(self, shards: list[ShardInfo], res: int, batch_size: int, rank: int, world: int):
+    def __init__(self, shards: list[ShardInfo], res: int, batch_size: int, rank: int, world: int,
+                 skip_bad: bool = False):
         self.shards, self.res, self.batch_size, self.rank, self.world = shards, res, batch_size, rank, world
+        self.skip_bad = skip_bad  # undecodable images are left out of the evaluation (not counted)
 
     def __iter__(self):
         info = get_worker_info()
@@ -237,7 +249,12 @@ class ValStream(IterableDataset):
                 for sample in iter_samples(s.url):
                     if sample.cls is None:
                         raise KdcacheError(f"sample {sample.key!r} in val shard {s.url} has no cls label; --val-data needs labelled shards")
-                    im = decode_image(sample)
+                    try:
+                        im = decode_image(sample)
+                    except BadImageError:
+                        if not self.skip_bad:
+                            raise
+                        continue
                     pix.append(crop_tensor(im, center_view(im.width, im.height), self.res))
                     lab.append(sample.cls)
                     if len(pix) == self.batch_size:
@@ -352,8 +369,10 @@ def _say(rank: int, msg: str) -> None:
 def train(cfg: TrainConfig) -> dict:
     """Train a student; returns the summary dict (also written to ``RUN_DIR/summary.json``).
 
-    With ``stop_after`` the run stops after that many steps (checkpoint written, no summary) and
-    returns ``{"stopped_at": step, ...}``; ``resume=True`` continues it.
+    With ``stop_after`` the run stops after that many global steps (checkpoint written, no
+    summary.json, no student.pt) and returns ``{"stopped_at": step, "total_steps", "epoch",
+    "step_in_epoch", "checkpoint", "mode", "out"}`` (``epoch``/``step_in_epoch``: where the last
+    step ran); ``resume=True`` continues it.
     """
     check_config(cfg)
     mode = resolve_mode(cfg)
@@ -418,7 +437,7 @@ def train(cfg: TrainConfig) -> dict:
 
     # -- data: checks that need no decoding, then the stream --
     need_labels = mode == "labels" or cfg.label_weight > 0
-    shards = prepare_shards(urls, reader, need_labels, rank, world)
+    shards = prepare_shards(urls, reader, need_labels, rank, world, skip_bad=cfg.skip_bad)
     val_shards = None
     if cfg.val_data:
         val_shards = prepare_shards(expand_urls(cfg.val_data), None, True, rank, world)
@@ -431,7 +450,7 @@ def train(cfg: TrainConfig) -> dict:
         batch_size=cfg.batch_size, res=cfg.res, seed=cfg.seed, cache=cfg.cache, storage_options=cfg.storage_options,
         with_targets=mode == "cached", teacher_res=(teacher_res if mode == "live" and teacher_res != cfg.res else None),
         views=cfg.views, view_seed=view_seed, aug=aug, need_labels=need_labels, num_classes=num_classes,
-        shuffle_buffer=cfg.shuffle_buffer, rank=rank, world=world, workers=cfg.workers,
+        shuffle_buffer=cfg.shuffle_buffer, rank=rank, world=world, workers=cfg.workers, skip_bad=cfg.skip_bad,
     ))
     plans = [stream.plan(e) for e in range(cfg.epochs)]
     steps_per_epoch = [p.steps for p in plans]
@@ -443,6 +462,13 @@ def train(cfg: TrainConfig) -> dict:
                f"(epoch e replays view e mod {V})")
         if rank == 0:
             warnings.warn(msg, stacklevel=2)
+    bad_keys = [f"{s.name}/{k}" for s in shards for k in s.bad]
+    if bad_keys:
+        why = "recorded as bad in the cache" if reader is not None else "--skip-bad"
+        shown = ", ".join(bad_keys[:BAD_KEYS_SHOWN])
+        more = f" and {len(bad_keys) - BAD_KEYS_SHOWN} more" if len(bad_keys) > BAD_KEYS_SHOWN else ""
+        _say(rank, f"note: {len(bad_keys)} undecodable image{'s' if len(bad_keys) != 1 else ''} left out ({why}): "
+             f"{shown}{more}")
     if plans[0].dropped and rank == 0:
         _say(rank, f"note: {world} ranks hold uneven shares of the shards; to keep every rank's step count equal, "
              f"{plans[0].dropped} of {sum(s.count for s in shards)} records are left out of epoch 0")
@@ -515,7 +541,8 @@ def train(cfg: TrainConfig) -> dict:
         train_model = torch.compile(train_model)
     model.train()
 
-    val_stream = ValStream(val_shards, cfg.res, cfg.val_batch_size or cfg.batch_size, rank, world) if val_shards else None
+    val_stream = (ValStream(val_shards, cfg.res, cfg.val_batch_size or cfg.batch_size, rank, world, cfg.skip_bad)
+                  if val_shards else None)
 
     def run_eval(epoch: int) -> dict:
         r = evaluate(_unwrap(train_model), val_stream, cfg.workers, device, sinfo.mean, sinfo.std, num_classes,
@@ -551,7 +578,7 @@ def train(cfg: TrainConfig) -> dict:
     win_loss = torch.zeros((), dtype=torch.float64, device=device)
     win_steps, win_imgs, win_time = 0, 0, 0.0
     setup_s = time.perf_counter() - t_setup
-    stopped = False
+    stopped, stop_epoch, stop_in_epoch = False, None, None
 
     for epoch in range(epoch0, cfg.epochs):
         skip = skip0 if epoch == epoch0 else 0
@@ -608,7 +635,7 @@ def train(cfg: TrainConfig) -> dict:
                 t_mark, c_mark = time.perf_counter(), time.process_time()
             if cfg.stop_after is not None and step >= cfg.stop_after and not end_of_epoch:
                 save_checkpoint(epoch, in_epoch)
-                stopped = True
+                stopped, stop_epoch, stop_in_epoch = True, epoch, in_epoch
                 break
         if stopped:
             break
@@ -618,7 +645,7 @@ def train(cfg: TrainConfig) -> dict:
                     "records_dropped": plans[epoch].dropped})
         save_checkpoint(epoch + 1, 0)
         if cfg.stop_after is not None and step >= cfg.stop_after and epoch + 1 < cfg.epochs:
-            stopped = True
+            stopped, stop_epoch, stop_in_epoch = True, epoch, in_epoch
             break
     if bar is not None:
         bar.close()
@@ -627,7 +654,8 @@ def train(cfg: TrainConfig) -> dict:
         writer.close()
         if world > 1:
             dist.barrier()
-        return {"stopped_at": step, "mode": mode, "out": out}
+        return {"stopped_at": step, "total_steps": total_steps, "epoch": stop_epoch, "step_in_epoch": stop_in_epoch,
+                "checkpoint": ckpt_path, "mode": mode, "out": out}
 
     summary = {
         "mode": mode, "student": cfg.student, "num_classes": num_classes, "epochs": cfg.epochs, "steps": step,
@@ -640,6 +668,7 @@ def train(cfg: TrainConfig) -> dict:
         "cache": cfg.cache, "cache_manifest_sha256": resolved["cache_manifest_sha256"],
         "views": V, "views_reused": views_reused,
         "records_dropped": sum(p.dropped for p in plans),
+        "bad_records": len(bad_keys), "bad_keys": bad_keys[:BAD_KEYS_SHOWN],
     }
     summary["wall_time_s"] = prev_wall + time.perf_counter() - t_setup
     if rank == 0:
@@ -654,8 +683,10 @@ def train(cfg: TrainConfig) -> dict:
 
 def _check_resume(old: dict, new: dict, cfg: TrainConfig, rank: int) -> None:
     diffs = []
+    defaults = asdict(TrainConfig(data="", student="", out=""))
     for k in RESUME_FIXED:
-        a = old.get(k, old.get("resolved", {}).get(k))
+        # a setting the checkpoint's kdcache did not have yet ran at today's default
+        a = old.get(k, old.get("resolved", {}).get(k, defaults.get(k)))
         b = new.get(k, new.get("resolved", {}).get(k))
         if json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
             diffs.append(f"{k}: checkpoint has {a!r}, this run has {b!r}")

@@ -236,8 +236,96 @@ def test_bad_records_are_skipped(tmp_path, teacher_weights):
     assert "p1_2" in reader.shard_attrs("part-000001")["bad"]
     shards = prepare_shards(expand_urls(str(data)), reader, need_labels=True)
     assert [s.count for s in shards] == [5, 4]
+    assert shards[0].bad == {} and list(shards[1].bad) == ["p1_2"]  # the cache's list, as the trainer reports it
     for workers in (0, 2):
         st = ReplayStream(shards, StreamConfig(batch_size=4, res=RES, cache=str(cache), workers=workers,
                                                need_labels=True, num_classes=NUM_CLASSES))
         got = pairs(epoch_batches(st, 0))
         assert len(got) == 9 and "p1_2" not in {k for k, _ in got}
+
+
+# ---- --skip-bad without a cache ----------------------------------------------------------------
+
+BAD_KEY = "train0_0002"
+
+
+@pytest.fixture(scope="module")
+def bad_data(dataset, tmp_path_factory):
+    """The dataset (3 shards x 7) with record 2 of train-000000 replaced by a truncated JPEG."""
+    import webdataset as wds
+
+    from conftest import corrupt_jpeg
+
+    root = tmp_path_factory.mktemp("replay_bad") / "train"
+    root.mkdir(parents=True)
+    for u in expand_urls(str(dataset)):
+        with wds.TarWriter(str(root / (shard_name(u) + ".tar"))) as w:
+            for j, s in enumerate(iter_samples(u)):
+                bad = j == 2 and shard_name(u) == "train-000000"
+                w.write({"__key__": s.key, ("jpg" if bad else s.ext): (corrupt_jpeg() if bad else s.image),
+                         "cls": str(s.cls).encode()})
+    return root
+
+
+def test_skip_bad_without_cache_counts_skips_and_never_mixes_the_bad_record(bad_data, teacher_weights, tmp_path):
+    from kdcache.precompute import precompute
+    from kdcache.views import mixup_pairs
+
+    from conftest import precompute_config
+
+    urls = expand_urls(str(bad_data))
+    aug = AugSpec(mixup=True)
+    # without skip_bad the header scan counts 7 and the stream stops at the bad image, naming it
+    plain = make_stream(bad_data, None, views=3, view_seed=7, aug=aug)
+    assert [s.count for s in plain.shards] == [7, 7, 7]
+    with pytest.raises(KdcacheError, match=rf"'{BAD_KEY}' in shard .*train-000000.tar.*--skip-bad"):
+        list(epoch_batches(plain, 0))
+    # skip_bad: every image is decoded once before training; the bad one is recorded and not counted
+    shards = prepare_shards(urls, None, need_labels=True, skip_bad=True)
+    assert [s.count for s in shards] == [6, 7, 7]
+    assert list(shards[0].bad) == [BAD_KEY] and shards[1].bad == shards[2].bad == {}
+    # (the bad record has a mixup partner in some view, so the partner rule is exercised below)
+    assert any(mixup_pairs(7, "train-000000", v, 7)[0][2] >= 0 for v in range(3))
+    # precompute --skip-bad on the same data with the same seed, aug and V: the same views, pixel for pixel
+    cache = tmp_path / "c.zarr"
+    precompute(precompute_config(bad_data, cache, teacher_weights, skip_bad=True))  # seed 7, V=3, mixup
+    assert AugSpec.from_dict(CacheReader(str(cache)).manifest["augmentation"]) == aug
+    cached = make_stream(bad_data, cache, with_targets=False)
+    for workers in (0, 2):
+        st = ReplayStream(shards, StreamConfig(
+            batch_size=4, res=RES, workers=workers, need_labels=True, num_classes=NUM_CLASSES, shuffle_buffer=8,
+            views=3, view_seed=7, aug=aug, skip_bad=True,
+        ))
+        for epoch in (0, 1, 2):
+            bs = list(epoch_batches(st, epoch))
+            assert len(bs) == st.plan(epoch).steps == 5  # ceil(20 / 4)
+            keys = [k for b in bs for k in b.keys]
+            assert len(keys) == len(set(keys)) == 20 and BAD_KEY not in keys
+            # the precompute rule: a record whose partner is bad stays unmixed, the other pairs are untouched
+            mw, lam = mixup_pairs(7, "train-000000", epoch, 7)
+            expect_lam = lam.astype(np.float32)
+            expect_lam[2] = 1.0
+            if mw[2] >= 0:
+                expect_lam[mw[2]] = 1.0
+            got_lam = {int(i): float(l) for b in bs for s, i, l in zip(b.shards, b.index, b.lam) if s == "train-000000"}
+            assert got_lam == {i: float(expect_lam[i]) for i in range(7) if i != 2}
+            a = {k: p for b in bs for k, p in zip(b.keys, b.pixels("cpu"))}
+            c = {k: p for b in epoch_batches(cached, epoch) for k, p in zip(b.keys, b.pixels("cpu"))}
+            assert a.keys() == c.keys() and all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_skip_bad_stream_refuses_data_that_changed(dataset, bad_data):
+    from dataclasses import replace
+
+    cfg = dict(batch_size=4, res=RES, need_labels=True, num_classes=NUM_CLASSES, skip_bad=True)
+    good = prepare_shards(expand_urls(str(dataset)), None, need_labels=True, skip_bad=True)
+    bad = prepare_shards(expand_urls(str(bad_data)), None, need_labels=True, skip_bad=True)
+    assert [s.bad for s in good] == [{}, {}, {}]
+    # an image that decoded before training fails now
+    swapped = [replace(g, url=b.url) for g, b in zip(good, bad)]
+    with pytest.raises(KdcacheError, match=rf"'{BAD_KEY}' in shard .*train-000000.tar.*changed during the run"):
+        list(epoch_batches(ReplayStream(swapped, StreamConfig(**cfg)), 0))
+    # an image listed as bad decodes now
+    swapped = [replace(b, url=g.url) for g, b in zip(good, bad)]
+    with pytest.raises(KdcacheError, match=rf"'{BAD_KEY}' in shard .*train-000000.tar.*changed during the run"):
+        list(epoch_batches(ReplayStream(swapped, StreamConfig(**cfg)), 0))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -22,7 +23,7 @@ from kdcache.models import create_model, normalize
 from kdcache.replay import ReplayStream, StreamConfig, epoch_batches, prepare_shards
 from kdcache.shards import expand_urls, iter_samples, shard_name
 from kdcache.store import CacheReader
-from kdcache.train import TrainConfig, manifest_digest, train
+from kdcache.train import TrainConfig, lr_at, manifest_digest, train
 
 STUDENT = "py:kdcache.zoo:tiny_cnn"
 RES = 32
@@ -67,8 +68,9 @@ def state(path) -> dict:
 
 def test_precompute_then_train_two_epochs(dataset, cache, init_weights, tmp_path):
     out = tmp_path / "run"
+    # min_lr > 0: the schedule's last step runs at exactly --min-lr, and the log check below wants lr > 0
     summary = train(config(dataset, out, cache=str(cache), student_weights=str(init_weights),
-                           val_data=str(dataset), label_weight=0.0, checkpoint_every=4))
+                           val_data=str(dataset), label_weight=0.0, checkpoint_every=4, min_lr=1e-5))
     # the distillation loss falls: measured on all stored views before and after
     before = kd_loss_over_views(dataset, cache, init_weights)
     after = kd_loss_over_views(dataset, cache, out / "student.pt")
@@ -248,3 +250,135 @@ def test_ddp_two_processes_gloo(dataset, cache, tmp_path):
     assert summary["world_size"] == 2 and summary["steps"] == 6 and summary["final_val_top1"] is not None
     assert summary["records_dropped"] == 2 * (14 - 9)  # the rank holding two shards stops at 3 batches of 3
     assert (out / "student.pt").exists() and (out / "metrics.jsonl").exists()
+
+
+# ---- --stop-after through the CLI -------------------------------------------------------------
+
+
+def test_cli_stop_after_exits_0_and_says_how_to_resume(dataset, cache, tmp_path):
+    out = tmp_path / "r"
+    args = [*base_args(dataset, out, cache), "--epochs", 2]  # 6 steps per epoch, 12 in all
+    res = CliRunner().invoke(cli, ["train", *map(str, args), "--stop-after", 4])
+    assert res.exit_code == 0, res.output
+    stopped = json.loads(res.stdout.strip().splitlines()[-1])  # stdout: the machine-readable line
+    assert stopped["stopped_at"] == 4 and stopped["total_steps"] == 12 and stopped["epoch"] == 0
+    assert stopped["checkpoint"] == str(out / "checkpoint.pt") and stopped["mode"] == "cached"
+    assert stopped["out"] == str(out)
+    human = [l for l in res.stderr.splitlines() if "stopped" in l]  # stderr: one line for people
+    assert len(human) == 1, res.stderr
+    assert "step 4 of 12" in human[0] and str(out / "checkpoint.pt") in human[0], human[0]
+    assert "re-run the same command with --resume" in human[0], human[0]
+    assert (out / "checkpoint.pt").exists() and not (out / "summary.json").exists()
+    # doing what it says finishes the run
+    res = CliRunner().invoke(cli, ["train", *map(str, args), "--resume"])
+    assert res.exit_code == 0, res.output
+    done = json.loads(res.stdout.strip().splitlines()[-1])
+    assert done["steps"] == 12 and done["epochs"] == 2
+    assert json.loads((out / "summary.json").read_text())["steps"] == 12
+
+
+# ---- the learning-rate schedule -------------------------------------------------------------
+
+
+def documented_lr(s, base, W, S, min_lr):
+    """docs/training.md's schedule, written out independently of lr_at."""
+    if s < W:
+        return base * (s + 1) / (W + 1)
+    t = (s - W) / max(1, S - 1 - W)
+    return min_lr + (base - min_lr) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+@pytest.mark.parametrize("W,S", [(0, 10), (3, 10), (1, 2), (4, 6), (5, 6), (6, 6), (8, 5), (0, 1)])
+def test_lr_at_peaks_once_and_ends_at_min_lr(W, S):
+    base, lo = 0.1, 1e-3
+    lrs = [lr_at(s, base, W, S, lo) for s in range(S)]
+    assert lrs == pytest.approx([documented_lr(s, base, W, S, lo) for s in range(S)], rel=1e-12, abs=0)
+    ramp, cosine = lrs[: min(W, S)], lrs[W:]
+    assert all(a < b for a, b in zip(ramp, ramp[1:])) and all(x < base for x in ramp)  # strictly below the peak
+    assert all(a >= b for a, b in zip(cosine, cosine[1:]))  # non-increasing
+    assert max(lrs) <= base
+    if S > W:  # the peak exactly once, at step W
+        assert lrs.count(base) == 1 and lrs[W] == base
+    else:  # warm-up never reaches the peak
+        assert base not in lrs
+    if S - 1 > W:  # the last step runs at exactly --min-lr
+        assert lrs[-1] == lo and min(lrs) == lo
+    else:
+        assert lo not in lrs
+
+
+def test_logged_lr_follows_the_schedule(dataset, cache, tmp_path):
+    out = tmp_path / "lr"
+    W, base, lo = 3, 1e-2, 1e-4
+    s = train(config(dataset, out, cache=str(cache), warmup_steps=W, lr=base, min_lr=lo, log_every=1))
+    S = s["steps"]
+    assert S == 12
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    lrs = {l["step"]: l["lr"] for l in lines if "loss" in l}  # "step" counts steps done: step s+1 ran at lr_at(s)
+    assert sorted(lrs) == list(range(1, S + 1))
+    for done, lr in lrs.items():
+        assert lr == lr_at(done - 1, base, W, S, lo)
+        assert lr == pytest.approx(documented_lr(done - 1, base, W, S, lo), rel=1e-12, abs=0)
+    assert list(lrs.values()).count(base) == 1 and lrs[W + 1] == base and lrs[S] == lo
+
+
+# ---- undecodable images: --skip-bad --------------------------------------------------------------
+
+BAD_KEY = "train0_0002"
+
+
+@pytest.fixture(scope="module")
+def bad_data(dataset, tmp_path_factory):
+    """The dataset (3 shards x 7) with record 2 of train-000000 replaced by a truncated JPEG."""
+    from conftest import corrupt_jpeg
+
+    def corrupt(u, j, r):
+        if j == 2 and u.endswith("train-000000.tar"):
+            r.pop("png", None), r.pop("jpg", None)
+            r["jpg"] = corrupt_jpeg()
+
+    return rewrite(dataset, tmp_path_factory.mktemp("baddata") / "train", corrupt)
+
+
+def test_cli_bad_image_stops_train_and_skip_bad_leaves_it_out(bad_data, tmp_path):
+    # without --skip-bad: exit 2 naming shard and key, and the flag it suggests exists
+    code, out = run_cli(*base_args(bad_data, tmp_path / "r0"), "--num-classes", NUM_CLASSES)
+    assert code == 2 and f"'{BAD_KEY}'" in out and "train-000000.tar" in out and "--skip-bad" in out, out
+    assert not (tmp_path / "r0" / "summary.json").exists()
+    # with --skip-bad: the 20 good records train (with mixup), the bad one is listed
+    out = tmp_path / "r1"
+    res = CliRunner().invoke(cli, ["train", *map(str, base_args(bad_data, out)), "--num-classes", NUM_CLASSES,
+                                   "--epochs", 2, "--mixup", "--skip-bad", "--val-data", str(bad_data)])
+    assert res.exit_code == 0, res.output
+    notes = [l for l in res.stderr.splitlines() if "undecodable" in l]
+    assert len(notes) == 1 and notes[0].startswith("note: 1 undecodable image"), res.stderr
+    assert f"train-000000/{BAD_KEY}" in notes[0] and "--skip-bad" in notes[0], notes[0]
+    summary = json.loads((out / "summary.json").read_text())
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == summary
+    assert summary["bad_records"] == 1 and summary["bad_keys"] == [f"train-000000/{BAD_KEY}"]
+    assert summary["steps"] == 2 * 5  # ceil(20 / 4) per epoch
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["skip_bad"] is True and cfg["resolved"]["steps_per_epoch"] == [5, 5]
+    # the validation pass leaves it out as well
+    vals = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if "val_top1" in l]
+    assert vals and all(v["val_images"] == 20 for v in vals)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skip_bad_resume_is_bitwise_equal(bad_data, init_weights, tmp_path, workers):
+    from kdcache.errors import KdcacheError
+
+    kw = dict(student_weights=str(init_weights), workers=workers, skip_bad=True, mixup=True, views=2, batch_size=3,
+              warmup_steps=2, num_classes=NUM_CLASSES, label_weight=0.0)
+    straight = train(config(bad_data, tmp_path / "straight", **kw))
+    stopped = train(config(bad_data, tmp_path / "cut", stop_after=4, **kw))  # mid epoch 0 (7 steps per epoch)
+    assert stopped["stopped_at"] == 4 and stopped["total_steps"] == 14
+    resumed = train(config(bad_data, tmp_path / "cut", resume=True, **kw))
+    assert resumed["steps"] == straight["steps"] == 2 * 7  # ceil(20 / 3)
+    assert resumed["bad_records"] == straight["bad_records"] == 1
+    a, b = state(tmp_path / "straight" / "student.pt"), state(tmp_path / "cut" / "student.pt")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # --skip-bad changes the data order: it may not change on resume
+    with pytest.raises(KdcacheError, match="skip_bad"):
+        train(config(bad_data, tmp_path / "cut", resume=True, **{**kw, "skip_bad": False}))

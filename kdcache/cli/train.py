@@ -59,7 +59,14 @@ from .options import RANGE
 @click.option("--ratio", type=RANGE, default="0.75,1.3333333333333333", show_default=True, help="Without a cache: aspect range.")
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Without a cache: random flips.")
 @click.option("--mixup/--no-mixup", default=False, show_default=True, help="Without a cache: mix pairs inside each shard.")
-@click.option("--stop-after", type=int, default=None, help="Stop after N steps with a checkpoint (continue with --resume).")
+@click.option("--skip-bad", is_flag=True,
+              help="Without --cache: decode every image once before training, leave the undecodable ones out "
+                   "(counted and named in summary.json) and go on, instead of stopping at the first. "
+                   "Changes nothing with --cache: the cache already records its bad images, which are always "
+                   "left out.")
+@click.option("--stop-after", type=int, default=None,
+              help="Stop after N steps (global, counted from the start of the run) with a checkpoint and exit 0; "
+                   "continue by re-running the same command with --resume instead of --stop-after.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def train(**kw):
     """Train a student on the exact views a cache was made on.
@@ -79,6 +86,15 @@ def train(**kw):
     kw["compile"] = kw.pop("compile_")
     kw["progress"] = not kw.pop("no_progress")
     s = run(TrainConfig(**kw))
+    if "stopped_at" in s:  # a planned stop (--stop-after): not an error
+        click.echo(
+            f"train ({s['mode']}): stopped after step {s['stopped_at']} of {s['total_steps']} (--stop-after "
+            f"{kw['stop_after']}, epoch {s['epoch']}); checkpoint {s['checkpoint']}. To continue, re-run the same "
+            f"command with --resume (in place of --stop-after {kw['stop_after']}, or with a larger N)",
+            err=True,
+        )
+        click.echo(json.dumps(s))
+        return
     if s.get("final_val_top1") is not None:
         val = f", val top-1 {100 * s['final_val_top1']:.1f}% (best {100 * s['best_val_top1']:.1f}%)"
     else:
