@@ -37,9 +37,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from kdcache.models import create_model  # noqa: E402
-from kdcache.precompute import PrecomputeConfig, ShardRenderStream, precompute, resolve_device, teacher_topk  # noqa: E402
+from kdcache.precompute import PrecomputeConfig, ShardRenderStream, precompute  # noqa: E402
+from kdcache.runtime import resolve_device  # noqa: E402
 from kdcache.shards import Sample, decode_image, iter_samples, write_shards  # noqa: E402
+from kdcache.teacher import load_teacher, topk_tensors  # noqa: E402
 from kdcache.views import AugSpec, render, render_backend, sample_shard_views  # noqa: E402
 
 
@@ -108,7 +109,7 @@ def render_views(urls, args) -> list[torch.Tensor]:
     return pixels
 
 
-def time_teacher_only(pixels, args, info, device, min_seconds: float) -> float:
+def time_teacher_only(pixels, args, teacher, device, min_seconds: float) -> float:
     """Views/s of the teacher on pre-rendered views (same batch size, same call as precompute).
 
     Cycles over the batches for at least ``min_seconds`` (and at least 4 batches), after one warm-up batch.
@@ -116,16 +117,13 @@ def time_teacher_only(pixels, args, info, device, min_seconds: float) -> float:
     batches = [torch.stack(pixels[i: i + args.batch_size]) for i in range(0, len(pixels), args.batch_size)]
     if device.type == "cuda":
         batches = [b.pin_memory() for b in batches]
-    model = info.model.to(device).eval()
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
     n = 0
     with torch.inference_mode():
-        teacher_topk(model, batches[0], info.mean, info.std, args.topk, device)  # warm-up
+        [t.cpu() for t in topk_tensors(teacher, batches[0], args.topk)]  # warm-up
         t0 = time.perf_counter()
         while n < len(pixels) or time.perf_counter() - t0 < min_seconds:
             b = batches[(n // args.batch_size) % len(batches)]
-            teacher_topk(model, b, info.mean, info.std, args.topk, device)  # ends with .cpu(): synchronised
+            [t.cpu() for t in topk_tensors(teacher, b, args.topk)]  # .cpu(), as precompute does: synchronised
             n += len(b)
             if time.perf_counter() - t0 >= min_seconds and n >= min(len(pixels), 4 * args.batch_size):
                 break
@@ -180,13 +178,13 @@ def main(argv=None):
             views=args.views, topk=args.topk, seed=args.seed, res=args.res, batch_size=args.batch_size,
             device=str(device), workers=args.workers, progress=False,
         )
-        info = create_model(args.teacher, num_classes=args.num_classes, resolution=args.res)
+        teacher, _ = load_teacher(args.teacher, device, num_classes=args.num_classes, resolution=args.res)
         pixels = render_views(urls, args)
         # teacher-only before and after precompute; the better of the two (a shared machine's load
         # only ever slows a measurement down)
-        teach = [time_teacher_only(pixels, args, info, device, args.teacher_seconds)]
+        teach = [time_teacher_only(pixels, args, teacher, device, args.teacher_seconds)]
         summary = precompute(cfg)
-        teach.append(time_teacher_only(pixels, args, info, device, args.teacher_seconds))
+        teach.append(time_teacher_only(pixels, args, teacher, device, args.teacher_seconds))
         teach_views = max(teach)
         pre_img = summary["images_per_s"]
         pre_views = summary["records"] / summary["seconds"]

@@ -23,6 +23,9 @@ from pathlib import Path
 
 import click
 
+from .errors import KdcacheError
+from .views import AugSpec
+
 TEACHER = "py:kdcache.zoo:teacher_cnn"
 STUDENT = "py:kdcache.zoo:student_cnn"
 
@@ -81,7 +84,7 @@ def _train_config(plan: DemoPlan, out: Path, name: str, student: str, epochs: in
         data=str(out / "data" / "train"), student=student, out=str(run), num_classes=10, epochs=epochs,
         batch_size=plan.batch_size, lr=3e-3, weight_decay=0.01, warmup_steps=20, res=plan.res,
         val_data=str(out / "data" / "val"), workers=workers, device=device, seed=plan.seed,
-        scale=SCALE, flip=False, resume=True, progress=progress, **kw,
+        aug=AugSpec(scale=SCALE, flip=False), resume=True, progress=progress, **kw,
     )
 
 
@@ -91,7 +94,6 @@ def _finished(run: Path) -> bool:
 
 def _cache_complete(path: Path) -> bool:
     """True when a cache exists and every shard its manifest lists is complete."""
-    from .errors import KdcacheError
     from .store import CacheReader
 
     if not path.exists():
@@ -144,7 +146,7 @@ def run_demo(out: str | Path = "kdcache-demo", quick: bool = False, device: str 
              progress: bool = True) -> dict:
     """Run every stage (reusing finished ones) and return the report's figures."""
     from .demo_data import build_digits_dataset
-    from .inspect import format_summary, summarize
+    from .inspection import format_summary, summarize
     from .precompute import PrecomputeConfig, precompute
     from .train import train
 
@@ -154,7 +156,7 @@ def run_demo(out: str | Path = "kdcache-demo", quick: bool = False, device: str 
     plan_file = out / "plan.json"
     plan_dict = plan.__dict__
     if plan_file.exists() and json.loads(plan_file.read_text()) != plan_dict:
-        raise click.ClickException(
+        raise KdcacheError(
             f"{out} holds a demo run with other settings ({'quick' if not quick else 'full'} mode); "
             "use another --out or delete it"
         )
@@ -178,7 +180,8 @@ def run_demo(out: str | Path = "kdcache-demo", quick: bool = False, device: str 
     pc = PrecomputeConfig(
         data=str(data / "train"), teacher=TEACHER, teacher_weights=str(runs / "teacher" / "student.pt"),
         num_classes=10, out=str(cache), views=plan.views, topk=plan.topk, seed=plan.seed, res=plan.res,
-        scale=SCALE, flip=False, mixup=True, batch_size=256, workers=workers, device=device, progress=progress,
+        aug=AugSpec(scale=SCALE, flip=False, mixup=True), batch_size=256, workers=workers, device=device,
+        progress=progress,
     )
     stages.run("cache", _cache_complete(cache), lambda: precompute(pc))
     summary = summarize(str(cache))

@@ -15,7 +15,7 @@ Read top to bottom:
 3. A worker owns whole shards. For each it decodes every image once, reads view ``e mod V`` of
    the shard's cache group in one go, checks keys and image sizes against the cache, and pushes
    ``(shard, record)`` references through a seeded shuffle buffer. Rendering happens only when a
-   reference leaves the buffer: ``views.render_crops`` gives uint8 crops (own, and the partner's
+   reference leaves the buffer: ``views.crop_batch`` gives uint8 crops (own, and the partner's
    for a mixed record), exactly as precompute renders them; ``views.mix_pixels`` on the device
    turns them into the float pixels. Workers ship chunks of ``batch_size`` records.
 4. ``epoch_batches`` runs the DataLoader, re-cuts the chunks into batches of ``batch_size`` and
@@ -34,9 +34,11 @@ shuffle buffer still runs on references, nothing is rendered), so the round-robi
 the remaining batches are exactly those of an uninterrupted epoch.
 
 Modes: with a cache the views (and, for cached KD, the targets) come from the cache. Without a
-cache the views are drawn by ``views.sample_view``/``mixup_pairs`` from ``view_seed`` — the same
-functions precompute uses — for view index ``e mod V`` (``views`` given) or ``e`` (fresh views
-every epoch); with the cache's seed, augmentation and V they are the cache's views exactly.
+cache the views are drawn by ``views.sample_shard_views`` from ``view_seed`` — the sampler
+precompute uses — for view index ``e mod V`` (``views`` given) or ``e`` (fresh views every
+epoch); with the cache's seed, augmentation and V they are the cache's views exactly.
+
+``ValStream`` is the validation stream: the centre view of each labelled image.
 """
 
 from __future__ import annotations
@@ -50,9 +52,10 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .errors import BadImageError, KdcacheError
+from .runtime import guarded, raise_if_error, worker_share
 from .shards import decode_image, decode_shard, is_remote, iter_samples, scan_keys, shard_name
 from .store import CacheReader
-from .views import AugSpec, View, mix_pixels, mixup_pairs, render_crops, sample_view, stable_seed
+from .views import AugSpec, CropBatch, ShardViews, center_view, crop_batch, crop_tensor, sample_shard_views, stable_seed
 
 # ---- shard table (main process) ------------------------------------------------------------
 
@@ -179,9 +182,7 @@ def prepare_shards(
 class Batch:
     """Rendered records (a worker chunk or a training batch). Pixels stay uint8 until the device."""
 
-    own: torch.Tensor  # (b, 3, R, R) uint8
-    other: torch.Tensor | None  # (b, 3, R, R) uint8 partner crops, zeros where unmixed; None = no mixing
-    lam: torch.Tensor  # (b,) float32 own-image weight (1.0 where unmixed)
+    crops: CropBatch  # at the student's resolution
     label: torch.Tensor  # (b,) int64 own class id, -1 where the shard has no cls
     label_other: torch.Tensor  # (b,) int64 partner class id (= label where unmixed)
     index: torch.Tensor  # (b,) int64 record index in its shard
@@ -190,14 +191,24 @@ class Batch:
     view: int
     logprobs: torch.Tensor | None = None  # (b, k) float16 cached teacher top-k
     classes: torch.Tensor | None = None  # (b, k) int64
-    t_own: torch.Tensor | None = None  # crops at the live teacher's resolution when it differs
-    t_other: torch.Tensor | None = None
+    teacher_crops: CropBatch | None = None  # at the live teacher's resolution when it differs
 
     def __len__(self) -> int:
         return len(self.keys)
 
+    @property
+    def own(self) -> torch.Tensor:
+        return self.crops.own
+
+    @property
+    def lam(self) -> torch.Tensor:
+        return self.crops.lam
+
     def pin_memory(self):
-        for f in ("own", "other", "lam", "label", "label_other", "logprobs", "classes", "t_own", "t_other"):
+        self.crops = self.crops.pin_memory()
+        if self.teacher_crops is not None:
+            self.teacher_crops = self.teacher_crops.pin_memory()
+        for f in ("label", "label_other", "logprobs", "classes"):
             t = getattr(self, f)
             if t is not None:
                 setattr(self, f, t.pin_memory())
@@ -205,16 +216,14 @@ class Batch:
 
     def pixels(self, device) -> torch.Tensor:
         """Float32 pixels in [0, 1] on ``device`` (mixed as precompute mixes them)."""
-        return _mix(self.own, self.other, self.lam, device)
+        return self.crops.pixels(device)
 
     def teacher_pixels(self, device) -> torch.Tensor | None:
         """Pixels at the live teacher's resolution, or None when it equals the student's."""
-        if self.t_own is None:
-            return None
-        return _mix(self.t_own, self.t_other, self.lam, device)
+        return None if self.teacher_crops is None else self.teacher_crops.pixels(device)
 
     def mixed(self) -> bool:
-        return self.other is not None and bool((self.lam < 1).any())
+        return self.crops.other is not None and bool((self.crops.lam < 1).any())
 
     def targets(self, num_classes: int, device) -> torch.Tensor:
         """Hard labels (b,) when nothing is mixed, else soft labels λ·onehot(own) + (1−λ)·onehot(partner)."""
@@ -222,7 +231,7 @@ class Batch:
         if not self.mixed():
             return a
         b = self.label_other.to(device, non_blocking=True)
-        lam = self.lam.to(device, non_blocking=True).unsqueeze(1)
+        lam = self.crops.lam.to(device, non_blocking=True).unsqueeze(1)
         soft = torch.zeros(len(self), num_classes, device=device)
         soft.scatter_(1, a.unsqueeze(1), lam)
         soft.scatter_add_(1, b.unsqueeze(1), 1.0 - lam)
@@ -233,9 +242,10 @@ class Batch:
             return None if t is None else t[lo:hi]
 
         return Batch(
-            s(self.own), s(self.other), s(self.lam), s(self.label), s(self.label_other), s(self.index),
-            self.keys[lo:hi], self.shards[lo:hi], self.view, s(self.logprobs), s(self.classes),
-            s(self.t_own), s(self.t_other),
+            crops=self.crops.slice(lo, hi), label=s(self.label), label_other=s(self.label_other),
+            index=s(self.index), keys=self.keys[lo:hi], shards=self.shards[lo:hi], view=self.view,
+            logprobs=s(self.logprobs), classes=s(self.classes),
+            teacher_crops=None if self.teacher_crops is None else self.teacher_crops.slice(lo, hi),
         )
 
     @staticmethod
@@ -243,27 +253,16 @@ class Batch:
         if len(parts) == 1:
             return parts[0]
 
-        def c(f, zeros_like=None):
+        def c(f):
             ts = [getattr(p, f) for p in parts]
-            if all(t is None for t in ts):
-                return None
-            if any(t is None for t in ts):  # some parts unmixed: their partner crops are zeros
-                ref = [getattr(p, zeros_like) for p in parts]
-                ts = [t if t is not None else torch.zeros_like(r) for t, r in zip(ts, ref)]
-            return torch.cat(ts)
+            return None if ts[0] is None else torch.cat(ts)
 
         return Batch(
-            c("own"), c("other", "own"), c("lam"), c("label"), c("label_other"), c("index"),
-            [k for p in parts for k in p.keys], [s for p in parts for s in p.shards], parts[0].view,
-            c("logprobs"), c("classes"), c("t_own"), c("t_other", "t_own"),
+            crops=CropBatch.cat([p.crops for p in parts]), label=c("label"), label_other=c("label_other"),
+            index=c("index"), keys=[k for p in parts for k in p.keys], shards=[s for p in parts for s in p.shards],
+            view=parts[0].view, logprobs=c("logprobs"), classes=c("classes"),
+            teacher_crops=None if parts[0].teacher_crops is None else CropBatch.cat([p.teacher_crops for p in parts]),
         )
-
-
-def _mix(own, other, lam, device):
-    own = own.to(device, non_blocking=True)
-    if other is None:
-        return mix_pixels(own, None, None)
-    return mix_pixels(own, other.to(device, non_blocking=True), lam.to(device, non_blocking=True))
 
 
 @dataclass
@@ -271,11 +270,6 @@ class Skipped:
     """Stands for a chunk of ``n`` records a resumed epoch has already trained on."""
 
     n: int
-
-
-@dataclass
-class WorkerError:
-    message: str
 
 
 # ---- epoch plan -------------------------------------------------------------------------
@@ -356,39 +350,19 @@ class StreamConfig:
     workers: int = 0
 
 
+@dataclass
 class _Shard:
     """One decoded shard and the one view each of its records gets this epoch."""
 
-    def __init__(self, name, url, keys, images, labels, box, flip, mix_with, mix_lam, usable, logprobs=None, classes=None):
-        self.name, self.url, self.keys, self.images, self.labels = name, url, keys, images, labels
-        self.box, self.flip, self.mix_with, self.mix_lam = box, flip, mix_with, mix_lam
-        self.usable, self.logprobs, self.classes = usable, logprobs, classes
-
-    def view(self, i: int) -> View:
-        x, y, w, h = (int(t) for t in self.box[i])
-        return View(x, y, w, h, bool(self.flip[i]), int(self.mix_with[i]), float(self.mix_lam[i]))
-
-
-def one_view(seed: int, name: str, keys, sizes, valid, view: int, aug: AugSpec):
-    """View ``view`` of every record of a shard: what ``precompute.shard_views`` draws for that
-    view index (box, flip, mix_with, mix_lam), without drawing the other views."""
-    n = len(keys)
-    box = np.zeros((n, 4), dtype=np.int64)
-    flip = np.zeros(n, dtype=bool)
-    for i in range(n):
-        h, w = (int(t) for t in sizes[i]) if valid[i] else (1, 1)
-        vw = sample_view(seed, keys[i], view, w, h, aug)
-        box[i], flip[i] = vw.box, vw.flip
-    mix_with = np.full(n, -1, dtype=np.int32)
-    mix_lam = np.ones(n, dtype=np.float16)
-    if aug.mixup and n > 1:
-        mix_with, mix_lam = mixup_pairs(seed, name, view, n)
-    for i in np.flatnonzero(~np.asarray(valid, dtype=bool)):
-        j = mix_with[i]
-        if j >= 0:
-            mix_with[j], mix_lam[j] = -1, 1.0
-        box[i], flip[i], mix_with[i], mix_lam[i] = 0, False, -1, 1.0
-    return box, flip, mix_with, mix_lam
+    name: str
+    url: str
+    keys: list[str]
+    images: list
+    labels: np.ndarray  # (N,) int64, -1 = none
+    views: ShardViews  # one column: this epoch's view
+    usable: np.ndarray  # record indices that take part
+    logprobs: np.ndarray | None = None  # (N, k) cached targets of this view
+    classes: np.ndarray | None = None
 
 
 def _check_bad_unchanged(info: ShardInfo, keys: list[str], bad_now: dict[str, str]) -> None:
@@ -466,10 +440,7 @@ class ReplayStream(IterableDataset):
         if nw != len(plan.worker_shards):
             raise RuntimeError(f"ReplayStream planned for {len(plan.worker_shards)} workers but runs in {nw}")
         skips = self._skips or [0] * nw
-        try:
-            yield from self._stream(plan, wid, skips[wid])
-        except KdcacheError as e:
-            yield WorkerError(str(e))
+        return guarded(self._stream(plan, wid, skips[wid]))
 
     def _open_reader(self):
         if self._reader is None and self.cfg.cache is not None:
@@ -504,13 +475,13 @@ class ReplayStream(IterableDataset):
                     )
                 if cfg.with_targets and int(rec.classes[i, 0]) < 0:
                     raise KdcacheError(f"cache group {info.name!r} has no teacher output for {keys[i]!r}; the store is damaged")
-            box, flip, mix_with, mix_lam = rec.box, rec.flip, rec.mix_with, rec.mix_lam
+            views = ShardViews.single(rec.box, rec.flip, rec.mix_with, rec.mix_lam)
             logprobs = rec.logprobs if cfg.with_targets else None
             classes = rec.classes.astype(np.int64) if cfg.with_targets else None
         else:
             _check_bad_unchanged(info, keys, bad_decode)
             valid = np.array([k not in info.bad for k in keys], dtype=bool)
-            box, flip, mix_with, mix_lam = one_view(cfg.view_seed, info.name, keys, sizes, valid, view, cfg.aug)
+            views = sample_shard_views(cfg.view_seed, info.name, keys, sizes, [view], cfg.aug, valid=valid)
             logprobs = classes = None
         lab = np.full(n, -1, dtype=np.int64)
         for i in np.flatnonzero(valid):
@@ -533,7 +504,8 @@ class ReplayStream(IterableDataset):
                 f"shard {info.url} yields {len(usable)} usable records but {info.count} were planned; "
                 "the data or the cache changed during the run"
             )
-        return _Shard(info.name, info.url, keys, images, lab, box, flip, mix_with, mix_lam, usable, logprobs, classes)
+        return _Shard(name=info.name, url=info.url, keys=keys, images=images, labels=lab, views=views, usable=usable,
+                      logprobs=logprobs, classes=classes)
 
     def _refs(self, plan: EpochPlan, wid: int):
         """(shard, record) references of this worker's stream, through the seeded shuffle buffer."""
@@ -594,46 +566,22 @@ class _ChunkBuilder:
 
     def take(self) -> Batch:
         cfg, items = self.cfg, self.items
-        b, R = len(items), cfg.res
-        own = torch.empty((b, 3, R, R), dtype=torch.uint8)
-        other = None
-        tr = cfg.teacher_res
-        t_own = torch.empty((b, 3, tr, tr), dtype=torch.uint8) if tr else None
-        t_other = None
-        lam = torch.ones(b, dtype=torch.float32)
-        label = torch.empty(b, dtype=torch.int64)
-        label_other = torch.empty(b, dtype=torch.int64)
-        index = torch.empty(b, dtype=torch.int64)
-        with_t = cfg.with_targets and items and items[0][0].logprobs is not None
-        logprobs = torch.empty((b, items[0][0].logprobs.shape[1]), dtype=torch.float16) if with_t else None
-        classes = torch.empty((b, items[0][0].classes.shape[1]), dtype=torch.int64) if with_t else None
-        for j, (s, i) in enumerate(items):
-            view = s.view(i)
-            partner = s.images[view.mix_with] if view.mixed else None
-            pview = s.view(view.mix_with) if view.mixed else None
-            o, p = render_crops(s.images[i], view, R, partner, pview)
-            own[j] = o
-            if p is not None:
-                if other is None:
-                    other = torch.zeros((b, 3, R, R), dtype=torch.uint8)
-                other[j] = p
-                lam[j] = float(view.mix_lam)
-            if tr:
-                o, p = render_crops(s.images[i], view, tr, partner, pview)
-                t_own[j] = o
-                if p is not None:
-                    if t_other is None:
-                        t_other = torch.zeros((b, 3, tr, tr), dtype=torch.uint8)
-                    t_other[j] = p
-            label[j] = int(s.labels[i])
-            label_other[j] = int(s.labels[view.mix_with]) if view.mixed else int(s.labels[i])
-            index[j] = i
-            if with_t:
-                logprobs[j] = torch.from_numpy(np.asarray(s.logprobs[i]))
-                classes[j] = torch.from_numpy(np.asarray(s.classes[i]))
+        records = [(s.images, s.views, i, 0) for s, i in items]
+        with_t = cfg.with_targets and items[0][0].logprobs is not None
+
+        def stack(f):
+            return torch.from_numpy(np.stack([np.asarray(getattr(s, f)[i]) for s, i in items]))
+
         out = Batch(
-            own, other, lam, label, label_other, index, [s.keys[i] for s, i in items],
-            [s.name for s, _ in items], self.viewi, logprobs, classes, t_own, t_other,
+            crops=crop_batch(records, cfg.res),
+            teacher_crops=crop_batch(records, cfg.teacher_res) if cfg.teacher_res else None,
+            label=torch.tensor([int(s.labels[i]) for s, i in items], dtype=torch.int64),
+            label_other=torch.tensor([int(s.labels[s.views.mix_with[i, 0]]) if s.views.mix_with[i, 0] >= 0
+                                      else int(s.labels[i]) for s, i in items], dtype=torch.int64),
+            index=torch.tensor([i for _, i in items], dtype=torch.int64),
+            keys=[s.keys[i] for s, i in items], shards=[s.name for s, _ in items], view=self.viewi,
+            logprobs=stack("logprobs") if with_t else None,
+            classes=stack("classes").to(torch.int64) if with_t else None,
         )
         self._new()
         return out
@@ -673,8 +621,7 @@ def epoch_batches(stream: ReplayStream, epoch: int, skip_batches: int = 0, pin_m
         for item in it:
             if done >= want:
                 break
-            if isinstance(item, WorkerError):
-                raise KdcacheError(item.message)
+            item = raise_if_error(item)
             if isinstance(item, Skipped):
                 to_drop -= item.n
                 continue
@@ -699,3 +646,37 @@ def epoch_batches(stream: ReplayStream, epoch: int, skip_batches: int = 0, pin_m
         del it
     if done < want:
         raise KdcacheError(f"epoch {epoch}: the stream ended after {done} of {want} batches; the data changed during the run")
+
+
+class ValStream(IterableDataset):
+    """Validation batches: the centre view (``views.center_view``) of every labelled image at
+    ``res``, as uint8 crops, with labels. Ranks and workers own whole shards."""
+
+    def __init__(self, shards: list[ShardInfo], res: int, batch_size: int, rank: int, world: int,
+                 skip_bad: bool = False):
+        self.shards, self.res, self.batch_size, self.rank, self.world = shards, res, batch_size, rank, world
+        self.skip_bad = skip_bad  # undecodable images are left out of the evaluation (not counted)
+
+    def __iter__(self):
+        return guarded(self._batches(worker_share(self.shards[self.rank :: self.world])))
+
+    def _batches(self, shards: list[ShardInfo]):
+        pix, lab = [], []
+        for s in shards:
+            for sample in iter_samples(s.url):
+                if sample.cls is None:
+                    raise KdcacheError(f"sample {sample.key!r} in val shard {s.url} has no cls label; --val-data needs "
+                                       "labelled shards")
+                try:
+                    im = decode_image(sample)
+                except BadImageError:
+                    if not self.skip_bad:
+                        raise
+                    continue
+                pix.append(crop_tensor(im, center_view(im.width, im.height), self.res))
+                lab.append(sample.cls)
+                if len(pix) == self.batch_size:
+                    yield torch.stack(pix), torch.tensor(lab, dtype=torch.int64)
+                    pix, lab = [], []
+        if pix:
+            yield torch.stack(pix), torch.tensor(lab, dtype=torch.int64)

@@ -13,7 +13,8 @@ Read top to bottom; each phase is one function:
                   (their images, their mixup partners, and the other records of their teacher
                   batches); check keys and image sizes; check the stored geometry against the seeded
                   sampler; re-run the teacher on each pick's batch *as precompute composed it*
-                  (``precompute.teacher_batches`` with the cache's batch size) and compare the top-k
+                  (``precompute.teacher_batches`` with the cache's batch size, rendered by
+                  ``precompute.render_batch``, run by ``teacher.batch_topk``) and compare the top-k
                   log-probs and the tail mass.
 
 Because the batches are the ones precompute ran, the same device type and the same render backend
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import KdcacheError
-from .inspect import JSON_SCHEMA, _num, _open, _valid_mask, load_images, shard_urls
+from .inspection import JSON_SCHEMA, _num, _open, _valid_mask, load_images, shard_urls
 from .store import CacheReader
 
 # Tolerance on a log-probability: |Δ| <= ATOL + RTOL·|stored|. RTOL·|x| is at least one float16
@@ -188,23 +189,15 @@ def sample(reader: CacheReader, names: list[str], samples: int, seed: int) -> tu
 # ---- 4. one shard ------------------------------------------------------------------------------
 
 
-@dataclass
-class Teacher:
-    model: object
-    mean: tuple
-    std: tuple
-    device: object
-    num_classes: int
-
-
-def check_shard(reader: CacheReader, name: str, url: str, picks: list[Pick], teacher: Teacher, tally: Tally,
+def check_shard(reader: CacheReader, name: str, url: str, picks: list[Pick], teacher, tally: Tally,
                 atol: float, rtol: float, fallback_batch: int, progress=None) -> None:
     """Keys, sizes, geometry and teacher outputs of the picks of one shard (see the module doc)."""
     import torch
     from PIL import Image
 
-    from .precompute import batch_topk, render_batch, shard_views, teacher_batches
-    from .views import SAMPLER_VERSION, AugSpec, ShardViews
+    from .precompute import render_batch, teacher_batches
+    from .teacher import batch_topk
+    from .views import SAMPLER_VERSION, AugSpec, ShardViews, sample_shard_views
 
     man = reader.manifest
     V, res = reader.views, int(man["resolution"])
@@ -254,7 +247,7 @@ def check_shard(reader: CacheReader, name: str, url: str, picks: list[Pick], tea
     aug = AugSpec.from_dict(man["augmentation"])
     drawn = None
     if aug.version == SAMPLER_VERSION:
-        drawn = shard_views(int(man["seed"]), name, keys, np.asarray(sd["size"]), valid, V, aug)
+        drawn = sample_shard_views(int(man["seed"]), name, keys, np.asarray(sd["size"]), V, aug, valid=valid)
     for p in picks:
         key = str(keys[p.index])
         if drawn is not None:
@@ -278,8 +271,7 @@ def check_shard(reader: CacheReader, name: str, url: str, picks: list[Pick], tea
         if (stored.mix_with[pairs[:, 0], pairs[:, 1]] >= n).any():
             pairs = pairs[stored.mix_with[pairs[:, 0], pairs[:, 1]] < n]  # cannot render; failed above
         with torch.inference_mode():
-            vals, ids = batch_topk(teacher.model, render_batch(name, images, stored, pairs, res), teacher.mean,
-                                   teacher.std, C, teacher.device)
+            vals, ids = batch_topk(teacher, render_batch(name, images, stored, pairs, res).crops, C)
         tally.exact_batches += bool(batch_size)
         for (i, v), vv, ii in zip(pairs.tolist(), vals, ids):
             p = picked.get((i, v))
@@ -388,8 +380,8 @@ def verify(
     ``ok`` is True when nothing disagrees and nothing is missing (docs/cli.md lists the fields).
     ``batch_size`` is only used for format-1 caches, which did not record precompute's.
     """
-    from .models import create_model
-    from .precompute import resolve_device
+    from .runtime import resolve_device
+    from .teacher import load_teacher
 
     if samples < 1:
         raise KdcacheError("--samples must be at least 1")
@@ -422,9 +414,8 @@ def verify(
 
     # Build the teacher only once the inputs are known to be usable.
     mt = man["teacher"]
-    info = create_model(teacher, num_classes=C, weights=teacher_weights, pretrained=pretrained, mean=mt.get("mean"),
-                        std=mt.get("std"), resolution=int(man["resolution"]))
-    t = Teacher(info.model.to(dev).eval(), info.mean, info.std, dev, C)
+    t, _ = load_teacher(teacher, dev, num_classes=C, weights=teacher_weights, pretrained=pretrained,
+                        mean=mt.get("mean"), std=mt.get("std"), resolution=int(man["resolution"]))
     tally = Tally()
     by_shard: dict[str, list[Pick]] = {}
     for p in picks:

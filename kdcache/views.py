@@ -2,8 +2,14 @@
 
 A *view* is pure geometry. It is drawn by a pure function of ``(seed, key, view index)`` so every
 process, machine and worker count draws the same one, and it is also stored in the cache, so replay
-never has to re-run a random generator. ``render`` is the single function that turns a decoded
-image plus a view into pixels; precompute, train and verify all call it.
+never has to re-run a random generator.
+
+- ``sample_shard_views`` is the one view sampler (crops, flips, mixup pairs, and the rule that a
+  record whose partner has no image stays unmixed); ``ShardViews`` holds its arrays.
+- ``render`` turns a decoded image plus a view into pixels; ``crop_batch`` renders many records
+  (partners looked up in their shard) into a ``CropBatch`` of uint8 crops, and
+  ``CropBatch.pixels``/``mix_pixels`` scale and mix them on the device. Precompute, train, verify
+  and inspect all make pixels through these.
 """
 
 from __future__ import annotations
@@ -13,8 +19,9 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import torch
 from PIL import Image
+
+from .errors import KdcacheError
 
 # Bump when the sampling code changes in a way that changes the views drawn for the same inputs.
 SAMPLER_VERSION = 1
@@ -41,6 +48,10 @@ def render_backend() -> dict:
     return {"pil": flavour, "pil_version": PIL.__version__, "resample": RESAMPLE_NAME}
 
 
+class AugSpecError(KdcacheError, ValueError):
+    """An augmentation range that cannot be sampled."""
+
+
 @dataclass(frozen=True)
 class AugSpec:
     """The augmentation recipe: Inception-style crop ranges, flip and mixup switches."""
@@ -55,10 +66,10 @@ class AugSpec:
     def __post_init__(self):
         lo, hi = self.scale
         if not (0 < lo <= hi <= 1):
-            raise ValueError(f"scale range must satisfy 0 < min <= max <= 1, got {self.scale}")
+            raise AugSpecError(f"invalid --scale/--ratio: scale range must satisfy 0 < min <= max <= 1, got {self.scale}")
         lo, hi = self.ratio
         if not (0 < lo <= hi):
-            raise ValueError(f"ratio range must satisfy 0 < min <= max, got {self.ratio}")
+            raise AugSpecError(f"invalid --scale/--ratio: ratio range must satisfy 0 < min <= max, got {self.ratio}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -172,34 +183,65 @@ def mixup_pairs(seed: int, shard: str, view: int, n: int) -> tuple[np.ndarray, n
 
 @dataclass
 class ShardViews:
-    """The views of every record of one shard, as the arrays the store keeps."""
+    """Views of every record of one shard, as the arrays the store keeps: one column per view.
 
-    box: np.ndarray  # (N, V, 4) int64: x, y, w, h
+    ``view(i, j)`` is the one place arrays turn back into a ``View``.
+    """
+
+    box: np.ndarray  # (N, V, 4) int: x, y, w, h
     flip: np.ndarray  # (N, V) bool
     mix_with: np.ndarray  # (N, V) int32
     mix_lam: np.ndarray  # (N, V) float16
 
-    def view(self, i: int, v: int) -> View:
-        x, y, w, h = (int(t) for t in self.box[i, v])
-        return View(x, y, w, h, bool(self.flip[i, v]), int(self.mix_with[i, v]), float(self.mix_lam[i, v]))
+    def view(self, i: int, j: int) -> View:
+        x, y, w, h = (int(t) for t in self.box[i, j])
+        return View(x, y, w, h, bool(self.flip[i, j]), int(self.mix_with[i, j]), float(self.mix_lam[i, j]))
+
+    @classmethod
+    def single(cls, box, flip, mix_with, mix_lam) -> "ShardViews":
+        """One view of every record ((N, 4), (N,), (N,), (N,) arrays) as a one-column ShardViews."""
+        return cls(np.asarray(box)[:, None], np.asarray(flip)[:, None], np.asarray(mix_with)[:, None],
+                   np.asarray(mix_lam)[:, None])
 
 
-def sample_shard_views(seed: int, shard: str, keys, sizes, num_views: int, spec: AugSpec) -> ShardViews:
-    """All views of a shard: ``keys`` in tar order, ``sizes`` as (height, width) per record."""
+def sample_shard_views(seed: int, shard: str, keys, sizes, views, spec: AugSpec, valid=None) -> ShardViews:
+    """The views of a shard's records: ``keys`` in tar order, ``sizes`` as (height, width) per record.
+
+    ``views`` is V (view indices 0..V-1) or a sequence of view indices, one column each (the
+    trainer without a cache draws only the epoch's). ``valid`` marks the records that have an image
+    (default: all). A record without one gets no view (a zero box, no flip, unmixed), and the
+    record it would have been mixed with stays unmixed (λ = 1): its partner has no pixels. This is
+    the one view sampler: precompute, the trainer (without a cache) and verify all call it.
+    """
     n = len(keys)
-    box = np.zeros((n, num_views, 4), dtype=np.int64)
-    flip = np.zeros((n, num_views), dtype=bool)
-    for i, (key, (height, width)) in enumerate(zip(keys, sizes)):
-        for v in range(num_views):
-            vw = sample_view(seed, key, v, int(width), int(height), spec)
-            box[i, v] = vw.box
-            flip[i, v] = vw.flip
-    mix_with = np.full((n, num_views), -1, dtype=np.int32)
-    mix_lam = np.ones((n, num_views), dtype=np.float16)
+    index = list(range(views)) if isinstance(views, (int, np.integer)) else [int(v) for v in views]
+    valid = np.ones(n, dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
+    box = np.zeros((n, len(index), 4), dtype=np.int64)
+    flip = np.zeros((n, len(index)), dtype=bool)
+    for i in np.flatnonzero(valid):
+        height, width = (int(t) for t in sizes[i])
+        for j, v in enumerate(index):
+            vw = sample_view(seed, keys[i], v, width, height, spec)
+            box[i, j] = vw.box
+            flip[i, j] = vw.flip
+    mix_with = np.full((n, len(index)), -1, dtype=np.int32)
+    mix_lam = np.ones((n, len(index)), dtype=np.float16)
     if spec.mixup and n > 1:
-        for v in range(num_views):
-            mix_with[:, v], mix_lam[:, v] = mixup_pairs(seed, shard, v, n)
+        for j, v in enumerate(index):
+            mix_with[:, j], mix_lam[:, j] = mixup_pairs(seed, shard, v, n)
+    for i in np.flatnonzero(~valid):  # un-pair records whose partner has no image
+        partners = mix_with[i][mix_with[i] >= 0]
+        cols = np.flatnonzero(mix_with[i] >= 0)
+        mix_with[partners, cols], mix_lam[partners, cols] = -1, 1.0
+        mix_with[i], mix_lam[i] = -1, 1.0
     return ShardViews(box, flip, mix_with, mix_lam)
+
+
+def center_view(width: int, height: int, crop_fraction: float = 0.875) -> View:
+    """The centre square of side ``crop_fraction·min(h, w)``: resized to R it is the classic
+    'resize the shorter side to R/0.875, centre-crop R' (to the nearest source pixel)."""
+    side = max(1, min(int(round(min(width, height) * crop_fraction)), width, height))
+    return View((width - side) // 2, (height - side) // 2, side, side)
 
 
 def crop_pixels(image: Image.Image, view: View, size: int) -> np.ndarray:
@@ -213,6 +255,8 @@ def crop_pixels(image: Image.Image, view: View, size: int) -> np.ndarray:
 
 def crop_tensor(image: Image.Image, view: View, size: int) -> torch.Tensor:
     """``crop_pixels`` as a uint8 CHW tensor (what workers ship: 4x smaller than float)."""
+    import torch
+
     if image.mode != "RGB":
         image = image.convert("RGB")
     return torch.from_numpy(crop_pixels(image, view, size)).permute(2, 0, 1)
@@ -225,6 +269,8 @@ def mix_pixels(own: torch.Tensor, other: torch.Tensor | None, lam) -> torch.Tens
     (BCHW, λ of shape (B,)). Separate multiply and add kernels keep the result bit-identical
     between the two forms. ``other=None`` (or λ = 1 everywhere) leaves ``own`` unmixed.
     """
+    import torch
+
     x = own.float().div_(255.0)
     if other is None:
         return x
@@ -265,3 +311,68 @@ def render(
     """
     own, other = render_crops(image, view, size, partner, partner_view)
     return mix_pixels(own, other, view.mix_lam)
+
+
+@dataclass
+class CropBatch:
+    """Rendered records as uint8 crops, the form workers ship (4x smaller than float pixels).
+
+    ``other`` holds the partners' crops (zeros where a record is unmixed) and is ``None`` when no
+    record of the batch is mixed; ``lam`` is each record's own weight (1.0 where unmixed).
+    """
+
+    own: torch.Tensor  # (b, 3, R, R) uint8
+    other: torch.Tensor | None  # (b, 3, R, R) uint8
+    lam: torch.Tensor  # (b,) float32
+
+    def __len__(self) -> int:
+        return len(self.own)
+
+    def pixels(self, device) -> torch.Tensor:
+        """Float32 pixels in [0, 1] on ``device``: ``mix_pixels`` there (the device does the mixing)."""
+        own = self.own.to(device, non_blocking=True)
+        if self.other is None:
+            return mix_pixels(own, None, None)
+        return mix_pixels(own, self.other.to(device, non_blocking=True), self.lam.to(device, non_blocking=True))
+
+    def slice(self, lo: int, hi: int) -> "CropBatch":
+        return CropBatch(self.own[lo:hi], None if self.other is None else self.other[lo:hi], self.lam[lo:hi])
+
+    def pin_memory(self) -> "CropBatch":
+        return CropBatch(self.own.pin_memory(), None if self.other is None else self.other.pin_memory(),
+                         self.lam.pin_memory())
+
+    @staticmethod
+    def cat(parts: list["CropBatch"]) -> "CropBatch":
+        import torch
+
+        others = [p.other for p in parts]
+        if all(o is None for o in others):
+            other = None
+        else:  # unmixed parts contribute zero partner crops
+            other = torch.cat([o if o is not None else torch.zeros_like(p.own) for o, p in zip(others, parts)])
+        return CropBatch(torch.cat([p.own for p in parts]), other, torch.cat([p.lam for p in parts]))
+
+
+def crop_batch(records, size: int) -> CropBatch:
+    """Render records into one ``CropBatch`` at ``size``: each record is ``(images, views, i, j)``,
+    the decoded images of its shard (indexed by record), the shard's ``ShardViews``, the record's
+    index and the view column. The partner of a mixed record is looked up in the same shard, with
+    its view of the same column. Every path that makes pixels (precompute, the trainer, verify,
+    inspect's render) comes through here or ``render``, so they all make the same pixels."""
+    import torch
+
+    b = len(records)
+    own = torch.empty((b, 3, size, size), dtype=torch.uint8)
+    other = None
+    lam = torch.ones(b, dtype=torch.float32)
+    for n, (images, views, i, j) in enumerate(records):
+        view = views.view(i, j)
+        partner = images[view.mix_with] if view.mixed else None
+        pview = views.view(view.mix_with, j) if view.mixed else None
+        own[n], crop = render_crops(images[i], view, size, partner, pview)
+        if crop is not None:
+            if other is None:
+                other = torch.zeros((b, 3, size, size), dtype=torch.uint8)
+            other[n], lam[n] = crop, float(view.mix_lam)
+    return CropBatch(own, other, lam)

@@ -93,15 +93,25 @@ def teacher_weights(tmp_path_factory) -> Path:
 TEACHER = "py:kdcache.zoo:tiny_cnn"
 
 
+def with_aug(kw: dict, **defaults) -> dict:
+    """Config keywords with the augmentation flags (scale, ratio, flip, mixup) gathered into one AugSpec."""
+    from kdcache.views import AugSpec
+
+    parts = {k: kw.pop(k) for k in ("scale", "ratio", "flip", "mixup") if k in kw}
+    if "aug" not in kw:
+        kw["aug"] = AugSpec(**{**defaults, **parts})
+    return kw
+
+
 def precompute_config(data, out, weights, **kw):
     from kdcache.precompute import PrecomputeConfig
 
     base = dict(
         data=str(data), teacher=TEACHER, teacher_weights=str(weights), num_classes=NUM_CLASSES, out=str(out), views=3, topk=3,
-        seed=7, res=32, mixup=True, batch_size=8, workers=0, device="cpu", progress=False,
+        seed=7, res=32, batch_size=8, workers=0, device="cpu", progress=False,
     )
     base.update(kw)
-    return PrecomputeConfig(**base)
+    return PrecomputeConfig(**with_aug(base, mixup=True))
 
 
 @pytest.fixture(scope="session")

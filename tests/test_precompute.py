@@ -239,13 +239,14 @@ def test_teacher_sees_the_same_batches_however_the_run_is_split(dataset, teacher
     import kdcache.precompute as pc
 
     seen = []
-    real = pc.batch_topk
+    real = pc.raise_if_error  # the main process's first look at every item a worker sends
 
-    def spy(model, batch, *a, **kw):
-        seen.append((batch.name, batch.index.tolist(), batch.view.tolist()))
-        return real(model, batch, *a, **kw)
+    def spy(item):
+        if isinstance(item, pc.RecordBatch):
+            seen.append((item.name, item.index.tolist(), item.view.tolist()))
+        return real(item)
 
-    monkeypatch.setattr(pc, "batch_topk", spy)
+    monkeypatch.setattr(pc, "raise_if_error", spy)
     runs = {}
     for label, workers in (("one pass", 0), ("2 workers", 2), ("resumed", 0)):
         out = tmp_path / f"{label}.zarr"

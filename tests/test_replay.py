@@ -9,13 +9,13 @@ import torch
 from conftest import NUM_CLASSES, TEACHER
 from kdcache.errors import KdcacheError
 from kdcache.models import create_model
-from kdcache.precompute import teacher_topk
+from kdcache.teacher import Teacher, topk_tensors
 from kdcache.replay import (
-    EpochPlan, ReplayStream, ShardInfo, StreamConfig, epoch_batches, one_view, prepare_shards,
+    EpochPlan, ReplayStream, ShardInfo, StreamConfig, epoch_batches, prepare_shards,
 )
 from kdcache.shards import decode_shard, expand_urls, iter_samples, scan_keys, shard_name
 from kdcache.store import CacheReader
-from kdcache.views import AugSpec, render
+from kdcache.views import AugSpec, render, sample_shard_views
 
 RES = 32  # the conftest cache's teacher resolution
 
@@ -75,7 +75,8 @@ def test_cached_targets_equal_teacher_on_batch_images(dataset, cache, teacher_we
         assert cb.keys == lb.keys and lb.logprobs is None
         assert torch.equal(cb.pixels("cpu"), lb.pixels("cpu"))
         with torch.no_grad():
-            vals, ids = teacher_topk(model, lb.pixels("cpu"), info.mean, info.std, reader.topk, torch.device("cpu"))
+            teacher = Teacher(model, info.mean, info.std, torch.device("cpu"), NUM_CLASSES)
+            vals, ids = (t.numpy() for t in topk_tensors(teacher, lb.pixels("cpu"), reader.topk))
         assert np.array_equal(ids, cb.classes.numpy())
         np.testing.assert_array_equal(vals, cb.logprobs.numpy())
         assert cb.logprobs.dtype == torch.float16
@@ -128,12 +129,13 @@ def test_views_without_cache_equal_cached_views(dataset, cache):
         b = {k: p for b in epoch_batches(no_cache, epoch) for k, p in zip(b.keys, b.pixels("cpu"))}
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a)
-    # one_view is exactly the per-view slice of what precompute stores
+    # one view drawn alone is exactly the per-view slice of what precompute stores
     name = reader.shard_names()[0]
     arr = reader.read_shard(name)
     valid = np.ones(len(arr["keys"]), dtype=bool)
     for v in range(reader.views):
-        box, flip, mw, ml = one_view(reader.manifest["seed"], name, list(arr["keys"]), arr["size"], valid, v, aug)
+        one = sample_shard_views(reader.manifest["seed"], name, list(arr["keys"]), arr["size"], [v], aug, valid=valid)
+        box, flip, mw, ml = one.box[:, 0], one.flip[:, 0], one.mix_with[:, 0], one.mix_lam[:, 0]
         assert np.array_equal(box, arr["box"][:, v]) and np.array_equal(flip, arr["flip"][:, v])
         assert np.array_equal(mw, arr["mix_with"][:, v]) and np.array_equal(ml, arr["mix_lam"][:, v])
     # without V, every epoch gets a fresh view index

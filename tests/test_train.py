@@ -16,7 +16,7 @@ import torch
 import webdataset as wds
 from click.testing import CliRunner
 
-from conftest import NUM_CLASSES, TEACHER
+from conftest import NUM_CLASSES, TEACHER, with_aug
 from kdcache.cli import cli
 from kdcache.losses import sparse_kd_loss
 from kdcache.models import create_model, normalize
@@ -43,7 +43,7 @@ def config(dataset, out, **kw) -> TrainConfig:
     base = dict(data=str(dataset), student=STUDENT, out=str(out), epochs=2, batch_size=4, res=RES, lr=1e-2,
                 weight_decay=0.0, workers=0, device="cpu", progress=False, log_every=2)
     base.update(kw)
-    return TrainConfig(**base)
+    return TrainConfig(**with_aug(base))
 
 
 def kd_loss_over_views(dataset, cache, weights) -> float:

@@ -15,7 +15,9 @@ from PIL import Image
 from conftest import make_image
 from kdcache.views import (
     AugSpec,
+    ShardViews,
     View,
+    crop_batch,
     mixup_pairs,
     render,
     sample_crop,
@@ -188,6 +190,51 @@ def test_shard_views_match_sample_view():
             assert got.mix_with == int(mixup_pairs(3, "shard-a", v, 9)[0][i])
     off = sample_shard_views(3, "shard-a", keys, sizes, 4, AugSpec(mixup=False))
     assert (off.mix_with == -1).all() and (off.mix_lam == 1.0).all()
+    # a subset of view indices gives exactly those columns
+    some = sample_shard_views(3, "shard-a", keys, sizes, [2, 0], AugSpec(mixup=True))
+    for a, b in ((some.box, sv.box), (some.flip, sv.flip), (some.mix_with, sv.mix_with), (some.mix_lam, sv.mix_lam)):
+        assert np.array_equal(a, b[:, [2, 0]])
+
+
+def test_a_record_without_an_image_has_no_view_and_no_partner():
+    """The one rule for bad records: no view, never anyone's partner; its partner stays unmixed
+    (λ = 1); every other pair is as mixup_pairs draws it."""
+    n, V = 11, 5
+    keys = [f"k{i}" for i in range(n)]
+    sizes = [(30 + i, 50) if i not in (3, 7) else (-1, -1) for i in range(n)]
+    valid = np.array([i not in (3, 7) for i in range(n)])
+    sv = sample_shard_views(9, "s", keys, sizes, V, AugSpec(mixup=True), valid=valid)
+    for v in range(V):
+        mw, lam = mixup_pairs(9, "s", v, n)
+        for i in range(n):
+            if not valid[i]:
+                assert sv.view(i, v) == View(0, 0, 0, 0), (i, v)
+            elif mw[i] >= 0 and not valid[mw[i]]:
+                assert sv.mix_with[i, v] == -1 and sv.mix_lam[i, v] == 1.0, (i, v)
+            else:
+                assert sv.mix_with[i, v] == mw[i] and sv.mix_lam[i, v] == lam[i], (i, v)
+                assert sv.view(i, v).box == sample_view(9, keys[i], v, 50, sizes[i][0], AugSpec()).box
+    assert not np.isin(sv.mix_with, [3, 7]).any()
+    # the rule fired: some record lost its partner to a bad one
+    assert any(mixup_pairs(9, "s", v, n)[0][i] in (3, 7) for v in range(V) for i in range(n) if valid[i])
+
+
+def test_crop_batch_renders_like_render(pictures):
+    """crop_batch (what every path uses) gives the pixels render gives, record by record; with no
+    mixed record it allocates no partner buffer."""
+    a, b = pictures
+    images = [a, b]
+    mixed = ShardViews(np.array([[[0, 0, 60, 50]], [[5, 5, 40, 60]]]), np.array([[False], [True]]),
+                       np.array([[1], [0]], dtype=np.int32), np.array([[0.7], [0.7]], dtype=np.float16))
+    batch = crop_batch([(images, mixed, 0, 0), (images, mixed, 1, 0)], 16)
+    assert batch.other is not None and batch.own.dtype == torch.uint8 and batch.lam.tolist() == pytest.approx([0.7] * 2, abs=1e-3)
+    px = batch.pixels("cpu")
+    assert torch.equal(px[0], render(a, mixed.view(0, 0), 16, b, mixed.view(1, 0)))
+    assert torch.equal(px[1], render(b, mixed.view(1, 0), 16, a, mixed.view(0, 0)))
+    plain = ShardViews(mixed.box, mixed.flip, np.full((2, 1), -1, dtype=np.int32), np.ones((2, 1), dtype=np.float16))
+    batch = crop_batch([(images, plain, 1, 0), (images, plain, 0, 0)], 16)
+    assert batch.other is None and batch.lam.tolist() == [1.0, 1.0]
+    assert torch.equal(batch.pixels("cpu")[0], render(b, plain.view(1, 0), 16))
 
 
 # ---- render ------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ def inspect(cache, shard, key, view, render_out, data, top, as_json, storage_opt
 
     Never writes to the cache.
     """
-    from .. import inspect as api
+    from .. import inspection as api
     from ..errors import KdcacheError
 
     opts = parse_storage_options(storage_options)

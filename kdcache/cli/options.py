@@ -25,3 +25,45 @@ class FloatTuple(click.ParamType):
 
 RANGE = FloatTuple(2, "MIN,MAX")
 RGB = FloatTuple(3, "R,G,B")
+
+
+def config_default(config_cls, name: str):
+    """The default of a config dataclass field, so a flag and the Python API default alike."""
+    import dataclasses
+
+    f = {f.name: f for f in dataclasses.fields(config_cls)}[name]
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def augmentation_options(what: str = ""):
+    """--scale, --ratio, --flip/--no-flip, --mixup/--no-mixup, with ``views.AugSpec``'s defaults.
+    ``what`` prefixes each help text (e.g. "Without a cache: "). ``augmentation(kw)`` turns the
+    parsed flags into an AugSpec."""
+    from ..views import AugSpec
+
+    d = AugSpec()
+
+    def deco(f):
+        for opt in reversed([
+            click.option("--scale", type=RANGE, default=",".join(map(repr, d.scale)), show_default=True,
+                         help=f"{what}crop area fraction range MIN,MAX."),
+            click.option("--ratio", type=RANGE, default=",".join(map(repr, d.ratio)), show_default=True,
+                         help=f"{what}crop aspect-ratio range MIN,MAX."),
+            click.option("--flip/--no-flip", default=d.flip, show_default=True, help=f"{what}random horizontal flips."),
+            click.option("--mixup/--no-mixup", default=d.mixup, show_default=True,
+                         help=f"{what}mix pairs inside each shard (function matching)."),
+        ]):
+            f = opt(f)
+        return f
+
+    return deco
+
+
+def augmentation(kw: dict):
+    """Pop the augmentation flags from a command's keyword arguments; return the AugSpec."""
+    from ..views import AugSpec
+
+    return AugSpec(scale=tuple(kw.pop("scale")), ratio=tuple(kw.pop("ratio")), flip=kw.pop("flip"),
+                   mixup=kw.pop("mixup"))

@@ -6,8 +6,9 @@ import json
 
 import click
 
+from ..config import PrecomputeConfig
 from . import cli
-from .options import RANGE, RGB
+from .options import RGB, augmentation, augmentation_options, config_default
 
 
 @cli.command()
@@ -17,21 +18,19 @@ from .options import RANGE, RGB
 @click.option("--pretrained", is_flag=True, help="Let timm/torchvision fetch their pretrained weights (needs network).")
 @click.option("--num-classes", type=int, default=None, help="Expected teacher class count (checked; passed to py: factories).")
 @click.option("--out", required=True, help="Cache path (a local directory or an fsspec URL), e.g. cache.zarr.")
-@click.option("--views", "-V", default=10, show_default=True, help="Seeded views per image.")
-@click.option("--topk", "-k", default=10, show_default=True, help="Teacher outputs kept per view.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the view sampler.")
-@click.option("--res", default=224, show_default=True, help="Teacher input resolution (square).")
-@click.option("--scale", type=RANGE, default="0.08,1.0", show_default=True, help="Crop area fraction range MIN,MAX.")
-@click.option("--ratio", type=RANGE, default="0.75,1.3333333333333333", show_default=True, help="Crop aspect-ratio range MIN,MAX.")
-@click.option("--flip/--no-flip", default=True, show_default=True, help="Random horizontal flips.")
-@click.option("--mixup/--no-mixup", default=False, show_default=True, help="Mix pairs inside each shard (function matching).")
-@click.option("--batch-size", "-b", default=256, show_default=True, help="Teacher batch size.")
-@click.option("--device", default="auto", show_default=True, help="cuda, cuda:1, cpu, or auto.")
-@click.option("--workers", "-j", default=4, show_default=True, help="DataLoader workers (each owns whole shards).")
+@click.option("--views", "-V", default=config_default(PrecomputeConfig, 'views'), show_default=True, help="Seeded views per image.")
+@click.option("--topk", "-k", default=config_default(PrecomputeConfig, 'topk'), show_default=True, help="Teacher outputs kept per view.")
+@click.option("--seed", default=config_default(PrecomputeConfig, 'seed'), show_default=True, help="Seed of the view sampler.")
+@click.option("--res", default=config_default(PrecomputeConfig, 'res'), show_default=True, help="Teacher input resolution (square).")
+@augmentation_options()
+@click.option("--batch-size", "-b", default=config_default(PrecomputeConfig, 'batch_size'), show_default=True, help="Teacher batch size.")
+@click.option("--device", default=config_default(PrecomputeConfig, 'device'), show_default=True, help="cuda, cuda:1, cpu, or auto.")
+@click.option("--workers", "-j", default=config_default(PrecomputeConfig, "workers"), show_default=True,
+              help="DataLoader workers (each owns whole shards) [default: the cores but one, at most 4].")
 @click.option("--mean", type=RGB, default=None, help="Override input mean R,G,B (default: timm config or ImageNet).")
 @click.option("--std", type=RGB, default=None, help="Override input std R,G,B.")
-@click.option("--shard-index", default=0, show_default=True, help="With --num-shard-groups: which group this process writes.")
-@click.option("--num-shard-groups", default=1, show_default=True, help="Split the shards into this many disjoint groups.")
+@click.option("--shard-index", default=config_default(PrecomputeConfig, 'shard_index'), show_default=True, help="With --num-shard-groups: which group this process writes.")
+@click.option("--num-shard-groups", default=config_default(PrecomputeConfig, 'num_shard_groups'), show_default=True, help="Split the shards into this many disjoint groups.")
 @click.option("--skip-bad", is_flag=True, help="Record undecodable images in the shard's attributes and go on.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def precompute(**kw):
@@ -41,10 +40,10 @@ def precompute(**kw):
     A cache made with another teacher, seed, V, k or augmentation is refused. Under
     `torchrun --nproc_per_node N -m kdcache precompute ...` each rank writes disjoint shards.
     """
-    from ..precompute import PrecomputeConfig, precompute as run
+    from ..precompute import precompute as run
 
     kw["progress"] = not kw.pop("no_progress")
-    s = run(PrecomputeConfig(**kw))
+    s = run(PrecomputeConfig(aug=augmentation(kw), **kw))
     if s["shards_written"] == 0 and s["shards_skipped"]:
         click.echo(f"all {s['shards_skipped']} shards of this process are already complete in {s['cache']}", err=True)
     else:

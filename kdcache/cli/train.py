@@ -6,8 +6,10 @@ import json
 
 import click
 
+from ..config import AMP_MODES, MODES, OPTIMIZERS, TrainConfig
+from ..losses import TAIL_MODES
 from . import cli
-from .options import RANGE
+from .options import augmentation, augmentation_options, config_default
 
 
 @cli.command()
@@ -15,50 +17,48 @@ from .options import RANGE
 @click.option("--cache", default=None, help="Cache made by `kdcache precompute` on these shards (cached-teacher mode).")
 @click.option("--teacher", default=None, help="Live teacher spec (live mode): run on the same replayed views.")
 @click.option("--teacher-weights", type=click.Path(), default=None, help="Live teacher weights (.pt/.pth/.safetensors).")
-@click.option("--mode", type=click.Choice(["auto", "cached", "live", "labels"]), default="auto", show_default=True,
+@click.option("--mode", type=click.Choice(MODES), default=config_default(TrainConfig, 'mode'), show_default=True,
               help="auto: live with --teacher, cached with --cache, else labels. `labels` with --cache trains on "
                    "the cache's views with cross-entropy only.")
 @click.option("--student", required=True, help="Student spec: timm:NAME, torchvision:NAME, py:MODULE:FACTORY, or a TorchScript file.")
 @click.option("--student-weights", type=click.Path(), default=None, help="Initial student weights (e.g. a previous run's student.pt).")
 @click.option("--num-classes", type=int, default=None, help="Class count (default: the cache's, the teacher's, or classes.json).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (config, metrics, checkpoints, summary).")
-@click.option("--epochs", default=1, show_default=True, help="Epochs; epoch e replays view e mod V.")
-@click.option("--batch-size", "-b", default=128, show_default=True, help="Batch size per process.")
+@click.option("--epochs", default=config_default(TrainConfig, 'epochs'), show_default=True, help="Epochs; epoch e replays view e mod V.")
+@click.option("--batch-size", "-b", default=config_default(TrainConfig, 'batch_size'), show_default=True, help="Batch size per process.")
 @click.option("--lr", type=float, default=None, help="Peak learning rate [default: 1e-3 adamw, 0.1 sgd].")
-@click.option("--min-lr", type=float, default=0.0, show_default=True, help="Learning rate at the end of the cosine.")
-@click.option("--weight-decay", default=0.05, show_default=True, help="Weight decay (not on biases and norm weights).")
-@click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True)
-@click.option("--momentum", default=0.9, show_default=True, help="SGD momentum.")
-@click.option("--warmup-steps", default=0, show_default=True, help="Linear warm-up steps before the cosine.")
-@click.option("--temperature", "-T", default=1.0, show_default=True, help="Distillation temperature.")
-@click.option("--tail", type=click.Choice(["uniform", "renorm", "bucket"]), default="uniform", show_default=True,
+@click.option("--min-lr", type=float, default=config_default(TrainConfig, 'min_lr'), show_default=True, help="Learning rate at the end of the cosine.")
+@click.option("--weight-decay", default=config_default(TrainConfig, 'weight_decay'), show_default=True, help="Weight decay (not on biases and norm weights).")
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=config_default(TrainConfig, 'optimizer'), show_default=True)
+@click.option("--momentum", default=config_default(TrainConfig, 'momentum'), show_default=True, help="SGD momentum.")
+@click.option("--warmup-steps", default=config_default(TrainConfig, 'warmup_steps'), show_default=True, help="Linear warm-up steps before the cosine.")
+@click.option("--temperature", "-T", default=config_default(TrainConfig, 'temperature'), show_default=True, help="Distillation temperature.")
+@click.option("--tail", type=click.Choice(TAIL_MODES), default=config_default(TrainConfig, 'tail'), show_default=True,
               help="How the teacher's mass outside the top-k is modelled.")
-@click.option("--label-weight", default=0.0, show_default=True, help="Weight of the cross-entropy on labels (needs cls).")
-@click.option("--res", default=224, show_default=True, help="Student input resolution.")
+@click.option("--label-weight", default=config_default(TrainConfig, 'label_weight'), show_default=True, help="Weight of the cross-entropy on labels (needs cls).")
+@click.option("--res", default=config_default(TrainConfig, 'res'), show_default=True, help="Student input resolution.")
 @click.option("--teacher-res", type=int, default=None, help="Live teacher resolution [default: the cache's, else --res].")
 @click.option("--topk", type=int, default=None, help="Live teacher top-k [default: the cache's k, else 10].")
 @click.option("--val-data", default=None, help="Validation shards with cls labels (top-1/top-5).")
 @click.option("--val-batch-size", type=int, default=None, help="Validation batch size [default: --batch-size].")
-@click.option("--eval-every", default=0, show_default=True, help="Evaluate every N steps (and at each epoch end).")
-@click.option("--checkpoint-every", default=0, show_default=True, help="Checkpoint every N steps (and at each epoch end).")
-@click.option("--log-every", default=10, show_default=True, help="Write a metrics line every N steps.")
-@click.option("--workers", "-j", default=4, show_default=True, help="DataLoader workers (each owns whole shards).")
-@click.option("--device", default="auto", show_default=True, help="cuda, cuda:1, cpu, or auto.")
-@click.option("--seed", default=0, show_default=True, help="Seed: student init, shard order, shuffle buffer.")
+@click.option("--eval-every", default=config_default(TrainConfig, 'eval_every'), show_default=True, help="Evaluate every N steps (and at each epoch end).")
+@click.option("--checkpoint-every", default=config_default(TrainConfig, 'checkpoint_every'), show_default=True, help="Checkpoint every N steps (and at each epoch end).")
+@click.option("--log-every", default=config_default(TrainConfig, 'log_every'), show_default=True, help="Write a metrics line every N steps.")
+@click.option("--workers", "-j", default=config_default(TrainConfig, "workers"), show_default=True,
+              help="DataLoader workers (each owns whole shards) [default: the cores but one, at most 4].")
+@click.option("--device", default=config_default(TrainConfig, 'device'), show_default=True, help="cuda, cuda:1, cpu, or auto.")
+@click.option("--seed", default=config_default(TrainConfig, 'seed'), show_default=True, help="Seed: student init, shard order, shuffle buffer.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint (a fresh run if none).")
-@click.option("--amp", type=click.Choice(["bf16", "fp16", "none"]), default="bf16", show_default=True,
+@click.option("--amp", type=click.Choice(AMP_MODES), default=config_default(TrainConfig, 'amp'), show_default=True,
               help="Mixed precision on CUDA (CPU always trains in float32).")
 @click.option("--channels-last", is_flag=True, help="channels_last memory format.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the student.")
 @click.option("--grad-clip", type=float, default=None, help="Clip the gradient norm to this value.")
-@click.option("--shuffle-buffer", default=1024, show_default=True, help="Records in each worker's shuffle buffer.")
+@click.option("--shuffle-buffer", default=config_default(TrainConfig, 'shuffle_buffer'), show_default=True, help="Records in each worker's shuffle buffer.")
 @click.option("--views", type=int, default=None,
               help="Without a cache: V views per image, epoch e uses view e mod V [default: a fresh view every epoch].")
 @click.option("--view-seed", type=int, default=None, help="Without a cache: seed of the view sampler [default: --seed].")
-@click.option("--scale", type=RANGE, default="0.08,1.0", show_default=True, help="Without a cache: crop area range.")
-@click.option("--ratio", type=RANGE, default="0.75,1.3333333333333333", show_default=True, help="Without a cache: aspect range.")
-@click.option("--flip/--no-flip", default=True, show_default=True, help="Without a cache: random flips.")
-@click.option("--mixup/--no-mixup", default=False, show_default=True, help="Without a cache: mix pairs inside each shard.")
+@augmentation_options("Without a cache: ")
 @click.option("--skip-bad", is_flag=True,
               help="Without --cache: decode every image once before training, leave the undecodable ones out "
                    "(counted and named in summary.json) and go on, instead of stopping at the first. "
@@ -81,11 +81,11 @@ def train(**kw):
     Writes config.json, metrics.jsonl, checkpoint.pt, student.pt and summary.json into --out.
     Under `torchrun --nproc_per_node N -m kdcache train ...` it trains with DDP.
     """
-    from ..train import TrainConfig, train as run
+    from ..train import train as run
 
     kw["compile"] = kw.pop("compile_")
     kw["progress"] = not kw.pop("no_progress")
-    s = run(TrainConfig(**kw))
+    s = run(TrainConfig(aug=augmentation(kw), **kw))
     if "stopped_at" in s:  # a planned stop (--stop-after): not an error
         click.echo(
             f"train ({s['mode']}): stopped after step {s['stopped_at']} of {s['total_steps']} (--stop-after "

@@ -314,7 +314,7 @@ def render_record(
     from matplotlib.patches import Rectangle
     from PIL import Image
 
-    from .views import View, render
+    from .views import ShardViews, View, crop_batch
 
     reader = _open(cache, storage_options)
     info = record_info(reader, shard, key, view, storage_options)
@@ -333,10 +333,7 @@ def render_record(
         if isinstance(images[kk], str):
             raise KdcacheError(images[kk])
     sd = reader.read_shard(shard)
-
-    def view_of(i: int) -> View:
-        x, y, w, h = (int(t) for t in sd["box"][i, view])
-        return View(x, y, w, h, bool(sd["flip"][i, view]), int(sd["mix_with"][i, view]), float(sd["mix_lam"][i, view]))
+    views = ShardViews(sd["box"], sd["flip"], sd["mix_with"], sd["mix_lam"])
 
     for kk, i in [(key, info["index"])] + ([(v["mix_key"], v["mix_with"])] if v["mixed"] else []):
         h, w = (int(t) for t in sd["size"][i])
@@ -345,10 +342,11 @@ def render_record(
             warnings.append(f"image {kk!r} is {im.height}x{im.width} in the data but {h}x{w} in the cache")
 
     res = info["resolution"]
-    own_view = view_of(info["index"])
+    own_view = views.view(info["index"], view)
     partner = images[v["mix_key"]] if v["mixed"] else None
-    pview = view_of(v["mix_with"]) if v["mixed"] else None
-    pix = render(images[key], own_view, res, partner, pview)
+    pview = views.view(v["mix_with"], view) if v["mixed"] else None
+    by_row = {info["index"]: images[key]} | ({v["mix_with"]: partner} if v["mixed"] else {})
+    pix = crop_batch([(by_row, views, info["index"], view)], res).pixels("cpu")[0]
     arr = (pix.permute(1, 2, 0).clamp(0, 1).mul(255).round().to(torch.uint8)).numpy()
     shown = Image.fromarray(arr).resize((DISPLAY_SIZE, DISPLAY_SIZE), Image.Resampling.NEAREST)
 

@@ -1,0 +1,145 @@
+"""What each stage is asked to do: ``PrecomputeConfig`` and ``TrainConfig``.
+
+Both check their values when they are made, so the Python API and the CLI share one validation,
+and the CLI takes its flags' defaults from these fields (``cli.options.config_default``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import KdcacheError
+from .runtime import default_workers
+from .views import AugSpec
+
+MODES = ("auto", "cached", "live", "labels")
+OPTIMIZERS = ("adamw", "sgd")
+AMP_MODES = ("bf16", "fp16", "none")
+
+
+@dataclass
+class PrecomputeConfig:
+    """Everything ``precompute`` needs; checked when it is made (the CLI and the Python API alike)."""
+
+    data: str | list[str]
+    teacher: str
+    out: str
+    teacher_weights: str | None = None
+    pretrained: bool = False
+    num_classes: int | None = None
+    views: int = 10
+    topk: int = 10
+    seed: int = 0
+    res: int = 224
+    aug: AugSpec = field(default_factory=AugSpec)
+    batch_size: int = 256
+    device: str = "auto"
+    workers: int = field(default_factory=default_workers)
+    mean: tuple | None = None
+    std: tuple | None = None
+    shard_index: int = 0
+    num_shard_groups: int = 1
+    skip_bad: bool = False
+    progress: bool = True
+    storage_options: dict | None = None
+
+    def __post_init__(self):
+        for name, low in (("views", 1), ("topk", 1), ("batch_size", 1), ("res", 8), ("workers", 0)):
+            if getattr(self, name) < low:
+                raise KdcacheError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
+        if not isinstance(self.aug, AugSpec):
+            raise KdcacheError(f"aug must be a views.AugSpec, got {type(self.aug).__name__}")
+        if self.num_shard_groups < 1 or not 0 <= self.shard_index < self.num_shard_groups:
+            raise KdcacheError(f"--shard-index must be in [0, --num-shard-groups); got {self.shard_index} of "
+                               f"{self.num_shard_groups}")
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``train`` needs; checked when it is made (the CLI and the Python API alike)."""
+
+    data: str | list[str]
+    student: str
+    out: str
+    cache: str | None = None
+    teacher: str | None = None
+    teacher_weights: str | None = None
+    mode: str = "auto"  # auto: live with --teacher, cached with --cache, else labels
+    student_weights: str | None = None
+    num_classes: int | None = None
+    epochs: int = 1
+    batch_size: int = 128  # per process
+    lr: float | None = None  # default 1e-3 (adamw) / 0.1 (sgd)
+    weight_decay: float = 0.05
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    warmup_steps: int = 0
+    min_lr: float = 0.0
+    temperature: float = 1.0
+    tail: str = "uniform"
+    label_weight: float = 0.0
+    res: int = 224
+    teacher_res: int | None = None  # live: default the cache's resolution, else --res
+    topk: int | None = None  # live: default the cache's k, else 10
+    val_data: str | list[str] | None = None
+    val_batch_size: int | None = None
+    eval_every: int = 0  # steps; 0 = at each epoch end only
+    checkpoint_every: int = 0  # steps; 0 = at each epoch end only
+    log_every: int = 10
+    workers: int = field(default_factory=default_workers)
+    device: str = "auto"
+    seed: int = 0
+    resume: bool = False
+    amp: str = "bf16"  # bf16 | fp16 | none (CUDA only; CPU runs float32)
+    channels_last: bool = False
+    compile: bool = False
+    grad_clip: float | None = None
+    shuffle_buffer: int = 1024
+    # Views without a cache (labels-only, live without --cache): drawn like precompute draws them.
+    views: int | None = None  # V: epoch e uses view e mod V; None = a fresh view every epoch
+    view_seed: int | None = None  # default --seed
+    aug: AugSpec = field(default_factory=AugSpec)
+    # Without a cache: decode every image once before training and leave the undecodable ones out
+    # (listed in summary.json) instead of stopping. With a cache its recorded bad images are left out anyway.
+    skip_bad: bool = False
+    loss_backend: str = "auto"
+    stop_after: int | None = None  # stop after this many global steps (checkpoint written, no summary)
+    progress: bool = True
+    storage_options: dict | None = None
+
+    def __post_init__(self):
+        for name, low in (("epochs", 1), ("batch_size", 1), ("res", 8), ("workers", 0), ("log_every", 1)):
+            if getattr(self, name) < low:
+                raise KdcacheError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
+        from .losses import TAIL_MODES
+
+        choices = (("mode", MODES), ("optimizer", OPTIMIZERS), ("amp", AMP_MODES), ("tail", TAIL_MODES))
+        for name, allowed in choices:
+            if getattr(self, name) not in allowed:
+                raise KdcacheError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if not self.temperature > 0:
+            raise KdcacheError(f"--temperature must be > 0, got {self.temperature}")
+        if self.label_weight < 0:
+            raise KdcacheError(f"--label-weight must be >= 0, got {self.label_weight}")
+        if self.views is not None and self.views < 1:
+            raise KdcacheError("--views must be at least 1")
+        if not isinstance(self.aug, AugSpec):
+            raise KdcacheError(f"aug must be a views.AugSpec, got {type(self.aug).__name__}")
+        resolve_mode(self)  # the flag combinations
+
+    @property
+    def base_lr(self) -> float:
+        return self.lr if self.lr is not None else (0.1 if self.optimizer == "sgd" else 1e-3)
+
+
+def resolve_mode(cfg: TrainConfig) -> str:
+    mode = cfg.mode
+    if mode == "auto":
+        mode = "live" if cfg.teacher else ("cached" if cfg.cache else "labels")
+    if mode == "cached" and not cfg.cache:
+        raise KdcacheError("cached-teacher mode needs --cache (or pass --teacher for a live teacher)")
+    if mode == "cached" and cfg.teacher:
+        raise KdcacheError("--teacher runs a live teacher; it cannot be combined with --mode cached")
+    if mode == "live" and not cfg.teacher:
+        raise KdcacheError("live-teacher mode needs --teacher SPEC")
+    return mode

@@ -1,0 +1,76 @@
+"""The teacher: loaded frozen, run on rendered views, reduced to what the cache keeps.
+
+- ``load_teacher`` builds a model spec with its weights (``models.create_model``) and prepares it
+  for inference: eval mode, no gradients, on the device, channels-last on CUDA.
+- ``topk_tensors`` runs it on float pixels (bf16 autocast on CUDA) and returns the top-k
+  log-probabilities at T=1 (float16, descending) and their class ids; ``batch_topk`` does the
+  same for a ``views.CropBatch`` (mixed on the device) and returns numpy arrays.
+- ``compute_record`` is how the teacher ran, as the manifest keeps it.
+
+Precompute, the live-teacher trainer and verify all run the teacher through these, so a live
+teacher's targets and a re-run in verify are computed exactly as the cache's were.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .models import ModelInfo, create_model, logits_of, normalize
+from .views import CropBatch
+
+
+@dataclass
+class Teacher:
+    """A frozen model on its device, with the input normalisation it expects."""
+
+    model: torch.nn.Module
+    mean: tuple
+    std: tuple
+    device: torch.device
+    num_classes: int
+
+
+def load_teacher(spec: str, device: torch.device, *, num_classes: int | None = None, weights: str | None = None,
+                 pretrained: bool = False, mean=None, std=None, resolution: int = 224) -> tuple[Teacher, ModelInfo]:
+    """Build ``spec`` with its weights, frozen and ready for inference on ``device``."""
+    info = create_model(spec, num_classes=num_classes, weights=weights, pretrained=pretrained, mean=mean, std=std,
+                        resolution=resolution)
+    model = info.model.to(device).eval()
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return Teacher(model, info.mean, info.std, device, info.num_classes), info
+
+
+def topk_tensors(teacher: Teacher, pixels: torch.Tensor, k: int, mean=None, std=None):
+    """Top-k log-probabilities (T=1, descending, float16) and class ids, as tensors on the teacher's
+    device, for float pixels in [0, 1] (B, 3, H, W). ``mean``/``std`` override the teacher's."""
+    device = teacher.device
+    x = normalize(pixels.to(device, non_blocking=True), teacher.mean if mean is None else mean,
+                  teacher.std if std is None else std)
+    with torch.no_grad():  # not inference_mode: live targets go on into the (autograd) loss
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = logits_of(teacher.model(x))
+        else:
+            logits = logits_of(teacher.model(x))
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        vals, ids = torch.topk(logp, k, dim=-1, largest=True, sorted=True)
+    return vals.half(), ids
+
+
+def batch_topk(teacher: Teacher, crops: CropBatch, k: int):
+    """``topk_tensors`` of a rendered batch (mixed on the device), as numpy arrays on the host."""
+    vals, ids = topk_tensors(teacher, crops.pixels(teacher.device), k)
+    return vals.cpu().numpy(), ids.cpu().numpy()
+
+
+def compute_record(batch_size: int, device: torch.device) -> dict:
+    """How the teacher ran, as the manifest records it (``compute``): the same data, settings and
+    seed give the same outputs bit for bit only with these fixed too."""
+    return {"batch_size": int(batch_size), "device": device.type,
+            "precision": "bf16" if device.type == "cuda" else "fp32"}
