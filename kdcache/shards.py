@@ -25,6 +25,7 @@ from PIL import Image
 from webdataset import tariterators
 
 from .errors import BadImageError, KdcacheError
+from .tarcheck import CheckedStream, TarCheck, check_local_tar, compression
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _REMOTE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")  # s3://, gs://, http://, pipe:, ...
@@ -96,15 +97,19 @@ def _parse_cls(raw, url: str, key: str) -> int:
         raise KdcacheError(f"sample {key!r} in shard {url} has a cls entry that is not an integer: {e}") from None
 
 
-def _grouped(url: str, files) -> Iterator[tuple[str, dict, str]]:
+def _grouped(url: str, files, check: "TarCheck | None" = None) -> Iterator[tuple[str, dict, str]]:
     """Group tar members into samples (WebDataset's rule) and validate them.
 
     Yields (key, raw sample dict, image extension). Raises ``KdcacheError`` naming the shard and
-    key for a repeated key, a sample without an image, or a tar that cannot be read.
+    key for a repeated key, a sample without an image, or a tar that cannot be read. With a
+    ``check`` (the tar's block structure, followed as its bytes were read), the end of the member
+    stream is only accepted once the archive is known to end properly, *before* the last sample is
+    yielded; a truncated or damaged tar raises the check's error instead of reading as a shorter
+    shard.
     """
     seen: set[str] = set()
     try:
-        for raw in tariterators.group_by_keys(files):
+        for raw in tariterators.group_by_keys(_checked_end(files, check)):
             key = raw["__key__"]
             if key in seen:
                 raise KdcacheError(
@@ -121,19 +126,47 @@ def _grouped(url: str, files) -> Iterator[tuple[str, dict, str]]:
             yield key, raw, ext
     except KdcacheError:
         raise
-    except ValueError as e:  # webdataset's duplicate-file error
+    except Exception as e:
+        # A structural problem the byte stream already showed (a cut, a damaged header) explains
+        # whatever tarfile or webdataset made of it better than their own message does.
+        if check is not None:
+            check.raise_if_broken()
+        mapped = _read_error(url, e)
+        if mapped is e:
+            raise
+        raise mapped from None
+
+
+def _read_error(url: str, e: Exception) -> Exception:
+    """The KdcacheError for an exception raised while reading a shard's members (``e`` itself
+    when it is none of the kinds a bad tar raises)."""
+    if isinstance(e, ValueError):  # webdataset's duplicate-file error
         msg = str(e.args[0]) if e.args else str(e)
         if "duplicate file name" in msg:  # the same key twice in a row: "<key>.<ext>: duplicate ..."
             member = msg.split(":", 1)[0]
-            raise KdcacheError(
+            return KdcacheError(
                 f"shard {url} holds key {member.split('.', 1)[0]!r} twice (member {member!r} repeats); "
                 "keys must be unique within a shard (re-pack the data or drop the duplicate)"
-            ) from None
-        raise KdcacheError(f"shard {url} is malformed: {msg}") from None
-    except tarfile.TarError as e:  # empty, truncated or not a tar at all
-        raise KdcacheError(f"cannot read shard {url}: it is not a readable tar file ({e.args[0] if e.args else e})") from None
-    except (OSError, EOFError) as e:
-        raise KdcacheError(f"cannot read shard {url}: {e}") from None
+            )
+        return KdcacheError(f"shard {url} is malformed: {msg}")
+    if isinstance(e, tarfile.TarError):  # empty, truncated or not a tar at all
+        return KdcacheError(f"cannot read shard {url}: it is not a readable tar file ({e.args[0] if e.args else e})")
+    if isinstance(e, (OSError, EOFError)):
+        return KdcacheError(f"cannot read shard {url}: {e}")
+    return e
+
+
+def _checked_end(files, check: "TarCheck | None"):
+    """Pass the tar's members through; when tarfile says the archive is over (webdataset's
+    end-of-shard marker ``{}``, or the end of the iterator), first make sure it really is."""
+    finished = False
+    for item in files:
+        if item == {} and check is not None and not finished:
+            finished = True
+            check.finish()
+        yield item
+    if check is not None and not finished:
+        check.finish()
 
 
 def open_shard(url: str):
@@ -158,12 +191,18 @@ def iter_samples(url: str) -> Iterator[Sample]:
     """Stream the samples of one shard in tar order. Each needs an image; ``cls`` is optional.
 
     Raises ``KdcacheError`` naming the shard and key for a sample without an image, a repeated
-    key, or a tar that cannot be read.
+    key, or a tar that cannot be read, and naming the shard and the last good key for a tar that
+    is truncated or damaged (tarfile alone would end early without an error): the end of the
+    archive is checked before the last sample is yielded.
     """
-    files = tariterators.tar_file_expander([{"url": url, "stream": open_shard(url)}])
-    for key, raw, ext in _grouped(url, files):
-        cls = _parse_cls(raw["cls"], url, key) if "cls" in raw else None
-        yield Sample(key, raw[ext], ext, cls, url)
+    stream = CheckedStream(url, open_shard(url))
+    try:
+        files = tariterators.tar_file_expander([{"url": url, "stream": stream}])
+        for key, raw, ext in _grouped(url, files, stream.check):
+            cls = _parse_cls(raw["cls"], url, key) if "cls" in raw else None
+            yield Sample(key, raw[ext], ext, cls, url)
+    finally:
+        stream.close()
 
 
 _META = re.compile(r"__[^/]*__($|/)")  # WebDataset's per-shard metadata members
@@ -172,12 +211,10 @@ _META = re.compile(r"__[^/]*__($|/)")  # WebDataset's per-shard metadata members
 def scan_keys(url: str) -> tuple[list[str], list[bool]]:
     """Keys (tar order) and whether each sample has a ``cls`` entry, without reading image data.
 
-    A local tar is read header by header, seeking over member data; a remote one is streamed.
-    The same grouping rule and errors as ``iter_samples``.
+    A local uncompressed tar is read header by header, seeking over member data; a compressed or
+    remote one is streamed (headers only are kept). The same grouping rule and errors as
+    ``iter_samples``, including the check that the tar is complete.
     """
-    if is_remote(url):
-        samples = list(iter_samples(url))
-        return [s.key for s in samples], [s.cls is not None for s in samples]
 
     def headers(tf):
         for m in tf:
@@ -185,8 +222,23 @@ def scan_keys(url: str) -> tuple[list[str], list[bool]]:
                 yield {"fname": m.name, "data": b"", "__url__": url}
 
     keys, has_cls = [], []
+    if is_remote(url) or compression(url) is not None:
+        stream = CheckedStream(url, open_shard(url))
+        try:
+            try:
+                tf = tarfile.open(fileobj=stream, mode="r|")
+            except (OSError, EOFError, tarfile.TarError) as e:
+                stream.check.raise_if_broken()
+                raise KdcacheError(f"cannot read shard {url}: {e}") from None
+            for key, raw, _ in _grouped(url, headers(tf), stream.check):
+                keys.append(key)
+                has_cls.append("cls" in raw)
+        finally:
+            stream.close()
+        return keys, has_cls
+    check_local_tar(url)  # the whole block structure, headers only: a cut or damaged tar raises here
     try:
-        with tarfile.open(url, "r:*") as tf:
+        with tarfile.open(url, "r:") as tf:
             for key, raw, _ in _grouped(url, headers(tf)):
                 keys.append(key)
                 has_cls.append("cls" in raw)
@@ -280,12 +332,14 @@ def write_shards(samples: Iterable[Sample], out_dir: str | Path, prefix: str, sh
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: list[str] = []
     writer = None
+    tmp = None
     count = 0
     try:
         for s in samples:
             if writer is None or count == shard_size:
                 if writer is not None:
-                    writer.close()
+                    w, writer = writer, None
+                    w.close()
                 path = out_dir / f"{prefix}-{len(paths):06d}.tar"
                 tmp = path.with_suffix(".tar.tmp")
                 paths.append(str(path))
@@ -296,9 +350,22 @@ def write_shards(samples: Iterable[Sample], out_dir: str | Path, prefix: str, sh
                 record["cls"] = str(int(s.cls)).encode()
             writer.write(record)
             count += 1
-    finally:
         if writer is not None:
-            writer.close()
+            w, writer = writer, None
+            w.close()
+    except BaseException as e:
+        # Nothing of this run stays behind: its temporary shards are removed (the final names were
+        # never written), so a re-run starts clean. A write error names the file it hit.
+        if writer is not None:
+            try:
+                writer.close()
+            except Exception:
+                pass  # the same full disk again: the first error is the one to report
+        for p in paths:
+            Path(p).with_suffix(".tar.tmp").unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None and tmp is not None:
+            e.filename = str(tmp)
+        raise
     # Rename only once everything is written, so a crash never leaves a truncated .tar behind.
     for p in paths:
         tmp = Path(p).with_suffix(".tar.tmp")

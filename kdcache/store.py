@@ -24,15 +24,26 @@ not written to any more.
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
+import re
+import socket
+import time
+import uuid
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, BloscShuffle
+from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
 from . import __version__
+from .claims import (  # noqa: F401  (CLAIM_* and the errors are part of the store's API)
+    CLAIM_GRACE_S, CLAIM_LEASE_S, CLAIM_REFRESH_S, CLAIMS_DIR, ClaimLostError, ShardClaim, ShardClaimedError,
+    _describe_holder, _read_claim, _take_claim,
+)
 from .errors import KdcacheError
 
 FORMAT_VERSION = 2
@@ -46,6 +57,9 @@ MATCHED_FIELDS = ("teacher", "augmentation", "seed", "views", "topk", "resolutio
 
 _FLOAT = BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.shuffle)
 _INT = BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.bitshuffle)
+# Every chunk also carries a CRC-32C of its compressed bytes: Blosc alone decodes a truncated or
+# corrupted chunk into garbage without an error (seen for the unsharded `keys` and `size`).
+_CRC = Crc32cCodec()
 
 
 def class_dtype(num_classes: int) -> np.dtype:
@@ -216,13 +230,210 @@ def _keys(keys_array) -> np.ndarray:
     return decode_keys(np.asarray(keys_array[:]))
 
 
+# ---- is a group's data really there? -----------------------------------------------------------
+#
+# Zarr reads a chunk whose file is missing as the array's fill value, without an error: a deleted
+# `logprobs` file used to read back as log-probability 0.0 everywhere. So every complete group is
+# checked once, against one listing of the group's files, before its arrays are read.
+
+# Fill values of the arrays CacheWriter creates: values no real record holds where the dtype
+# allows, so that a chunk read back as fill is recognisable (the listing check above is the guard;
+# this is only a second line). 0xFF never occurs in UTF-8; NaN never in stored log-probs or λ.
+FILL_VALUES = {
+    "keys": 0xFF, "size": -2, "logprobs": float("nan"), "classes": -2, "flip": False, "mix_with": -2,
+    "mix_lam": float("nan"),
+}
+# Group attribute: every chunk of every array was written, also one equal to the fill value
+# (zarr skips those by default). Groups written before it existed may lack a chunk that was all
+# fill value, so for them only the arrays that can never be all fill value must have files.
+EVERY_CHUNK_ATTR = "every_chunk_stored"
+_SHARD_INDEX_BYTES = 16  # per inner chunk (offset, length as uint64), plus a 4-byte crc32c
+
+
+def _box_fill(dtype) -> int:
+    return int(np.iinfo(dtype).max) if np.dtype(dtype) == np.uint16 else -1
+
+
+def _chunk_files(arr) -> list[tuple[str, int]]:
+    """The data files an array's chunks live in (keys relative to the array) with the least size
+    each may have; none for an array of size 0."""
+    shape = tuple(arr.shape)
+    if math.prod(shape) == 0:
+        return []
+    outer = tuple(arr.shards or arr.chunks)
+    grid = [math.ceil(s / c) for s, c in zip(shape, outer)]
+    inner = math.prod(math.ceil(o / c) for o, c in zip(outer, arr.chunks)) if arr.shards else 0
+    least = inner * _SHARD_INDEX_BYTES + 4 if arr.shards else 1
+    return [(arr.metadata.encode_chunk_key(c), least) for c in itertools.product(*(range(g) for g in grid))]
+
+
+def _may_lack_data(aname: str, n: int, k: int, attrs: dict) -> bool:
+    """For a group written before EVERY_CHUNK_ATTR: whether an array can legitimately have no chunk
+    file because all its values equal zarr's default fill value (0 / false)."""
+    if aname == "flip":
+        return True  # all false: no flips drawn, or flip disabled
+    if aname == "keys":
+        return n <= 1  # an empty key (two would be a repeated key)
+    if aname in ("logprobs", "classes"):
+        return k == 1  # k >= 2 distinct classes cannot all be 0, nor all log-probs 0
+    if aname == "box":
+        return len(attrs.get("bad") or {}) >= n  # only bad records have zero boxes
+    return False  # size >= 1 or -1; λ >= 0.5; a record never mixes with itself
+
+
+def missing_data(arrays: dict, files: dict[str, int | None], n: int, k: int, attrs: dict) -> tuple[str, str] | None:
+    """(array, what is wrong) for the first array whose data is not all in ``files`` (keys relative
+    to the group, with sizes when known), else None."""
+    strict = bool(attrs.get(EVERY_CHUNK_ATTR))
+    for aname in ARRAYS:
+        arr = arrays.get(aname)
+        if arr is None:
+            return aname, "the array is missing"
+        if f"{aname}/zarr.json" not in files:
+            return aname, "its metadata file is missing"
+        for key, least in _chunk_files(arr):
+            size = files.get(f"{aname}/{key}", -1)
+            if size == -1:
+                if not strict and _may_lack_data(aname, n, k, attrs):
+                    continue
+                return aname, f"its chunk file {key} is missing"
+            if size is not None and size < least:
+                return aname, f"its chunk file {key} is {'empty' if size == 0 else f'truncated ({size} bytes)'}"
+    return None
+
+
+def _blosc_cut(arrays: dict, files: dict[str, int | None], read_head) -> tuple[str, str] | None:
+    """For unsharded chunks compressed by Blosc without a checksum (groups written before chunks
+    carried a CRC-32C): (array, what is wrong) when a chunk file is shorter or longer than the
+    compressed size its Blosc header records. ``read_head(key)`` returns a file's first 16 bytes."""
+    for aname in ("keys", "size"):
+        arr = arrays.get(aname)
+        if arr is None or arr.shards or not arr.compressors:
+            continue
+        if not isinstance(arr.compressors[-1], BloscCodec):
+            continue  # a checksum (or another codec) ends the chain: zarr checks it on read
+        for key, _ in _chunk_files(arr):
+            size = files.get(f"{aname}/{key}")
+            if size is None:
+                continue
+            head = read_head(f"{aname}/{key}")
+            if len(head) < 16:
+                return aname, f"its chunk file {key} is truncated ({size} bytes)"
+            cbytes = int.from_bytes(head[12:16], "little")
+            if cbytes != size:
+                return aname, f"its chunk file {key} is {size} bytes, its Blosc header says {cbytes}"
+    return None
+
+
+def _head_reader(path: str, name: str, fs=None):
+    """read_head(key) for the files of one group: the first 16 bytes."""
+    if _is_local(path):
+        base = os.path.join(path[len("file://") :] if path.startswith("file://") else path, name)
+
+        def local(key):
+            with open(os.path.join(base, *key.split("/")), "rb") as f:
+                return f.read(16)
+
+        return local
+    if fs is not None:
+        fs_obj, root = fs
+        return lambda key: fs_obj.cat_file(f"{root.rstrip('/')}/{name}/{key}", start=0, end=16)
+    return None
+
+
+def missing_data_quick(files: dict[str, int | None], n: int, k: int, attrs: dict) -> tuple[str, str] | None:
+    """The same question as ``missing_data`` from the listing alone, without reading the arrays'
+    metadata: every array has its metadata file and, when N > 0, a non-empty data file (kdcache
+    stores each array in a single chunk or shard file)."""
+    strict = bool(attrs.get(EVERY_CHUNK_ATTR))
+    for aname in ARRAYS:
+        if f"{aname}/zarr.json" not in files:
+            return aname, "its metadata file is missing"
+        if n <= 0:
+            continue
+        data = [size for key, size in files.items() if key.startswith(f"{aname}/c/")]
+        if not data:
+            if not strict and _may_lack_data(aname, n, k, attrs):
+                continue
+            return aname, "its chunk file is missing"
+        if any(size == 0 for size in data):
+            return aname, "its chunk file is empty"
+    return None
+
+
+def _list_files(root, path: str, name: str, fs=None) -> dict[str, int | None]:
+    """Every file under a group (keys relative to it, '/'-separated) with its size: one listing."""
+    if _is_local(path):
+        base = os.path.join(path[len("file://") :] if path.startswith("file://") else path, name)
+        out: dict[str, int | None] = {}
+        stack = [("", base)]
+        while stack:
+            rel, d = stack.pop()
+            try:
+                entries = list(os.scandir(d))
+            except FileNotFoundError:
+                continue
+            for e in entries:
+                key = f"{rel}{e.name}"
+                if e.is_dir():
+                    stack.append((key + "/", e.path))
+                else:
+                    out[key] = e.stat().st_size
+        return out
+    if fs is not None:
+        fs_obj, base = fs
+        prefix = f"{base.rstrip('/')}/{name}/"
+        found = fs_obj.find(prefix.rstrip("/"), detail=True)
+        return {p[len(prefix) :] if p.startswith(prefix) else p.split(f"/{name}/", 1)[-1]: info.get("size")
+                for p, info in found.items()}
+    from zarr.core.sync import sync  # any other store: names only
+
+    store = root.store_path.store
+    base = f"{root.store_path.path}/{name}".strip("/")
+
+    async def listing():
+        return [key async for key in store.list_prefix(base + "/")]
+
+    return {key[len(base) + 1 :]: None for key in sync(listing())}
+
+
+def _fsspec(path: str, storage_options: dict | None):
+    """(filesystem, root path) of a remote cache, for listings with sizes; None when unavailable."""
+    if _is_local(path):
+        return None
+    try:
+        import fsspec
+
+        return fsspec.core.url_to_fs(path, **(storage_options or {}))
+    except Exception:
+        return None
+
+
+def _damaged(what: str, e: BaseException) -> KdcacheError:
+    if isinstance(e, OSError) and not isinstance(e, (FileNotFoundError, IsADirectoryError)):
+        return KdcacheError(f"cannot read {what}: I/O error ({type(e).__name__}: {e}); check the storage, then re-run")
+    detail = f"{type(e).__name__}: {e}"
+    if len(detail) > 300:
+        detail = detail[:300] + "..."
+    return KdcacheError(
+        f"cannot read {what}: the stored data is damaged ({detail}); re-run precompute on that shard after "
+        "deleting the group, or restore it"
+    )
+
+
 class CacheReader:
-    """Read access to a cache (local path or fsspec URL). Opening validates the format."""
+    """Read access to a cache (local path or fsspec URL). Opening validates the format.
+
+    A complete shard group is validated once, when first read: its arrays, their shapes, and that
+    every array's data files are really there (one listing of the group). Any array read that
+    fails to decode raises a KdcacheError naming the cache, the group and the array.
+    """
 
     def __init__(self, path: str, storage_options: dict | None = None):
         self.path = str(path)
         self.root, self.manifest = open_manifest(self.path, storage_options)
         self.format_version = int(self.manifest["format_version"])
+        self._fs = _fsspec(self.path, storage_options)
         self._groups: set[str] = set()  # shard groups seen so far (groups are never removed)
         self._valid: dict[str, tuple[int, dict, dict]] = {}  # complete shard -> (N, arrays, attrs)
 
@@ -244,8 +455,29 @@ class CacheReader:
 
     def shard_names(self) -> list[str]:
         """Shard groups present in the store (complete or not), sorted."""
-        self._groups = set(self.root.group_keys())
+        with warnings.catch_warnings():
+            # zarr warns about anything in the root that is not a node: `.claims/` is kdcache's own
+            warnings.filterwarnings("ignore", message=r"Object at \..* is not recognized as a component")
+            try:
+                self._groups = set(self.root.group_keys())
+            except Exception:  # a group whose zarr.json does not parse: list without reading them,
+                self._groups = set(self._child_nodes())  # and let shard_attrs name the damaged one
         return sorted(self._groups)
+
+    def _child_nodes(self) -> list[str]:
+        from zarr.core.sync import sync
+
+        store, base = self.root.store_path.store, self.root.store_path.path
+
+        async def listing():
+            names = [n async for n in store.list_dir(base)]
+            keep = []
+            for n in names:
+                if not n.startswith(".") and await store.exists(f"{base}/{n}/zarr.json".lstrip("/")):
+                    keep.append(n)
+            return keep
+
+        return sync(listing())
 
     def has_shard(self, name: str) -> bool:
         # Listing a large store is slow; list again only when the name is not known yet.
@@ -256,13 +488,24 @@ class CacheReader:
             return dict(self._valid[name][2])
         if not self.has_shard(name):
             raise KdcacheError(f"cache {self.path} has no shard group {name!r} (run precompute on that shard)")
-        return dict(self.root[name].attrs)
+        try:
+            return dict(self.root[name].attrs)
+        except Exception as e:
+            raise _damaged(f"the metadata of cache group {name!r} in {self.path}", e) from None
 
     def is_complete(self, name: str) -> bool:
-        return name in self._valid or (self.has_shard(name) and bool(self.root[name].attrs.get("complete", False)))
+        if name in self._valid:
+            return True
+        if not self.has_shard(name):
+            return False
+        try:
+            return bool(dict(self.root[name].attrs).get("complete", False))
+        except ValueError:  # its zarr.json does not parse: it cannot say complete (precompute redoes it)
+            return False
 
     def check_shard(self, name: str) -> int:
-        """Validate one complete shard group's arrays (presence, shapes, dtypes). Returns N.
+        """Validate one complete shard group's arrays (presence, shapes, dtypes, data files).
+        Returns N.
 
         A complete group never changes, so it is validated once per reader and its array
         handles are kept for the reads that follow.
@@ -278,8 +521,11 @@ class CacheReader:
                 f"shard {name!r} in cache {self.path} is incomplete (precompute was interrupted); "
                 "re-run the same `kdcache precompute` command to finish it"
             )
-        g = self.root[name]
-        present = dict(g.arrays())
+        try:
+            g = self.root[name]
+            present = dict(g.arrays())
+        except Exception as e:
+            raise _damaged(f"the arrays' metadata of cache group {name!r} in {self.path}", e) from None
         missing = [a for a in ARRAYS if a not in present]
         if missing:
             raise KdcacheError(f"shard {name!r} in cache {self.path} lacks arrays {missing}; re-run precompute on it")
@@ -310,41 +556,79 @@ class CacheReader:
                 )
         if present["logprobs"].dtype != np.float16:
             raise KdcacheError(f"shard {name!r} array 'logprobs' is {present['logprobs'].dtype}, expected float16")
+        try:
+            files = _list_files(self.root, self.path, name, self._fs)
+        except Exception as e:
+            raise _damaged(f"the file listing of cache group {name!r} in {self.path}", e) from None
+        lost = missing_data(present, files, n, k, attrs)
+        if lost is None and not attrs.get(EVERY_CHUNK_ATTR):  # an older group: no checksums
+            read_head = _head_reader(self.path, name, self._fs)
+            if read_head is not None:
+                try:
+                    cut = _blosc_cut(present, files, read_head)
+                except Exception as e:
+                    raise _damaged(f"the chunk files of cache group {name!r} in {self.path}", e) from None
+                if cut is not None:
+                    raise KdcacheError(
+                        f"cannot read array {cut[0]!r} of cache group {name!r} in {self.path}: the stored data is "
+                        f"damaged ({cut[1]}); re-run precompute on that shard after deleting the group, or restore it"
+                    )
+        if lost is not None:
+            a, why = lost
+            raise KdcacheError(
+                f"cache group {name!r} in {self.path} has no data for array {a!r} ({why}): the cache is damaged; "
+                "re-run precompute on that shard after deleting the group, or restore it"
+            )
         self._valid[name] = (n, {a: present[a] for a in ARRAYS}, attrs)
         return self._valid[name]
 
+    def _read(self, name: str, aname: str, fn):
+        """Run one array read; a decode or I/O error becomes a KdcacheError naming the array."""
+        try:
+            return fn()
+        except KdcacheError as e:  # decoded, but not valid (a key that is not UTF-8)
+            raise KdcacheError(f"cannot read array {aname!r} of cache group {name!r} in {self.path}: {e}") from None
+        except Exception as e:
+            raise _damaged(f"array {aname!r} of cache group {name!r} in {self.path}", e) from None
+
     def keys(self, name: str) -> np.ndarray:
         """The sample keys of a complete shard group, in tar order."""
-        return _keys(self._open_shard(name)[1]["keys"])
+        arr = self._open_shard(name)[1]["keys"]
+        return self._read(name, "keys", lambda: _keys(arr))
 
     def sizes(self, name: str) -> np.ndarray:
         """(N, 2) source image (height, width) of a complete shard group; (-1, -1) for bad images."""
-        return np.asarray(self._open_shard(name)[1]["size"][:])
+        arr = self._open_shard(name)[1]["size"]
+        return self._read(name, "size", lambda: np.asarray(arr[:]))
 
     def read_view(self, name: str, view: int) -> ViewRecords:
         """View ``view`` of every record in shard ``name``: one chunk read per array."""
         _, arr, attrs = self._open_shard(name)
         if not 0 <= view < self.views:
             raise KdcacheError(f"view {view} is out of range; cache {self.path} holds views 0..{self.views - 1}")
+
+        def one(a):
+            return self._read(name, a, lambda: np.asarray(arr[a][:, view]))
+
         return ViewRecords(
             shard=name,
             view=view,
-            keys=_keys(arr["keys"]),
-            size=np.asarray(arr["size"][:]),
-            logprobs=np.asarray(arr["logprobs"][:, view]),
-            classes=np.asarray(arr["classes"][:, view]),
-            box=np.asarray(arr["box"][:, view]),
-            flip=np.asarray(arr["flip"][:, view]),
-            mix_with=np.asarray(arr["mix_with"][:, view]),
-            mix_lam=np.asarray(arr["mix_lam"][:, view]),
+            keys=self._read(name, "keys", lambda: _keys(arr["keys"])),
+            size=self._read(name, "size", lambda: np.asarray(arr["size"][:])),
+            logprobs=one("logprobs"),
+            classes=one("classes"),
+            box=one("box"),
+            flip=one("flip"),
+            mix_with=one("mix_with"),
+            mix_lam=one("mix_lam"),
             bad=frozenset(attrs.get("bad", {})),
         )
 
     def read_shard(self, name: str) -> dict[str, np.ndarray]:
         """Every array of one shard group, all views."""
         _, arr, _ = self._open_shard(name)
-        out = {a: np.asarray(arr[a][:]) for a in ARRAYS if a != "keys"}
-        out["keys"] = _keys(arr["keys"])
+        out = {a: self._read(name, a, lambda a=a: np.asarray(arr[a][:])) for a in ARRAYS if a != "keys"}
+        out["keys"] = self._read(name, "keys", lambda: _keys(arr["keys"]))
         return out
 
     def nbytes_stored(self, name: str) -> int:
@@ -364,11 +648,72 @@ class CacheReader:
         return total
 
 
+# ---- root creation -----------------------------------------------------------------------------
+
+# zarr-python's LocalStore writes a key to "<stem>.<uuid4 hex>.partial" and renames it into place
+# (zarr/storage/_local.py, _atomic_write): a kill in between leaves one of these.
+_ZARR_PARTIAL = re.compile(r"zarr\.[0-9a-f]{32}\.partial")
+_OWN_TMP = re.compile(r"\.kdcache-root\.[0-9a-f]{32}\.(tmp|damaged)")
+
+
+def _root_json_state(path: str) -> str:
+    """'missing', 'damaged' (empty or not JSON: its writer died mid-write) or 'ok' (parses)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return "missing"
+    try:
+        json.loads(raw)
+    except ValueError:
+        return "damaged"
+    return "ok" if raw.strip() else "damaged"
+
+
+def _group_json(attributes: dict) -> bytes:
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.group import GroupMetadata
+
+    meta = GroupMetadata(attributes=attributes, zarr_format=3)
+    return meta.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 class CacheWriter:
     """Creates a cache or opens one for more shards. Refuses a cache made with other settings.
 
-    A shard group is written by one writer only and marked ``complete`` after all its arrays are
-    written; an incomplete group found later is deleted and rewritten.
+    A shard group is written by one writer only (``claim``) and marked ``complete`` after all its
+    arrays are written and found on disk; an incomplete group found later is rewritten, a
+    complete one never is.
+
+    How a writer uses claims (precompute)::
+
+        writer = CacheWriter(out, manifest)
+        try:
+            for name in my_shards:
+                claim = writer.claim(name)      # before any work on the shard
+                if claim is None:               # complete, or another live writer has it
+                    continue
+                ...                             # teacher batches; every <= CLAIM_REFRESH_S seconds:
+                writer.refresh_claims()         #   (or claim.refresh()); ClaimLostError: stop that shard
+                writer.write_shard(name, ..., claim=claim)   # checks, writes, verifies, completes, releases
+        finally:
+            writer.release_claims()             # claims of shards not written (an error, Ctrl-C)
+
+    A process killed while holding claims leaves their files; the next run takes them over (same
+    host: the pid is gone; other host: after CLAIM_LEASE_S without a refresh).
     """
 
     def __init__(self, path: str, manifest: dict, storage_options: dict | None = None):
@@ -380,25 +725,30 @@ class CacheWriter:
                 f"{manifest.get('format_version')!r}; build it with make_manifest()"
             )
         self.manifest = manifest
+        self.local = _is_local(self.path)
+        local_dir = self.path[len("file://") :] if self.path.startswith("file://") else self.path
+        self._dir = local_dir if self.local else None
+        self._fs = _fsspec(self.path, storage_options)
+        self._claims: dict[str, ShardClaim] = {}
         self.root = self._create_or_open()
+
+    # -- creating or opening the root --
 
     def _create_or_open(self):
         path = self.path
-        local = path[len("file://") :] if path.startswith("file://") else path
-        exists = os.path.exists(local) if _is_local(path) else self._remote_exists()
-        if exists and _is_local(path) and os.path.isdir(local) and not os.listdir(local):
-            exists = False  # an empty directory is fine to create into
-        if not exists:
-            try:
-                # The manifest goes into the group's first write, so a process that opens the
-                # store a moment later (another --shard-index group) never sees it without one.
-                kw = {"storage_options": self.storage_options} if self.storage_options else {}
-                zarr.open_group(path, mode="w-", zarr_format=3, attributes={"kdcache": self.manifest}, **kw)
-                return _open_root(path, "r+", self.storage_options)
-            except FileExistsError:
-                pass  # another process created it first: open and compare below
-        if _is_local(path) and os.path.exists(local) and not os.path.isdir(local):
-            raise KdcacheError(f"output path {path} is a file, not a kdcache store; choose another --out")
+        if self.local:
+            self._create_local()
+        else:
+            exists = self._remote_exists()
+            if not exists:
+                try:
+                    # The manifest goes into the group's first write, so a process that opens the
+                    # store a moment later (another --shard-index group) never sees it without one.
+                    kw = {"storage_options": self.storage_options} if self.storage_options else {}
+                    zarr.open_group(path, mode="w-", zarr_format=3, attributes={"kdcache": self.manifest}, **kw)
+                    return _open_root(path, "r+", self.storage_options)
+                except FileExistsError:
+                    self._repair_remote_root()
         try:
             _, old = open_manifest(path, self.storage_options)
         except KdcacheError as e:
@@ -421,6 +771,93 @@ class CacheWriter:
             )
         return _open_root(path, "r+", self.storage_options)
 
+    def _create_local(self) -> None:
+        """Create the root group of a local cache atomically, unless it exists.
+
+        Creation counts as not done yet when the directory holds nothing but what a creator that
+        died leaves: zarr's temporary ``zarr.<hex>.partial`` files, kdcache's own temporary files,
+        or a root zarr.json that is empty or not JSON (with no shard group beside it). Anything
+        else is left for open_manifest to accept or refuse; nothing of the user's is removed.
+        The new zarr.json is written to a temporary file, synced, and hard-linked into place:
+        the link fails if another process created it first, and nobody ever sees it half written.
+        """
+        d = self._dir
+        if os.path.exists(d) and not os.path.isdir(d):
+            raise KdcacheError(f"output path {self.path} is a file, not a kdcache store; choose another --out")
+        for _ in range(100):
+            try:
+                entries = os.listdir(d)
+            except FileNotFoundError:
+                os.makedirs(d, exist_ok=True)
+                continue
+            leftovers = [e for e in entries if _ZARR_PARTIAL.fullmatch(e) or _OWN_TMP.fullmatch(e)]
+            rest = [e for e in entries if e not in leftovers]
+            root_json = os.path.join(d, "zarr.json")
+            if rest == ["zarr.json"] and _root_json_state(root_json) == "damaged":
+                # Written in place by a writer that died: set it aside under a unique name (one
+                # process's rename wins), and drop it unless it turned valid meanwhile.
+                aside = os.path.join(d, f".kdcache-root.{uuid.uuid4().hex}.damaged")
+                try:
+                    os.rename(root_json, aside)
+                except FileNotFoundError:
+                    continue
+                if _root_json_state(aside) == "ok":  # another process created it just now
+                    try:
+                        os.link(aside, root_json)
+                    except FileExistsError:
+                        pass
+                os.unlink(aside)
+                continue
+            if rest:
+                return  # an existing store, or something else: open_manifest decides
+            tmp = os.path.join(d, f".kdcache-root.{uuid.uuid4().hex}.tmp")
+            with open(tmp, "wb") as f:
+                f.write(_group_json({"kdcache": self.manifest}))
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, root_json)
+                created = True
+            except FileExistsError:
+                created = False  # another process created it first: open and compare
+            except FileNotFoundError:
+                continue  # a creator that won cleaned up our temporary file as a leftover: look again
+            finally:
+                try:
+                    os.unlink(tmp)
+                except FileNotFoundError:
+                    pass
+            if created:
+                _fsync_dir(d)
+                for e in leftovers:  # what earlier, killed creators left
+                    try:
+                        os.unlink(os.path.join(d, e))
+                    except (FileNotFoundError, IsADirectoryError, PermissionError):
+                        pass
+            return
+        raise KdcacheError(f"could not create the cache at {self.path}: its directory keeps changing; re-run")
+
+    def _repair_remote_root(self) -> None:
+        """A remote path that exists: when all it holds is an empty or unparseable zarr.json (a
+        writer died writing it), write it again; anything else is left for open_manifest."""
+        if self._fs is None:
+            return
+        fs, base = self._fs
+        try:
+            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(base, detail=False)]
+            if names != ["zarr.json"]:
+                return
+            raw = fs.cat_file(f"{base.rstrip('/')}/zarr.json")
+        except Exception:
+            return
+        try:
+            json.loads(raw)
+            if raw.strip():
+                return
+        except ValueError:
+            pass
+        fs.pipe_file(f"{base.rstrip('/')}/zarr.json", _group_json({"kdcache": self.manifest}))
+
     def _remote_exists(self) -> bool:
         try:
             open_manifest(self.path, self.storage_options)
@@ -428,8 +865,93 @@ class CacheWriter:
         except KdcacheError:
             return False
 
+    # -- groups: state, claims --
+
+    def _group_state(self, name: str) -> tuple[bool, tuple[str, str] | None]:
+        """(marked complete, (array, what is missing) or None). Not marked: (False, None)."""
+        try:
+            attrs = dict(self.root[name].attrs)
+        except KeyError:
+            return False, None
+        except ValueError:  # its zarr.json is empty or cut (written in place by a writer that died):
+            return False, None  # it cannot say complete, so it is redone
+        except OSError as e:
+            raise _damaged(f"the metadata of cache group {name!r} in {self.path}", e) from None
+        if not attrs.get("complete", False):
+            return False, None
+        try:
+            files = _list_files(self.root, self.path, name, self._fs)
+        except Exception as e:
+            return True, ("?", f"its files cannot be listed: {type(e).__name__}: {e}")
+        return True, missing_data_quick(files, int(attrs.get("num_samples", -1)), int(self.manifest["topk"]), attrs)
+
     def is_complete(self, name: str) -> bool:
-        return name in set(self.root.group_keys()) and bool(self.root[name].attrs.get("complete", False))
+        """Marked complete *and* every array's data files are there: one read of the group's
+        attributes and one listing of its files (the arrays' metadata is not read; CacheReader
+        checks every chunk key exactly when it first reads the group)."""
+        done, lost = self._group_state(name)
+        return done and lost is None
+
+    def _damaged_complete(self, name: str, lost: tuple[str, str]) -> KdcacheError:
+        a, why = lost
+        return KdcacheError(
+            f"cache group {name!r} in {self.path} is marked complete but has no data for array {a!r} ({why}): "
+            "the cache is damaged. kdcache never overwrites a complete group: delete the group's directory "
+            f"({name}/) and re-run to redo it, or restore it"
+        )
+
+    def claim(self, name: str) -> ShardClaim | None:
+        """Claim shard group ``name`` for writing, atomically across processes and machines
+        sharing the filesystem. Returns None when the group is complete or a live writer holds
+        it. A claim whose holder is dead (same host: its pid is gone; other host: not refreshed
+        for CLAIM_LEASE_S) is taken over. Raises KdcacheError for a group marked complete whose
+        data is missing (damaged: it is never overwritten).
+
+        On a remote (fsspec) cache there is no atomic create: the claim returned is not
+        exclusive (``exclusive`` False) and one writer per group is up to the caller.
+        """
+        done, lost = self._group_state(name)
+        if done:
+            if lost is not None:
+                raise self._damaged_complete(name, lost)
+            return None
+        if not self.local:
+            return ShardClaim(name=name, token=uuid.uuid4().hex, path=None, host=socket.gethostname(),
+                              pid=os.getpid(), started=time.time())
+        claim, _ = _take_claim(os.path.join(self._dir, CLAIMS_DIR), name)
+        if claim is None:
+            return None
+        done, lost = self._group_state(name)  # finished by another writer between our look and our claim
+        if done:
+            claim.release()
+            if lost is not None:
+                raise self._damaged_complete(name, lost)
+            return None
+        self._claims[name] = claim
+        return claim
+
+    def holder(self, name: str) -> dict | None:
+        """Who holds the claim on a group (the claim file's JSON), or None."""
+        if not self.local:
+            return None
+        got = _read_claim(os.path.join(self._dir, CLAIMS_DIR, name))
+        return got[0] if got else None
+
+    def refresh_claims(self) -> None:
+        """Refresh every claim this writer holds (call at least every CLAIM_REFRESH_S seconds)."""
+        for name, c in list(self._claims.items()):
+            if c.released:
+                del self._claims[name]
+            else:
+                c.refresh()
+
+    def release_claims(self) -> None:
+        """Release every claim this writer still holds (at exit, after an error)."""
+        for c in self._claims.values():
+            c.release()
+        self._claims.clear()
+
+    # -- writing --
 
     def write_shard(
         self,
@@ -446,8 +968,17 @@ class CacheWriter:
         mix_lam: np.ndarray,
         bad: dict[str, str] | None = None,
         render: dict | None = None,
+        claim: ShardClaim | None = None,
     ) -> None:
-        """Write one whole shard group, then mark it complete. Replaces an incomplete group."""
+        """Write one whole shard group, check that every array's data is on disk, then mark it
+        complete and release the claim. Replaces an incomplete group; raises KdcacheError for a
+        complete one (never overwritten).
+
+        ``claim`` is the group's claim from ``claim(name)``; it is checked before the group is
+        touched and again before it is marked complete, and released at the end (also when the
+        write fails). Without one, the group is claimed here for the duration of the write, and
+        ShardClaimedError says that another live writer holds it.
+        """
         keys = list(keys)
         n = len(keys)
         V, k = int(self.manifest["views"]), int(self.manifest["topk"])
@@ -460,8 +991,62 @@ class CacheWriter:
             if tuple(arr.shape) != shape:
                 raise ValueError(f"write_shard({name!r}): {a} has shape {arr.shape}, expected {shape}")
         key_rows = encode_keys(keys)  # refuses a key that cannot round-trip, before touching the store
+        if claim is None:
+            claim = self.claim(name)
+            if claim is None:
+                done, _ = self._group_state(name)
+                if done:  # a ShardClaimedError too: another writer finished it, nothing to do
+                    raise ShardClaimedError(
+                        f"shard group {name!r} in cache {self.path} is already complete; kdcache never "
+                        "overwrites a complete group"
+                    )
+                raise ShardClaimedError(
+                    f"shard group {name!r} in cache {self.path} is claimed by another writer "
+                    f"({_describe_holder(self.holder(name))}); it is left to that writer"
+                )
+        elif claim.name != name:
+            raise KdcacheError(f"write_shard({name!r}): the claim is for group {claim.name!r}, not {name!r}")
+        elif claim.exclusive != self.local or (
+            claim.exclusive
+            and os.path.abspath(claim.path) != os.path.abspath(os.path.join(self._dir, CLAIMS_DIR, name))
+        ):
+            raise KdcacheError(f"write_shard({name!r}): the claim is not one of this cache ({self.path})")
+        try:
+            claim.check()
+            done, _ = self._group_state(name)
+            if done:
+                raise KdcacheError(
+                    f"shard group {name!r} in cache {self.path} is already complete; kdcache never overwrites "
+                    "a complete group"
+                )
+            try:
+                self._write_arrays(name, source, n, key_rows, size, logprobs, classes, box, flip, mix_with, mix_lam)
+            except OSError as e:  # a full disk, a quota: the CLI names the place it happened
+                if e.filename is None:
+                    e.filename = f"{self.path.rstrip('/')}/{name}"
+                raise
+            g = self.root[name]
+            # Only with every array's data on disk, and the claim still ours, does the group count as done.
+            arrays = dict(g.arrays())
+            files = _list_files(self.root, self.path, name, self._fs)
+            extra = sorted(set(arrays) - set(ARRAYS))
+            lost = missing_data(arrays, files, n, k, {EVERY_CHUNK_ATTR: True})
+            if lost is not None or extra:
+                what = (f"array {lost[0]!r} is missing after it was written ({lost[1]})" if lost
+                        else f"it holds other arrays {extra}")
+                raise KdcacheError(
+                    f"cache group {name!r} in {self.path}: {what}; the group is left incomplete. Is another process "
+                    "writing into this cache without claims? Re-run to redo the group"
+                )
+            claim.check()
+            g.attrs.update({"bad": dict(bad or {}), "render": render or self.manifest.get("render"), "complete": True})
+        finally:
+            claim.release()
+            self._claims.pop(name, None)
+
+    def _write_arrays(self, name, source, n, key_rows, size, logprobs, classes, box, flip, mix_with, mix_lam) -> None:
         g = self.root.create_group(name, overwrite=True)
-        g.attrs.update({"source": source, "num_samples": n, "complete": False})
+        g.attrs.update({"source": source, "num_samples": n, "complete": False, EVERY_CHUNK_ATTR: True})
         rows = max(n, 1)
         max_side = int(size.max()) if n else 0
 
@@ -470,8 +1055,10 @@ class CacheWriter:
             per_view = len(shape) >= 2 and aname not in ("keys", "size")
             chunks = (rows, 1) + shape[2:] if per_view else (rows,) + shape[1:]
             shards = (rows,) + shape[1:] if per_view else None
-            arr = g.create_array(aname, shape=shape, chunks=chunks, shards=shards, dtype=dtype, compressors=codec,
-                                 attributes=attributes)
+            fill = _box_fill(dtype) if aname == "box" else FILL_VALUES[aname]
+            arr = g.create_array(aname, shape=shape, chunks=chunks, shards=shards, dtype=dtype,
+                                 compressors=(codec, _CRC), attributes=attributes, fill_value=fill,
+                                 config={"write_empty_chunks": True})
             if n:
                 arr[...] = data.astype(dtype, copy=False)
 
@@ -483,5 +1070,3 @@ class CacheWriter:
         put("flip", np.asarray(flip), np.bool_, _INT)
         put("mix_with", np.asarray(mix_with), np.int32, _INT)
         put("mix_lam", np.asarray(mix_lam), np.float16, _FLOAT)
-        # Only now, with every array on disk, does the group count as done.
-        g.attrs.update({"bad": dict(bad or {}), "render": render or self.manifest.get("render"), "complete": True})

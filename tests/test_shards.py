@@ -20,6 +20,7 @@ from kdcache.shards import (
     iter_samples,
     load_class_names,
     pack_imagefolder,
+    scan_keys,
     shard_name,
     webp_supported,
 )
@@ -122,12 +123,16 @@ def test_bad_shard_contents(tmp_path, members, pattern):
 
 @pytest.mark.parametrize("content", [b"", b"not a tar at all" * 64, "truncated"])
 def test_unreadable_tar(tmp_path, dataset, content):
-    if content == "truncated":
+    pattern = r"cannot read shard .*broken\.tar"
+    if content == "truncated":  # cut inside the second member's header (tests/reliability has more)
         content = (dataset / "train-000000.tar").read_bytes()[:3000]
+        pattern = r"shard .*broken\.tar is truncated after key 'train0_0000' \(1 samples read\): .* at byte 3000"
     p = tmp_path / "broken.tar"
     p.write_bytes(content)
-    with pytest.raises(KdcacheError, match=r"cannot read shard .*broken\.tar"):
+    with pytest.raises(KdcacheError, match=pattern):
         list(iter_samples(str(p)))
+    with pytest.raises(KdcacheError, match=pattern):
+        scan_keys(str(p))
 
 
 def test_decode_error_names_shard_and_key(tmp_path):

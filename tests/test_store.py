@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from conftest import NUM_CLASSES, TEACHER, snapshot
 from kdcache import __version__
@@ -92,8 +92,8 @@ def test_layout_one_chunk_per_view_sharded_and_blosc(cache):
         arr = g[a]
         assert arr.chunks == (7, 1) + arr.shape[2:], a  # one chunk per (shard, view)
         assert arr.shards == arr.shape, a  # all views of the array in one file
-        (codec,) = arr.compressors
-        assert isinstance(codec, BloscCodec) and codec.cname.value == "zstd"
+        codec, crc = arr.compressors  # Blosc, then a CRC-32C of the compressed chunk
+        assert isinstance(codec, BloscCodec) and codec.cname.value == "zstd" and isinstance(crc, Crc32cCodec)
         want = "shuffle" if a in ("logprobs", "mix_lam") else "bitshuffle"
         assert codec.shuffle.value == want, a
     # a shard group is a handful of files
@@ -385,14 +385,16 @@ def test_keys_layout(tmp_path):
         assert bytes(row) == b + b"\0" * (width - len(b))
     # chunked like `size`: one chunk, not sharded, integer Blosc
     assert keys.chunks == (6, width) and keys.shards is None
-    (codec,) = keys.compressors
+    codec, crc = keys.compressors
     assert isinstance(codec, BloscCodec) and codec.cname.value == "zstd" and codec.shuffle.value == "bitshuffle"
+    assert isinstance(crc, Crc32cCodec)
     # empty shard: L is still 1; keys that are all empty: L = 1 as well
     assert zarr.open_array(str(path / "s1" / "keys"), mode="r").shape == (0, 1)
     w = CacheWriter(str(path), _manifest(shards=["s0", "s1"], sources=["/d/s0.tar", "/d/s1.tar"],
                                           compute={"batch_size": 8, "device": "cpu", "precision": "fp32"}))
     rec = _records(2)
     rec["keys"] = ["", ""]
+    shutil.rmtree(path / "s1")  # a complete group is never overwritten: delete it to redo it
     w.write_shard("s1", source="/d/s1.tar", **rec)
     assert zarr.open_array(str(path / "s1" / "keys"), mode="r").shape == (2, 1)
     r = CacheReader(str(path))

@@ -6,6 +6,7 @@ User errors (``KdcacheError``) print one clear line and exit with code 2; no tra
 
 from __future__ import annotations
 
+import errno
 import sys
 
 import click
@@ -14,8 +15,38 @@ from .. import __version__
 from ..errors import KdcacheError
 
 
+# Storage that ran out: no space, a quota, a file-size limit (RLIMIT_FSIZE / `ulimit -f`; Python
+# ignores SIGXFSZ, so such a write fails with EFBIG instead of killing the process).
+_FULL = {
+    errno.ENOSPC: ("no space left on device", "free some space"),
+    getattr(errno, "EDQUOT", -1): ("disk quota exceeded", "free some space or raise the quota"),
+    errno.EFBIG: ("file too large (a file-size limit, e.g. `ulimit -f`, or the filesystem's largest file)",
+                  "raise the limit"),
+}
+
+
+def storage_full(e: BaseException) -> OSError | None:
+    """The ENOSPC / EDQUOT / EFBIG OSError in an exception or its causes, if there is one."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _FULL:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def storage_full_message(e: OSError) -> str:
+    what, advice = _FULL[e.errno]
+    where = f" while writing {e.filename}" if e.filename else ""
+    return (f"{what}{where} ([Errno {e.errno}] {e.strerror}); {advice}, then re-run the same command: it resumes "
+            "(precompute keeps every finished shard group and redoes the unfinished one; nothing half written is "
+            "kept as finished)")
+
+
 class KdcacheGroup(click.Group):
-    """A click group that turns ``KdcacheError`` into a message and its exit code."""
+    """A click group that turns ``KdcacheError`` into a message and its exit code, and a full
+    disk, a quota or a file-size limit into one clean message (exit code 2)."""
 
     def invoke(self, ctx):
         try:
@@ -23,6 +54,12 @@ class KdcacheGroup(click.Group):
         except KdcacheError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(e.exit_code)
+        except Exception as e:
+            full = storage_full(e)
+            if full is None:
+                raise
+            click.echo(f"error: {storage_full_message(full)}", err=True)
+            sys.exit(KdcacheError.exit_code)
 
 
 @click.group(cls=KdcacheGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
