@@ -176,9 +176,9 @@ def main(argv=None):
         cfg = PrecomputeConfig(
             data=str(work / "data"), teacher=args.teacher, out=str(work / "cache.zarr"), num_classes=args.num_classes,
             views=args.views, topk=args.topk, seed=args.seed, res=args.res, batch_size=args.batch_size,
-            device=str(device), workers=args.workers, progress=False,
+            device=str(device), workers=args.workers, progress=False, random_init=0,
         )
-        teacher, _ = load_teacher(args.teacher, device, num_classes=args.num_classes, resolution=args.res)
+        teacher, _ = load_teacher(args.teacher, device, num_classes=args.num_classes, resolution=args.res, random_init=0)
         pixels = render_views(urls, args)
         # teacher-only before and after precompute; the better of the two (a shared machine's load
         # only ever slows a measurement down)

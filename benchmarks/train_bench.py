@@ -115,6 +115,7 @@ def main(argv=None):
             pre = precompute(PrecomputeConfig(
                 data=str(data), teacher=teacher, num_classes=a.classes, out=str(cache), views=a.views, topk=a.topk,
                 res=a.teacher_res, batch_size=a.batch_size, device=a.device, workers=a.workers, progress=False,
+                random_init=0,  # random weights on purpose: only the speed is measured
             ))
             row = {"teacher": teacher, "precompute_images_per_s": pre["images"] * a.views / (time.perf_counter() - t0)}
             runs: dict[str, list] = {"labels": [], "cached": [], "live": []}

@@ -26,6 +26,7 @@ class PrecomputeConfig:
     out: str
     teacher_weights: str | None = None
     pretrained: bool = False
+    random_init: int | None = None  # a seeded random teacher, on purpose (benchmarks, tests)
     num_classes: int | None = None
     views: int = 10
     topk: int = 10
@@ -35,6 +36,7 @@ class PrecomputeConfig:
     batch_size: int = 256
     device: str = "auto"
     workers: int = field(default_factory=default_workers)
+    worker_timeout: float = 600.0  # seconds to wait for a batch from the data workers before giving up
     mean: tuple | None = None
     std: tuple | None = None
     shard_index: int = 0
@@ -64,6 +66,7 @@ class TrainConfig:
     cache: str | None = None
     teacher: str | None = None
     teacher_weights: str | None = None
+    teacher_random_init: int | None = None  # live: a seeded random teacher (default: the cache's seed, if it has one)
     mode: str = "auto"  # auto: live with --teacher, cached with --cache, else labels
     student_weights: str | None = None
     num_classes: int | None = None
@@ -78,8 +81,8 @@ class TrainConfig:
     temperature: float = 1.0
     tail: str = "uniform"
     label_weight: float = 0.0
-    res: int = 224
-    teacher_res: int | None = None  # live: default the cache's resolution, else --res
+    res: int | None = None  # default: the cache's resolution, else 224
+    teacher_res: int | None = None  # live: default the cache's resolution, else the student's
     topk: int | None = None  # live: default the cache's k, else 10
     val_data: str | list[str] | None = None
     val_batch_size: int | None = None
@@ -87,6 +90,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps; 0 = at each epoch end only
     log_every: int = 10
     workers: int = field(default_factory=default_workers)
+    worker_timeout: float = 600.0  # seconds to wait for a batch from the data workers before giving up
     device: str = "auto"
     seed: int = 0
     resume: bool = False
@@ -109,7 +113,7 @@ class TrainConfig:
 
     def __post_init__(self):
         for name, low in (("epochs", 1), ("batch_size", 1), ("res", 8), ("workers", 0), ("log_every", 1)):
-            if getattr(self, name) < low:
+            if getattr(self, name) is not None and getattr(self, name) < low:
                 raise KdcacheError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
         from .losses import TAIL_MODES
 

@@ -314,7 +314,7 @@ def render_record(
     from matplotlib.patches import Rectangle
     from PIL import Image
 
-    from .views import ShardViews, View, crop_batch
+    from .views import ShardViews, View, crop_batch, render_mismatch
 
     reader = _open(cache, storage_options)
     info = record_info(reader, shard, key, view, storage_options)
@@ -341,6 +341,9 @@ def render_record(
         if (im.height, im.width) != (h, w):
             warnings.append(f"image {kk!r} is {im.height}x{im.width} in the data but {h}x{w} in the cache")
 
+    mismatch = render_mismatch(reader.manifest.get("render"))
+    if mismatch:
+        warnings.append(mismatch)
     res = info["resolution"]
     own_view = views.view(info["index"], view)
     partner = images[v["mix_key"]] if v["mixed"] else None

@@ -40,10 +40,12 @@ class ModelInfo:
     std: tuple[float, float, float]
     weights: str | None
     weights_sha256: str | None
+    init_seed: int | None = None  # a deliberately random network: the seed it was built with
 
     def describe(self) -> dict:
-        """The manifest's ``teacher`` entry."""
-        return {
+        """The manifest's ``teacher`` entry. A seeded random network also records its seed and the
+        digest of its parameters, so a resume or ``verify`` can rebuild it and prove it is the same."""
+        out = {
             "spec": self.spec,
             "weights": os.path.basename(self.weights) if self.weights else None,
             "weights_sha256": self.weights_sha256,
@@ -51,6 +53,19 @@ class ModelInfo:
             "mean": list(self.mean),
             "std": list(self.std),
         }
+        if self.init_seed is not None:
+            out.update(random_init_seed=int(self.init_seed), state_sha256=state_sha256(self.model))
+        return out
+
+
+def state_sha256(model: nn.Module) -> str:
+    """sha256 over a model's parameters and buffers (names, dtypes, shapes and bytes, in name order)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def file_sha256(path: str, chunk: int = 1 << 20) -> str:
@@ -259,11 +274,20 @@ def create_model(
     mean=None,
     std=None,
     resolution: int = 224,
+    init_seed: int | None = None,
 ) -> ModelInfo:
-    """Build ``spec``, load ``weights``, and check that its output width matches ``num_classes``."""
+    """Build ``spec``, load ``weights``, and check that its output width matches ``num_classes``.
+
+    ``init_seed`` builds the network under that seed (the global RNG is left as it was), so a
+    random initialisation can be repeated."""
     if weights is not None and not os.path.isfile(weights):
         raise KdcacheError(f"weights file {weights} does not exist")
-    model = build_model(spec, num_classes=num_classes, pretrained=pretrained)
+    if init_seed is None:
+        model = build_model(spec, num_classes=num_classes, pretrained=pretrained)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(init_seed))
+            model = build_model(spec, num_classes=num_classes, pretrained=pretrained)
     if weights is not None:
         load_weights(model, weights)
     found = infer_num_classes(model, resolution)
@@ -277,7 +301,7 @@ def create_model(
     std = tuple(float(x) for x in std) if std is not None else dstd
     if len(mean) != 3 or len(std) != 3:
         raise KdcacheError(f"--mean and --std need three values each (R,G,B), got {mean} and {std}")
-    return ModelInfo(model, spec, found, mean, std, weights, file_sha256(weights) if weights else None)
+    return ModelInfo(model, spec, found, mean, std, weights, file_sha256(weights) if weights else None, init_seed)
 
 
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:

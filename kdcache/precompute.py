@@ -24,9 +24,9 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from .config import PrecomputeConfig
 from .errors import KdcacheError
-from .runtime import barrier, guarded, init_distributed, raise_if_error, resolve_device, worker_share
+from .runtime import barrier, guarded, init_distributed, raise_if_error, resolve_device, worker_items, worker_share
 from .shards import decode_shard, expand_urls, load_class_names, shard_name
-from .store import CacheWriter, make_manifest
+from .store import CLAIM_REFRESH_S, CacheWriter, make_manifest
 from .teacher import batch_topk, compute_record, load_teacher
 from .views import CropBatch, ShardViews, crop_batch, render_backend, sample_shard_views
 
@@ -131,7 +131,8 @@ def precompute(cfg: PrecomputeConfig) -> dict:
     device = resolve_device(cfg.device)
 
     teacher, info = load_teacher(cfg.teacher, device, num_classes=cfg.num_classes, weights=cfg.teacher_weights,
-                                 pretrained=cfg.pretrained, mean=cfg.mean, std=cfg.std, resolution=cfg.res)
+                                 pretrained=cfg.pretrained, mean=cfg.mean, std=cfg.std, resolution=cfg.res,
+                                 random_init=cfg.random_init)
     if cfg.topk > info.num_classes:
         raise KdcacheError(f"--topk {cfg.topk} exceeds the teacher's {info.num_classes} classes")
     names = load_class_names(urls)
@@ -147,26 +148,52 @@ def precompute(cfg: PrecomputeConfig) -> dict:
     writer = writer or CacheWriter(cfg.out, manifest, cfg.storage_options)
 
     mine = my_shards(urls, cfg.shard_index, cfg.num_shard_groups, rank, world)
-    todo = [u for u in mine if not writer.is_complete(shard_name(u))]
-    summary = {
-        "cache": cfg.out, "shards_total": len(urls), "shards_mine": len(mine),
-        "shards_skipped": len(mine) - len(todo), "shards_written": 0, "images": 0, "records": 0,
-        "bad": 0, "seconds": 0.0, "images_per_s": 0.0,
-    }
-    if not todo:
-        return summary
+    # Claim every unfinished group before any work: a group another live writer holds is left to it.
+    claims, elsewhere = {}, []
+    try:
+        for u in mine:
+            name = shard_name(u)
+            if writer.is_complete(name):
+                continue
+            c = writer.claim(name)
+            if c is None and not writer.is_complete(name):
+                elsewhere.append(name)
+            elif c is not None:
+                claims[name] = c
+        todo = [u for u in mine if shard_name(u) in claims]
+        summary = {
+            "cache": cfg.out, "shards_total": len(urls), "shards_mine": len(mine),
+            "shards_skipped": len(mine) - len(todo) - len(elsewhere), "shards_written": 0,
+            "shards_held_elsewhere": sorted(elsewhere), "images": 0, "records": 0, "bad": 0, "seconds": 0.0,
+            "images_per_s": 0.0,
+        }
+        if todo:
+            _run(cfg, teacher, writer, todo, claims, summary, rank)
+    finally:
+        writer.release_claims()  # the groups not written (an error, a kill is handled by the next run)
+    barrier(world)
+    return summary
+
+
+def _run(cfg: PrecomputeConfig, teacher, writer: CacheWriter, todo: list[str], claims: dict, summary: dict,
+         rank: int) -> None:
+    """Render, run the teacher and write every shard of ``todo`` (claimed by this process)."""
+    device = teacher.device
 
     workers = max(0, min(cfg.workers, len(todo)))
     loader = DataLoader(
         ShardRenderStream(todo, cfg), batch_size=None, num_workers=workers, collate_fn=_identity,
         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
-        persistent_workers=False,
+        persistent_workers=False, timeout=cfg.worker_timeout if workers else 0,
     )
     bar = _progress(len(todo), rank, cfg.progress)
     pending: dict[str, _Pending] = {}
-    t0 = time.perf_counter()
+    t0 = last_refresh = time.perf_counter()
     with torch.inference_mode():
-        for item in loader:
+        for item in worker_items(loader, cfg.worker_timeout, cfg.out):
+            if time.perf_counter() - last_refresh > CLAIM_REFRESH_S / 2:
+                writer.refresh_claims()  # still alive: other writers leave these groups alone
+                last_refresh = time.perf_counter()
             item = raise_if_error(item)
             if isinstance(item, ShardStart):
                 pending[item.name] = p = _Pending(item, cfg.views, cfg.topk)
@@ -177,7 +204,7 @@ def precompute(cfg: PrecomputeConfig) -> dict:
                 p.classes[item.index, item.view] = ids
                 p.remaining -= len(item.index)
             if p.remaining == 0:
-                _write(writer, p)
+                _write(writer, p, claims[p.start.name])
                 del pending[p.start.name]
                 summary["shards_written"] += 1
                 summary["images"] += int(p.start.valid.sum())
@@ -196,16 +223,14 @@ def precompute(cfg: PrecomputeConfig) -> dict:
         raise KdcacheError(f"precompute ended with unfinished shards {sorted(pending)}; re-run to resume")
     summary["seconds"] = time.perf_counter() - t0
     summary["images_per_s"] = summary["images"] / max(summary["seconds"], 1e-9)
-    barrier(world)
-    return summary
 
 
-def _write(writer: CacheWriter, p: _Pending) -> None:
+def _write(writer: CacheWriter, p: _Pending, claim) -> None:
     s = p.start
     writer.write_shard(
         s.name, source=s.url, keys=s.keys, size=s.size, logprobs=p.logprobs, classes=p.classes,
         box=s.views.box, flip=s.views.flip, mix_with=s.views.mix_with, mix_lam=s.views.mix_lam,
-        bad=s.bad, render=render_backend(),
+        bad=s.bad, render=render_backend(), claim=claim,
     )
 
 

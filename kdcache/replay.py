@@ -52,7 +52,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .errors import BadImageError, KdcacheError
-from .runtime import guarded, raise_if_error, worker_share
+from .runtime import guarded, raise_if_error, worker_items, worker_share
 from .shards import decode_image, decode_shard, is_remote, iter_samples, scan_keys, shard_name
 from .store import CacheReader
 from .views import AugSpec, CropBatch, ShardViews, center_view, crop_batch, crop_tensor, sample_shard_views, stable_seed
@@ -344,6 +344,7 @@ class StreamConfig:
     need_labels: bool = False
     num_classes: int | None = None  # checks cls < C
     skip_bad: bool = False  # without a cache: leave out the records ShardInfo.bad lists (found before training)
+    worker_timeout: float = 600.0  # seconds to wait for a chunk from the workers (runtime.worker_items)
     shuffle_buffer: int = 1024
     rank: int = 0
     world: int = 1
@@ -609,6 +610,7 @@ def epoch_batches(stream: ReplayStream, epoch: int, skip_batches: int = 0, pin_m
         prefetch_factor=prefetch_factor if W else None, persistent_workers=False,
         worker_init_fn=_worker_init if W else None,
         generator=torch.Generator().manual_seed(stable_seed("loader", stream.cfg.seed, epoch) % (1 << 62)),
+        timeout=stream.cfg.worker_timeout if W else 0,
     )
     B = stream.cfg.batch_size
     to_drop = skip_batches * B
@@ -616,7 +618,7 @@ def epoch_batches(stream: ReplayStream, epoch: int, skip_batches: int = 0, pin_m
     done = 0
     pending: list[Batch] = []
     have = 0
-    it = iter(loader)
+    it = iter(worker_items(loader, stream.cfg.worker_timeout))
     try:
         for item in it:
             if done >= want:

@@ -26,17 +26,39 @@ CHECKPOINT_VERSION = 1
 
 
 def atomic_save(obj, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    _atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def atomic_json(obj, path: str) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    _atomic(path, write)
+
+
+def _atomic(path: str, write) -> None:
+    """``write(tmp)`` then rename over ``path``; on failure (a full disk, a file-size limit) the
+    temporary file is removed and the error names the file, the likely cause and how to go on."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        from .errors import KdcacheError
+        from .runtime import space_problems
+
+        causes = space_problems(path)
+        raise KdcacheError(
+            f"cannot write {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+            + (f": {'; '.join(causes)}" if causes else "")
+            + ". The last complete checkpoint is kept: free some space (or raise the limit), then re-run the same "
+            "command with --resume") from None
 
 
 def _no_best() -> dict:

@@ -97,3 +97,52 @@ def raise_if_error(item):
     if isinstance(item, WorkerError):
         raise KdcacheError(item.message)
     return item
+
+
+def space_problems(path: str | None = None) -> list[str]:
+    """What about this machine's limits could stop data workers or writes: a file-size limit,
+    little shared memory (/dev/shm, through which DataLoader workers ship batches), a full disk."""
+    import shutil
+
+    found = []
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+        if soft != resource.RLIM_INFINITY:
+            found.append(f"a file-size limit (ulimit -f) of {soft:,} bytes is set for this process")
+    except (ImportError, ValueError, OSError):
+        pass
+    for where, what, low in (("/dev/shm", "shared memory (/dev/shm, through which data workers ship batches; "
+                              "Docker's default is 64 MiB: run the container with --shm-size 8g or --ipc=host)",
+                              256 << 20),
+                             (path, f"the disk holding {path}", 1 << 30)):
+        if where and "://" not in str(where):
+            target = where if os.path.exists(where) else os.path.dirname(os.path.abspath(where)) or "."
+            try:
+                free = shutil.disk_usage(target).free
+            except OSError:
+                continue
+            if free < low:
+                found.append(f"only {free / 2**20:.0f} MiB are free in {what}")
+    return found
+
+
+def worker_items(loader, timeout: float, out: str | None = None):
+    """Iterate a DataLoader, turning a lost worker into a ``KdcacheError`` that names the likely
+    cause. A worker that cannot ship a batch (shared memory or file-size limit exhausted) can drop it
+    silently and leave the main process waiting forever; the loader's ``timeout`` ends that wait."""
+    try:
+        yield from loader
+    except RuntimeError as e:
+        msg = str(e)
+        if "timed out" not in msg and "DataLoader worker" not in msg:
+            raise
+        causes = space_problems(out)
+        what = (f"no batch arrived from the data workers for {timeout:.0f} s" if "timed out" in msg
+                else f"a data worker died ({msg.splitlines()[0]})")
+        raise KdcacheError(
+            f"{what}. " + (f"Likely cause: {'; '.join(causes)}. " if causes else
+                           "A worker that cannot ship a batch (shared memory or disk full) stalls the job. ")
+            + "Free the space or raise the limit, or use --workers 0 (no shared memory), then re-run the same "
+            "command: it resumes (--worker-timeout sets how long to wait for a batch)") from None

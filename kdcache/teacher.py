@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .models import ModelInfo, create_model, logits_of, normalize
+from .errors import KdcacheError
+from .models import ModelInfo, create_model, logits_of, normalize, state_sha256
 from .views import CropBatch
 
 
@@ -33,16 +34,48 @@ class Teacher:
 
 
 def load_teacher(spec: str, device: torch.device, *, num_classes: int | None = None, weights: str | None = None,
-                 pretrained: bool = False, mean=None, std=None, resolution: int = 224) -> tuple[Teacher, ModelInfo]:
-    """Build ``spec`` with its weights, frozen and ready for inference on ``device``."""
-    info = create_model(spec, num_classes=num_classes, weights=weights, pretrained=pretrained, mean=mean, std=std,
-                        resolution=resolution)
+                 pretrained: bool = False, mean=None, std=None, resolution: int = 224,
+                 random_init: int | None = None, flag: str = "--random-init") -> tuple[Teacher, ModelInfo]:
+    """Build ``spec`` with its weights, frozen and ready for inference on ``device``.
+
+    A teacher that would start from random weights is refused unless ``random_init`` (a seed) asks
+    for one on purpose: its outputs carry no knowledge, and unseeded, every process would build
+    another network (a resumed cache would mix two). Seeded, it is rebuilt exactly (``flag`` names
+    the option in the message).
+    """
+    build = dict(num_classes=num_classes, weights=weights, pretrained=pretrained, mean=mean, std=std,
+                 resolution=resolution)
+    if random_init is not None:
+        if weights is not None or pretrained:
+            raise KdcacheError(f"{flag} builds a randomly initialised teacher; it cannot be combined with "
+                               "--teacher-weights or --pretrained")
+        info = create_model(spec, init_seed=random_init, **build)
+    else:
+        info = create_model(spec, **build)
+        if weights is None and not pretrained and is_random(spec, info, build):
+            raise KdcacheError(
+                f"the teacher {spec!r} has random weights (no --teacher-weights, no --pretrained): its outputs would "
+                "carry no knowledge, and every run would build another network. Pass --teacher-weights FILE (or "
+                f"--pretrained), or {flag} SEED to use a seeded random network on purpose (benchmarks, tests)")
     model = info.model.to(device).eval()
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     for p in model.parameters():
         p.requires_grad_(False)
     return Teacher(model, info.mean, info.std, device, info.num_classes), info
+
+
+def is_random(spec: str, info: ModelInfo, build: dict) -> bool:
+    """Whether a teacher built without a weights file has random weights: timm and torchvision specs
+    always do; a ``py:`` factory does when a second build under another seed differs (it may load
+    weights itself); TorchScript and exported files carry their weights."""
+    if spec.startswith(("timm:", "torchvision:")):
+        return True
+    if not spec.startswith("py:"):
+        return False
+    a = create_model(spec, init_seed=1, **build)
+    b = create_model(spec, init_seed=2, **build)
+    return state_sha256(a.model) != state_sha256(b.model)
 
 
 def topk_tensors(teacher: Teacher, pixels: torch.Tensor, k: int, mean=None, std=None):

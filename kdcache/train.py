@@ -28,9 +28,9 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -42,17 +42,22 @@ from .errors import KdcacheError
 from .models import ModelInfo, create_model
 from .replay import ReplayStream, StreamConfig, ValStream, _identity, epoch_batches, prepare_shards
 from .run_state import MetricsLog, Meter, RunState, atomic_json, atomic_save, restore
-from .runtime import barrier, init_distributed, raise_if_error, resolve_device
+from .runtime import barrier, init_distributed, raise_if_error, resolve_device, worker_items
 from .shards import expand_urls, load_class_names
 from .store import CacheReader
 from .tasks import CachedKDTask, LabelsTask, LiveKDTask, StudentInput
 from .teacher import load_teacher
+from .views import render_mismatch
 
 CHECKPOINT = "checkpoint.pt"
+DEFAULT_RES = 224  # the student's resolution without --res and without a cache
 BAD_KEYS_SHOWN = 20  # bad records named on stderr and in summary.json (all are counted)
-# Settings that must not change when a run is resumed (the data order or the model would differ).
-RESUME_FIXED = ("data", "cache", "student", "mode", "batch_size", "seed", "res", "world_size", "num_classes",
-                "optimizer", "teacher", "views", "view_seed", "shuffle_buffer", "skip_bad")
+# Settings a resumed run may change. They are recorded in config.json ("resumes": step, old and new
+# value); every other setting must stay as the run started, or the resume is refused.
+RESUME_MAY_CHANGE = ("epochs", "workers", "worker_timeout", "log_every", "eval_every", "checkpoint_every", "val_data", "val_batch_size",
+                     "stop_after", "progress", "resume", "device", "loss_backend", "compile", "storage_options")
+# Of the resolved settings, these describe the machine or follow from the above: recorded, not checked.
+RESOLVED_MAY_CHANGE = ("device", "amp", "torch", "steps_per_epoch", "total_steps")
 
 
 def manifest_digest(manifest: dict) -> str:
@@ -148,6 +153,9 @@ def setup(cfg: TrainConfig) -> Run:
     urls = expand_urls(cfg.data)
     reader = CacheReader(cfg.cache, cfg.storage_options) if cfg.cache else None
     manifest = reader.manifest if reader is not None else None
+    res = cfg.res if cfg.res is not None else (int(manifest["resolution"]) if manifest else DEFAULT_RES)
+    if cfg.res is None and manifest is not None:
+        _say(rank, f"note: --res not given: the student trains at the cache's resolution, {res}px")
 
     # -- class count, teacher --
     num_classes = cfg.num_classes
@@ -161,15 +169,20 @@ def setup(cfg: TrainConfig) -> Run:
     teacher = teacher_res = topk = None
     if mode == "live":
         # Like precompute: the class count given, or the one the cache's teacher had.
+        seed = cfg.teacher_random_init
+        same = manifest is not None and manifest["teacher"].get("spec") == cfg.teacher
+        if seed is None and same and cfg.teacher_weights is None:
+            seed = manifest["teacher"].get("random_init_seed")  # the cache's seeded random teacher
         teacher, tinfo = load_teacher(cfg.teacher, device, weights=cfg.teacher_weights,
                                       num_classes=num_classes or (reader.num_classes if reader else None),
-                                      resolution=cfg.teacher_res or cfg.res)
+                                      resolution=cfg.teacher_res or res, random_init=seed,
+                                      flag="--teacher-random-init")
         num_classes = tinfo.num_classes
         t_mean, t_std = tinfo.mean, tinfo.std
         if manifest is not None and manifest["teacher"].get("spec") == cfg.teacher:
             # Normalise exactly as the cache's precompute did, so live targets equal cached ones.
             t_mean, t_std = tuple(manifest["teacher"]["mean"]), tuple(manifest["teacher"]["std"])
-        teacher_res = cfg.teacher_res or (int(manifest["resolution"]) if manifest else cfg.res)
+        teacher_res = cfg.teacher_res or (int(manifest["resolution"]) if manifest else res)
         topk = cfg.topk or (int(manifest["topk"]) if manifest else 10)
         if topk > num_classes:
             raise KdcacheError(f"--topk {topk} exceeds the teacher's {num_classes} classes")
@@ -184,7 +197,7 @@ def setup(cfg: TrainConfig) -> Run:
     # -- student --
     torch.manual_seed(cfg.seed)
     try:
-        sinfo = create_model(cfg.student, num_classes=num_classes, weights=cfg.student_weights, resolution=cfg.res)
+        sinfo = create_model(cfg.student, num_classes=num_classes, weights=cfg.student_weights, resolution=res)
     except KdcacheError as e:
         where = f"cache {cfg.cache}" if mode == "cached" else ("the teacher" if mode == "live" else "the data")
         raise KdcacheError(f"student: {e} ({where} has {num_classes} classes)") from None
@@ -207,20 +220,24 @@ def setup(cfg: TrainConfig) -> Run:
     val_stream = None
     if cfg.val_data:
         val_shards = prepare_shards(expand_urls(cfg.val_data), None, True, rank, world)
-        val_stream = ValStream(val_shards, cfg.res, cfg.val_batch_size or cfg.batch_size, rank, world, cfg.skip_bad)
+        val_stream = ValStream(val_shards, res, cfg.val_batch_size or cfg.batch_size, rank, world, cfg.skip_bad)
     view_seed = cfg.seed if cfg.view_seed is None else cfg.view_seed
     stream = ReplayStream(shards, StreamConfig(
-        batch_size=cfg.batch_size, res=cfg.res, seed=cfg.seed, cache=cfg.cache, storage_options=cfg.storage_options,
-        with_targets=mode == "cached", teacher_res=(teacher_res if mode == "live" and teacher_res != cfg.res else None),
+        batch_size=cfg.batch_size, res=res, seed=cfg.seed, cache=cfg.cache, storage_options=cfg.storage_options,
+        with_targets=mode == "cached", teacher_res=(teacher_res if mode == "live" and teacher_res != res else None),
         views=cfg.views, view_seed=view_seed, aug=cfg.aug, need_labels=need_labels, num_classes=num_classes,
         shuffle_buffer=cfg.shuffle_buffer, rank=rank, world=world, workers=cfg.workers, skip_bad=cfg.skip_bad,
+        worker_timeout=cfg.worker_timeout,
     ))
     plans = [stream.plan(e) for e in range(cfg.epochs)]
     V = stream.num_views
     views_reused = V is not None and cfg.epochs > V
-    if views_reused and rank == 0:
-        warnings.warn(f"training for {cfg.epochs} epochs over {V} stored views: views are reused from epoch {V} on "
-                      f"(epoch e replays view e mod {V})", stacklevel=3)
+    if views_reused:
+        _say(rank, f"note: training for {cfg.epochs} epochs over {V} views: views are reused from epoch {V} on "
+             f"(epoch e replays view e mod {V})")
+    mismatch = render_mismatch(manifest.get("render")) if manifest is not None else None
+    if mismatch:
+        _say(rank, f"warning: {mismatch}; until then the student sees slightly other pixels than the teacher saw")
     bad_keys = [f"{s.name}/{k}" for s in shards for k in s.bad]
     if bad_keys:
         why = "recorded as bad in the cache" if reader is not None else "--skip-bad"
@@ -233,7 +250,7 @@ def setup(cfg: TrainConfig) -> Run:
              f"{plans[0].dropped} of {sum(s.count for s in shards)} records are left out of epoch 0")
 
     resolved = {
-        "mode": mode, "num_classes": num_classes, "world_size": world, "device": str(device),
+        "mode": mode, "num_classes": num_classes, "res": res, "world_size": world, "device": str(device),
         "amp": cfg.amp if device.type == "cuda" else "none",
         "student_mean": list(sinfo.mean), "student_std": list(sinfo.std),
         "views": V, "view_seed": view_seed if reader is None else int(manifest["seed"]),
@@ -251,7 +268,10 @@ def setup(cfg: TrainConfig) -> Run:
 
 
 def open_run_dir(run: Run) -> dict | None:
-    """Create the run directory (a new run) or load its checkpoint (``--resume``). Returns the checkpoint."""
+    """Create the run directory (a new run) or load its checkpoint (``--resume``). Returns the checkpoint.
+
+    On resume, the settings must be the run's (``resume_changes``); the allowed changes are recorded
+    in config.json, which always describes the run as it goes on."""
     cfg, path = run.cfg, run.checkpoint_path
     ckpt = None
     if os.path.exists(path):
@@ -261,30 +281,70 @@ def open_run_dir(run: Run) -> dict | None:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise KdcacheError(f"cannot read checkpoint {path}: {e}") from None
-        _check_resume(ckpt["config"], run.run_config, run.rank)
+        changes = resume_changes(ckpt["config"], run.run_config)
+        for k, (a, b) in changes.items():
+            if k in ("workers", "epochs"):
+                _say(run.rank, f"warning: resuming with {k}={b} (was {a}): the run continues, but the batches "
+                     "(workers) or the schedule (epochs) differ from an uninterrupted run")
+        history = list(ckpt["config"].get("resumes", []))
+        if changes:
+            history.append({"step": int(ckpt["global_step"]), "changes": {k: list(v) for k, v in changes.items()}})
+        run.run_config["resumes"] = history
     if run.rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
-        if ckpt is None:
-            atomic_json(run.run_config, os.path.join(cfg.out, "config.json"))
+        clean_run_dir(cfg.out, fresh=ckpt is None)
+        atomic_json(run.run_config, os.path.join(cfg.out, "config.json"))
     barrier(run.world)
     return ckpt
 
 
-def _check_resume(old: dict, new: dict, rank: int) -> None:
-    diffs = []
-    defaults = asdict(TrainConfig(data="", student="", out=""))
-    for k in RESUME_FIXED:
-        # a setting the checkpoint's kdcache did not have yet ran at today's default
-        a = old.get(k, old.get("resolved", {}).get(k, defaults.get(k)))
-        b = new.get(k, new.get("resolved", {}).get(k))
-        if json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
-            diffs.append(f"{k}: checkpoint has {a!r}, this run has {b!r}")
-    if diffs:
-        raise KdcacheError("cannot resume: the run was started with other settings:\n  " + "\n  ".join(diffs))
-    for k in ("workers", "epochs"):
-        if old.get(k) != new.get(k):
-            _say(rank, f"warning: resuming with {k}={new.get(k)} (was {old.get(k)}): the run continues, but "
-                 "the batches (workers) or the schedule (epochs) differ from an uninterrupted run")
+def clean_run_dir(out: str, fresh: bool) -> None:
+    """Remove what an interrupted process of this run left: half-written files (``*.tmp<pid>``)
+    and, when the run starts afresh (killed before its first checkpoint), its metrics, which the
+    new start logs again from step 1."""
+    for f in os.listdir(out):
+        if re.fullmatch(r"(checkpoint\.pt|student\.pt|summary\.json|config\.json)\.tmp\d+", f):
+            os.remove(os.path.join(out, f))
+    if fresh and os.path.exists(os.path.join(out, "metrics.jsonl")):
+        os.remove(os.path.join(out, "metrics.jsonl"))
+
+
+def _comparable(config: dict) -> dict:
+    """A run's settings with those older kdcache releases did not record filled in as they ran."""
+    flat = {**asdict(TrainConfig(data="", student="", out="")), **config}
+    if "aug" not in config and "scale" in config:  # before the augmentation was one field
+        flat["aug"] = {"scale": list(config["scale"]), "ratio": list(config["ratio"]), "flip": config["flip"],
+                       "mixup": config["mixup"], "name": "inception_crop", "version": 1}
+    return flat
+
+
+def resume_changes(old: dict, new: dict) -> dict:
+    """The settings a resumed run changes, ``{name: (old, new)}``; a change that is not allowed
+    (anything outside RESUME_MAY_CHANGE / RESOLVED_MAY_CHANGE) is refused with the full list."""
+    def same(a, b):
+        return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+    a, b = _comparable(old), _comparable(new)
+    allowed, refused = {}, []
+    for k in sorted(set(b) - {"resolved", "resumes"}):
+        if not same(a.get(k), b.get(k)):
+            if k in RESUME_MAY_CHANGE:
+                allowed[k] = (a.get(k), b.get(k))
+            else:
+                refused.append(f"{k}: the run has {a.get(k)!r}, this command {b.get(k)!r}")
+    ra, rb = old.get("resolved", {}), new.get("resolved", {})
+    for k in sorted(rb):
+        if k in ra and not same(ra[k], rb[k]):
+            if k in RESOLVED_MAY_CHANGE:
+                allowed[f"resolved.{k}"] = (ra[k], rb[k])
+            else:
+                refused.append(f"resolved {k}: the run has {ra[k]!r}, this command {rb[k]!r}")
+    if refused:
+        raise KdcacheError(
+            "cannot resume: this command's settings differ from the run's, and a resumed run must train as it "
+            "started:\n  " + "\n  ".join(refused) + "\nResume with the run's settings (config.json), or start a "
+            f"new run in another --out. Only {', '.join(RESUME_MAY_CHANGE[:-4])} may change on resume.")
+    return allowed
 
 
 # ---- evaluation ------------------------------------------------------------------------------
@@ -299,9 +359,9 @@ def evaluate(model, run: Run) -> dict:
     k5 = min(5, C)
     counts = torch.zeros(3, dtype=torch.float64)
     loader = DataLoader(run.val_stream, batch_size=None, num_workers=run.cfg.workers, collate_fn=_identity,
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda", timeout=run.cfg.worker_timeout if run.cfg.workers else 0)
     try:
-        for item in loader:
+        for item in worker_items(loader, run.cfg.worker_timeout, run.cfg.out):
             pix, y = raise_if_error(item)
             z = run.inputs.logits(model, pix.to(device, non_blocking=True).float().div_(255.0)).float()
             y = y.to(device)
@@ -337,6 +397,8 @@ def train(cfg: TrainConfig) -> dict:
     state = RunState()
     if ckpt is not None:
         state = restore(ckpt, _unwrap(run.model), opt, scaler, run.device)
+        if state.epoch >= cfg.epochs:
+            return already_complete(run, state)
         _say(run.rank, f"resuming {cfg.out} at epoch {state.epoch}, step {state.step_in_epoch} of the epoch "
              f"(global step {state.global_step})")
     log = MetricsLog(cfg.out, run.rank == 0, int(ckpt["metrics_bytes"]) if ckpt is not None else None)
@@ -352,10 +414,10 @@ def train(cfg: TrainConfig) -> dict:
         state.record_val(evaluate(_unwrap(net), run))
         log.log({"step": state.global_step, "epoch": state.epoch, **state.last_val})
 
-    bar = _progress_bar(run, state)
     _say(run.rank, f"kdcache train: mode {run.mode}, {len(run.stream.shards)} shards, "
          f"{sum(s.count for s in run.stream.shards)} records, {run.num_classes} classes, {cfg.epochs} epochs x "
          f"{run.steps_per_epoch[0]} steps, device {run.device}, world {run.world}")
+    bar = _progress_bar(run, state)
     setup_s = time.perf_counter() - run.t_setup
     stopped = False
     while state.epoch < cfg.epochs and not stopped:
@@ -433,6 +495,18 @@ def _progress_bar(run: Run, state: RunState):
 
     return tqdm(total=run.total_steps, initial=state.global_step, unit="step", desc=f"train ({run.mode})",
                 dynamic_ncols=True)
+
+
+def already_complete(run: Run, state: RunState) -> dict:
+    """``--resume`` of a run that has trained all its epochs: say so and return its summary (written
+    again if the run was stopped between its last checkpoint and its summary)."""
+    path = os.path.join(run.cfg.out, "summary.json")
+    _say(run.rank, f"{run.cfg.out} is already complete: all {run.cfg.epochs} epochs ({state.global_step} steps) are "
+         "trained; pass a larger --epochs to train on, or choose a new --out")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return finish(run, state, run.model, 0.0)
 
 
 def finish(run: Run, state: RunState, net, setup_s: float) -> dict:

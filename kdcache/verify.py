@@ -115,22 +115,6 @@ def identity(manifest: dict, teacher: str, teacher_weights: str | None, device_t
     return report, problems, warnings
 
 
-def render_hint(render: dict) -> str | None:
-    """What to do when records disagree and this machine's PIL is not the one that made the cache."""
-    if render["matches"]:
-        return None
-    here, there = render["here"], render["cache"]
-    if there.get("pil") == "Pillow-SIMD" and here.get("pil") != "Pillow-SIMD":
-        fix = (f"a later pip install probably replaced Pillow-SIMD with Pillow; restore it with `pip install "
-               f"--no-deps --force-reinstall pillow-simd=={there.get('pil_version')}` (or `bash "
-               "tools/install_pillow_simd.sh PYTHON` from a kdcache checkout)")
-    else:
-        fix = f"install {there.get('pil')} {there.get('pil_version')} to replay this cache's pixels exactly"
-    return (f"the cache was rendered with {there.get('pil')} {there.get('pil_version')} and this machine renders "
-            f"with {here.get('pil')} {here.get('pil_version')}: their resampling differs by a pixel level, which moves "
-            f"log-probs by about 0.01. {fix}, then verify again")
-
-
 # ---- 2. coverage -------------------------------------------------------------------------------
 
 
@@ -382,6 +366,7 @@ def verify(
     """
     from .runtime import resolve_device
     from .teacher import load_teacher
+    from .views import render_mismatch
 
     if samples < 1:
         raise KdcacheError("--samples must be at least 1")
@@ -414,8 +399,25 @@ def verify(
 
     # Build the teacher only once the inputs are known to be usable.
     mt = man["teacher"]
-    t, _ = load_teacher(teacher, dev, num_classes=C, weights=teacher_weights, pretrained=pretrained,
-                        mean=mt.get("mean"), std=mt.get("std"), resolution=int(man["resolution"]))
+    seed = mt.get("random_init_seed") if teacher_weights is None and not pretrained else None
+    try:
+        t, tinfo = load_teacher(teacher, dev, num_classes=C, weights=teacher_weights, pretrained=pretrained,
+                                mean=mt.get("mean"), std=mt.get("std"), resolution=int(man["resolution"]),
+                                random_init=seed)
+    except KdcacheError as e:
+        if "has random weights" not in str(e):
+            raise
+        raise KdcacheError(
+            f"{e}. This cache records no teacher weights file and no random-init seed, so its teacher cannot be "
+            "rebuilt and verify cannot check it; precompute a new cache with --teacher-weights (or --random-init "
+            "SEED)") from None
+    if seed is not None:
+        from .models import state_sha256
+
+        ident["teacher"]["state_matches"] = state_sha256(t.model) == mt.get("state_sha256")
+        if not ident["teacher"]["state_matches"]:
+            problems.append(f"the teacher rebuilt with the cache's random-init seed {seed} has other parameters than "
+                            "the one that made the cache (another torch or model version?)")
     tally = Tally()
     by_shard: dict[str, list[Pick]] = {}
     for p in picks:
@@ -424,7 +426,7 @@ def verify(
         check_shard(reader, name, urls[name], plist, t, tally, atol, rtol, batch_size, progress)
 
     fails = sorted(tally.failures.values(), key=lambda e: (e["shard"], e["index"], e["view"]))
-    hints = [h for h in [render_hint(ident["render"])] if h and fails]
+    hints = [f"{h}; then verify again" for h in [render_mismatch(man.get("render"))] if h and fails]
     n_cmp = tally.compared
     return {
         "schema": JSON_SCHEMA,

@@ -52,6 +52,24 @@ class AugSpecError(KdcacheError, ValueError):
     """An augmentation range that cannot be sampled."""
 
 
+def render_mismatch(recorded: dict | None) -> str | None:
+    """What differs, and how to fix it, when this machine's PIL is not the one a cache recorded
+    (None when they match). Pillow and Pillow-SIMD resample differently by up to a pixel level,
+    which moves a teacher's log-probs by about 0.01."""
+    here, there = render_backend(), recorded or {}
+    if all(here.get(f) == there.get(f) for f in ("pil", "pil_version", "resample")):
+        return None
+    if there.get("pil") == "Pillow-SIMD" and here.get("pil") != "Pillow-SIMD":
+        fix = (f"a later pip install probably replaced Pillow-SIMD with Pillow; restore it with `pip install "
+               f"--no-deps --force-reinstall pillow-simd=={there.get('pil_version')}` (or `bash "
+               "tools/install_pillow_simd.sh PYTHON` from a kdcache checkout)")
+    else:
+        fix = f"install {there.get('pil')} {there.get('pil_version')} to render this cache's pixels exactly"
+    return (f"the cache was rendered with {there.get('pil')} {there.get('pil_version')} ({there.get('resample')}) "
+            f"and this machine renders with {here.get('pil')} {here.get('pil_version')} ({here.get('resample')}): "
+            f"pixels differ by up to a level, which moves log-probs by about 0.01. {fix}")
+
+
 @dataclass(frozen=True)
 class AugSpec:
     """The augmentation recipe: Inception-style crop ranges, flip and mixup switches."""

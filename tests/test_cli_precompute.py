@@ -56,12 +56,48 @@ def test_success_prints_summary(dataset, teacher_weights, tmp_path):
 
 
 def test_timm_teacher_end_to_end(dataset, tmp_path):
-    """A timm architecture as the teacher (random weights, nothing downloaded): its cfg normalisation is recorded."""
-    res = run(dataset, tmp_path / "c.zarr", None, teacher="timm:test_resnet")
+    """A timm architecture as the teacher (random weights on purpose, nothing downloaded): its cfg
+    normalisation and its seed are recorded."""
+    res = run(dataset, tmp_path / "c.zarr", None, "--random-init", "4", teacher="timm:test_resnet")
     assert res.exit_code == 0, res.output
     m = CacheReader(str(tmp_path / "c.zarr")).manifest
     assert m["teacher"]["spec"] == "timm:test_resnet" and m["teacher"]["mean"] == [0.5, 0.5, 0.5]
     assert m["teacher"]["weights"] is None and m["teacher"]["num_classes"] == NUM_CLASSES
+    assert m["teacher"]["random_init_seed"] == 4 and len(m["teacher"]["state_sha256"]) == 64
+
+
+@pytest.mark.parametrize("teacher", ["timm:test_resnet", TEACHER])
+def test_a_teacher_without_weights_is_refused(dataset, tmp_path, teacher):
+    """No --teacher-weights and no --pretrained: a random network, whose outputs mean nothing and
+    which every run would draw anew. Refused, saying how to ask for it on purpose."""
+    res = run(dataset, tmp_path / "c.zarr", None, teacher=teacher)
+    assert res.exit_code == 2, res.output
+    assert "has random weights" in res.stderr and "--random-init SEED" in res.stderr
+    assert "--teacher-weights FILE" in res.stderr and not (tmp_path / "c.zarr").exists()
+    res = run(dataset, tmp_path / "c.zarr", None, "--random-init", "1", "--pretrained", teacher=teacher)
+    assert res.exit_code == 2 and "cannot be combined" in res.stderr
+
+
+def test_a_seeded_random_teacher_resumes_and_verifies(dataset, tmp_path):
+    """--random-init SEED rebuilds the same network every time: an interrupted cache finishes with
+    it, another seed is refused, and verify (with no weights) rebuilds it and proves the cache."""
+    import json
+
+    import zarr
+
+    out = tmp_path / "c.zarr"
+    assert run(dataset, out, None, "--random-init", "5").exit_code == 0
+    zarr.open_group(str(out), mode="r+")["train-000001"].attrs["complete"] = False  # as if killed
+    res = run(dataset, out, None, "--random-init", "6")
+    assert res.exit_code == 2 and "teacher.random_init_seed: cache has 5, this run has 6" in res.stderr
+    res = run(dataset, out, None, "--random-init", "5")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout.strip().splitlines()[-1])["shards_written"] == 1
+    res = CliRunner().invoke(cli, ["verify", str(out), "--data", str(dataset), "--teacher", TEACHER, "--device",
+                                   "cpu", "--samples", "1000", "--json"])
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.stdout)
+    assert r["ok"] and r["teacher"]["state_matches"] is True and r["max_abs_delta_logprob"] == 0.0
 
 
 def test_mean_std_flags(dataset, teacher_weights, tmp_path):

@@ -136,9 +136,14 @@ def test_resume_is_bitwise_equal(dataset, cache, init_weights, tmp_path, workers
     assert steps == sorted(set(steps))
 
 
-def test_labels_only_without_cache_reuses_views_with_warning(dataset, tmp_path):
-    with pytest.warns(UserWarning, match="views are reused"):
+def test_labels_only_without_cache_reuses_views_with_warning(dataset, tmp_path, capsys):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the notice is one clean line on stderr, not a Python warning
         s = train(config(dataset, tmp_path / "labels", epochs=3, views=2, mixup=True, val_data=str(dataset)))
+    notes = [l for l in capsys.readouterr().err.splitlines() if "views are reused" in l]
+    assert len(notes) == 1 and notes[0].startswith("note: training for 3 epochs over 2 views")
     assert s["mode"] == "labels" and s["views_reused"] is True and s["final_val_top1"] is not None
     assert json.loads((tmp_path / "labels" / "config.json").read_text())["resolved"]["mode"] == "labels"
 

@@ -16,6 +16,10 @@ from .options import RGB, augmentation, augmentation_options, config_default
 @click.option("--teacher", required=True, help="Teacher spec: timm:NAME, torchvision:NAME, py:MODULE:FACTORY, or a TorchScript file.")
 @click.option("--teacher-weights", type=click.Path(), default=None, help="Teacher weights: a .pt/.pth state dict or .safetensors.")
 @click.option("--pretrained", is_flag=True, help="Let timm/torchvision fetch their pretrained weights (needs network).")
+@click.option("--random-init", type=int, default=None, metavar="SEED",
+              help="Use a randomly initialised teacher on purpose (benchmarks, tests), built under SEED and recorded "
+                   "in the cache so resume and verify rebuild the same network. A teacher without weights is "
+                   "refused otherwise.")
 @click.option("--num-classes", type=int, default=None, help="Expected teacher class count (checked; passed to py: factories).")
 @click.option("--out", required=True, help="Cache path (a local directory or an fsspec URL), e.g. cache.zarr.")
 @click.option("--views", "-V", default=config_default(PrecomputeConfig, 'views'), show_default=True, help="Seeded views per image.")
@@ -27,6 +31,9 @@ from .options import RGB, augmentation, augmentation_options, config_default
 @click.option("--device", default=config_default(PrecomputeConfig, 'device'), show_default=True, help="cuda, cuda:1, cpu, or auto.")
 @click.option("--workers", "-j", default=config_default(PrecomputeConfig, "workers"), show_default=True,
               help="DataLoader workers (each owns whole shards) [default: the cores but one, at most 4].")
+@click.option("--worker-timeout", type=float, default=config_default(PrecomputeConfig, "worker_timeout"), show_default=True,
+              help="Seconds to wait for a batch from the data workers; then stop with the likely cause (a worker "
+                   "that cannot ship a batch, e.g. with /dev/shm full, would otherwise stall the job).")
 @click.option("--mean", type=RGB, default=None, help="Override input mean R,G,B (default: timm config or ImageNet).")
 @click.option("--std", type=RGB, default=None, help="Override input std R,G,B.")
 @click.option("--shard-index", default=config_default(PrecomputeConfig, 'shard_index'), show_default=True, help="With --num-shard-groups: which group this process writes.")

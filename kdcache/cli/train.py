@@ -17,6 +17,9 @@ from .options import augmentation, augmentation_options, config_default
 @click.option("--cache", default=None, help="Cache made by `kdcache precompute` on these shards (cached-teacher mode).")
 @click.option("--teacher", default=None, help="Live teacher spec (live mode): run on the same replayed views.")
 @click.option("--teacher-weights", type=click.Path(), default=None, help="Live teacher weights (.pt/.pth/.safetensors).")
+@click.option("--teacher-random-init", type=int, default=None, metavar="SEED",
+              help="Live mode: a randomly initialised teacher on purpose, built under SEED [default: the cache's "
+                   "seed when the cache was made with one].")
 @click.option("--mode", type=click.Choice(MODES), default=config_default(TrainConfig, 'mode'), show_default=True,
               help="auto: live with --teacher, cached with --cache, else labels. `labels` with --cache trains on "
                    "the cache's views with cross-entropy only.")
@@ -36,7 +39,7 @@ from .options import augmentation, augmentation_options, config_default
 @click.option("--tail", type=click.Choice(TAIL_MODES), default=config_default(TrainConfig, 'tail'), show_default=True,
               help="How the teacher's mass outside the top-k is modelled.")
 @click.option("--label-weight", default=config_default(TrainConfig, 'label_weight'), show_default=True, help="Weight of the cross-entropy on labels (needs cls).")
-@click.option("--res", default=config_default(TrainConfig, 'res'), show_default=True, help="Student input resolution.")
+@click.option("--res", type=int, default=None, help="Student input resolution [default: the cache's, else 224].")
 @click.option("--teacher-res", type=int, default=None, help="Live teacher resolution [default: the cache's, else --res].")
 @click.option("--topk", type=int, default=None, help="Live teacher top-k [default: the cache's k, else 10].")
 @click.option("--val-data", default=None, help="Validation shards with cls labels (top-1/top-5).")
@@ -46,6 +49,9 @@ from .options import augmentation, augmentation_options, config_default
 @click.option("--log-every", default=config_default(TrainConfig, 'log_every'), show_default=True, help="Write a metrics line every N steps.")
 @click.option("--workers", "-j", default=config_default(TrainConfig, "workers"), show_default=True,
               help="DataLoader workers (each owns whole shards) [default: the cores but one, at most 4].")
+@click.option("--worker-timeout", type=float, default=config_default(TrainConfig, "worker_timeout"), show_default=True,
+              help="Seconds to wait for a batch from the data workers; then stop with the likely cause (a worker "
+                   "that cannot ship a batch, e.g. with /dev/shm full, would otherwise stall the job).")
 @click.option("--device", default=config_default(TrainConfig, 'device'), show_default=True, help="cuda, cuda:1, cpu, or auto.")
 @click.option("--seed", default=config_default(TrainConfig, 'seed'), show_default=True, help="Seed: student init, shard order, shuffle buffer.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint (a fresh run if none).")
