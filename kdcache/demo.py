@@ -142,7 +142,7 @@ def plot_curves(out: Path, runs: dict[str, Path]) -> Path:
     return path
 
 
-def run_demo(out: str | Path = "kdcache-demo", quick: bool = False, device: str = "auto", workers: int = 2,
+def run_demo(out: str | Path = "kdcache-demo", quick: bool = False, device: str = "auto", workers: int | None = None,
              progress: bool = True) -> dict:
     """Run every stage (reusing finished ones) and return the report's figures."""
     from .demo_data import build_digits_dataset
@@ -150,6 +150,9 @@ def run_demo(out: str | Path = "kdcache-demo", quick: bool = False, device: str 
     from .precompute import PrecomputeConfig, precompute
     from .train import train
 
+    from .runtime import default_workers
+
+    workers = default_workers() if workers is None else workers
     plan = QUICK if quick else FULL
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -250,6 +253,24 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def kdcache_command() -> tuple[str, str]:
+    """How to run ``kdcache`` from the user's shell: the bare name when it is on the PATH (the
+    same executable as this one), else the path to this environment's script, with a hint."""
+    import shutil
+    import sys
+
+    here = Path(sys.executable).parent / "kdcache"
+    found = shutil.which("kdcache")
+    if found and Path(found).resolve() == here.resolve():
+        return "kdcache", ""
+    rel = os.path.relpath(here)
+    exe = str(here) if rel.startswith("..") else rel
+    activate = Path(sys.executable).parent / "activate"
+    how = (f"  (`kdcache` is not on your PATH: run `source {os.path.relpath(activate)}` first to type it bare, "
+           "or copy the commands as they are)\n") if activate.exists() else ""
+    return exe, how
+
+
 def next_steps(out: Path) -> str:
     from .store import CacheReader
 
@@ -258,13 +279,14 @@ def next_steps(out: Path) -> str:
     reader = CacheReader(str(out / "cache.zarr"))
     shard = reader.shard_names()[0]
     key = str(reader.keys(shard)[0])
+    kd, how = kdcache_command()
     return f"""
 Everything is in {rel}/. Explore it with the other commands:
-  kdcache inspect {rel}/cache.zarr
-  kdcache inspect {rel}/cache.zarr --shard {shard} --key {key} --view 1
-  kdcache inspect {rel}/cache.zarr --shard {shard} --key {key} --render record.png --data {rel}/data/train
-  kdcache verify {rel}/cache.zarr --data {rel}/data/train --teacher {TEACHER} \\
+{how}  {kd} inspect {rel}/cache.zarr
+  {kd} inspect {rel}/cache.zarr --shard {shard} --key {key} --view 1
+  {kd} inspect {rel}/cache.zarr --shard {shard} --key {key} --render record.png --data {rel}/data/train
+  {kd} verify {rel}/cache.zarr --data {rel}/data/train --teacher {TEACHER} \\
       --teacher-weights {rel}/runs/teacher/student.pt --num-classes 10
-  kdcache train --data {rel}/data/train --cache {rel}/cache.zarr --student {STUDENT} --num-classes 10 \\
-      --res 32 --epochs 4 --out {rel}/runs/my-student --val-data {rel}/data/val
+  {kd} train --data {rel}/data/train --cache {rel}/cache.zarr --student {STUDENT} --num-classes 10 \\
+      --epochs 4 --out {rel}/runs/my-student --val-data {rel}/data/val
 """

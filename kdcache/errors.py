@@ -19,3 +19,13 @@ class BadImageError(KdcacheError):
             f"cannot decode image {key!r} in shard {shard}: {cause}. "
             "Fix or remove the sample, or pass --skip-bad to record it and continue."
         )
+
+
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """``1 shard``, ``3 shards`` (``plural`` for irregular nouns)."""
+    return f"{n} {noun if n == 1 else (plural or noun + 's')}"
+
+
+def size_text(width: int, height: int) -> str:
+    """An image size as every message writes it: width first, like PIL and image viewers."""
+    return f"{width}x{height} px (WxH)"

@@ -13,12 +13,13 @@ Each returns a plain dict (JSON-ready, field names documented in ``docs/cli.md``
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections import Counter
 
 import numpy as np
 
-from .errors import KdcacheError
+from .errors import KdcacheError, count, size_text
 from .store import CacheReader
 
 # Version of the JSON layout produced by summarize / record_info / verify. Bump on renames.
@@ -204,8 +205,41 @@ def _find_record(reader: CacheReader, shard: str, key: str) -> tuple[dict, int]:
     data = reader.read_shard(shard)
     hits = np.flatnonzero(data["keys"] == key)
     if not len(hits):
-        raise KdcacheError(f"shard {shard!r} of cache {reader.path} has no key {key!r} ({len(data['keys'])} keys)")
+        close = difflib.get_close_matches(key, data["keys"].tolist(), n=5)
+        raise KdcacheError(
+            f"shard {shard!r} of cache {reader.path} has no key {key!r} ({_count(len(data['keys']), 'key')}"
+            + (f"; close ones: {', '.join(close)}" if close else "")
+            + f"). List them with `kdcache inspect {reader.path} --keys --shard {shard}`")
     return data, int(hits[0])
+
+
+def list_keys(cache, shard: str | None = None, storage_options: dict | None = None) -> dict[str, list[str]]:
+    """The sample keys of one complete shard group (or of every one), in tar order."""
+    reader = _open(cache, storage_options)
+    names = [shard] if shard is not None else [n for n in reader.shard_names() if reader.is_complete(n)]
+    if shard is not None and not reader.has_shard(shard):
+        _find_record(reader, shard, "")  # raises the "no shard" error with the shards there are
+    return {n: reader.keys(n).tolist() for n in names}
+
+
+def find_key(cache, key: str, storage_options: dict | None = None) -> str:
+    """The shard group that holds ``key`` (keys are unique within a shard, not across shards)."""
+    found = list_keys(cache, storage_options=storage_options)
+    holders = [n for n, keys in found.items() if key in keys]
+    if len(holders) == 1:
+        return holders[0]
+    if holders:
+        raise KdcacheError(f"key {key!r} is in {len(holders)} shard groups ({', '.join(holders[:5])}); "
+                           "name one with --shard")
+    close = difflib.get_close_matches(key, [k for keys in found.values() for k in keys], n=5)
+    raise KdcacheError(f"no shard group of the cache holds key {key!r}"
+                       + (f"; close ones: {', '.join(close)}" if close else "")
+                       + ". List the keys with `kdcache inspect CACHE --keys [--shard SHARD]`")
+
+
+def _count(n: int, noun: str) -> str:
+    """'1 key', '3 keys'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _check_view(reader: CacheReader, view: int | None) -> None:
@@ -322,7 +356,7 @@ def render_record(
         raise KdcacheError(f"record {key!r} of shard {shard!r} is a bad image ({info['bad']}); there is no view to render")
     urls = shard_urls(data)
     if shard not in urls:
-        raise KdcacheError(f"the data pattern {data!r} has no shard named {shard!r} (found {len(urls)} shards)")
+        raise KdcacheError(f"the data pattern {data!r} has no shard named {shard!r} (found {count(len(urls), 'shard')})")
     v = info["views"][0]
     want = {key} | ({v["mix_key"]} if v["mixed"] else set())
     images = load_images(urls[shard], want)
@@ -339,7 +373,7 @@ def render_record(
         h, w = (int(t) for t in sd["size"][i])
         im = images[kk]
         if (im.height, im.width) != (h, w):
-            warnings.append(f"image {kk!r} is {im.height}x{im.width} in the data but {h}x{w} in the cache")
+            warnings.append(f"image {kk!r} is {size_text(im.width, im.height)} in the data but {size_text(w, h)} in the cache")
 
     mismatch = render_mismatch(reader.manifest.get("render"))
     if mismatch:
@@ -365,7 +399,7 @@ def render_record(
         ax.set_yticks([])
 
     draw_source(axes[0], images[key], own_view,
-                f"{key}  ({images[key].width}x{images[key].height} WxH)\nbox x,y,w,h {own_view.box}" + (" flip" if own_view.flip else ""))
+                f"{key}  ({size_text(images[key].width, images[key].height)})\nbox x,y,w,h {own_view.box}" + (" flip" if own_view.flip else ""))
     if v["mixed"]:
         draw_source(axes[1], partner, pview,
                     f"partner {v['mix_key']} (#{v['mix_with']})\nbox x,y,w,h {pview.box}" + (" flip" if pview.flip else ""))
@@ -381,7 +415,7 @@ def render_record(
     labels = [t["name"] or str(t["class"]) for t in v["topk"]]
     probs = [t["prob"] for t in v["topk"]]
     if info["num_classes"] > len(probs):
-        labels.append(f"{info['num_classes'] - len(probs)} others")
+        labels.append(count(info["num_classes"] - len(probs), "other"))
         probs.append(v["tail_mass"] or 0.0)
     ypos = np.arange(len(probs))
     colors = ["tab:blue"] * len(v["topk"]) + ["tab:gray"] * (len(probs) - len(v["topk"]))
@@ -458,7 +492,7 @@ def format_summary(s: dict, max_shards: int = 50) -> str:
 
 
 def format_record(r: dict) -> str:
-    lines = [f"{r['shard']} / {r['key']}  (row {r['index']}, image {r['size']['height']}x{r['size']['width']} HxW)"]
+    lines = [f"{r['shard']} / {r['key']}  (row {r['index']}, image {size_text(r['size']['width'], r['size']['height'])})"]
     if r["bad"] is not None:
         lines.append(f"  bad image, no teacher outputs: {r['bad']}")
     for v in r["views"]:

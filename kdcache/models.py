@@ -275,11 +275,13 @@ def create_model(
     std=None,
     resolution: int = 224,
     init_seed: int | None = None,
+    classes_from: str | None = None,
 ) -> ModelInfo:
     """Build ``spec``, load ``weights``, and check that its output width matches ``num_classes``.
 
     ``init_seed`` builds the network under that seed (the global RNG is left as it was), so a
-    random initialisation can be repeated."""
+    random initialisation can be repeated. ``classes_from`` says where ``num_classes`` came from,
+    for the error message (default: the user's --num-classes)."""
     if weights is not None and not os.path.isfile(weights):
         raise KdcacheError(f"weights file {weights} does not exist")
     if init_seed is None:
@@ -292,10 +294,15 @@ def create_model(
         load_weights(model, weights)
     found = infer_num_classes(model, resolution)
     if num_classes is not None and found != num_classes:
-        raise KdcacheError(
-            f"model {spec!r} outputs {found} classes but {num_classes} were asked for (--num-classes); "
-            "pass the matching class count or the right model"
-        )
+        if classes_from is None:  # the user's --num-classes
+            advice = (f"if the model is right, pass --num-classes {found}; else the model (or its weights) is not "
+                      "the one you meant")
+            why = "--num-classes"
+        else:
+            advice = ("use a model whose head has that many classes (timm and torchvision specs get it; a py: "
+                      "factory must accept num_classes)")
+            why = classes_from
+        raise KdcacheError(f"model {spec!r} outputs {found} classes but {num_classes} were asked for ({why}); {advice}")
     dmean, dstd = normalization(model)
     mean = tuple(float(x) for x in mean) if mean is not None else dmean
     std = tuple(float(x) for x in std) if std is not None else dstd

@@ -186,7 +186,7 @@ def _run(cfg: PrecomputeConfig, teacher, writer: CacheWriter, todo: list[str], c
         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
         persistent_workers=False, timeout=cfg.worker_timeout if workers else 0,
     )
-    bar = _progress(len(todo), rank, cfg.progress)
+    bar = _Progress(todo, cfg.views) if cfg.progress and rank == 0 else None
     pending: dict[str, _Pending] = {}
     t0 = last_refresh = time.perf_counter()
     with torch.inference_mode():
@@ -197,12 +197,16 @@ def _run(cfg: PrecomputeConfig, teacher, writer: CacheWriter, todo: list[str], c
             item = raise_if_error(item)
             if isinstance(item, ShardStart):
                 pending[item.name] = p = _Pending(item, cfg.views, cfg.topk)
+                if bar is not None:
+                    bar.shard_started(item.name, p.remaining)
             else:
                 p = pending[item.name]
                 vals, ids = batch_topk(teacher, item.crops, cfg.topk)
                 p.logprobs[item.index, item.view] = vals
                 p.classes[item.index, item.view] = ids
                 p.remaining -= len(item.index)
+                if bar is not None:
+                    bar.views_done(len(item.index), summary["shards_written"])
             if p.remaining == 0:
                 _write(writer, p, claims[p.start.name])
                 del pending[p.start.name]
@@ -211,12 +215,7 @@ def _run(cfg: PrecomputeConfig, teacher, writer: CacheWriter, todo: list[str], c
                 summary["records"] += int(p.start.valid.sum()) * cfg.views
                 summary["bad"] += len(p.start.bad)
                 if bar is not None:
-                    elapsed = time.perf_counter() - t0
-                    bar.update(1)
-                    bar.set_postfix_str(
-                        f"{summary['images']} img, {summary['images'] / elapsed:.1f} img/s, "
-                        f"{summary['records'] / elapsed:.1f} views/s"
-                    )
+                    bar.views_done(0, summary["shards_written"])
     if bar is not None:
         bar.close()
     if pending:  # a worker stopped early: never mark partial work complete
@@ -234,9 +233,33 @@ def _write(writer: CacheWriter, p: _Pending, claim) -> None:
     )
 
 
-def _progress(total: int, rank: int, enabled: bool):
-    if not enabled or rank != 0:
-        return None
-    from tqdm.auto import tqdm
+class _Progress:
+    """A bar over the views to compute, so it moves with every teacher batch and shows an ETA from
+    the first one. The total is estimated from the first shard's header scan (local shards) and made
+    exact as each shard's decode reports its records."""
 
-    return tqdm(total=total, unit="shard", desc="precompute", dynamic_ncols=True)
+    def __init__(self, todo: list[str], views: int):
+        from tqdm.auto import tqdm
+
+        from .shards import is_remote, scan_keys
+
+        self.views, self.shards = views, len(todo)
+        self.known: dict[str, int] = {}
+        first = 0 if is_remote(todo[0]) else len(scan_keys(todo[0])[0]) * views
+        self.estimate = first  # records per shard, until shards report theirs
+        self.bar = tqdm(total=first * self.shards or None, unit="view", desc="precompute", dynamic_ncols=True)
+
+    def shard_started(self, name: str, records: int) -> None:
+        self.known[name] = records
+        self.estimate = sum(self.known.values()) / len(self.known)
+        self.bar.total = round(sum(self.known.values()) + self.estimate * (self.shards - len(self.known)))
+        self.bar.refresh()
+
+    def views_done(self, n: int, shards_written: int) -> None:
+        self.bar.update(n)
+        rate = self.bar.format_dict.get("rate") or 0.0
+        self.bar.set_postfix_str(f"{rate / self.views:.1f} img/s, {shards_written}/{self.shards} shards",
+                                 refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()

@@ -51,9 +51,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .errors import BadImageError, KdcacheError
+from .errors import BadImageError, KdcacheError, size_text
 from .runtime import guarded, raise_if_error, worker_items, worker_share
-from .shards import decode_image, decode_shard, is_remote, iter_samples, scan_keys, shard_name
+from .shards import decode_image, decode_shard, is_remote, iter_samples, scan_keys, scan_labels, shard_name
 from .store import CacheReader
 from .views import AugSpec, CropBatch, ShardViews, center_view, crop_batch, crop_tensor, sample_shard_views, stable_seed
 
@@ -87,32 +87,36 @@ def _key_mismatch(url: str, name: str, cache_path: str, data_keys: list[str], ca
     )
 
 
-def _decode_scan(url: str) -> tuple[list[str], list[bool], dict[str, str]]:
-    """Keys, whether each has ``cls``, and the undecodable images (key -> cause): every image of
+def _decode_scan(url: str) -> tuple[list[str], list[int | None], dict[str, str]]:
+    """Keys, labels (None where absent), and the undecodable images (key -> cause): every image of
     the shard decoded once and dropped (no images are kept)."""
-    keys, has_cls, bad = [], [], {}
+    keys, labels, bad = [], [], {}
     for sample in iter_samples(url):
         keys.append(sample.key)
-        has_cls.append(sample.cls is not None)
+        labels.append(sample.cls)
         try:
             decode_image(sample)
         except BadImageError as e:
             bad[sample.key] = e.cause
-    return keys, has_cls, bad
+    return keys, labels, bad
 
 
 def _check_one(url: str, reader: CacheReader | None, need_labels: bool, scan_local: bool,
-               skip_bad: bool = False) -> ShardInfo:
+               skip_bad: bool = False, num_classes: int | None = None) -> ShardInfo:
     name = shard_name(url)
     # Without a cache the scan gives the count (with skip_bad: a decoding pass, which also finds
     # the bad images); with one it checks keys (local tars only: a remote tar would have to be
-    # downloaded whole; the stream checks those when it reads them).
+    # downloaded whole; the stream checks those when it reads them). When labels are needed the
+    # scan reads them too (the small cls members only), so a label outside the classes stops the
+    # run here, not in the middle of an epoch.
     bad: dict[str, str] = {}
     if reader is None and skip_bad:
-        keys, has_cls, bad = _decode_scan(url)
-        scan = (keys, has_cls)
+        keys, labels, bad = _decode_scan(url)
+        scan = (keys, labels)
+    elif reader is None or (scan_local and not is_remote(url)):
+        scan = scan_labels(url) if need_labels else scan_keys(url)
     else:
-        scan = scan_keys(url) if reader is None or (scan_local and not is_remote(url)) else None
+        scan = None
     if reader is not None:
         if not reader.has_shard(name):
             raise KdcacheError(
@@ -129,12 +133,19 @@ def _check_one(url: str, reader: CacheReader | None, need_labels: bool, scan_loc
     else:
         count = len(scan[0]) - len(bad)
     if need_labels and scan is not None:
-        for key, has in zip(*scan):
-            if not has and key not in bad:
+        for key, label in zip(*scan):
+            if key in bad:
+                continue
+            if label is None or label is False:
                 raise KdcacheError(
                     f"sample {key!r} in shard {url} has no cls label, but training needs labels "
-                    "(--label-weight > 0 or labels-only mode); use labelled shards or --label-weight 0"
+                    "(--label-weight > 0, labels-only mode, or --val-data); use labelled shards or --label-weight 0"
                 )
+            if num_classes is not None and type(label) is int and not 0 <= label < num_classes:
+                raise KdcacheError(
+                    f"sample {key!r} in shard {url} has cls {label}, outside the run's {num_classes} classes "
+                    f"(0..{num_classes - 1}): the shards hold other classes than the model (for --val-data: "
+                    "the validation shards must use the training classes)")
     return ShardInfo(url, name, int(count), {str(k): str(v) for k, v in bad.items()})
 
 
@@ -164,7 +175,7 @@ def gather_across_ranks(fn, items: list, rank: int, world: int) -> list:
 
 def prepare_shards(
     urls: list[str], reader: CacheReader | None, need_labels: bool, rank: int = 0, world: int = 1,
-    scan_local: bool = True, skip_bad: bool = False,
+    scan_local: bool = True, skip_bad: bool = False, num_classes: int | None = None,
 ) -> list[ShardInfo]:
     """Usable record counts per shard, with the checks that need no decoding (see module doc).
 
@@ -172,7 +183,8 @@ def prepare_shards(
     over ranks) to find the undecodable ones, which go into ``ShardInfo.bad`` and are not counted.
     With a cache the bad records are the cache's (``bad`` attribute) either way.
     """
-    return gather_across_ranks(lambda u: _check_one(u, reader, need_labels, scan_local, skip_bad), urls, rank, world)
+    return gather_across_ranks(lambda u: _check_one(u, reader, need_labels, scan_local, skip_bad, num_classes), urls,
+                               rank, world)
 
 
 # ---- what workers ship ------------------------------------------------------------------
@@ -470,8 +482,8 @@ class ReplayStream(IterableDataset):
                 h, w = int(rec.size[i, 0]), int(rec.size[i, 1])
                 if (images[i].height, images[i].width) != (h, w):
                     raise KdcacheError(
-                        f"image {keys[i]!r} in shard {info.url} is {images[i].height}x{images[i].width} (HxW) but "
-                        f"cache {reader.path} recorded {h}x{w}: cache and data come from different datasets "
+                        f"image {keys[i]!r} in shard {info.url} is {size_text(images[i].width, images[i].height)} but "
+                        f"cache {reader.path} recorded {size_text(w, h)}: cache and data come from different datasets "
                         "(or the images changed since precompute)"
                     )
                 if cfg.with_targets and int(rec.classes[i, 0]) < 0:

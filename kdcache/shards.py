@@ -215,13 +215,31 @@ def scan_keys(url: str) -> tuple[list[str], list[bool]]:
     remote one is streamed (headers only are kept). The same grouping rule and errors as
     ``iter_samples``, including the check that the tar is complete.
     """
+    keys, labels = _scan(url, with_labels=False)
+    return keys, labels
 
+
+def scan_labels(url: str) -> tuple[list[str], list[int | None]]:
+    """Keys (tar order) and each sample's ``cls`` label (None where it has none), reading only the
+    tiny ``cls`` members besides the headers (no image data). Same checks as ``scan_keys``."""
+    return _scan(url, with_labels=True)
+
+
+def _scan(url: str, with_labels: bool) -> tuple[list[str], list]:
     def headers(tf):
         for m in tf:
             if m.isreg() and m.name and not _META.match(m.name):
-                yield {"fname": m.name, "data": b"", "__url__": url}
+                data = b""
+                if with_labels and m.name.endswith(".cls"):
+                    data = tf.extractfile(m).read()
+                yield {"fname": m.name, "data": data, "__url__": url}
 
-    keys, has_cls = [], []
+    def label(key, raw):
+        if "cls" not in raw:
+            return None
+        return _parse_cls(raw["cls"], url, key) if with_labels else True
+
+    keys, labels = [], []
     if is_remote(url) or compression(url) is not None:
         stream = CheckedStream(url, open_shard(url))
         try:
@@ -232,19 +250,19 @@ def scan_keys(url: str) -> tuple[list[str], list[bool]]:
                 raise KdcacheError(f"cannot read shard {url}: {e}") from None
             for key, raw, _ in _grouped(url, headers(tf), stream.check):
                 keys.append(key)
-                has_cls.append("cls" in raw)
+                labels.append(label(key, raw))
         finally:
             stream.close()
-        return keys, has_cls
+        return keys, labels if with_labels else [x is not None for x in labels]
     check_local_tar(url)  # the whole block structure, headers only: a cut or damaged tar raises here
     try:
         with tarfile.open(url, "r:") as tf:
             for key, raw, _ in _grouped(url, headers(tf)):
                 keys.append(key)
-                has_cls.append("cls" in raw)
+                labels.append(label(key, raw))
     except (OSError, EOFError, tarfile.TarError) as e:  # opening failed before _grouped could map it
         raise KdcacheError(f"cannot read shard {url}: {e}") from None
-    return keys, has_cls
+    return keys, labels if with_labels else [x is not None for x in labels]
 
 
 @dataclass
@@ -394,12 +412,15 @@ def pack_imagefolder(
     val_fraction: float = 0.0,
     seed: int = 0,
     skip_bad: bool = False,
+    overwrite: bool = False,
 ) -> dict:
     """Convert an ImageFolder tree (``src/<class>/<image>``) into shuffled train/val shards.
 
     Writes ``out/train/train-*.tar``, ``out/val/val-*.tar`` (when ``val_fraction > 0``) and a
     ``classes.json`` (class names in index order) beside each split's shards. Images are copied byte for byte. The
-    validation split takes ``val_fraction`` of every class, chosen with ``seed``.
+    validation split takes ``val_fraction`` of every class, chosen with ``seed``. An ``out`` that
+    already holds shards is refused unless ``overwrite``, which removes them first (shards left from
+    an earlier, larger pack would otherwise mix into the new data set).
     """
     src = Path(src)
     if not src.is_dir():
@@ -409,6 +430,7 @@ def pack_imagefolder(
     classes = sorted(d.name for d in src.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise KdcacheError(f"{src} has no class sub-directories; expected src/<class>/<image>")
+    clear_output(out, overwrite)
     rng = random.Random(seed)
     taken: set[str] = set()
     train, val, skipped = [], [], []
@@ -443,6 +465,19 @@ def pack_imagefolder(
             yield Sample(key, p.read_bytes(), p.suffix.lower().lstrip("."), idx, str(p))
 
     return write_dataset(out, samples(train), samples(val) if val else None, classes, shard_size, skipped)
+
+
+def clear_output(out: str | Path, overwrite: bool) -> None:
+    """Refuse an output folder that holds shards already (or, with ``overwrite``, remove them)."""
+    out = Path(out)
+    old = [p for split in ("train", "val") for p in sorted((out / split).glob(f"{split}-*.tar"))
+           + [out / split / "classes.json"] if p.exists()]
+    if old and not overwrite:
+        raise KdcacheError(
+            f"{out} already holds shards ({old[0]}{' and more' if len(old) > 1 else ''}); choose an empty output "
+            "folder, or pass --overwrite to replace them")
+    for p in old:
+        p.unlink()
 
 
 def write_dataset(

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from .config import MODES, TrainConfig, resolve_mode  # noqa: F401  (re-exported)
-from .errors import KdcacheError
+from .errors import KdcacheError, count
 from .models import ModelInfo, create_model
 from .replay import ReplayStream, StreamConfig, ValStream, _identity, epoch_batches, prepare_shards
 from .run_state import MetricsLog, Meter, RunState, atomic_json, atomic_save, restore
@@ -196,11 +196,19 @@ def setup(cfg: TrainConfig) -> Run:
 
     # -- student --
     torch.manual_seed(cfg.seed)
+    if cfg.num_classes is not None:
+        source = None
+    elif mode == "cached" or (reader is not None and mode != "live"):
+        source = f"the cache's teacher has {num_classes} classes"
+    elif mode == "live":
+        source = f"the live teacher has {num_classes} classes"
+    else:
+        source = f"classes.json beside the shards lists {num_classes} classes"
     try:
-        sinfo = create_model(cfg.student, num_classes=num_classes, weights=cfg.student_weights, resolution=res)
+        sinfo = create_model(cfg.student, num_classes=num_classes, weights=cfg.student_weights, resolution=res,
+                             classes_from=source)
     except KdcacheError as e:
-        where = f"cache {cfg.cache}" if mode == "cached" else ("the teacher" if mode == "live" else "the data")
-        raise KdcacheError(f"student: {e} ({where} has {num_classes} classes)") from None
+        raise KdcacheError(f"student: {e}") from None
     model = sinfo.model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -216,10 +224,10 @@ def setup(cfg: TrainConfig) -> Run:
 
     # -- data: checks that need no decoding, then the stream --
     need_labels = mode == "labels" or cfg.label_weight > 0
-    shards = prepare_shards(urls, reader, need_labels, rank, world, skip_bad=cfg.skip_bad)
+    shards = prepare_shards(urls, reader, need_labels, rank, world, skip_bad=cfg.skip_bad, num_classes=num_classes)
     val_stream = None
     if cfg.val_data:
-        val_shards = prepare_shards(expand_urls(cfg.val_data), None, True, rank, world)
+        val_shards = prepare_shards(expand_urls(cfg.val_data), None, True, rank, world, num_classes=num_classes)
         val_stream = ValStream(val_shards, res, cfg.val_batch_size or cfg.batch_size, rank, world, cfg.skip_bad)
     view_seed = cfg.seed if cfg.view_seed is None else cfg.view_seed
     stream = ReplayStream(shards, StreamConfig(
@@ -414,7 +422,7 @@ def train(cfg: TrainConfig) -> dict:
         state.record_val(evaluate(_unwrap(net), run))
         log.log({"step": state.global_step, "epoch": state.epoch, **state.last_val})
 
-    _say(run.rank, f"kdcache train: mode {run.mode}, {len(run.stream.shards)} shards, "
+    _say(run.rank, f"kdcache train: mode {run.mode}, {count(len(run.stream.shards), 'shard')}, "
          f"{sum(s.count for s in run.stream.shards)} records, {run.num_classes} classes, {cfg.epochs} epochs x "
          f"{run.steps_per_epoch[0]} steps, device {run.device}, world {run.world}")
     bar = _progress_bar(run, state)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import KdcacheError
+from .errors import KdcacheError, size_text
 from .inspection import JSON_SCHEMA, _num, _open, _valid_mask, load_images, shard_urls
 from .store import CacheReader
 
@@ -219,7 +219,7 @@ def check_shard(reader: CacheReader, name: str, url: str, picks: list[Pick], tea
         elif isinstance(im, str):
             unusable[i] = im
         elif (im.height, im.width) != (h, w):
-            unusable[i] = f"image {key!r} is {im.height}x{im.width} (HxW) in the data, {h}x{w} in the cache"
+            unusable[i] = f"image {key!r} is {size_text(im.width, im.height)} in the data, {size_text(w, h)} in the cache"
         if i in need:
             tally.keys_checked += 1
             tally.keys_found += im is not None

@@ -201,7 +201,7 @@ def test_key_and_size_mismatch_name_shard_and_key(dataset, cache, tmp_path):
                 data = s.image if not (j == 3 and u == urls[1]) else encode(make_image(rng, 61, 17, 0), "png")
                 w.write({"__key__": s.key, ("png" if j == 3 and u == urls[1] else s.ext): data, "cls": str(s.cls).encode()})
     st = make_stream(other, cache)
-    with pytest.raises(KdcacheError, match=r"'train1_0003' in shard .*train-000001.tar is 17x61"):
+    with pytest.raises(KdcacheError, match=r"'train1_0003' in shard .*train-000001.tar is 61x17 px \(WxH\)"):
         list(epoch_batches(st, 0))
     # a renamed key: caught before training by the header scan
     renamed = tmp_path / "renamed"

@@ -121,7 +121,7 @@ def _command_defaults(name: str) -> dict:
     """The value each option of a command takes when it is not given."""
     from kdcache.cli import cli
 
-    cmd = cli.commands[name]
+    cmd = cli.get_command(None, name)
     ctx = click.Context(cmd)
     out = {}
     for p in cmd.params:

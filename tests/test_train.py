@@ -196,7 +196,7 @@ def test_bad_inputs_exit_2(dataset, cache, tmp_path):
 
     sized = rewrite(dataset, tmp_path / "sized", resize)
     code, out = run_cli(*base_args(sized, tmp_path / "r2", cache))
-    assert code == 2 and "train2_0000" in out and "train-000002" in out and "11x13" in out, out
+    assert code == 2 and "train2_0000" in out and "train-000002" in out and "13x11 px (WxH)" in out, out
 
     # the cache's class count differs from the student head
     code, out = run_cli(*base_args(dataset, tmp_path / "r3", cache), "--num-classes", 7)

@@ -44,9 +44,47 @@ def storage_full_message(e: OSError) -> str:
             "kept as finished)")
 
 
+# The sub-commands: name -> (module in kdcache.cli, one line for `kdcache --help`). Each module is
+# imported only when its command runs or shows its help, so `kdcache --help` does not load torch.
+COMMANDS = {
+    "pack": ("pack", "ImageFolder tree -> WebDataset train/val shards + classes.json."),
+    "precompute": ("precompute", "Run the teacher once on seeded views of every image; store its top-k."),
+    "inspect": ("inspect", "Look inside a cache: summary, one record, a rendered view."),
+    "verify": ("verify", "Re-run the teacher on sampled views and prove the cache replays exactly."),
+    "train": ("train", "Train a student on the exact views a cache was made on."),
+    "demo": ("demo", "The whole flow on bundled digits, no download."),
+    "info": ("info", "Versions of kdcache and its libraries, and the PIL flavour in use."),
+}
+
+# What to tell a user who pressed Ctrl-C, per command.
+_INTERRUPTED = {
+    "precompute": "finished shard groups are kept; re-run the same command to resume (unfinished groups are redone)",
+    "train": "re-run the same command with --resume to continue from the last checkpoint (written every "
+             "--checkpoint-every steps and at each epoch end)",
+    "demo": "re-run the same command: finished stages are reused",
+    "pack": "the output is incomplete (no half-written shard is left as a .tar); run pack again into an empty folder",
+}
+
+
 class KdcacheGroup(click.Group):
-    """A click group that turns ``KdcacheError`` into a message and its exit code, and a full
-    disk, a quota or a file-size limit into one clean message (exit code 2)."""
+    """The ``kdcache`` group: sub-commands loaded on first use; ``KdcacheError`` becomes one
+    message and its exit code; a full disk, a quota or a file-size limit one clean message (exit
+    code 2); Ctrl-C exit code 130 with how to go on."""
+
+    def list_commands(self, ctx):
+        return list(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{COMMANDS[name][0]}"), name)
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, help_) for name, (_, help_) in COMMANDS.items()]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
     def invoke(self, ctx):
         try:
@@ -54,6 +92,11 @@ class KdcacheGroup(click.Group):
         except KdcacheError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(e.exit_code)
+        except (KeyboardInterrupt, click.Abort):
+            name = ctx.invoked_subcommand or ""
+            click.echo(f"\ninterrupted ({name or 'kdcache'}): {_INTERRUPTED.get(name, 'nothing was changed')}",
+                       err=True)
+            sys.exit(130)
         except Exception as e:
             full = storage_full(e)
             if full is None:
@@ -82,7 +125,3 @@ def cli():
 
 def main():
     cli(prog_name="kdcache")
-
-
-# Sub-commands register themselves on `cli` when imported.
-from . import demo, info, inspect, pack, precompute, train, verify  # noqa: E402,F401

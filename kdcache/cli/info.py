@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from . import cli
+
 
 
 def versions() -> dict:
@@ -27,7 +27,7 @@ def versions() -> dict:
     return out
 
 
-@cli.command()
+@click.command()
 def info():
     """Print the versions of kdcache, torch, zarr, webdataset, triton and the PIL flavour in use."""
     for name, version in versions().items():

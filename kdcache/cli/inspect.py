@@ -6,7 +6,7 @@ import json
 
 import click
 
-from . import cli
+
 
 
 def storage_options_option(f):
@@ -30,10 +30,11 @@ def parse_storage_options(text: str | None) -> dict | None:
     return opts
 
 
-@cli.command()
+@click.command()
 @click.argument("cache")
 @click.option("--shard", default=None, help="Show one record: the shard group (the data shard's file stem).")
-@click.option("--key", default=None, help="Show one record: its sample key (with --shard).")
+@click.option("--key", default=None, help="Show one record: its sample key (--shard optional: the group holding it is found).")
+@click.option("--keys", "list_keys", is_flag=True, help="List the sample keys (of --shard, or of every shard), tab-separated.")
 @click.option("--view", type=int, default=None, help="Only this view of the record (default: all; --render: 0).")
 @click.option("--render", "render_out", type=click.Path(dir_okay=False), default=None,
               help="Write a PNG of the record's view (needs --shard, --key and --data).")
@@ -41,11 +42,12 @@ def parse_storage_options(text: str | None) -> dict | None:
 @click.option("--top", default=10, show_default=True, help="How many of the most frequent top-1 classes to list.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (fields in docs/cli.md) instead of text.")
 @storage_options_option
-def inspect(cache, shard, key, view, render_out, data, top, as_json, storage_options):
+def inspect(cache, shard, key, list_keys, view, render_out, data, top, as_json, storage_options):
     """Summarise the cache CACHE (a path or an fsspec URL), or show one record.
 
     \b
     kdcache inspect cache.zarr                                  manifest, shard table, totals
+    kdcache inspect cache.zarr --keys --shard train-000003      the keys of one shard
     kdcache inspect cache.zarr --shard train-000003 --key k42   one record, all views
     kdcache inspect cache.zarr --shard S --key K --view 2 --render v.png --data data/train
 
@@ -55,8 +57,19 @@ def inspect(cache, shard, key, view, render_out, data, top, as_json, storage_opt
     from ..errors import KdcacheError
 
     opts = parse_storage_options(storage_options)
-    if (shard is None) != (key is None):
-        raise KdcacheError("--shard and --key go together: name the record's shard group and its key")
+    if list_keys:
+        found = api.list_keys(cache, shard, storage_options=opts)
+        if as_json:
+            click.echo(json.dumps(found, indent=2))
+        else:
+            for name, keys in found.items():
+                for k in keys:
+                    click.echo(f"{name}\t{k}")
+        return
+    if key is not None and shard is None:
+        shard = api.find_key(cache, key, storage_options=opts)
+    if shard is not None and key is None:
+        raise KdcacheError("--shard and --key go together: --shard needs --key (one record) or --keys (its keys)")
     if shard is None and (view is not None or render_out is not None):
         raise KdcacheError("--view and --render need a record: pass --shard and --key")
     if render_out is not None and data is None:

@@ -6,14 +6,17 @@ import json
 
 import click
 
+from ..errors import count
+
 from ..config import PrecomputeConfig
-from . import cli
+
 from .options import RGB, augmentation, augmentation_options, config_default
 
 
-@cli.command()
+@click.command()
 @click.option("--data", required=True, help="Shards: a brace pattern (data/train-{000000..000099}.tar), a glob, or a directory.")
-@click.option("--teacher", required=True, help="Teacher spec: timm:NAME, torchvision:NAME, py:MODULE:FACTORY, or a TorchScript file.")
+@click.option("--teacher", required=True, help="Teacher spec: timm:NAME, torchvision:NAME, py:MODULE:FACTORY, a torch.export .pt2 file (exported in eval mode "
+                   "with a dynamic batch dimension) or a TorchScript file.")
 @click.option("--teacher-weights", type=click.Path(), default=None, help="Teacher weights: a .pt/.pth state dict or .safetensors.")
 @click.option("--pretrained", is_flag=True, help="Let timm/torchvision fetch their pretrained weights (needs network).")
 @click.option("--random-init", type=int, default=None, metavar="SEED",
@@ -52,12 +55,17 @@ def precompute(**kw):
     kw["progress"] = not kw.pop("no_progress")
     s = run(PrecomputeConfig(aug=augmentation(kw), **kw))
     if s["shards_written"] == 0 and s["shards_skipped"]:
-        click.echo(f"all {s['shards_skipped']} shards of this process are already complete in {s['cache']}", err=True)
+        click.echo(f"all {count(s['shards_skipped'], 'shard')} of this process are already complete in {s['cache']}", err=True)
     else:
         click.echo(
-            f"precompute: wrote {s['shards_written']} shards ({s['images']} images x {kw['views']} views"
+            f"precompute: wrote {count(s['shards_written'], 'shard')} ({count(s['images'], 'image')} x {count(kw['views'], 'view')}"
             f"{', %d bad' % s['bad'] if s['bad'] else ''}) in {s['seconds']:.1f} s, {s['images_per_s']:.1f} img/s"
             f"{'; %d already complete' % s['shards_skipped'] if s['shards_skipped'] else ''} -> {s['cache']}",
             err=True,
         )
+    if s["shards_held_elsewhere"]:
+        held = s["shards_held_elsewhere"]
+        click.echo(f"note: {count(len(held), 'shard group')} ({', '.join(held[:5])}{' ...' if len(held) > 5 else ''}) "
+                   "are being written by another process and were left to it; re-run this command once it is done "
+                   "to make sure every group is complete", err=True)
     click.echo(json.dumps(s))  # the machine-readable summary on stdout

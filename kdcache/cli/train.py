@@ -8,14 +8,15 @@ import click
 
 from ..config import AMP_MODES, MODES, OPTIMIZERS, TrainConfig
 from ..losses import TAIL_MODES
-from . import cli
+
 from .options import augmentation, augmentation_options, config_default
 
 
-@cli.command()
+@click.command()
 @click.option("--data", required=True, help="Training shards: a brace pattern, a glob, or a directory.")
 @click.option("--cache", default=None, help="Cache made by `kdcache precompute` on these shards (cached-teacher mode).")
-@click.option("--teacher", default=None, help="Live teacher spec (live mode): run on the same replayed views.")
+@click.option("--teacher", default=None, help="Live teacher spec (live mode), as for precompute: timm:NAME, torchvision:NAME, py:MODULE:FACTORY, "
+                   "a .pt2 export or a TorchScript file; run on the same replayed views.")
 @click.option("--teacher-weights", type=click.Path(), default=None, help="Live teacher weights (.pt/.pth/.safetensors).")
 @click.option("--teacher-random-init", type=int, default=None, metavar="SEED",
               help="Live mode: a randomly initialised teacher on purpose, built under SEED [default: the cache's "
@@ -23,7 +24,7 @@ from .options import augmentation, augmentation_options, config_default
 @click.option("--mode", type=click.Choice(MODES), default=config_default(TrainConfig, 'mode'), show_default=True,
               help="auto: live with --teacher, cached with --cache, else labels. `labels` with --cache trains on "
                    "the cache's views with cross-entropy only.")
-@click.option("--student", required=True, help="Student spec: timm:NAME, torchvision:NAME, py:MODULE:FACTORY, or a TorchScript file.")
+@click.option("--student", required=True, help="Student spec: timm:NAME, torchvision:NAME, py:MODULE:FACTORY, a torch.export .pt2 file or a TorchScript file.")
 @click.option("--student-weights", type=click.Path(), default=None, help="Initial student weights (e.g. a previous run's student.pt).")
 @click.option("--num-classes", type=int, default=None, help="Class count (default: the cache's, the teacher's, or classes.json).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (config, metrics, checkpoints, summary).")

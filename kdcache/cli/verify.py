@@ -7,11 +7,11 @@ import sys
 
 import click
 
-from . import cli
+
 from .inspect import parse_storage_options, storage_options_option
 
 
-@cli.command()
+@click.command()
 @click.argument("cache")
 @click.option("--data", required=True, help="The data shards the cache was made from (pattern, glob or folder).")
 @click.option("--teacher", required=True, help="Teacher spec, as given to precompute.")

@@ -1,0 +1,264 @@
+"""What a new user trips over in the first hour: each case here failed before its fix."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import zarr
+from click.testing import CliRunner
+
+from conftest import NUM_CLASSES, TEACHER, precompute_config, with_aug, write_dataset, write_imagefolder
+from kdcache.cli import cli
+from kdcache.errors import count
+from kdcache.train import TrainConfig, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = ROOT / "tests"
+STUDENT = "py:kdcache.zoo:tiny_cnn"
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def config(dataset, out, **kw) -> TrainConfig:
+    base = dict(data=str(dataset), student=STUDENT, out=str(out), epochs=1, batch_size=4, lr=1e-2, workers=0,
+                device="cpu", progress=False, log_every=2)
+    base.update(kw)
+    return TrainConfig(**with_aug(base))
+
+
+# ---- 1. a teacher without weights -------------------------------------------------------------------------
+
+
+def test_live_training_rebuilds_the_caches_seeded_random_teacher(dataset, tmp_path):
+    """A cache made with --random-init: a live teacher with no weights is rebuilt from the cache's
+    seed, so live and cached training agree bit for bit."""
+    from kdcache.precompute import precompute
+
+    c = tmp_path / "c.zarr"
+    precompute(precompute_config(dataset, c, None, teacher_weights=None, random_init=11))
+    kw = dict(res=32, epochs=1, label_weight=0.0)
+    train(config(dataset, tmp_path / "cached", cache=str(c), **kw))
+    train(config(dataset, tmp_path / "live", cache=str(c), teacher=TEACHER, **kw))
+    a = torch.load(tmp_path / "cached" / "student.pt", weights_only=True)
+    b = torch.load(tmp_path / "live" / "student.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # without the cache's seed, the live teacher is refused
+    with pytest.raises(Exception, match="has random weights"):
+        train(config(dataset, tmp_path / "live2", teacher=TEACHER, **kw))
+
+
+# ---- 2. Pillow-SIMD replaced by Pillow -------------------------------------------------------------------
+
+
+def _pretend_plain_pillow(monkeypatch):
+    import kdcache.views as views
+
+    monkeypatch.setattr(views, "render_backend",
+                        lambda: {"pil": "Pillow", "pil_version": "13.0.0", "resample": "bilinear"})
+
+
+def test_a_replaced_pillow_simd_is_named_with_the_fix(dataset, cache, teacher_weights, tmp_path, monkeypatch, capsys):
+    recorded = zarr.open_group(str(cache), mode="r").attrs["kdcache"]["render"]
+    assert recorded["pil"] == "Pillow-SIMD"  # what `make` installs
+    _pretend_plain_pillow(monkeypatch)
+    # train says so at the start
+    train(config(dataset, tmp_path / "run", cache=str(cache)))
+    err = capsys.readouterr().err
+    assert "warning: the cache was rendered with Pillow-SIMD" in err
+    assert f"pillow-simd=={recorded['pil_version']}" in err
+    # verify, when records disagree, gives the cause and the fix as a hint
+    c = tmp_path / "c.zarr"
+    shutil.copytree(cache, c)
+    g = zarr.open_group(str(c), mode="r+")["train-000000"]
+    lp = g["logprobs"][:]
+    lp[0, 0, 0] -= 0.5
+    g["logprobs"][:] = lp
+    res = run("verify", c, "--data", dataset, "--teacher", TEACHER, "--teacher-weights", teacher_weights, "--device",
+              "cpu", "--samples", 1000)
+    assert res.exit_code == 1
+    assert "hint: the cache was rendered with Pillow-SIMD" in res.stdout and "--force-reinstall pillow-simd==" in res.stdout
+
+
+# ---- 3. resume with other settings ----------------------------------------------------------------------
+
+
+def test_resume_refuses_changed_settings_and_records_allowed_ones(dataset, cache, tmp_path):
+    out = tmp_path / "run"
+    base = dict(cache=str(cache), epochs=2, lr=1e-2)
+    s = train(config(dataset, out, stop_after=3, **base))
+    assert s["stopped_at"] == 3
+    with pytest.raises(Exception) as ei:
+        train(config(dataset, out, resume=True, **{**base, "lr": 5e-2}))
+    assert "lr: the run has 0.01, this command 0.05" in str(ei.value) and "cannot resume" in str(ei.value)
+    train(config(dataset, out, resume=True, **{**base, "epochs": 3, "log_every": 1}))
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["epochs"] == 3 and cfg["lr"] == 1e-2
+    changes = cfg["resumes"][0]["changes"]
+    assert cfg["resumes"][0]["step"] == 3 and changes["epochs"] == [2, 3] and changes["log_every"] == [2, 1]
+    assert changes["stop_after"] == [3, None]
+
+
+def test_resuming_a_finished_run_says_it_is_complete(dataset, cache, tmp_path, capsys):
+    out = tmp_path / "run"
+    first = train(config(dataset, out, cache=str(cache)))
+    capsys.readouterr()
+    again = train(config(dataset, out, cache=str(cache), resume=True))
+    err = capsys.readouterr().err
+    assert "is already complete" in err and "at epoch" not in err
+    assert again == json.loads(json.dumps(first))
+
+
+# ---- 4. the demo's commands in a fresh shell --------------------------------------------------------------
+
+
+def test_demo_commands_say_how_to_reach_kdcache(monkeypatch):
+    from kdcache.demo import kdcache_command
+
+    bindir = Path(sys.executable).parent
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # a fresh shell: the venv is not activated
+    exe, how = kdcache_command()
+    assert Path(exe).resolve() == (bindir / "kdcache").resolve()
+    if (bindir / "activate").exists():
+        assert "source" in how and "activate" in how
+    monkeypatch.setenv("PATH", f"{bindir}:/usr/bin:/bin")
+    assert kdcache_command() == ("kdcache", "")
+
+
+# ---- 5. finding a key --------------------------------------------------------------------------------------
+
+
+def test_keys_are_listed_found_and_suggested(cache):
+    res = run("inspect", cache, "--keys", "--shard", "train-000001")
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert len(lines) == 7 and all(line.startswith("train-000001\t") for line in lines)
+    key = lines[3].split("\t")[1]
+    res = run("inspect", cache, "--key", key, "--json")  # no --shard: the group is found
+    assert res.exit_code == 0 and json.loads(res.stdout)["shard"] == "train-000001"
+    res = run("inspect", cache, "--shard", "train-000001", "--key", key[:-1] + "9x")
+    assert res.exit_code == 2 and "close ones:" in res.stderr and "--keys --shard train-000001" in res.stderr
+    everything = json.loads(run("inspect", cache, "--keys", "--json").stdout)
+    assert sorted(everything) == ["train-000000", "train-000001", "train-000002"]
+
+
+# ---- 6. defaults that fit the machine --------------------------------------------------------------------------
+
+
+def test_default_workers_leave_a_core_to_the_main_process():
+    from kdcache.runtime import default_workers
+
+    cores = len(os.sched_getaffinity(0))
+    assert default_workers() == max(0, min(4, cores - 1))
+    assert TrainConfig(data="d", student="s", out="o").workers == default_workers()
+
+
+# ---- 7. Ctrl-C ----------------------------------------------------------------------------------------------
+
+
+def _interrupt(args, when) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(ROOT)]), KD_TEST_DELAY="0.3")
+    p = subprocess.Popen([sys.executable, "-m", "kdcache", *map(str, args)], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and p.poll() is None and not when():
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+def test_ctrl_c_exits_130_and_says_how_to_resume(dataset, teacher_weights, tmp_path):
+    out = tmp_path / "c.zarr"
+    args = ["precompute", "--data", dataset, "--teacher", "py:testmodels:slow_cnn", "--teacher-weights",
+            teacher_weights, "--num-classes", NUM_CLASSES, "--out", out, "-V", 2, "-k", 3, "--res", 32, "-b", 4,
+            "--workers", 0, "--device", "cpu", "--no-progress"]
+    res = _interrupt(args, lambda: (out / "zarr.json").exists())
+    assert res.returncode == 130, res.stderr
+    assert "interrupted (precompute): finished shard groups are kept; re-run the same command" in res.stderr
+    assert "Traceback" not in res.stderr and "Aborted!" not in res.stderr
+    run_dir = tmp_path / "run"
+    args = ["train", "--data", dataset, "--student", "py:testmodels:slow_cnn", "--out", run_dir, "--res", 32,
+            "--epochs", 3, "-b", 4, "--workers", 0, "--device", "cpu", "--no-progress", "--checkpoint-every", 1,
+            "--num-classes", NUM_CLASSES]
+    res = _interrupt(args, lambda: (run_dir / "checkpoint.pt").exists())
+    assert res.returncode == 130, res.stderr
+    assert "interrupted (train): re-run the same command with --resume" in res.stderr and "Traceback" not in res.stderr
+
+
+# ---- 8. late checks -----------------------------------------------------------------------------------------------
+
+
+def test_val_data_with_other_classes_fails_before_training(dataset, cache, tmp_path):
+    from conftest import encode, make_image, write_tar
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    val = tmp_path / "val"
+    write_tar(val / "val-000000.tar", [("a.png", encode(make_image(rng, 20, 20, 1), "png")), ("a.cls", b"1"),
+                                       ("b.png", encode(make_image(rng, 20, 20, 1), "png")), ("b.cls", b"9")])
+    out = tmp_path / "run"
+    with pytest.raises(Exception, match=r"sample 'b' in shard .*val-000000.tar has cls 9, outside the run's 5 classes"):
+        train(config(dataset, out, cache=str(cache), val_data=str(val)))
+    assert not (out / "checkpoint.pt").exists() and not (out / "metrics.jsonl").exists()
+
+
+# ---- 9. defaults that surprise ------------------------------------------------------------------------------
+
+
+def test_res_defaults_to_the_caches_and_the_start_line_comes_before_the_bar(dataset, cache, tmp_path, capsys):
+    s = train(config(dataset, tmp_path / "run", cache=str(cache), progress=True))
+    err = capsys.readouterr().err
+    assert "note: --res not given: the student trains at the cache's resolution, 32px" in err
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["res"] is None and cfg["resolved"]["res"] == 32 and s["steps"] == 6
+    assert err.index("kdcache train: mode cached") < err.index("train (cached)")  # not inside the bar's line
+
+
+def test_precompute_bar_counts_views(dataset, teacher_weights, tmp_path, capsys):
+    from kdcache.precompute import precompute
+
+    precompute(precompute_config(dataset, tmp_path / "c.zarr", teacher_weights, progress=True))
+    err = capsys.readouterr().err
+    assert "view" in err and "63/63" in err  # 21 images x 3 views, counted as they are computed
+
+
+# ---- 10. small things ------------------------------------------------------------------------------------------
+
+
+def test_small_things():
+    assert count(1, "shard") == "1 shard" and count(3, "shard") == "3 shards" and count(1, "other") == "1 other"
+    for command in ("precompute", "train"):
+        assert ".pt2" in run(command, "--help").stdout
+
+
+def test_class_count_error_names_where_the_count_came_from(dataset, cache, tmp_path):
+    with pytest.raises(Exception, match=r"outputs 7 classes but 5 were asked for \(the cache's teacher has 5 "
+                                        r"classes\); use a model whose head has that many classes"):
+        train(config(dataset, tmp_path / "r", cache=str(cache), student="py:testmodels:fixed_cnn"))
+    res = CliRunner().invoke(cli, ["precompute", "--data", str(dataset), "--teacher", "py:testmodels:fixed_cnn",
+                                   "--random-init", "0", "--num-classes", "5", "--out", str(tmp_path / "c.zarr")])
+    assert res.exit_code == 2 and "(--num-classes); if the model is right, pass --num-classes 7" in res.stderr
+
+
+def test_pack_refuses_an_output_with_shards_and_overwrite_replaces_them(tmp_path):
+    src = tmp_path / "folder"
+    write_imagefolder(src)
+    out = tmp_path / "data"
+    assert run("pack", src, out, "--shard-size", 2).exit_code == 0
+    many = sorted((out / "train").glob("*.tar"))
+    res = run("pack", src, out, "--shard-size", 100)
+    assert res.exit_code == 2 and "already holds shards" in res.stderr and "--overwrite" in res.stderr
+    assert sorted((out / "train").glob("*.tar")) == many  # untouched
+    assert run("pack", src, out, "--shard-size", 100, "--overwrite").exit_code == 0
+    assert [p.name for p in (out / "train").glob("*.tar")] == ["train-000000.tar"]  # no stale shard left
