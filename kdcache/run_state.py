@@ -4,7 +4,8 @@
                    validation); ``to_checkpoint``/``from_checkpoint`` make and read ``checkpoint.pt``
                    together with the model, optimiser, scaler and RNG state.
 - ``Meter``        training time (steps and data waits, not evaluation or checkpoints: ``paused()``)
-                   and the logging window (loss terms, images/s).
+                   and the logging window (loss terms, images/s; besides loss/kd/ce, any other float
+                   term a task returns is averaged and logged under its own name).
 - ``MetricsLog``   rank 0's ``metrics.jsonl`` (cut back to the checkpoint's length on resume, so no
                    step is logged twice) and TensorBoard events when tensorboard is installed.
 - ``atomic_save``/``atomic_json``   write to a temporary file, then ``os.replace``: a reader never
@@ -160,6 +161,9 @@ class Meter:
     def _reset_window(self) -> None:
         self.sums = torch.zeros(len(self.TERMS), dtype=torch.float64, device=self.device)
         self.counts = torch.zeros(len(self.TERMS), dtype=torch.float64, device=self.device)
+        # Further float terms a task returns (e.g. self-distillation's per-exit losses): name -> [sum, count],
+        # in the order first seen (the same on every rank: every rank runs the same task).
+        self.extra: dict[str, list] = {}
         self.steps, self.images, self.seconds = 0, 0, 0.0
 
     def step(self, out: dict, images: int) -> None:
@@ -169,6 +173,13 @@ class Meter:
             if v is not None:  # stays on the device: no synchronisation per step
                 self.sums[j] += v.detach().double()
                 self.counts[j] += 1
+        for name, v in out.items():
+            if name in self.TERMS or v is None or isinstance(v, bool):
+                continue
+            if isinstance(v, torch.Tensor) and v.numel() == 1 and v.is_floating_point() or isinstance(v, (int, float)):
+                acc = self.extra.setdefault(name, [torch.zeros((), dtype=torch.float64, device=self.device), 0])
+                acc[0] += v.detach().double().reshape(()) if isinstance(v, torch.Tensor) else float(v)
+                acc[1] += 1
         now, cnow = time.perf_counter(), time.process_time()
         self.state.train_time_s += now - self.t_mark
         self.state.train_cpu_s += cnow - self.c_mark
@@ -184,6 +195,14 @@ class Meter:
             dist.all_reduce(sums)
             dist.all_reduce(counts)
         rec = {name: (sums[j] / counts[j]).item() for j, name in enumerate(self.TERMS) if counts[j] > 0}
+        if self.extra:
+            names = list(self.extra)
+            es = torch.stack([self.extra[n][0] for n in names])
+            ec = torch.tensor([float(self.extra[n][1]) for n in names], dtype=torch.float64, device=self.device)
+            if self.world > 1:
+                dist.all_reduce(es)
+                dist.all_reduce(ec)
+            rec.update({n: (es[j] / ec[j]).item() for j, n in enumerate(names) if ec[j] > 0})
         rec["images_per_s"] = self.images / max(self.seconds, 1e-9)
         self._reset_window()
         return rec

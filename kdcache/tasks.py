@@ -11,6 +11,9 @@ a new task, not a branch in the loop.
                     the cache, plus ``label_weight``·CE.
 - ``LiveKDTask``    the same loss against a teacher run on the very views the batch replays,
                     its top-k cast exactly as precompute casts it (``teacher.topk_tensors``).
+
+Each task's ``loss_terms(z, batch, targets)`` is its loss on given logits, which is how
+``selfdistill.SelfDistillTask`` reuses the mode's loss on the deepest exit of a multi-exit student.
 """
 
 from __future__ import annotations
@@ -41,11 +44,23 @@ class StudentInput:
         return torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
 
     def logits(self, model, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.prepare(pixels)
+        with self.autocast():
+            return logits_of(model(x))
+
+    def prepare(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised pixels in the student's memory format."""
         x = normalize(pixels, self.mean, self.std)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def exits(self, model, pixels: torch.Tensor) -> dict:
+        """Every exit of a multi-exit student (``exits.MultiExit``, possibly wrapped in DDP or
+        torch.compile): ``{"logits": [...], "features": [...]}``, shallow to deep."""
+        x = self.prepare(pixels)
         with self.autocast():
-            return logits_of(model(x))
+            return model(x, all_exits=True)
 
 
 class LabelsTask:
@@ -58,6 +73,10 @@ class LabelsTask:
 
     def __call__(self, model, batch: Batch) -> dict:
         z = self.inputs.logits(model, batch.pixels(self.inputs.device))
+        return self.loss_terms(z, batch)
+
+    def loss_terms(self, z: torch.Tensor, batch: Batch, targets=None) -> dict:
+        """The terms of these logits on this batch (``targets`` unused: labels only)."""
         loss = F.cross_entropy(z.float(), batch.targets(self.num_classes, self.inputs.device))
         return {"loss": loss, "kd": None, "ce": loss.detach()}
 
@@ -81,7 +100,12 @@ class CachedKDTask:
         dev = self.inputs.device
         pixels = batch.pixels(dev)
         z = self.inputs.logits(model, pixels)
-        lp, ids = self.targets(batch, pixels)
+        return self.loss_terms(z, batch, self.targets(batch, pixels))
+
+    def loss_terms(self, z: torch.Tensor, batch: Batch, targets) -> dict:
+        """The terms of these logits against ``targets`` (``self.targets(batch, pixels)``)."""
+        dev = self.inputs.device
+        lp, ids = targets
         has_labels = bool((batch.label >= 0).all())
         labels = batch.targets(self.num_classes, dev) if has_labels else None
         # The logits go in their own dtype: the fused kernel reads bf16/fp16 and writes the gradient in it.

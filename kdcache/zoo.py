@@ -32,6 +32,13 @@ class SmallCNN(nn.Module):
     def forward(self, x):
         return self.head(self.pool(self.features(x)).flatten(1))
 
+    def stage_names(self) -> list[str]:
+        """The modules that end each stage (the last conv block before each pool, and the last
+        block), as named in ``named_modules``: where ``kdcache.exits`` puts its exits."""
+        f = self.features
+        return [f"features.{i}" for i in range(len(f))
+                if not isinstance(f[i], nn.MaxPool2d) and (i + 1 == len(f) or isinstance(f[i + 1], nn.MaxPool2d))]
+
 
 def teacher_cnn(num_classes: int = 10) -> SmallCNN:
     """The demo's teacher (~0.6 M parameters)."""
