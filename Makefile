@@ -18,7 +18,7 @@ TORCH_LOCK ?= torch==2.14.1 torchvision==0.29.1
 TRITON_ALSO ?= 3.9.0
 PYTEST_ARGS ?=
 
-.PHONY: install install-dev demo demo-quick test test-all test-kernel-triton bench lock clean
+.PHONY: install install-dev demo demo-quick test test-all test-kernel-triton bench bench-gpu lock clean
 
 # The build tools come from the lock too, and packages are built without pip's build isolation,
 # which would fetch the newest setuptools instead of the locked one.
@@ -73,6 +73,16 @@ bench: install-dev
 	$(PY) benchmarks/loss_bench.py
 	$(PY) benchmarks/precompute_bench.py
 	$(PY) benchmarks/train_bench.py
+
+# The GPU suite (benchmarks/gpu_suite.py): loss, precompute data path and training throughput, written
+# as JSON + markdown to BENCH_OUT. It installs nothing, so it runs on a machine set up by hand (the
+# device machine: see docs/benchmarks.md and tools/device_prep.sh); the venv's Python when there is one.
+BENCH_OUT  ?= bench-gpu-results
+BENCH_ARGS ?=
+BENCH_PY   ?= $(if $(wildcard $(PY)),$(PY),python3)
+
+bench-gpu:
+	$(BENCH_PY) benchmarks/gpu_suite.py --out $(BENCH_OUT) $(BENCH_ARGS)
 
 lock:
 	bash tools/lock.sh $(PYTHON) "$(TORCH_LOCK)" $(LOCK)

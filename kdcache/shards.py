@@ -8,7 +8,6 @@ time, and never assumes random access.
 from __future__ import annotations
 
 import glob
-import io
 import json
 import os
 import random
@@ -276,15 +275,21 @@ class DecodedShard:
     labels: list  # cls per sample, None where absent
 
 
-def decode_shard(url: str, skip_bad: bool = False) -> DecodedShard:
+def decode_shard(url: str, skip_bad: bool = False, renderer=None) -> DecodedShard:
     """Decode every image of a shard once. A bad image raises ``BadImageError`` unless
-    ``skip_bad``, which records it and keeps its place (so arrays stay aligned with tar order)."""
+    ``skip_bad``, which records it and keeps its place (so arrays stay aligned with tar order).
+
+    ``renderer`` (a ``views`` render backend; default PIL) decodes: ``images`` are its decoded
+    images, or, for a renderer that decodes on the GPU, ``views.Encoded`` images with the size read
+    from their headers (the worker only reads bytes)."""
+    from .render import image_hw
+
     keys, sizes, images, bad, labels = [], [], [], {}, []
     for sample in iter_samples(url):
         keys.append(sample.key)
         labels.append(sample.cls)
         try:
-            im = decode_image(sample)
+            im = decode_image(sample, renderer, load=True)
         except BadImageError as e:
             if not skip_bad:
                 raise
@@ -293,22 +298,28 @@ def decode_shard(url: str, skip_bad: bool = False) -> DecodedShard:
             sizes.append((-1, -1))
             continue
         images.append(im)
-        sizes.append((im.height, im.width))
+        sizes.append(image_hw(im))
     return DecodedShard(keys, np.asarray(sizes, dtype=np.int32).reshape(-1, 2), images, bad, labels)
 
 
-def decode_image(sample: Sample) -> Image.Image:
-    """Decode a sample's image fully, as RGB. Raises ``BadImageError`` naming shard and key."""
+def decode_image(sample: Sample, renderer=None, load: bool = False):
+    """Decode a sample's image fully, as RGB, with ``renderer`` (a ``views`` render backend; default
+    PIL: a PIL image). Raises ``BadImageError`` naming shard and key. ``load``: the renderer's
+    worker-side ``load`` instead (an ``Encoded`` image, header read only, when it decodes on the GPU)."""
+    from .render import PIL_RENDERER, DecodeError, Encoded
+
+    renderer = renderer or PIL_RENDERER
     try:
-        with Image.open(io.BytesIO(sample.image)) as im:
-            im.load()
-            return im.convert("RGB")
-    except Exception as e:  # PIL raises many types for corrupt data
-        cause = f"{type(e).__name__}: {e}"
-        if sample.ext == "webp" and not webp_supported():
+        im = (renderer.load if load else renderer.decode)(sample.image, sample.ext)
+    except DecodeError as e:
+        cause = str(e)
+        if renderer.backend == "pil" and sample.ext == "webp" and not webp_supported():
             cause += (" (this PIL build has no WebP support: install libwebp-dev and rebuild Pillow-SIMD "
                       "with `bash tools/install_pillow_simd.sh`, or use plain Pillow)")
         raise BadImageError(sample.url, sample.key, cause) from None
+    if isinstance(im, Encoded):
+        im.key, im.url = sample.key, sample.url
+    return im
 
 
 def webp_supported() -> bool:

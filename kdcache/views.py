@@ -9,7 +9,8 @@ never has to re-run a random generator.
 - ``render`` turns a decoded image plus a view into pixels; ``crop_batch`` renders many records
   (partners looked up in their shard) into a ``CropBatch`` of uint8 crops, and
   ``CropBatch.pixels``/``mix_pixels`` scale and mix them on the device. Precompute, train, verify
-  and inspect all make pixels through these.
+  and inspect all make pixels through these, with the backend (``render.py``: PIL or torch) that
+  the cache records.
 """
 
 from __future__ import annotations
@@ -30,49 +31,20 @@ RESAMPLE = Image.Resampling.BILINEAR
 RESAMPLE_NAME = "bilinear"
 
 
-def render_backend() -> dict:
-    """Which PIL renders views: flavour (Pillow or Pillow-SIMD), version and resample filter.
-
-    Pillow and Pillow-SIMD resample slightly differently, so the manifest records this.
-    """
-    import importlib.metadata as md
-
-    import PIL
-
-    flavour = "Pillow"
-    try:
-        if md.version("Pillow-SIMD") == PIL.__version__:
-            flavour = "Pillow-SIMD"
-    except md.PackageNotFoundError:
-        pass
-    return {"pil": flavour, "pil_version": PIL.__version__, "resample": RESAMPLE_NAME}
-
-
 class AugSpecError(KdcacheError, ValueError):
     """An augmentation range that cannot be sampled."""
 
 
-def render_mismatch(recorded: dict | None) -> str | None:
-    """What differs, and how to fix it, when this machine's PIL is not the one a cache recorded
-    (None when they match). Pillow and Pillow-SIMD resample differently by up to a pixel level,
-    which moves a teacher's log-probs by about 0.01."""
-    here, there = render_backend(), recorded or {}
-    if all(here.get(f) == there.get(f) for f in ("pil", "pil_version", "resample")):
-        return None
-    if there.get("pil") == "Pillow-SIMD" and here.get("pil") != "Pillow-SIMD":
-        fix = (f"a later pip install probably replaced Pillow-SIMD with Pillow; restore it with `pip install "
-               f"--no-deps --force-reinstall pillow-simd=={there.get('pil_version')}` (or `bash "
-               "tools/install_pillow_simd.sh PYTHON` from a kdcache checkout)")
-    else:
-        fix = f"install {there.get('pil')} {there.get('pil_version')} to render this cache's pixels exactly"
-    return (f"the cache was rendered with {there.get('pil')} {there.get('pil_version')} ({there.get('resample')}) "
-            f"and this machine renders with {here.get('pil')} {here.get('pil_version')} ({here.get('resample')}): "
-            f"pixels differ by up to a level, which moves log-probs by about 0.01. {fix}")
+AUG_NAMES = ("inception_crop", "center_crop")
 
 
 @dataclass(frozen=True)
 class AugSpec:
-    """The augmentation recipe: Inception-style crop ranges, flip and mixup switches."""
+    """The augmentation recipe: Inception-style crop ranges, flip and mixup switches.
+
+    ``name="center_crop"`` is the evaluation view instead: the centre square of side
+    0.875·min(h, w) (``center_view``), never flipped; a cache of it (``precompute --center-crop``)
+    holds one fixed teacher output per image, the fixed-teacher baseline."""
 
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
@@ -82,6 +54,10 @@ class AugSpec:
     version: int = SAMPLER_VERSION
 
     def __post_init__(self):
+        if self.name not in AUG_NAMES:
+            raise AugSpecError(f"unknown augmentation {self.name!r}; kdcache draws {', '.join(AUG_NAMES)}")
+        if self.name == "center_crop" and (self.flip or self.mixup):
+            raise AugSpecError("the centre crop is the evaluation view: it takes neither --flip nor --mixup")
         lo, hi = self.scale
         if not (0 < lo <= hi <= 1):
             raise AugSpecError(f"invalid --scale/--ratio: scale range must satisfy 0 < min <= max <= 1, got {self.scale}")
@@ -170,6 +146,8 @@ def sample_view(seed: int, key: str, view: int, width: int, height: int, spec: A
     """Draw the crop and flip of one (sample, view). Mixup is decided per shard: see ``mixup_pairs``."""
     if width <= 0 or height <= 0:
         raise ValueError(f"image {key!r} has an empty size {width}x{height}")
+    if spec.name == "center_crop":
+        return center_view(width, height)
     rng = view_rng(seed, key, view)
     x, y, w, h = sample_crop(rng, width, height, spec)
     flip = bool(rng.random() < 0.5) if spec.flip else False
@@ -247,12 +225,22 @@ def sample_shard_views(seed: int, shard: str, keys, sizes, views, spec: AugSpec,
     if spec.mixup and n > 1:
         for j, v in enumerate(index):
             mix_with[:, j], mix_lam[:, j] = mixup_pairs(seed, shard, v, n)
-    for i in np.flatnonzero(~valid):  # un-pair records whose partner has no image
-        partners = mix_with[i][mix_with[i] >= 0]
-        cols = np.flatnonzero(mix_with[i] >= 0)
-        mix_with[partners, cols], mix_lam[partners, cols] = -1, 1.0
-        mix_with[i], mix_lam[i] = -1, 1.0
-    return ShardViews(box, flip, mix_with, mix_lam)
+    sv = ShardViews(box, flip, mix_with, mix_lam)
+    drop_records(sv, np.flatnonzero(~valid))
+    return sv
+
+
+def drop_records(sv: ShardViews, rows) -> None:
+    """Take records ``rows`` out of ``sv`` in place: no view (a zero box, no flip), unmixed, and the
+    records they were mixed with unmixed too (their partner has no pixels). Drawing with a record
+    invalid and dropping it after drawing give the same views (a record's own draw depends on
+    nothing else), so a renderer that finds an undecodable image only on the device can drop it then."""
+    for i in (int(r) for r in rows):
+        sv.box[i], sv.flip[i] = 0, False
+        partners = sv.mix_with[i][sv.mix_with[i] >= 0]
+        cols = np.flatnonzero(sv.mix_with[i] >= 0)
+        sv.mix_with[partners, cols], sv.mix_lam[partners, cols] = -1, 1.0
+        sv.mix_with[i], sv.mix_lam[i] = -1, 1.0
 
 
 def center_view(width: int, height: int, crop_fraction: float = 0.875) -> View:
@@ -300,34 +288,40 @@ def mix_pixels(own: torch.Tensor, other: torch.Tensor | None, lam) -> torch.Tens
 
 
 def render_crops(
-    image: Image.Image,
+    image,
     view: View,
     size: int,
-    partner: Image.Image | None = None,
+    partner=None,
     partner_view: View | None = None,
+    renderer=None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The uint8 crops a view needs: its own, and its partner's when mixed (else ``None``)."""
-    own = crop_tensor(image, view, size)
+    from .render import PIL_RENDERER
+
+    renderer = renderer or PIL_RENDERER
+    own = renderer.crops([(image, view)], size)[0]
     if not view.mixed:
         return own, None
     if partner is None or partner_view is None:
         raise ValueError("a mixed view needs its partner's image and view to render")
-    return own, crop_tensor(partner, partner_view, size)
+    return own, renderer.crops([(partner, partner_view)], size)[0]
 
 
 def render(
-    image: Image.Image,
+    image,
     view: View,
     size: int,
-    partner: Image.Image | None = None,
+    partner=None,
     partner_view: View | None = None,
+    renderer=None,
 ) -> torch.Tensor:
     """The pixels a model sees for ``view``: float32 CHW in [0, 1], not yet normalised.
 
     For a mixed view, pass the partner record's decoded image and *its* view of the same view
-    index; the result is ``λ·own + (1 − λ)·partner`` with λ = ``view.mix_lam``.
+    index; the result is ``λ·own + (1 − λ)·partner`` with λ = ``view.mix_lam``. ``renderer``: the
+    backend (default PIL; the images must be that backend's decoded images).
     """
-    own, other = render_crops(image, view, size, partner, partner_view)
+    own, other = render_crops(image, view, size, partner, partner_view, renderer)
     return mix_pixels(own, other, view.mix_lam)
 
 
@@ -372,25 +366,45 @@ class CropBatch:
         return CropBatch(torch.cat([p.own for p in parts]), other, torch.cat([p.lam for p in parts]))
 
 
-def crop_batch(records, size: int) -> CropBatch:
+def crop_batch(records, size: int, renderer=None):
     """Render records into one ``CropBatch`` at ``size``: each record is ``(images, views, i, j)``,
     the decoded images of its shard (indexed by record), the shard's ``ShardViews``, the record's
     index and the view column. The partner of a mixed record is looked up in the same shard, with
     its view of the same column. Every path that makes pixels (precompute, the trainer, verify,
-    inspect's render) comes through here or ``render``, so they all make the same pixels."""
+    inspect's render) comes through here or ``render``, so they all make the same pixels.
+
+    ``renderer`` is the backend (default: PIL, ``PIL_RENDERER``). Images the renderer has not decoded
+    yet (``Encoded``: a renderer that decodes on the GPU, in a DataLoader worker) give a
+    ``DeferredCrops``, which decodes and crops on the device when its pixels are asked for."""
     import torch
 
+    from .render import PIL_RENDERER, DeferredCrops, Encoded
+
+    renderer = renderer or PIL_RENDERER
     b = len(records)
-    own = torch.empty((b, 3, size, size), dtype=torch.uint8)
-    other = None
+    own_items, other_items, other_rows = [], [], []
     lam = torch.ones(b, dtype=torch.float32)
     for n, (images, views, i, j) in enumerate(records):
         view = views.view(i, j)
-        partner = images[view.mix_with] if view.mixed else None
-        pview = views.view(view.mix_with, j) if view.mixed else None
-        own[n], crop = render_crops(images[i], view, size, partner, pview)
-        if crop is not None:
-            if other is None:
-                other = torch.zeros((b, 3, size, size), dtype=torch.uint8)
-            other[n], lam[n] = crop, float(view.mix_lam)
+        own_items.append((images[i], view))
+        if view.mixed:
+            partner = images[view.mix_with]
+            if partner is None:
+                raise ValueError("a mixed view needs its partner's image and view to render")
+            other_items.append((partner, views.view(view.mix_with, j)))
+            other_rows.append(n)
+            lam[n] = float(view.mix_lam)
+    if any(isinstance(im, Encoded) for im, _ in own_items + other_items):
+        return DeferredCrops(renderer, size, own_items, other_items, other_rows, lam)
+    return _assemble(renderer, size, own_items, other_items, other_rows, lam)
+
+
+def _assemble(renderer, size, own_items, other_items, other_rows, lam) -> CropBatch:
+    import torch
+
+    own = renderer.crops(own_items, size)
+    other = None
+    if other_items:
+        other = torch.zeros_like(own)
+        other[torch.as_tensor(other_rows, device=own.device)] = renderer.crops(other_items, size)
     return CropBatch(own, other, lam)
