@@ -212,3 +212,32 @@ def _take_claim(claims_dir: str, name: str) -> tuple[ShardClaim | None, dict | N
             os.fsync(f.fileno())
         return claim, None
     raise KdcacheError(f"could not claim shard group {name!r}: its claim file {path} keeps changing; re-run")
+
+
+def clear_stale(claims_dir: str, done) -> list[str]:
+    """Remove the claim files of groups that are complete (``done(name)``) and whose holder is
+    gone: a writer killed between marking its group complete and releasing the claim leaves one,
+    and nothing else would ever look at it again. Removes the directory when it ends up empty.
+    Returns the groups whose claims were removed."""
+    removed = []
+    try:
+        names = os.listdir(claims_dir)
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        path = os.path.join(claims_dir, name)
+        if ".stale." in name or not done(name):
+            continue
+        got = _read_claim(path)
+        if got is None or _holder_alive(*got):
+            continue
+        try:
+            os.unlink(path)
+            removed.append(name)
+        except FileNotFoundError:
+            pass
+    try:
+        os.rmdir(claims_dir)  # only when empty
+    except OSError:
+        pass
+    return removed

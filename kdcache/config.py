@@ -15,6 +15,7 @@ from .views import AugSpec
 MODES = ("auto", "cached", "live", "labels")
 OPTIMIZERS = ("adamw", "sgd")
 AMP_MODES = ("bf16", "fp16", "none")
+STUDENT_VIEWS = ("cache", "fresh")
 
 
 @dataclass
@@ -37,6 +38,7 @@ class PrecomputeConfig:
     device: str = "auto"
     workers: int = field(default_factory=default_workers)
     worker_timeout: float = 600.0  # seconds to wait for a batch from the data workers before giving up
+    threads: int | None = None  # torch threads of the main process; default: the cores the workers leave
     mean: tuple | None = None
     std: tuple | None = None
     shard_index: int = 0
@@ -44,13 +46,21 @@ class PrecomputeConfig:
     skip_bad: bool = False
     progress: bool = True
     storage_options: dict | None = None
+    render: str = "pil"  # render backend (views.RENDER_BACKENDS): pil, or torch (decodes and crops on the device)
 
     def __post_init__(self):
+        from .render import RENDER_BACKENDS
+
+        if self.render not in RENDER_BACKENDS:
+            raise KdcacheError(f"--render must be one of {', '.join(RENDER_BACKENDS)}, got {self.render!r}")
         for name, low in (("views", 1), ("topk", 1), ("batch_size", 1), ("res", 8), ("workers", 0)):
             if getattr(self, name) < low:
                 raise KdcacheError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
         if not isinstance(self.aug, AugSpec):
             raise KdcacheError(f"aug must be a views.AugSpec, got {type(self.aug).__name__}")
+        if self.aug.name == "center_crop" and self.views != 1:
+            raise KdcacheError(f"--center-crop gives every image one view, the centre crop; pass --views 1 (not "
+                               f"{self.views}: the others would be copies)")
         if self.num_shard_groups < 1 or not 0 <= self.shard_index < self.num_shard_groups:
             raise KdcacheError(f"--shard-index must be in [0, --num-shard-groups); got {self.shard_index} of "
                                f"{self.num_shard_groups}")
@@ -91,6 +101,7 @@ class TrainConfig:
     log_every: int = 10
     workers: int = field(default_factory=default_workers)
     worker_timeout: float = 600.0  # seconds to wait for a batch from the data workers before giving up
+    threads: int | None = None  # torch threads of the main process; default: the cores the workers leave
     device: str = "auto"
     seed: int = 0
     resume: bool = False
@@ -106,10 +117,22 @@ class TrainConfig:
     # Without a cache: decode every image once before training and leave the undecodable ones out
     # (listed in summary.json) instead of stopping. With a cache its recorded bad images are left out anyway.
     skip_bad: bool = False
+    allow_edited_cache: bool = False  # train on cache views that no longer match their recorded digests
+    # With a cache: "cache" = the student sees the view the teacher saw (consistent); "fresh" = its own
+    # seeded crop each epoch, targets from the cache (independent views, or the fixed teacher with a
+    # --center-crop cache).
+    student_view: str = "cache"
     loss_backend: str = "auto"
     stop_after: int | None = None  # stop after this many global steps (checkpoint written, no summary)
     progress: bool = True
     storage_options: dict | None = None
+    # Self-distillation (selfdistill.py, exits.py): exits after the student's stages, deep-to-shallow distillation.
+    self_distill: bool = False
+    sd_alpha: float = 0.3  # weight of the distillation term of a shallow exit; 1 − α goes to its CE on the labels
+    sd_temperature: float = 3.0
+    sd_feature_weight: float = 0.0  # weight of the hint loss (exit feature vs the deepest, L2); 0 = off
+    sd_exits: str | list = "all"  # "all" (after every stage but the last) or stage numbers, 1-based: "1,2" / [1, 2]
+    sd_teacher: str = "deepest"  # deepest | cache | both: what the shallow exits distil from
 
     def __post_init__(self):
         for name, low in (("epochs", 1), ("batch_size", 1), ("res", 8), ("workers", 0), ("log_every", 1)):
@@ -117,7 +140,8 @@ class TrainConfig:
                 raise KdcacheError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
         from .losses import TAIL_MODES
 
-        choices = (("mode", MODES), ("optimizer", OPTIMIZERS), ("amp", AMP_MODES), ("tail", TAIL_MODES))
+        choices = (("mode", MODES), ("optimizer", OPTIMIZERS), ("amp", AMP_MODES), ("tail", TAIL_MODES),
+                   ("student_view", STUDENT_VIEWS))
         for name, allowed in choices:
             if getattr(self, name) not in allowed:
                 raise KdcacheError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -129,7 +153,16 @@ class TrainConfig:
             raise KdcacheError("--views must be at least 1")
         if not isinstance(self.aug, AugSpec):
             raise KdcacheError(f"aug must be a views.AugSpec, got {type(self.aug).__name__}")
+        if self.student_view == "fresh" and not self.cache:
+            raise KdcacheError("--student-view fresh draws the student its own crops against a cache's targets; it "
+                               "needs --cache (without one, every view is the student's own already)")
+        if self.student_view == "fresh" and (self.teacher or self.mode == "live"):
+            raise KdcacheError("--student-view fresh needs cached targets: a live teacher always sees the student's "
+                               "own view (use --mode cached, or drop --teacher)")
+        if self.student_view == "fresh" and self.aug.mixup:
+            raise KdcacheError("--student-view fresh gives the student unmixed crops of its own; drop --mixup")
         resolve_mode(self)  # the flag combinations
+        check_self_distill(self)
 
     @property
     def base_lr(self) -> float:
@@ -147,3 +180,38 @@ def resolve_mode(cfg: TrainConfig) -> str:
     if mode == "live" and not cfg.teacher:
         raise KdcacheError("live-teacher mode needs --teacher SPEC")
     return mode
+
+
+SD_TEACHERS = ("deepest", "cache", "both")
+
+
+def check_self_distill(cfg: TrainConfig) -> None:
+    """The self-distillation settings; ``sd_exits`` becomes ``"all"`` or a sorted list of stage numbers
+    (whether those stages exist is checked when the student is built)."""
+    if not 0.0 <= cfg.sd_alpha <= 1.0:
+        raise KdcacheError(f"--sd-alpha must lie in [0, 1], got {cfg.sd_alpha}")
+    if not cfg.sd_temperature > 0:
+        raise KdcacheError(f"--sd-temperature must be > 0, got {cfg.sd_temperature}")
+    if not cfg.sd_feature_weight >= 0:
+        raise KdcacheError(f"--sd-feature-weight must be >= 0, got {cfg.sd_feature_weight}")
+    if cfg.sd_teacher not in SD_TEACHERS:
+        raise KdcacheError(f"--sd-teacher must be one of {', '.join(SD_TEACHERS)}, got {cfg.sd_teacher!r}")
+    exits = cfg.sd_exits
+    if isinstance(exits, str) and exits.strip().lower() != "all":
+        try:
+            exits = [int(x) for x in exits.split(",") if x.strip()]
+        except ValueError:
+            raise KdcacheError(f"--sd-exits must be 'all' or stage numbers like 1,2; got {cfg.sd_exits!r}") from None
+    if isinstance(exits, str):
+        exits = "all"
+    else:
+        try:
+            exits = sorted({int(x) for x in exits})
+        except (TypeError, ValueError):
+            raise KdcacheError(f"--sd-exits must be 'all' or stage numbers like 1,2; got {cfg.sd_exits!r}") from None
+        if not exits or min(exits) < 1:
+            raise KdcacheError(f"--sd-exits takes stage numbers from 1 (after the first stage); got {cfg.sd_exits!r}")
+    cfg.sd_exits = exits
+    if cfg.self_distill and cfg.sd_teacher != "deepest" and resolve_mode(cfg) == "labels":
+        raise KdcacheError(f"--sd-teacher {cfg.sd_teacher} distils the shallow exits from the teacher's top-k: it needs "
+                           "a cache (--cache, cached mode) or a live --teacher; without one use --sd-teacher deepest")

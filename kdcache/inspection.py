@@ -32,7 +32,8 @@ DISPLAY_SIZE = 256  # the rendered view is upscaled (nearest) to this many pixel
 
 
 def _open(cache, storage_options: dict | None) -> CacheReader:
-    return cache if isinstance(cache, CacheReader) else CacheReader(str(cache), storage_options)
+    """A reader that shows edited views instead of refusing them (``summarize`` flags them)."""
+    return cache if isinstance(cache, CacheReader) else CacheReader(str(cache), storage_options, check_digests=False)
 
 
 def _class_name(names: list[str] | None, c: int) -> str | None:
@@ -53,6 +54,27 @@ def _num(x) -> float | None:
 def topk_mass(logprobs: np.ndarray) -> np.ndarray:
     """Σ exp(l_i) over the last axis (float64); -inf entries contribute 0."""
     return np.exp(logprobs.astype(np.float64)).sum(-1)
+
+
+def impossible_values(logprobs: np.ndarray, classes: np.ndarray, num_classes: int) -> dict[str, int]:
+    """Records (of good samples, shaped (..., k)) whose stored values no teacher can have, by kind:
+    a damaged or edited cache shows here. Float16 rounding is allowed for: the top-k mass may
+    exceed 1 by k·2⁻¹¹ at most."""
+    lp = logprobs.astype(np.float64).reshape(-1, logprobs.shape[-1])
+    cls = classes.astype(np.int64).reshape(-1, classes.shape[-1])
+    if not len(lp):
+        return {}
+    k = lp.shape[1]
+    with np.errstate(invalid="ignore", over="ignore"):
+        checks = {
+            "log-prob that is NaN or +inf": np.isnan(lp).any(1) | np.isposinf(lp).any(1),
+            "log-prob above 0 (a probability above 1)": (lp > 2.0**-10).any(1),
+            "top-k probability mass above 1": np.exp(lp).sum(1) > 1.0 + k * 2.0**-11,
+            "log-probs not in descending order": (np.diff(lp, axis=1) > 0).any(1),
+            f"class id outside 0..{num_classes - 1}": ((cls < 0) | (cls >= num_classes)).any(1),
+            "a class id twice in one record": np.array([len(set(r)) < k for r in cls.tolist()]),
+        }
+    return {what: int(m.sum()) for what, m in checks.items() if m.any()}
 
 
 def reconstructed_entropy(logprobs: np.ndarray, num_classes: int) -> np.ndarray:
@@ -111,7 +133,7 @@ def summarize(cache, storage_options: dict | None = None, top: int = 10) -> dict
     n_samples = n_bad = n_records = total_bytes = total_raw = 0
     mass_sum = ent_sum = 0.0
     top1 = Counter()
-    complete_names, incomplete, missing = [], [], []
+    complete_names, incomplete, missing, edited_views, impossible = [], [], [], [], []
     for name in order:
         row = {"name": name, "status": "missing", "complete": False, "samples": None, "bad": None,
                "records": None, "bytes": 0, "raw_bytes": None, "source": None, "render": None}
@@ -130,6 +152,9 @@ def summarize(cache, storage_options: dict | None = None, top: int = 10) -> dict
             shards.append(row)
             continue
         data = reader.read_shard(name)  # validates arrays, shapes and dtypes
+        edited = reader.digest_problems(name, data)
+        if edited:
+            edited_views.append({"shard": name, "views": edited})
         bad = dict(attrs.get("bad") or {})
         valid = _valid_mask(data["keys"], data["size"], bad)
         lp = data["logprobs"][valid]  # (n, V, k)
@@ -144,6 +169,8 @@ def summarize(cache, storage_options: dict | None = None, top: int = 10) -> dict
         n_records += recs
         total_bytes += row["bytes"]
         total_raw += row["raw_bytes"]
+        for what, n in impossible_values(lp, cls, C).items():
+            impossible.append({"shard": name, "what": what, "records": n})
         if recs:
             mass_sum += float(topk_mass(lp).sum())
             ent_sum += float(reconstructed_entropy(lp, C).sum())
@@ -171,6 +198,8 @@ def summarize(cache, storage_options: dict | None = None, top: int = 10) -> dict
             {"class": int(c), "name": _class_name(names, int(c)), "count": int(n), "fraction": n / n_records}
             for c, n in most
         ],
+        "edited": edited_views,
+        "impossible": impossible,
     }
     return {
         "schema": JSON_SCHEMA,
@@ -308,10 +337,11 @@ def shard_urls(data) -> dict[str, str]:
     return {shard_name(u): u for u in expand_urls(data)}
 
 
-def load_images(url: str, want: set[str]) -> dict:
+def load_images(url: str, want: set[str], renderer=None) -> dict:
     """Stream one data shard once; decode only the samples whose key is in ``want``.
 
-    Returns key → PIL image, or key → the ``BadImageError`` message when it does not decode.
+    Returns key → decoded image (``renderer``'s, default a PIL image), or key → the
+    ``BadImageError`` message when it does not decode.
     """
     from .errors import BadImageError
     from .shards import decode_image, iter_samples
@@ -324,7 +354,7 @@ def load_images(url: str, want: set[str]) -> dict:
         for sample in stream:
             if sample.key in want:
                 try:
-                    out[sample.key] = decode_image(sample)
+                    out[sample.key] = decode_image(sample, renderer)
                 except BadImageError as e:
                     out[sample.key] = str(e)
                 if len(out) == len(want):
@@ -348,9 +378,11 @@ def render_record(
     from matplotlib.patches import Rectangle
     from PIL import Image
 
-    from .views import ShardViews, View, crop_batch, render_mismatch
+    from .views import ShardViews, View, crop_batch
+    from .render import image_hw, render_mismatch, renderer_for
 
     reader = _open(cache, storage_options)
+    renderer = renderer_for(reader.manifest.get("render"))  # the backend that made the cache
     info = record_info(reader, shard, key, view, storage_options)
     if info["bad"] is not None:
         raise KdcacheError(f"record {key!r} of shard {shard!r} is a bad image ({info['bad']}); there is no view to render")
@@ -359,7 +391,7 @@ def render_record(
         raise KdcacheError(f"the data pattern {data!r} has no shard named {shard!r} (found {count(len(urls), 'shard')})")
     v = info["views"][0]
     want = {key} | ({v["mix_key"]} if v["mixed"] else set())
-    images = load_images(urls[shard], want)
+    images = load_images(urls[shard], want, renderer)
     warnings = []
     for kk in sorted(want):
         if kk not in images:
@@ -371,9 +403,9 @@ def render_record(
 
     for kk, i in [(key, info["index"])] + ([(v["mix_key"], v["mix_with"])] if v["mixed"] else []):
         h, w = (int(t) for t in sd["size"][i])
-        im = images[kk]
-        if (im.height, im.width) != (h, w):
-            warnings.append(f"image {kk!r} is {size_text(im.width, im.height)} in the data but {size_text(w, h)} in the cache")
+        ih, iw = image_hw(images[kk])
+        if (ih, iw) != (h, w):
+            warnings.append(f"image {kk!r} is {size_text(iw, ih)} in the data but {size_text(w, h)} in the cache")
 
     mismatch = render_mismatch(reader.manifest.get("render"))
     if mismatch:
@@ -383,7 +415,7 @@ def render_record(
     partner = images[v["mix_key"]] if v["mixed"] else None
     pview = views.view(v["mix_with"], view) if v["mixed"] else None
     by_row = {info["index"]: images[key]} | ({v["mix_with"]: partner} if v["mixed"] else {})
-    pix = crop_batch([(by_row, views, info["index"], view)], res).pixels("cpu")[0]
+    pix = crop_batch([(by_row, views, info["index"], view)], res, renderer).pixels("cpu")[0]
     arr = (pix.permute(1, 2, 0).clamp(0, 1).mul(255).round().to(torch.uint8)).numpy()
     shown = Image.fromarray(arr).resize((DISPLAY_SIZE, DISPLAY_SIZE), Image.Resampling.NEAREST)
 
@@ -392,14 +424,14 @@ def render_record(
     axes = fig.subplots(1, 4, gridspec_kw={"width_ratios": [1, 1, 1, 1.3]})
 
     def draw_source(ax, im, vw: View, title):
-        ax.imshow(im)
+        ax.imshow(im if isinstance(im, Image.Image) else im.permute(1, 2, 0).cpu().numpy())
         ax.add_patch(Rectangle((vw.x - 0.5, vw.y - 0.5), vw.w, vw.h, fill=False, edgecolor="red", linewidth=2))
         ax.set_title(title, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
 
     draw_source(axes[0], images[key], own_view,
-                f"{key}  ({size_text(images[key].width, images[key].height)})\nbox x,y,w,h {own_view.box}" + (" flip" if own_view.flip else ""))
+                f"{key}  ({size_text(image_hw(images[key])[1], image_hw(images[key])[0])})\nbox x,y,w,h {own_view.box}" + (" flip" if own_view.flip else ""))
     if v["mixed"]:
         draw_source(axes[1], partner, pview,
                     f"partner {v['mix_key']} (#{v['mix_with']})\nbox x,y,w,h {pview.box}" + (" flip" if pview.flip else ""))
@@ -441,6 +473,8 @@ def _fmt_bytes(n: int | None) -> str:
 
 
 def format_summary(s: dict, max_shards: int = 50) -> str:
+    from .render import render_text
+
     t = s["teacher"] or {}
     aug = s["augmentation"] or {}
     rd = s["render"] or {}
@@ -453,7 +487,7 @@ def format_summary(s: dict, max_shards: int = 50) -> str:
         f"views V       {s['views']}    top-k {s['topk']}    seed {s['seed']}    teacher resolution {s['resolution']}",
         f"augmentation  {aug.get('name')} v{aug.get('version')}  scale {aug.get('scale')}  ratio "
         f"{[round(x, 4) for x in aug.get('ratio', [])]}  flip {aug.get('flip')}  mixup {aug.get('mixup')}",
-        f"render        {rd.get('pil')} {rd.get('pil_version')} ({rd.get('resample')})",
+        f"render        {render_text(rd)}",
         "",
         f"{'shard':24s} {'status':10s} {'samples':>8s} {'bad':>5s} {'bytes':>12s}",
     ]
@@ -482,6 +516,12 @@ def format_summary(s: dict, max_shards: int = 50) -> str:
             for e in tot["top1"]
         )
         lines.append(f"  most frequent teacher top-1: {tops}")
+    for e in tot.get("edited", []):
+        lines.append(f"WARNING: shard {e['shard']} views {e['views']} no longer match the digest precompute recorded "
+                     "(edited or damaged after precompute); train and verify refuse them")
+    for e in tot.get("impossible", []):
+        lines.append(f"WARNING: shard {e['shard']}: {count(e['records'], 'record')} with {e['what']}: values no "
+                     "teacher can produce (a damaged or edited cache)")
     if s["bad"]:
         lines.append(f"bad records ({len(s['bad'])}):")
         for b in s["bad"][:20]:

@@ -11,6 +11,13 @@ Read top to bottom:
 4. The main process runs the teacher on each batch (``teacher.batch_topk``: mixed on the device,
    bf16 autocast on CUDA, log-softmax, top-k) and files the results into the shard's arrays.
 5. When every record of a shard is in, the shard group is written and only then marked complete.
+
+The render backend (``--render``: ``render.make_renderer``) decides where pixels are made. PIL, and
+the torch backend on the CPU, decode and render in the workers as above. The torch backend on CUDA
+decodes on the GPU: the workers only read the tar and the image headers and ship the shard's
+encoded images in its ``ShardStart``; the main process decodes them (nvJPEG), drops the records
+that do not decode (``views.drop_records``, with ``--skip-bad``), and renders the same teacher
+batches on the device (``device_batches``).
 """
 
 from __future__ import annotations
@@ -24,11 +31,15 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from .config import PrecomputeConfig
 from .errors import KdcacheError
-from .runtime import barrier, guarded, init_distributed, raise_if_error, resolve_device, worker_items, worker_share
+from .runtime import (
+    barrier, guarded, init_distributed, raise_if_error, resolve_device, set_threads, worker_init, worker_items,
+    worker_share,
+)
 from .shards import decode_shard, expand_urls, load_class_names, shard_name
 from .store import CLAIM_REFRESH_S, CacheWriter, make_manifest
 from .teacher import batch_topk, compute_record, load_teacher
-from .views import CropBatch, ShardViews, crop_batch, render_backend, sample_shard_views
+from .views import CropBatch, ShardViews, crop_batch, drop_records, sample_shard_views
+from .render import make_renderer
 
 
 def my_shards(urls: list[str], index: int, groups: int, rank: int, world: int) -> list[str]:
@@ -53,6 +64,7 @@ class ShardStart:
     views: ShardViews
     bad: dict[str, str]
     valid: np.ndarray  # (N,) bool
+    images: list | None = None  # views.Encoded images, when the renderer decodes on the device
 
 
 @dataclass
@@ -79,17 +91,47 @@ def teacher_batches(valid: np.ndarray, views: int, batch_size: int) -> list[np.n
     return [pairs[i : i + batch_size] for i in range(0, len(pairs), batch_size)]
 
 
-def render_batch(name: str, images: list, sv: ShardViews, pairs: np.ndarray, res: int) -> RecordBatch:
-    """The crops of the given (record, view) pairs of one shard: one teacher batch."""
-    crops = crop_batch([(images, sv, i, v) for i, v in pairs.tolist()], res)
+def render_batch(name: str, images: list, sv: ShardViews, pairs: np.ndarray, res: int, renderer=None) -> RecordBatch:
+    """The crops of the given (record, view) pairs of one shard: one teacher batch (``renderer``:
+    the render backend, default PIL; ``images`` are its decoded images)."""
+    crops = crop_batch([(images, sv, i, v) for i, v in pairs.tolist()], res, renderer)
     return RecordBatch(name, pairs[:, 0].copy(), pairs[:, 1].copy(), crops)
+
+
+def device_batches(start: ShardStart, renderer, cfg: PrecomputeConfig):
+    """A shard a worker shipped undecoded (``start.images``): decode it on the renderer's device, once,
+    and yield what a worker would have: its ``ShardStart`` (records that failed to decode now
+    recorded as bad, with ``--skip-bad``) and its teacher batches."""
+    from .errors import BadImageError
+
+    errors: list = []
+    valid = start.valid.copy()
+    rows = np.flatnonzero(valid)
+    decoded = renderer.decode_many([start.images[i] for i in rows], errors) if len(rows) else []
+    if errors and not cfg.skip_bad:
+        n, cause = errors[0]
+        raise BadImageError(start.url, start.keys[int(rows[n])], cause)
+    images: list = [None] * len(start.keys)
+    for i, im in zip(rows, decoded):
+        images[i] = im
+    size, bad, views = start.size.copy(), dict(start.bad), start.views
+    if errors:
+        lost = [int(rows[n]) for n, _ in errors]
+        for (_, cause), i in zip(errors, lost):
+            bad[start.keys[i]] = cause
+        valid[lost], size[lost] = False, -1
+        views = ShardViews(views.box.copy(), views.flip.copy(), views.mix_with.copy(), views.mix_lam.copy())
+        drop_records(views, lost)
+    yield ShardStart(start.url, start.name, start.keys, size, views, bad, valid)
+    for pairs in teacher_batches(valid, cfg.views, cfg.batch_size):
+        yield render_batch(start.name, images, views, pairs, cfg.res, renderer)
 
 
 class ShardRenderStream(IterableDataset):
     """Each worker owns whole shards; yields a ``ShardStart`` then ``RecordBatch``es per shard."""
 
-    def __init__(self, urls: list[str], cfg: PrecomputeConfig):
-        self.urls, self.cfg = urls, cfg
+    def __init__(self, urls: list[str], cfg: PrecomputeConfig, renderer=None):
+        self.urls, self.cfg, self.renderer = urls, cfg, renderer or make_renderer(cfg.render)
 
     def __iter__(self):
         return guarded(self._shards(worker_share(self.urls)))
@@ -98,12 +140,15 @@ class ShardRenderStream(IterableDataset):
         cfg = self.cfg
         for url in urls:
             name = shard_name(url)
-            d = decode_shard(url, cfg.skip_bad)
+            d = decode_shard(url, cfg.skip_bad, self.renderer)
             valid = np.array([im is not None for im in d.images], dtype=bool)
             sv = sample_shard_views(cfg.seed, name, d.keys, d.sizes, cfg.views, cfg.aug, valid=valid)
+            if self.renderer.deferred:  # the main process decodes and renders on the device
+                yield ShardStart(url, name, d.keys, d.sizes, sv, d.bad, valid, images=d.images)
+                continue
             yield ShardStart(url, name, d.keys, d.sizes, sv, d.bad, valid)
             for pairs in teacher_batches(valid, cfg.views, cfg.batch_size):
-                yield render_batch(name, d.images, sv, pairs, cfg.res)
+                yield render_batch(name, d.images, sv, pairs, cfg.res, self.renderer)
 
 
 # ---- the main side: teacher → top-k → shard groups --------------------------------------------
@@ -129,6 +174,7 @@ def precompute(cfg: PrecomputeConfig) -> dict:
     urls = expand_urls(cfg.data)
     rank, world, _ = init_distributed(cfg.device)
     device = resolve_device(cfg.device)
+    threads = set_threads(cfg.threads, cfg.workers)
 
     teacher, info = load_teacher(cfg.teacher, device, num_classes=cfg.num_classes, weights=cfg.teacher_weights,
                                  pretrained=cfg.pretrained, mean=cfg.mean, std=cfg.std, resolution=cfg.res,
@@ -136,9 +182,10 @@ def precompute(cfg: PrecomputeConfig) -> dict:
     if cfg.topk > info.num_classes:
         raise KdcacheError(f"--topk {cfg.topk} exceeds the teacher's {info.num_classes} classes")
     names = load_class_names(urls)
+    renderer = make_renderer(cfg.render, device)
     manifest = make_manifest(
         teacher=info.describe(), augmentation=cfg.aug.to_dict(), seed=cfg.seed, views=cfg.views, topk=cfg.topk,
-        resolution=cfg.res, render=render_backend(), shards=[shard_name(u) for u in urls], sources=urls,
+        resolution=cfg.res, render=renderer.describe(), shards=[shard_name(u) for u in urls], sources=urls,
         class_names=names if names is not None and len(names) == info.num_classes else None,
         compute=compute_record(cfg.batch_size, device),
     )
@@ -165,32 +212,35 @@ def precompute(cfg: PrecomputeConfig) -> dict:
             "cache": cfg.out, "shards_total": len(urls), "shards_mine": len(mine),
             "shards_skipped": len(mine) - len(todo) - len(elsewhere), "shards_written": 0,
             "shards_held_elsewhere": sorted(elsewhere), "images": 0, "records": 0, "bad": 0, "seconds": 0.0,
-            "images_per_s": 0.0,
+            "images_per_s": 0.0, "threads": threads, "workers": cfg.workers,
         }
         if todo:
-            _run(cfg, teacher, writer, todo, claims, summary, rank)
+            _run(cfg, teacher, writer, todo, claims, summary, rank, renderer)
     finally:
         writer.release_claims()  # the groups not written (an error, a kill is handled by the next run)
+        writer.clear_stale_claims()  # and a claim a killed run left on a group it had completed
     barrier(world)
     return summary
 
 
 def _run(cfg: PrecomputeConfig, teacher, writer: CacheWriter, todo: list[str], claims: dict, summary: dict,
-         rank: int) -> None:
+         rank: int, renderer) -> None:
     """Render, run the teacher and write every shard of ``todo`` (claimed by this process)."""
     device = teacher.device
+    render = renderer.describe()
 
     workers = max(0, min(cfg.workers, len(todo)))
     loader = DataLoader(
-        ShardRenderStream(todo, cfg), batch_size=None, num_workers=workers, collate_fn=_identity,
+        ShardRenderStream(todo, cfg, renderer), batch_size=None, num_workers=workers, collate_fn=_identity,
         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
         persistent_workers=False, timeout=cfg.worker_timeout if workers else 0,
+        worker_init_fn=worker_init if workers else None,
     )
     bar = _Progress(todo, cfg.views) if cfg.progress and rank == 0 else None
     pending: dict[str, _Pending] = {}
     t0 = last_refresh = time.perf_counter()
     with torch.inference_mode():
-        for item in worker_items(loader, cfg.worker_timeout, cfg.out):
+        for item in _on_device(worker_items(loader, cfg.worker_timeout, cfg.out), renderer, cfg):
             if time.perf_counter() - last_refresh > CLAIM_REFRESH_S / 2:
                 writer.refresh_claims()  # still alive: other writers leave these groups alone
                 last_refresh = time.perf_counter()
@@ -208,7 +258,7 @@ def _run(cfg: PrecomputeConfig, teacher, writer: CacheWriter, todo: list[str], c
                 if bar is not None:
                     bar.views_done(len(item.index), summary["shards_written"])
             if p.remaining == 0:
-                _write(writer, p, claims[p.start.name])
+                _write(writer, p, claims[p.start.name], render)
                 del pending[p.start.name]
                 summary["shards_written"] += 1
                 summary["images"] += int(p.start.valid.sum())
@@ -224,12 +274,21 @@ def _run(cfg: PrecomputeConfig, teacher, writer: CacheWriter, todo: list[str], c
     summary["images_per_s"] = summary["images"] / max(summary["seconds"], 1e-9)
 
 
-def _write(writer: CacheWriter, p: _Pending, claim) -> None:
+def _on_device(items, renderer, cfg: PrecomputeConfig):
+    """The workers' items, a shard shipped undecoded expanded into its teacher batches here."""
+    for item in items:  # (a worker's error passes through: the loop raises it)
+        if isinstance(item, ShardStart) and item.images is not None:
+            yield from device_batches(item, renderer, cfg)
+        else:
+            yield item
+
+
+def _write(writer: CacheWriter, p: _Pending, claim, render: dict) -> None:
     s = p.start
     writer.write_shard(
         s.name, source=s.url, keys=s.keys, size=s.size, logprobs=p.logprobs, classes=p.classes,
         box=s.views.box, flip=s.views.flip, mix_with=s.views.mix_with, mix_lam=s.views.mix_lam,
-        bad=s.bad, render=render_backend(), claim=claim,
+        bad=s.bad, render=render, claim=claim,
     )
 
 

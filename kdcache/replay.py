@@ -38,7 +38,12 @@ cache the views are drawn by ``views.sample_shard_views`` from ``view_seed`` —
 precompute uses — for view index ``e mod V`` (``views`` given) or ``e`` (fresh views every
 epoch); with the cache's seed, augmentation and V they are the cache's views exactly.
 
-``ValStream`` is the validation stream: the centre view of each labelled image.
+Render backend: with a cache, the cache's (``render.renderer_for`` of its manifest's ``render``),
+so the student sees pixels made the way the teacher's were; without one, PIL. The torch backend on
+CUDA decodes on the GPU: workers then ship ``views.DeferredCrops`` (the encoded images and views),
+which decode and crop on the device when the batch's pixels are asked for.
+
+``ValStream`` is the validation stream: the centre view of each labelled image (always PIL).
 """
 
 from __future__ import annotations
@@ -52,9 +57,10 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .errors import BadImageError, KdcacheError, size_text
-from .runtime import guarded, raise_if_error, worker_items, worker_share
+from .runtime import guarded, raise_if_error, worker_init, worker_items, worker_share
 from .shards import decode_image, decode_shard, is_remote, iter_samples, scan_keys, scan_labels, shard_name
 from .store import CacheReader
+from .render import backend_conflict, renderer_for
 from .views import AugSpec, CropBatch, ShardViews, center_view, crop_batch, crop_tensor, sample_shard_views, stable_seed
 
 # ---- shard table (main process) ------------------------------------------------------------
@@ -124,6 +130,10 @@ def _check_one(url: str, reader: CacheReader | None, need_labels: bool, scan_loc
                 "data, or precompute has not covered this shard yet"
             )
         n = reader.check_shard(name)  # complete, shapes
+        conflict = backend_conflict(reader.manifest.get("render"), reader.shard_attrs(name).get("render"), name,
+                                    reader.path)
+        if conflict:
+            raise KdcacheError(conflict)
         bad = dict(reader.shard_attrs(name).get("bad", {}) or {})
         count = n - len(bad)
         if scan is not None:
@@ -194,7 +204,7 @@ def prepare_shards(
 class Batch:
     """Rendered records (a worker chunk or a training batch). Pixels stay uint8 until the device."""
 
-    crops: CropBatch  # at the student's resolution
+    crops: CropBatch  # at the student's resolution (a views.DeferredCrops when decoded on the device)
     label: torch.Tensor  # (b,) int64 own class id, -1 where the shard has no cls
     label_other: torch.Tensor  # (b,) int64 partner class id (= label where unmixed)
     index: torch.Tensor  # (b,) int64 record index in its shard
@@ -235,7 +245,7 @@ class Batch:
         return None if self.teacher_crops is None else self.teacher_crops.pixels(device)
 
     def mixed(self) -> bool:
-        return self.crops.other is not None and bool((self.crops.lam < 1).any())
+        return bool((self.crops.lam < 1).any())  # λ is 1.0 wherever a record is unmixed
 
     def targets(self, num_classes: int, device) -> torch.Tensor:
         """Hard labels (b,) when nothing is mixed, else soft labels λ·onehot(own) + (1−λ)·onehot(partner)."""
@@ -270,10 +280,11 @@ class Batch:
             return None if ts[0] is None else torch.cat(ts)
 
         return Batch(
-            crops=CropBatch.cat([p.crops for p in parts]), label=c("label"), label_other=c("label_other"),
+            crops=parts[0].crops.cat([p.crops for p in parts]), label=c("label"), label_other=c("label_other"),
             index=c("index"), keys=[k for p in parts for k in p.keys], shards=[s for p in parts for s in p.shards],
             view=parts[0].view, logprobs=c("logprobs"), classes=c("classes"),
-            teacher_crops=None if parts[0].teacher_crops is None else CropBatch.cat([p.teacher_crops for p in parts]),
+            teacher_crops=None if parts[0].teacher_crops is None else parts[0].teacher_crops.cat(
+                [p.teacher_crops for p in parts]),
         )
 
 
@@ -327,6 +338,12 @@ class EpochPlan:
         return skips
 
 
+def fresh_seed(view_seed: int) -> int:
+    """The seed of the student's fresh crops: never the cache's own view stream, even when the
+    user's view seed equals the cache's seed."""
+    return stable_seed("fresh student views", view_seed)
+
+
 def _deal(order, counts, bins: int) -> list[list[int]]:
     """Deal items (in ``order``) to ``bins``, each to the bin holding fewest records so far."""
     out = [[] for _ in range(bins)]
@@ -357,6 +374,12 @@ class StreamConfig:
     num_classes: int | None = None  # checks cls < C
     skip_bad: bool = False  # without a cache: leave out the records ShardInfo.bad lists (found before training)
     worker_timeout: float = 600.0  # seconds to wait for a chunk from the workers (runtime.worker_items)
+    check_digests: bool = True  # refuse cache views edited after precompute (store.view_digest)
+    # With a cache: "cache" replays the view the teacher saw (consistent teaching); "fresh" draws the
+    # student a new crop each epoch (seeded by view_seed, key and epoch; aug's ranges), the targets
+    # still the cache's view e mod V (independent views; the fixed-teacher baseline with a
+    # centre-crop cache).
+    student_view: str = "cache"
     shuffle_buffer: int = 1024
     rank: int = 0
     world: int = 1
@@ -404,8 +427,11 @@ class ReplayStream(IterableDataset):
         self.epoch, self._skips = 0, None
         self._reader = None
         self._cache_views = None
+        self.renderer = renderer_for(None)
         if cfg.cache is not None:
-            self._cache_views = CacheReader(cfg.cache, cfg.storage_options).views
+            reader = CacheReader(cfg.cache, cfg.storage_options)
+            self._cache_views = reader.views
+            self.renderer = renderer_for(reader.manifest.get("render"))  # the backend that made the cache
 
     # -- plan --
 
@@ -457,13 +483,13 @@ class ReplayStream(IterableDataset):
 
     def _open_reader(self):
         if self._reader is None and self.cfg.cache is not None:
-            self._reader = CacheReader(self.cfg.cache, self.cfg.storage_options)
+            self._reader = CacheReader(self.cfg.cache, self.cfg.storage_options, check_digests=self.cfg.check_digests)
         return self._reader
 
-    def _load(self, info: ShardInfo, view: int) -> _Shard:
+    def _load(self, info: ShardInfo, view: int, epoch: int = 0) -> _Shard:
         cfg = self.cfg
         reader = self._open_reader()
-        d = decode_shard(info.url, skip_bad=reader is not None or cfg.skip_bad)
+        d = decode_shard(info.url, skip_bad=reader is not None or cfg.skip_bad, renderer=self.renderer)
         keys, sizes, images, bad_decode, labels = d.keys, d.sizes, d.images, d.bad, d.labels
         n = len(keys)
         if reader is not None:
@@ -480,15 +506,19 @@ class ReplayStream(IterableDataset):
                         "holds teacher outputs for it: the data changed since precompute"
                     )
                 h, w = int(rec.size[i, 0]), int(rec.size[i, 1])
-                if (images[i].height, images[i].width) != (h, w):
+                if (int(sizes[i, 0]), int(sizes[i, 1])) != (h, w):
                     raise KdcacheError(
-                        f"image {keys[i]!r} in shard {info.url} is {size_text(images[i].width, images[i].height)} but "
+                        f"image {keys[i]!r} in shard {info.url} is {size_text(int(sizes[i, 1]), int(sizes[i, 0]))} but "
                         f"cache {reader.path} recorded {size_text(w, h)}: cache and data come from different datasets "
                         "(or the images changed since precompute)"
                     )
                 if cfg.with_targets and int(rec.classes[i, 0]) < 0:
                     raise KdcacheError(f"cache group {info.name!r} has no teacher output for {keys[i]!r}; the store is damaged")
-            views = ShardViews.single(rec.box, rec.flip, rec.mix_with, rec.mix_lam)
+            if cfg.student_view == "fresh":  # the student's own crop; the targets stay the cache's view
+                views = sample_shard_views(fresh_seed(cfg.view_seed), info.name, keys, sizes, [epoch], cfg.aug,
+                                           valid=valid)
+            else:
+                views = ShardViews.single(rec.box, rec.flip, rec.mix_with, rec.mix_lam)
             logprobs = rec.logprobs if cfg.with_targets else None
             classes = rec.classes.astype(np.int64) if cfg.with_targets else None
         else:
@@ -527,7 +557,7 @@ class ReplayStream(IterableDataset):
         size = max(0, int(cfg.shuffle_buffer))
         buf: list = []
         for si in plan.worker_shards[wid]:
-            shard = self._load(self.shards[si], plan.view)
+            shard = self._load(self.shards[si], plan.view, plan.epoch)
             for i in rng.permutation(shard.usable):
                 if len(buf) < size:
                     buf.append((shard, int(i)))
@@ -545,7 +575,7 @@ class ReplayStream(IterableDataset):
     def _stream(self, plan: EpochPlan, wid: int, skip_chunks: int):
         B = self.cfg.batch_size
         skip_records = min(skip_chunks * B, plan.worker_counts[wid])
-        builder = _ChunkBuilder(self.cfg, plan.view)
+        builder = _ChunkBuilder(self.cfg, plan.view, self.renderer)
         pos = 0
         for shard, i in self._refs(plan, wid):
             if pos < skip_records:
@@ -563,8 +593,8 @@ class ReplayStream(IterableDataset):
 class _ChunkBuilder:
     """Renders references into a chunk of up to ``batch_size`` records."""
 
-    def __init__(self, cfg: StreamConfig, view: int):
-        self.cfg, self.viewi = cfg, view
+    def __init__(self, cfg: StreamConfig, view: int, renderer=None):
+        self.cfg, self.viewi, self.renderer = cfg, view, renderer
         self._new()
 
     def _new(self):
@@ -586,8 +616,8 @@ class _ChunkBuilder:
             return torch.from_numpy(np.stack([np.asarray(getattr(s, f)[i]) for s, i in items]))
 
         out = Batch(
-            crops=crop_batch(records, cfg.res),
-            teacher_crops=crop_batch(records, cfg.teacher_res) if cfg.teacher_res else None,
+            crops=crop_batch(records, cfg.res, self.renderer),
+            teacher_crops=crop_batch(records, cfg.teacher_res, self.renderer) if cfg.teacher_res else None,
             label=torch.tensor([int(s.labels[i]) for s, i in items], dtype=torch.int64),
             label_other=torch.tensor([int(s.labels[s.views.mix_with[i, 0]]) if s.views.mix_with[i, 0] >= 0
                                       else int(s.labels[i]) for s, i in items], dtype=torch.int64),
@@ -604,10 +634,6 @@ def _identity(x):
     return x
 
 
-def _worker_init(_):
-    torch.set_num_threads(1)
-
-
 def epoch_batches(stream: ReplayStream, epoch: int, skip_batches: int = 0, pin_memory: bool = False,
                   prefetch_factor: int = 2):
     """The training batches of ``epoch`` for this rank, from batch ``skip_batches`` on.
@@ -620,7 +646,7 @@ def epoch_batches(stream: ReplayStream, epoch: int, skip_batches: int = 0, pin_m
     loader = DataLoader(
         stream, batch_size=None, num_workers=W, collate_fn=_identity, pin_memory=pin_memory,
         prefetch_factor=prefetch_factor if W else None, persistent_workers=False,
-        worker_init_fn=_worker_init if W else None,
+        worker_init_fn=worker_init if W else None,
         generator=torch.Generator().manual_seed(stable_seed("loader", stream.cfg.seed, epoch) % (1 << 62)),
         timeout=stream.cfg.worker_timeout if W else 0,
     )

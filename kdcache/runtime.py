@@ -5,6 +5,7 @@ carrying a user-facing error out of a worker.
 - ``init_distributed``   (rank, world, local rank): joins the torchrun process group once (NCCL for
                          CUDA processes, gloo otherwise); (0, 1, 0) without torchrun
 - ``default_workers``    a DataLoader worker count that fits the machine's cores
+- ``set_threads``        torch's threads for the main process, by default the cores the workers leave
 - ``worker_share``       the part of a list this DataLoader worker owns
 - ``WorkerError``, ``guarded``, ``raise_if_error``   a ``KdcacheError`` raised in a worker travels
                          to the main process as a message and is raised there again
@@ -64,8 +65,29 @@ def barrier(world: int) -> None:
 
 def default_workers() -> int:
     """DataLoader workers by default: one core stays with the main process, at most 4."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(4, cores - 1))
+    return max(0, min(4, available_cores() - 1))
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def default_threads(workers: int) -> int:
+    """torch threads for the main process: the cores this process may use (its share under
+    torchrun) less one per data worker, at least one."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, available_cores() // max(1, local_world) - workers)
+
+
+def set_threads(threads: int | None, workers: int) -> int:
+    """Set torch's intra-op threads (``threads``, or ``default_threads``); returns the count."""
+    import torch
+
+    n = default_threads(workers) if threads is None else int(threads)
+    if n < 1:
+        raise KdcacheError(f"--threads must be at least 1, got {n}")
+    torch.set_num_threads(n)
+    return n
 
 
 def worker_share(items: list) -> list:
@@ -128,6 +150,39 @@ def space_problems(path: str | None = None) -> list[str]:
     return found
 
 
+SHIP_FAILED_EXIT = 75  # a data worker's exit code when it could not ship a batch to the main process
+
+
+def _ship_failed(e, obj) -> None:
+    """In a data worker: a batch could not be sent to the main process (its shared memory could
+    not be made: /dev/shm full, a file-size limit). The queue would print a traceback and drop the
+    batch, leaving the main process to wait; instead the worker removes the shared-memory files it
+    made and ends at once, so the main process learns of it and names the cause."""
+    import glob
+    import sys
+
+    sys.stderr.write(f"kdcache: a data worker could not ship a batch ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0][:200] if str(e) else ''}); it stops\n")
+    sys.stderr.flush()
+    for f in glob.glob(f"/dev/shm/torch_{os.getpid()}_*"):
+        try:
+            os.remove(f)
+        except OSError:
+            pass
+    os._exit(SHIP_FAILED_EXIT)
+
+
+def worker_init(_worker_id: int) -> None:
+    """``worker_init_fn`` of every kdcache DataLoader: one torch thread per worker, and a batch that
+    cannot be shipped ends the worker quietly (``_ship_failed``) instead of vanishing."""
+    import multiprocessing.queues
+
+    import torch
+
+    torch.set_num_threads(1)
+    multiprocessing.queues.Queue._on_queue_feeder_error = staticmethod(_ship_failed)
+
+
 def worker_items(loader, timeout: float, out: str | None = None):
     """Iterate a DataLoader, turning a lost worker into a ``KdcacheError`` that names the likely
     cause. A worker that cannot ship a batch (shared memory or file-size limit exhausted) can drop it
@@ -139,8 +194,10 @@ def worker_items(loader, timeout: float, out: str | None = None):
         if "timed out" not in msg and "DataLoader worker" not in msg:
             raise
         causes = space_problems(out)
-        what = (f"no batch arrived from the data workers for {timeout:.0f} s" if "timed out" in msg
-                else f"a data worker died ({msg.splitlines()[0]})")
+        if "timed out" in msg:
+            what = f"no batch arrived from the data workers for {timeout:.0f} s"
+        else:  # a worker that cannot ship a batch ends with SHIP_FAILED_EXIT, saying so on stderr
+            what = f"a data worker died ({msg.splitlines()[0]})"
         raise KdcacheError(
             f"{what}. " + (f"Likely cause: {'; '.join(causes)}. " if causes else
                            "A worker that cannot ship a batch (shared memory or disk full) stalls the job. ")

@@ -24,6 +24,7 @@ not written to any more.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -126,6 +127,11 @@ def manifest_differences(old: dict, new: dict) -> list[str]:
                            f"(only in cache: {gone[:3]}, only in this run: {new_[:3]})")
             else:
                 out.append(f"{name}: cache has {a!r}, this run has {b!r}")
+    # The render backend (not its version or device type: those may differ per group, as PIL's
+    # flavour may) is matched: a cache is replayed with the one backend that made it.
+    a, b = (str((m.get("render") or {}).get("backend", "pil")) for m in (old, new))
+    if a != b:
+        out.append(f"render.backend: cache has {a!r}, this run has {b!r} (--render)")
     return out
 
 
@@ -221,6 +227,32 @@ def decode_keys(rows: np.ndarray) -> np.ndarray:
         return np.array([b.decode("utf-8") for b in raw], dtype=str)
     except UnicodeDecodeError as e:
         raise KdcacheError(f"a stored key is not valid UTF-8 ({e}); the store is damaged") from None
+
+
+DIGEST_ATTR = "view_digests"  # group attribute: one sha256 per view of the records' targets and geometry
+
+
+def view_digest(keys, size, logprobs, classes, box, flip, mix_with, mix_lam) -> str:
+    """sha256 of one view of a shard group: the keys and image sizes of every record, and that
+    view's top-k log-probs and classes, box, flip and mixup partner and weight, each in a fixed
+    dtype. Precompute records it; every read checks it, so a value edited after precompute (by
+    hand, a tool, a bit flip) is found by the first reader of that view."""
+    h = hashlib.sha256()
+    h.update("\n".join(str(k) for k in keys).encode("utf-8"))
+    for arr, dtype in ((size, "<i4"), (logprobs, "<f2"), (classes, "<i8"), (box, "<i8"), (flip, "u1"),
+                       (mix_with, "<i4"), (mix_lam, "<f2")):
+        a = np.ascontiguousarray(np.asarray(arr).astype(dtype, copy=False))
+        h.update(f"|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def targets_digest(groups: dict[str, list[str]]) -> str:
+    """One sha256 for a whole cache's targets: over its groups' view digests, in group order."""
+    h = hashlib.sha256()
+    for name in sorted(groups):
+        h.update(f"{name}:{','.join(groups[name])};".encode())
+    return h.hexdigest()
 
 
 def _keys(keys_array) -> np.ndarray:
@@ -426,11 +458,15 @@ class CacheReader:
 
     A complete shard group is validated once, when first read: its arrays, their shapes, and that
     every array's data files are really there (one listing of the group). Any array read that
-    fails to decode raises a KdcacheError naming the cache, the group and the array.
+    fails to decode raises a KdcacheError naming the cache, the group and the array. Every view read
+    is checked against the digest precompute recorded (``view_digest``), so an edited value is an
+    error naming the group and view (``check_digests=False`` reads it anyway; ``digest_problems``
+    lists mismatches without raising).
     """
 
-    def __init__(self, path: str, storage_options: dict | None = None):
+    def __init__(self, path: str, storage_options: dict | None = None, check_digests: bool = True):
         self.path = str(path)
+        self.check_digests = check_digests  # False: read views whose content no longer matches its digest
         self.root, self.manifest = open_manifest(self.path, storage_options)
         self.format_version = int(self.manifest["format_version"])
         self._fs = _fsspec(self.path, storage_options)
@@ -610,7 +646,7 @@ class CacheReader:
         def one(a):
             return self._read(name, a, lambda: np.asarray(arr[a][:, view]))
 
-        return ViewRecords(
+        rec = ViewRecords(
             shard=name,
             view=view,
             keys=self._read(name, "keys", lambda: _keys(arr["keys"])),
@@ -623,9 +659,57 @@ class CacheReader:
             mix_lam=one("mix_lam"),
             bad=frozenset(attrs.get("bad", {})),
         )
+        if self.check_digests:
+            self._check_digest(name, view, attrs, rec.keys, rec.size, rec.logprobs, rec.classes, rec.box, rec.flip,
+                               rec.mix_with, rec.mix_lam)
+        good = np.array([k not in rec.bad for k in rec.keys], dtype=bool)
+        if good.any():
+            ids = rec.classes[good]
+            if ids.min() < 0 or ids.max() >= self.num_classes:
+                raise KdcacheError(
+                    f"cache group {name!r} of {self.path}: array 'classes' holds class id {int(ids.max()) if ids.max() >= self.num_classes else int(ids.min())} "
+                    f"in view {view}, outside the manifest's {self.num_classes} classes: the cache is damaged or its "
+                    "manifest was edited; re-run precompute")
+        return rec
+
+    def view_digests(self, name: str) -> list[str] | None:
+        """The digests precompute recorded for a group's views (None for caches made before them)."""
+        d = self._open_shard(name)[2].get(DIGEST_ATTR)
+        return list(d) if d is not None else None
+
+    def digest_problems(self, name: str, data: dict | None = None) -> list[int]:
+        """The views of a group whose content no longer matches its recorded digest (all read)."""
+        want = self.view_digests(name)
+        if want is None:
+            return []
+        d = data if data is not None else CacheReader._read_all(self, name)
+        return [v for v in range(self.views) if view_digest(
+            d["keys"], d["size"], d["logprobs"][:, v], d["classes"][:, v], d["box"][:, v], d["flip"][:, v],
+            d["mix_with"][:, v], d["mix_lam"][:, v]) != want[v]]
+
+    def _check_digest(self, name: str, view: int, attrs: dict, *arrays) -> None:
+        want = attrs.get(DIGEST_ATTR)
+        if want is None or view_digest(*arrays) == want[view]:
+            return
+        raise KdcacheError(
+            f"cache group {name!r} of {self.path}: view {view} does not match the digest precompute recorded for it: "
+            "its targets or geometry were changed after precompute (edited by hand or by a tool, or damaged). "
+            "Re-run precompute on that shard (delete the group first), or pass --allow-edited-cache to use the "
+            "changed values knowingly")
 
     def read_shard(self, name: str) -> dict[str, np.ndarray]:
-        """Every array of one shard group, all views."""
+        """Every array of one shard group, all views (each view checked against its digest)."""
+        out = self._read_all(name)
+        if self.check_digests:
+            bad = self.digest_problems(name, out)
+            if bad:
+                self._check_digest(name, bad[0], self._open_shard(name)[2], out["keys"], out["size"],
+                                   out["logprobs"][:, bad[0]], out["classes"][:, bad[0]], out["box"][:, bad[0]],
+                                   out["flip"][:, bad[0]], out["mix_with"][:, bad[0]], out["mix_lam"][:, bad[0]])
+        return out
+
+    def _read_all(self, name: str) -> dict[str, np.ndarray]:
+        """Every array of one shard group, all views, as stored."""
         _, arr, _ = self._open_shard(name)
         out = {a: self._read(name, a, lambda a=a: np.asarray(arr[a][:])) for a in ARRAYS if a != "keys"}
         out["keys"] = self._read(name, "keys", lambda: _keys(arr["keys"]))
@@ -937,6 +1021,15 @@ class CacheWriter:
         got = _read_claim(os.path.join(self._dir, CLAIMS_DIR, name))
         return got[0] if got else None
 
+    def clear_stale_claims(self) -> list[str]:
+        """Remove claims that outlived their holder on groups that are complete (a writer killed
+        between completing a group and releasing its claim). Returns those groups."""
+        if not self.local:
+            return []
+        from .claims import clear_stale
+
+        return clear_stale(os.path.join(self._dir, CLAIMS_DIR), lambda name: self._group_state(name)[0])
+
     def refresh_claims(self) -> None:
         """Refresh every claim this writer holds (call at least every CLAIM_REFRESH_S seconds)."""
         for name, c in list(self._claims.items()):
@@ -1039,7 +1132,10 @@ class CacheWriter:
                     "writing into this cache without claims? Re-run to redo the group"
                 )
             claim.check()
-            g.attrs.update({"bad": dict(bad or {}), "render": render or self.manifest.get("render"), "complete": True})
+            digests = [view_digest(keys, size, logprobs[:, v].astype(np.float16), classes[:, v], box[:, v],
+                                   flip[:, v], mix_with[:, v], mix_lam[:, v].astype(np.float16)) for v in range(V)]
+            g.attrs.update({"bad": dict(bad or {}), "render": render or self.manifest.get("render"),
+                            DIGEST_ATTR: digests, "complete": True})
         finally:
             claim.release()
             self._claims.pop(name, None)

@@ -42,28 +42,39 @@ from .errors import KdcacheError, count
 from .models import ModelInfo, create_model
 from .replay import ReplayStream, StreamConfig, ValStream, _identity, epoch_batches, prepare_shards
 from .run_state import MetricsLog, Meter, RunState, atomic_json, atomic_save, restore
-from .runtime import barrier, init_distributed, raise_if_error, resolve_device, worker_items
+from .runtime import barrier, init_distributed, raise_if_error, resolve_device, set_threads, worker_init, worker_items
 from .shards import expand_urls, load_class_names
 from .store import CacheReader
 from .tasks import CachedKDTask, LabelsTask, LiveKDTask, StudentInput
+from .exits import MultiExit, is_multi_exit
+from .selfdistill import SelfDistillTask
 from .teacher import load_teacher
-from .views import render_mismatch
+from .render import render_mismatch
 
 CHECKPOINT = "checkpoint.pt"
 DEFAULT_RES = 224  # the student's resolution without --res and without a cache
 BAD_KEYS_SHOWN = 20  # bad records named on stderr and in summary.json (all are counted)
 # Settings a resumed run may change. They are recorded in config.json ("resumes": step, old and new
 # value); every other setting must stay as the run started, or the resume is refused.
-RESUME_MAY_CHANGE = ("epochs", "workers", "worker_timeout", "log_every", "eval_every", "checkpoint_every", "val_data", "val_batch_size",
+RESUME_MAY_CHANGE = ("epochs", "workers", "worker_timeout", "threads", "log_every", "eval_every", "checkpoint_every", "val_data", "val_batch_size",
                      "stop_after", "progress", "resume", "device", "loss_backend", "compile", "storage_options")
 # Of the resolved settings, these describe the machine or follow from the above: recorded, not checked.
-RESOLVED_MAY_CHANGE = ("device", "amp", "torch", "steps_per_epoch", "total_steps")
+RESOLVED_MAY_CHANGE = ("device", "amp", "torch", "steps_per_epoch", "total_steps", "threads")
 
 
 def manifest_digest(manifest: dict) -> str:
     """sha256 of the canonical JSON of a cache manifest (sorted keys, no spaces)."""
     text = json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def cache_targets_digest(reader: CacheReader, shards) -> str | None:
+    """sha256 of the targets a run trains on: the recorded view digests of its shards' cache groups
+    (every view read is checked against them). None for caches made before digests were recorded."""
+    from .store import targets_digest
+
+    groups = {s.name: reader.view_digests(s.name) for s in shards}
+    return None if any(d is None for d in groups.values()) else targets_digest(groups)
 
 
 def lr_at(step: int, base: float, warmup: int, total: int, min_lr: float = 0.0) -> float:
@@ -148,10 +159,11 @@ def setup(cfg: TrainConfig) -> Run:
         device = torch.device(f"cuda:{local}")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    threads = set_threads(cfg.threads, cfg.workers)
     t_setup = time.perf_counter()
 
     urls = expand_urls(cfg.data)
-    reader = CacheReader(cfg.cache, cfg.storage_options) if cfg.cache else None
+    reader = CacheReader(cfg.cache, cfg.storage_options, check_digests=not cfg.allow_edited_cache) if cfg.cache else None
     manifest = reader.manifest if reader is not None else None
     res = cfg.res if cfg.res is not None else (int(manifest["resolution"]) if manifest else DEFAULT_RES)
     if cfg.res is None and manifest is not None:
@@ -209,7 +221,13 @@ def setup(cfg: TrainConfig) -> Run:
                              classes_from=source)
     except KdcacheError as e:
         raise KdcacheError(f"student: {e}") from None
-    model = sinfo.model.to(device)
+    model = sinfo.model
+    if cfg.self_distill:  # exits after the student's stages (exits.py); the deepest exit is its own head
+        try:
+            model = MultiExit(model, cfg.sd_exits, resolution=res, num_classes=num_classes)
+        except KdcacheError as e:
+            raise KdcacheError(f"student: {e}") from None
+    model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if device.type == "cuda" else None
@@ -221,9 +239,19 @@ def setup(cfg: TrainConfig) -> Run:
         task = CachedKDTask(inputs, num_classes, **loss)
     else:
         task = LiveKDTask(inputs, num_classes, teacher, topk, t_mean, t_std, **loss)
+    if cfg.self_distill:  # the mode's loss on the deepest exit, deep-to-shallow distillation on the others
+        task = SelfDistillTask(task, model.exit_names, alpha=cfg.sd_alpha, temperature=cfg.sd_temperature,
+                               feature_weight=cfg.sd_feature_weight, teacher=cfg.sd_teacher, tail=cfg.tail,
+                               backend=cfg.loss_backend)
+
+    if cfg.student_view == "fresh":
+        if manifest["augmentation"].get("mixup"):
+            raise KdcacheError(f"cache {cfg.cache} holds targets of mixed images (precompute --mixup); fresh student "
+                               "views are unmixed crops, so they cannot match. Use --student-view cache, or a cache "
+                               "made without --mixup")
 
     # -- data: checks that need no decoding, then the stream --
-    need_labels = mode == "labels" or cfg.label_weight > 0
+    need_labels = mode == "labels" or cfg.label_weight > 0 or (cfg.self_distill and cfg.sd_alpha < 1)
     shards = prepare_shards(urls, reader, need_labels, rank, world, skip_bad=cfg.skip_bad, num_classes=num_classes)
     val_stream = None
     if cfg.val_data:
@@ -235,7 +263,7 @@ def setup(cfg: TrainConfig) -> Run:
         with_targets=mode == "cached", teacher_res=(teacher_res if mode == "live" and teacher_res != res else None),
         views=cfg.views, view_seed=view_seed, aug=cfg.aug, need_labels=need_labels, num_classes=num_classes,
         shuffle_buffer=cfg.shuffle_buffer, rank=rank, world=world, workers=cfg.workers, skip_bad=cfg.skip_bad,
-        worker_timeout=cfg.worker_timeout,
+        worker_timeout=cfg.worker_timeout, check_digests=not cfg.allow_edited_cache, student_view=cfg.student_view,
     ))
     plans = [stream.plan(e) for e in range(cfg.epochs)]
     V = stream.num_views
@@ -260,14 +288,19 @@ def setup(cfg: TrainConfig) -> Run:
     resolved = {
         "mode": mode, "num_classes": num_classes, "res": res, "world_size": world, "device": str(device),
         "amp": cfg.amp if device.type == "cuda" else "none",
-        "student_mean": list(sinfo.mean), "student_std": list(sinfo.std),
+        "student_mean": list(sinfo.mean), "student_std": list(sinfo.std), "threads": threads,
         "views": V, "view_seed": view_seed if reader is None else int(manifest["seed"]),
+        "student_view": cfg.student_view if reader is not None else "own",
         "steps_per_epoch": [p.steps for p in plans], "total_steps": sum(p.steps for p in plans),
         "cache_manifest_sha256": manifest_digest(manifest) if manifest else None,
+        "cache_targets_sha256": cache_targets_digest(reader, shards) if reader is not None else None,
         "teacher_res": teacher_res if mode == "live" else (int(manifest["resolution"]) if manifest else None),
         "topk": topk if mode == "live" else (int(manifest["topk"]) if manifest else None),
         "torch": str(torch.__version__),
     }
+    if cfg.self_distill:  # what evaluate needs besides the flags to rebuild the wrapper and name its exits
+        resolved["exits"] = {"stages": list(model.stage_modules), "exit_stages": list(model.exit_stages),
+                             "names": model.exit_names}
     return Run(cfg=cfg, mode=mode, rank=rank, world=world, device=device, num_classes=num_classes, student=sinfo,
                model=model, task=task, inputs=inputs, stream=stream, steps_per_epoch=[p.steps for p in plans],
                dropped=[p.dropped for p in plans], val_stream=val_stream,
@@ -366,25 +399,38 @@ def evaluate(model, run: Run) -> dict:
     device, C = run.device, run.num_classes
     k5 = min(5, C)
     counts = torch.zeros(3, dtype=torch.float64)
+    names = model.exit_names if is_multi_exit(model) else None  # a multi-exit student: top-1 of every exit too
+    exit_hits = torch.zeros(len(names) if names else 0, dtype=torch.float64)
     loader = DataLoader(run.val_stream, batch_size=None, num_workers=run.cfg.workers, collate_fn=_identity,
-                        pin_memory=device.type == "cuda", timeout=run.cfg.worker_timeout if run.cfg.workers else 0)
+                        pin_memory=device.type == "cuda", timeout=run.cfg.worker_timeout if run.cfg.workers else 0,
+                        worker_init_fn=worker_init if run.cfg.workers else None)
     try:
         for item in worker_items(loader, run.cfg.worker_timeout, run.cfg.out):
             pix, y = raise_if_error(item)
-            z = run.inputs.logits(model, pix.to(device, non_blocking=True).float().div_(255.0)).float()
+            pixels = pix.to(device, non_blocking=True).float().div_(255.0)
+            zs = [t.float() for t in run.inputs.exits(model, pixels)["logits"]] if names else None
+            z = zs[-1] if names else run.inputs.logits(model, pixels).float()  # the deepest exit: the model's forward
             y = y.to(device)
             if int(y.max()) >= C or int(y.min()) < 0:
                 raise KdcacheError(f"a val label lies outside 0..{C - 1}; --val-data has other classes")
             hit = z.topk(k5, dim=1).indices.eq(y.unsqueeze(1))
             counts += torch.tensor([hit[:, 0].sum().item(), hit.any(1).sum().item(), len(y)], dtype=torch.float64)
+            if names:
+                exit_hits += torch.tensor([zi.argmax(1).eq(y).sum().item() for zi in zs], dtype=torch.float64)
     finally:
         model.train(was)
     if run.world > 1:
         c = counts.to(device)
         dist.all_reduce(c)
         counts = c.cpu()
+        if names:
+            e = exit_hits.to(device)
+            dist.all_reduce(e)
+            exit_hits = e.cpu()
     n = max(counts[2].item(), 1.0)
-    return {"val_top1": counts[0].item() / n, "val_top5": counts[1].item() / n, "val_images": int(counts[2].item())}
+    per_exit = {f"val_top1_{name}": exit_hits[j].item() / n for j, name in enumerate(names or [])}
+    return {"val_top1": counts[0].item() / n, "val_top5": counts[1].item() / n, "val_images": int(counts[2].item()),
+            **per_exit}
 
 
 # ---- the loop --------------------------------------------------------------------------------
@@ -523,6 +569,7 @@ def finish(run: Run, state: RunState, net, setup_s: float) -> dict:
     summary = {
         "mode": run.mode, "student": cfg.student, "num_classes": run.num_classes, "epochs": cfg.epochs,
         "steps": state.global_step, "images_seen": state.images_seen, "world_size": run.world,
+        "threads": run.run_config["resolved"]["threads"], "workers": cfg.workers,
         "device": str(run.device),
         "final_val_top1": state.last_val.get("val_top1"), "final_val_top5": state.last_val.get("val_top5"),
         **state.best,
@@ -531,10 +578,15 @@ def finish(run: Run, state: RunState, net, setup_s: float) -> dict:
         "train_time_s": state.train_time_s, "setup_s": setup_s,
         "main_cpu_ms_per_image": 1000.0 * state.train_cpu_s / max(state.images_seen / run.world, 1),
         "cache": cfg.cache, "cache_manifest_sha256": run.run_config["resolved"]["cache_manifest_sha256"],
+        "cache_targets_sha256": run.run_config["resolved"]["cache_targets_sha256"],
         "views": run.stream.num_views, "views_reused": run.views_reused,
+        "student_view": run.run_config["resolved"]["student_view"],
         "records_dropped": sum(run.dropped),
         "bad_records": len(run.bad_keys), "bad_keys": run.bad_keys[:BAD_KEYS_SHOWN],
     }
+    if cfg.self_distill:  # every exit's last validation top-1 (val_top1_exit<s>), the deepest's is final_val_top1
+        summary["final_val_top1_exits"] = {k[len("val_top1_"):]: v for k, v in state.last_val.items()
+                                           if k.startswith("val_top1_exit")}
     if run.rank == 0:
         atomic_save(_unwrap(net).state_dict(), os.path.join(cfg.out, "student.pt"))
         atomic_json(summary, os.path.join(cfg.out, "summary.json"))

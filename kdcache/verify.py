@@ -2,8 +2,11 @@
 
 Read top to bottom; each phase is one function:
 
-1. ``identity``   the teacher's spec and weights hash, the render backend (PIL flavour) and the
-                  device and precision the teacher ran with, against the manifest.
+1. ``identity``   the teacher's spec and weights hash, the render backend (PIL flavour; the torch
+                  backend's device type and torchvision) and the device and precision the
+                  teacher ran with, against the manifest. The picks are rendered with the
+                  cache's backend (``render.renderer_for``); a group rendered with another backend
+                  than the manifest's is a problem.
 2. ``coverage``   the cache's shard groups against the data's shards. A group the manifest lists but
                   the store lacks, an incomplete group, or a data shard the cache never covered is a
                   problem: training on that data would stop there.
@@ -81,7 +84,7 @@ def identity(manifest: dict, teacher: str, teacher_weights: str | None, device_t
              allow_teacher_mismatch: bool) -> tuple[dict, list[str], list[str]]:
     """The identity checks. Returns (report fields, problems, warnings)."""
     from .models import file_sha256
-    from .views import render_backend
+    from .render import render_mismatch, renderer_for
 
     problems, warnings = [], []
     mt = manifest["teacher"]
@@ -94,13 +97,18 @@ def identity(manifest: dict, teacher: str, teacher_weights: str | None, device_t
                      (weights_ok, f"teacher weights sha256 {sha} differs from the cache's {mt.get('weights_sha256')}")):
         if not ok:
             (warnings if allow_teacher_mismatch else problems).append(what)
-    here, there = render_backend(), manifest.get("render") or {}
-    render_ok = all(here.get(f) == there.get(f) for f in ("pil", "pil_version", "resample"))
-    if not render_ok:
+    there = manifest.get("render") or {}
+    renderer = renderer_for(there)  # the cache's backend; an unknown one is an error
+    here = renderer.describe()
+    mismatch = render_mismatch(there, renderer)
+    render_ok = mismatch is None
+    if not render_ok and renderer.backend == "pil":
         warnings.append(
             f"this machine renders with {here.get('pil')} {here.get('pil_version')} ({here.get('resample')}), the cache "
             f"was made with {there.get('pil')} {there.get('pil_version')} ({there.get('resample')}); "
             "resampling may differ slightly")
+    elif not render_ok:
+        warnings.append(mismatch)
     compute = manifest.get("compute") or {}
     if compute.get("device") and compute["device"] != device_type:
         warnings.append(
@@ -120,6 +128,8 @@ def identity(manifest: dict, teacher: str, teacher_weights: str | None, device_t
 
 def coverage(reader: CacheReader, urls: dict[str, str]) -> tuple[list[str], list[str], list[str]]:
     """Groups checked against data shards. Returns (groups usable for sampling, problems, warnings)."""
+    from .render import backend_conflict
+
     problems, warnings, usable = [], [], []
     present = set(reader.shard_names())
     listed = list(reader.manifest.get("shards") or [])
@@ -133,6 +143,9 @@ def coverage(reader: CacheReader, urls: dict[str, str]) -> tuple[list[str], list
                             "re-run the same precompute command to finish it")
         elif name not in urls:
             warnings.append(f"shard {name!r} is not in the data pattern; not checked")
+        elif conflict := backend_conflict(reader.manifest.get("render"), reader.shard_attrs(name).get("render"), name,
+                                          reader.path):
+            problems.append(conflict)
         else:
             usable.append(name)
     for name, url in sorted(urls.items()):
@@ -177,11 +190,11 @@ def check_shard(reader: CacheReader, name: str, url: str, picks: list[Pick], tea
                 atol: float, rtol: float, fallback_batch: int, progress=None) -> None:
     """Keys, sizes, geometry and teacher outputs of the picks of one shard (see the module doc)."""
     import torch
-    from PIL import Image
 
     from .precompute import render_batch, teacher_batches
     from .teacher import batch_topk
     from .views import SAMPLER_VERSION, AugSpec, ShardViews, sample_shard_views
+    from .render import image_hw, renderer_for
 
     man = reader.manifest
     V, res = reader.views, int(man["resolution"])
@@ -207,7 +220,8 @@ def check_shard(reader: CacheReader, name: str, url: str, picks: list[Pick], tea
     rows |= {int(stored.mix_with[i, v]) for b in batches for i, v in b.tolist()} - {-1}
     rows = {i for i in rows if 0 <= i < n}
     need = {p.index for p in picks} | {int(stored.mix_with[p.index, p.view]) for p in picks} - {-1}
-    loaded = load_images(url, {str(keys[i]) for i in rows})
+    renderer = renderer_for(man.get("render"))  # the cache's backend, as replay uses it
+    loaded = load_images(url, {str(keys[i]) for i in rows}, renderer)
     images: list = [None] * n
     unusable: dict[int, str] = {}
     for i in sorted(rows):
@@ -218,15 +232,16 @@ def check_shard(reader: CacheReader, name: str, url: str, picks: list[Pick], tea
             unusable[i] = f"key {key!r} (row {i}) is not in data shard {url}"
         elif isinstance(im, str):
             unusable[i] = im
-        elif (im.height, im.width) != (h, w):
-            unusable[i] = f"image {key!r} is {size_text(im.width, im.height)} in the data, {size_text(w, h)} in the cache"
+        elif image_hw(im) != (h, w):
+            unusable[i] = (f"image {key!r} is {size_text(image_hw(im)[1], image_hw(im)[0])} in the data, "
+                           f"{size_text(w, h)} in the cache")
         if i in need:
             tally.keys_checked += 1
             tally.keys_found += im is not None
             tally.sizes_match += i not in unusable
         # An unusable row still fills its place in the batch (black pixels of the stored size), so the
         # other records of the batch run exactly as precompute ran them.
-        images[i] = Image.new("RGB", (max(w, 1), max(h, 1))) if i in unusable else im
+        images[i] = renderer.blank(h, w) if i in unusable else im
 
     aug = AugSpec.from_dict(man["augmentation"])
     drawn = None
@@ -255,7 +270,7 @@ def check_shard(reader: CacheReader, name: str, url: str, picks: list[Pick], tea
         if (stored.mix_with[pairs[:, 0], pairs[:, 1]] >= n).any():
             pairs = pairs[stored.mix_with[pairs[:, 0], pairs[:, 1]] < n]  # cannot render; failed above
         with torch.inference_mode():
-            vals, ids = batch_topk(teacher, render_batch(name, images, stored, pairs, res).crops, C)
+            vals, ids = batch_topk(teacher, render_batch(name, images, stored, pairs, res, renderer).crops, C)
         tally.exact_batches += bool(batch_size)
         for (i, v), vv, ii in zip(pairs.tolist(), vals, ids):
             p = picked.get((i, v))
@@ -366,7 +381,7 @@ def verify(
     """
     from .runtime import resolve_device
     from .teacher import load_teacher
-    from .views import render_mismatch
+    from .render import render_mismatch
 
     if samples < 1:
         raise KdcacheError("--samples must be at least 1")
@@ -384,11 +399,18 @@ def verify(
     names, more_problems, more_warnings = coverage(reader, urls)
     problems += more_problems
     warnings += more_warnings
+    if not names and (mixed := [p for p in problems if "mixes two" in p]):
+        raise KdcacheError(mixed[0] + (f" ({len(mixed) - 1} more groups alike)" if len(mixed) > 1 else ""))
     if not names:
         raise KdcacheError(
             f"no complete cache shard of {reader.path} is in the data {data!r}: "
             f"cache shards {reader.shard_names()[:5]}, data shards {sorted(urls)[:5]}"
         )
+    edited = {name: views for name in names if (views := reader.digest_problems(name))}
+    for name, views in edited.items():
+        problems.append(f"shard group {name!r}: views {views} no longer match the digests precompute recorded: the "
+                        "cache was edited or damaged after precompute")
+    digests_checked = sum(reader.view_digests(n) is not None for n in names)
     picks, population = sample(reader, names, samples, seed)
     if (man.get("augmentation") or {}).get("version") != _sampler_version():
         warnings.append(f"the cache's views were drawn by sampler version {man['augmentation'].get('version')}, "
@@ -440,6 +462,7 @@ def verify(
         "shards_checked": sorted(by_shard),
         "tolerance": {"atol": atol, "rtol": rtol},
         "exact_batches": bool((man.get("compute") or {}).get("batch_size")),
+        "groups_digest_checked": digests_checked,
         **ident,
         "keys_checked": tally.keys_checked,
         "keys_found": tally.keys_found,
@@ -468,6 +491,8 @@ def _sampler_version() -> int:
 
 
 def format_verify(r: dict, max_failures: int = 50) -> str:
+    from .render import render_text
+
     t = r["teacher"]
     tol = r["tolerance"]
     lines = [
@@ -476,8 +501,7 @@ def format_verify(r: dict, max_failures: int = 50) -> str:
         f"shards (seed {r['seed']})" + ("; teacher batches as precompute ran them" if r["exact_batches"] else ""),
         f"  teacher spec {'matches' if t['spec_matches'] else 'DIFFERS'}, weights sha256 "
         f"{'matches' if t['weights_match'] else 'DIFFERS'}",
-        f"  render: here {r['render']['here'].get('pil')} {r['render']['here'].get('pil_version')}, cache "
-        f"{r['render']['cache'].get('pil')} {r['render']['cache'].get('pil_version')}"
+        f"  render: here {render_text(r['render']['here'])}, cache {render_text(r['render']['cache'])}"
         f"{'' if r['render']['matches'] else ' (DIFFERENT)'}",
         f"  keys found {r['keys_found']}/{r['keys_checked']}, image sizes match {r['sizes_match']}/{r['keys_checked']}, "
         f"geometry matches the seeded sampler {r['geometry_match']}/{r['geometry_checked']}",

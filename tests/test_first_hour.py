@@ -62,9 +62,9 @@ def test_live_training_rebuilds_the_caches_seeded_random_teacher(dataset, tmp_pa
 
 
 def _pretend_plain_pillow(monkeypatch):
-    import kdcache.views as views
+    import kdcache.render as render
 
-    monkeypatch.setattr(views, "render_backend",
+    monkeypatch.setattr(render, "render_backend",
                         lambda: {"pil": "Pillow", "pil_version": "13.0.0", "resample": "bilinear"})
 
 

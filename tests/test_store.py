@@ -24,7 +24,7 @@ from kdcache.store import (
     make_manifest,
     manifest_differences,
 )
-from kdcache.views import render_backend
+from kdcache.render import render_backend
 
 SHARDS = ["train-000000", "train-000001", "train-000002"]
 DTYPES = {

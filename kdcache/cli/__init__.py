@@ -52,6 +52,7 @@ COMMANDS = {
     "inspect": ("inspect", "Look inside a cache: summary, one record, a rendered view."),
     "verify": ("verify", "Re-run the teacher on sampled views and prove the cache replays exactly."),
     "train": ("train", "Train a student on the exact views a cache was made on."),
+    "evaluate": ("evaluate", "A run's student on validation shards: every exit, their ensemble, early exit."),
     "demo": ("demo", "The whole flow on bundled digits, no download."),
     "info": ("info", "Versions of kdcache and its libraries, and the PIL flavour in use."),
 }
@@ -72,17 +73,18 @@ class KdcacheGroup(click.Group):
     code 2); Ctrl-C exit code 130 with how to go on."""
 
     def list_commands(self, ctx):
-        return list(COMMANDS)
+        return list(COMMANDS) + [n for n in self.commands if n not in COMMANDS]
 
     def get_command(self, ctx, name):
         if name not in COMMANDS:
-            return None
+            return self.commands.get(name)  # one added with cli.add_command (plugins, tests)
         import importlib
 
         return getattr(importlib.import_module(f"{__name__}.{COMMANDS[name][0]}"), name)
 
     def format_commands(self, ctx, formatter):
         rows = [(name, help_) for name, (_, help_) in COMMANDS.items()]
+        rows += [(n, c.get_short_help_str()) for n, c in self.commands.items() if n not in COMMANDS]
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 

@@ -11,7 +11,7 @@ def versions() -> dict:
     import importlib.metadata as md
 
     from .. import __version__
-    from ..views import render_backend
+    from ..render import render_backend
 
     out = {"kdcache": __version__}
     for dist in ("torch", "torchvision", "timm", "zarr", "numcodecs", "webdataset", "triton", "numpy"):
@@ -24,6 +24,10 @@ def versions() -> dict:
     import torch
 
     out["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "not available"
+    from ..runtime import available_cores, default_threads, default_workers
+
+    w = default_workers()
+    out["cores"] = f"{available_cores()} (defaults: --workers {w}, --threads {default_threads(w)})"
     return out
 
 

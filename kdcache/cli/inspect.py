@@ -91,3 +91,8 @@ def inspect(cache, shard, key, list_keys, view, render_out, data, top, as_json, 
         return
     out = api.summarize(cache, storage_options=opts, top=top)
     click.echo(json.dumps(out, indent=2) if as_json else api.format_summary(out))
+    damaged = [f"shard {e['shard']} views {e['views']} were changed after precompute" for e in out["totals"]["edited"]]
+    damaged += [f"shard {e['shard']} has {e['records']} records with {e['what']}" for e in out["totals"]["impossible"]]
+    if damaged:
+        raise KdcacheError(f"the cache {cache} is damaged: {'; '.join(damaged[:3])}{' ...' if len(damaged) > 3 else ''}. "
+                           "Re-run precompute on those shards (delete their groups first)")

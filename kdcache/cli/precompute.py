@@ -6,7 +6,8 @@ import json
 
 import click
 
-from ..errors import count
+from ..errors import KdcacheError, count
+from ..views import AugSpec
 
 from ..config import PrecomputeConfig
 
@@ -30,10 +31,17 @@ from .options import RGB, augmentation, augmentation_options, config_default
 @click.option("--seed", default=config_default(PrecomputeConfig, 'seed'), show_default=True, help="Seed of the view sampler.")
 @click.option("--res", default=config_default(PrecomputeConfig, 'res'), show_default=True, help="Teacher input resolution (square).")
 @augmentation_options()
+@click.option("--center-crop", is_flag=True,
+              help="Store the teacher on the evaluation view instead of random crops: the centre square "
+                   "(0.875 of the short side), one view per image (--views 1). With `train --student-view fresh` "
+                   "this is the fixed-teacher baseline.")
 @click.option("--batch-size", "-b", default=config_default(PrecomputeConfig, 'batch_size'), show_default=True, help="Teacher batch size.")
 @click.option("--device", default=config_default(PrecomputeConfig, 'device'), show_default=True, help="cuda, cuda:1, cpu, or auto.")
 @click.option("--workers", "-j", default=config_default(PrecomputeConfig, "workers"), show_default=True,
               help="DataLoader workers (each owns whole shards) [default: the cores but one, at most 4].")
+@click.option("--threads", type=int, default=None,
+              help="torch threads of the main process [default: the cores less one per --workers, at least 1]: "
+                   "more threads than cores slows everything down.")
 @click.option("--worker-timeout", type=float, default=config_default(PrecomputeConfig, "worker_timeout"), show_default=True,
               help="Seconds to wait for a batch from the data workers; then stop with the likely cause (a worker "
                    "that cannot ship a batch, e.g. with /dev/shm full, would otherwise stall the job).")
@@ -42,6 +50,11 @@ from .options import RGB, augmentation, augmentation_options, config_default
 @click.option("--shard-index", default=config_default(PrecomputeConfig, 'shard_index'), show_default=True, help="With --num-shard-groups: which group this process writes.")
 @click.option("--num-shard-groups", default=config_default(PrecomputeConfig, 'num_shard_groups'), show_default=True, help="Split the shards into this many disjoint groups.")
 @click.option("--skip-bad", is_flag=True, help="Record undecodable images in the shard's attributes and go on.")
+@click.option("--render", type=click.Choice(["pil", "torch"]), default=config_default(PrecomputeConfig, "render"),
+              show_default=True,
+              help="Render backend: pil (PIL decodes and resizes in the data workers), or torch (torchvision "
+                   "decodes, torch ops crop; on CUDA both run on the GPU, nvJPEG for JPEGs, and the workers only "
+                   "read the tar). Recorded in the cache; train, verify and inspect replay with the same backend.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def precompute(**kw):
     """Run the teacher once on seeded views of every image and store its top-k in a Zarr cache.
@@ -53,7 +66,12 @@ def precompute(**kw):
     from ..precompute import precompute as run
 
     kw["progress"] = not kw.pop("no_progress")
-    s = run(PrecomputeConfig(aug=augmentation(kw), **kw))
+    aug = augmentation(kw)
+    if kw.pop("center_crop"):
+        if aug.mixup:
+            raise KdcacheError("--center-crop stores one fixed view per image; it cannot be mixed (drop --mixup)")
+        aug = AugSpec(name="center_crop", flip=False)
+    s = run(PrecomputeConfig(aug=aug, **kw))
     if s["shards_written"] == 0 and s["shards_skipped"]:
         click.echo(f"all {count(s['shards_skipped'], 'shard')} of this process are already complete in {s['cache']}", err=True)
     else:

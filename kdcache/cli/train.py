@@ -6,7 +6,8 @@ import json
 
 import click
 
-from ..config import AMP_MODES, MODES, OPTIMIZERS, TrainConfig
+from ..config import AMP_MODES, MODES, OPTIMIZERS, STUDENT_VIEWS, TrainConfig
+from ..config import SD_TEACHERS
 from ..losses import TAIL_MODES
 
 from .options import augmentation, augmentation_options, config_default
@@ -50,6 +51,9 @@ from .options import augmentation, augmentation_options, config_default
 @click.option("--log-every", default=config_default(TrainConfig, 'log_every'), show_default=True, help="Write a metrics line every N steps.")
 @click.option("--workers", "-j", default=config_default(TrainConfig, "workers"), show_default=True,
               help="DataLoader workers (each owns whole shards) [default: the cores but one, at most 4].")
+@click.option("--threads", type=int, default=None,
+              help="torch threads of the main process [default: the cores less one per --workers, at least 1]: "
+                   "more threads than cores slows everything down.")
 @click.option("--worker-timeout", type=float, default=config_default(TrainConfig, "worker_timeout"), show_default=True,
               help="Seconds to wait for a batch from the data workers; then stop with the likely cause (a worker "
                    "that cannot ship a batch, e.g. with /dev/shm full, would otherwise stall the job).")
@@ -64,16 +68,43 @@ from .options import augmentation, augmentation_options, config_default
 @click.option("--shuffle-buffer", default=config_default(TrainConfig, 'shuffle_buffer'), show_default=True, help="Records in each worker's shuffle buffer.")
 @click.option("--views", type=int, default=None,
               help="Without a cache: V views per image, epoch e uses view e mod V [default: a fresh view every epoch].")
-@click.option("--view-seed", type=int, default=None, help="Without a cache: seed of the view sampler [default: --seed].")
-@augmentation_options("Without a cache: ")
+@click.option("--view-seed", type=int, default=None, help="Seed of the views the trainer draws itself (without a cache, or with --student-view fresh) [default: --seed].")
+@augmentation_options("The trainer's own views (without a cache, or --student-view fresh): ")
 @click.option("--skip-bad", is_flag=True,
               help="Without --cache: decode every image once before training, leave the undecodable ones out "
                    "(counted and named in summary.json) and go on, instead of stopping at the first. "
                    "Changes nothing with --cache: the cache already records its bad images, which are always "
                    "left out.")
+@click.option("--student-view", type=click.Choice(STUDENT_VIEWS), default=config_default(TrainConfig, "student_view"),
+              show_default=True,
+              help="With --cache: `cache` shows the student the view the teacher saw (consistent teaching); `fresh` "
+                   "draws it its own crop each epoch (--scale/--ratio/--flip, seeded by --view-seed) against the "
+                   "cache's targets (independent views; with a `precompute --center-crop` cache, the fixed-teacher "
+                   "baseline).")
+@click.option("--allow-edited-cache", is_flag=True,
+              help="Train on cache views that no longer match the digests precompute recorded (edited after "
+                   "precompute); refused otherwise.")
 @click.option("--stop-after", type=int, default=None,
               help="Stop after N steps (global, counted from the start of the run) with a checkpoint and exit 0; "
                    "continue by re-running the same command with --resume instead of --stop-after.")
+@click.option("--self-distill", is_flag=True,
+              help="Self-distillation: classifier exits after the student's stages (attention, bottleneck, "
+                   "linear), trained from the deepest exit (docs/training.md). The deepest exit is the student's own "
+                   "head and gets the mode's loss; student.pt holds the whole multi-exit network.")
+@click.option("--sd-alpha", type=float, default=config_default(TrainConfig, "sd_alpha"), show_default=True,
+              help="Self-distillation: weight of a shallow exit's distillation term; 1 - alpha weights its CE on labels.")
+@click.option("--sd-temperature", type=float, default=config_default(TrainConfig, "sd_temperature"), show_default=True,
+              help="Self-distillation: temperature of the shallow exits' distillation.")
+@click.option("--sd-feature-weight", type=float, default=config_default(TrainConfig, "sd_feature_weight"),
+              show_default=True, help="Self-distillation: weight of the L2 hint between each exit's feature and the "
+                                      "deepest one (0 = off).")
+@click.option("--sd-exits", default=config_default(TrainConfig, "sd_exits"), show_default=True,
+              help="Self-distillation: which stages get an exit: 'all' (every stage but the last) or stage numbers "
+                   "from 1, e.g. 1,2.")
+@click.option("--sd-teacher", type=click.Choice(SD_TEACHERS), default=config_default(TrainConfig, "sd_teacher"),
+              show_default=True,
+              help="Self-distillation: what the shallow exits distil from: the deepest exit, the cached (or live) "
+                   "teacher's top-k, or both averaged.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def train(**kw):
     """Train a student on the exact views a cache was made on.
