@@ -123,7 +123,7 @@ def train_teacher(a, out: Path) -> str:
     if not (run / "summary.json").exists():
         train(TrainConfig(**common(a, str(run), 0, a.teacher_epochs, student=a.teacher, data=a.train_data,
                                    threads=None, resume=True)))
-    return str(run / "student.pt")
+    return str(run / "model.pt")
 
 
 def make_cache(a, out: Path, teacher_weights: str, subset: str, kind: str, views: int) -> tuple[str, float, int]:

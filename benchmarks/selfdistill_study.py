@@ -87,7 +87,7 @@ def prepare(root: Path, quick: bool) -> dict:
         train(demo._train_config(plan, root, "teacher", demo.TEACHER, plan.teacher_epochs, "cpu", 0, False))
     if not demo._cache_complete(cache):
         precompute(PrecomputeConfig(
-            data=str(data / "train"), teacher=demo.TEACHER, teacher_weights=str(teacher / "student.pt"),
+            data=str(data / "train"), teacher=demo.TEACHER, teacher_weights=str(teacher / "model.pt"),
             num_classes=10, out=str(cache), views=plan.views, topk=plan.topk, seed=plan.seed, res=plan.res,
             aug=AugSpec(scale=demo.SCALE, flip=False, mixup=True), batch_size=256, workers=0, device="cpu",
             progress=False))

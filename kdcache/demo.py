@@ -181,7 +181,7 @@ def run_demo(out: str | Path = "kdcache-demo", quick: bool = False, device: str 
 
     _say(f"3/5 cache: the teacher on {plan.views} seeded views per image, with mixup, top-{plan.topk}")
     pc = PrecomputeConfig(
-        data=str(data / "train"), teacher=TEACHER, teacher_weights=str(runs / "teacher" / "student.pt"),
+        data=str(data / "train"), teacher=TEACHER, teacher_weights=str(runs / "teacher" / "model.pt"),
         num_classes=10, out=str(cache), views=plan.views, topk=plan.topk, seed=plan.seed, res=plan.res,
         aug=AugSpec(scale=SCALE, flip=False, mixup=True), batch_size=256, workers=workers, device=device,
         progress=progress,
@@ -286,7 +286,7 @@ Everything is in {rel}/. Explore it with the other commands:
   {kd} inspect {rel}/cache.zarr --shard {shard} --key {key} --view 1
   {kd} inspect {rel}/cache.zarr --shard {shard} --key {key} --render record.png --data {rel}/data/train
   {kd} verify {rel}/cache.zarr --data {rel}/data/train --teacher {TEACHER} \\
-      --teacher-weights {rel}/runs/teacher/student.pt --num-classes 10
+      --teacher-weights {rel}/runs/teacher/model.pt --num-classes 10
   {kd} train --data {rel}/data/train --cache {rel}/cache.zarr --student {STUDENT} --num-classes 10 \\
       --epochs 4 --out {rel}/runs/my-student --val-data {rel}/data/val
 """

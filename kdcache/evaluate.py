@@ -2,7 +2,7 @@
 
 ``evaluate_run(run_dir, val_data, ...)`` rebuilds the student from ``RUN_DIR/config.json`` (spec,
 classes, resolution, normalisation, and the self-distillation settings that shape the multi-exit
-wrapper) and ``RUN_DIR/student.pt``, runs the centre view of every validation image at the run's
+wrapper) and ``RUN_DIR/model.pt``, runs the centre view of every validation image at the run's
 resolution (``replay.ValStream``, as the trainer's evaluation does) and reports:
 
 - **per exit**: top-1, and the compute of running it alone (FLOPs of the backbone up to its stage
@@ -88,11 +88,13 @@ def load_student(run_dir: str, device: str | torch.device = "cpu"):
     from .models import create_model
 
     cfg = _read_run(run_dir)
-    weights = os.path.join(run_dir, "student.pt")
+    weights = os.path.join(run_dir, "model.pt")
+    if not os.path.isfile(weights) and os.path.isfile(os.path.join(run_dir, "student.pt")):
+        weights = os.path.join(run_dir, "student.pt")  # runs of kdcache before 2026-11-24 named it so
     if not os.path.isfile(weights):
         more = (" (the run has a checkpoint.pt: it was stopped before its end; finish it with `kdcache train ... "
                 "--resume`)") if os.path.isfile(os.path.join(run_dir, "checkpoint.pt")) else ""
-        raise KdcacheError(f"{run_dir} has no student.pt{more}")
+        raise KdcacheError(f"{run_dir} has no model.pt{more}")
     r = cfg["resolved"]
     num_classes, res = int(r["num_classes"]), int(r["res"])
     try:

@@ -312,5 +312,5 @@ def is_multi_exit(model) -> bool:
 
 def backbone_state_dict(state: dict) -> dict:
     """The wrapped model's own weights from a ``MultiExit`` state dict (``model.*``), e.g. to use
-    a self-distilled student.pt as ``--student-weights`` of a plain run or to deploy the deepest exit."""
+    a self-distilled model.pt as ``--student-weights`` of a plain run or to deploy the deepest exit."""
     return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}

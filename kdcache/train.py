@@ -15,7 +15,7 @@ Read top to bottom:
    them) and continues with the same weights, optimizer state and RNG state — on CPU the final
    weights are bitwise those of an uninterrupted run.
 4. ``train(cfg)`` is the loop: learning rate, ``task(model, batch)``, backward, clip, step; the
-   log, evaluation and checkpoints at their intervals; ``finish`` writes ``student.pt`` and
+   log, evaluation and checkpoints at their intervals; ``finish`` writes ``model.pt`` and
    ``summary.json``.
 
 Under ``torchrun`` every rank runs the same number of steps per epoch (see ``replay``), the model
@@ -440,7 +440,7 @@ def train(cfg: TrainConfig) -> dict:
     """Train a student; returns the summary dict (also written to ``RUN_DIR/summary.json``).
 
     With ``stop_after`` the run stops after that many global steps (checkpoint written, no
-    summary.json, no student.pt) and returns ``{"stopped_at": step, "total_steps", "epoch",
+    summary.json, no model.pt) and returns ``{"stopped_at": step, "total_steps", "epoch",
     "step_in_epoch", "checkpoint", "mode", "out"}`` (``epoch``/``step_in_epoch``: where the last
     step ran); ``resume=True`` continues it.
     """
@@ -564,7 +564,7 @@ def already_complete(run: Run, state: RunState) -> dict:
 
 
 def finish(run: Run, state: RunState, net, setup_s: float) -> dict:
-    """Write ``student.pt`` and ``summary.json`` (rank 0); return the summary."""
+    """Write ``model.pt`` and ``summary.json`` (rank 0); return the summary."""
     cfg = run.cfg
     summary = {
         "mode": run.mode, "student": cfg.student, "num_classes": run.num_classes, "epochs": cfg.epochs,
@@ -588,7 +588,7 @@ def finish(run: Run, state: RunState, net, setup_s: float) -> dict:
         summary["final_val_top1_exits"] = {k[len("val_top1_"):]: v for k, v in state.last_val.items()
                                            if k.startswith("val_top1_exit")}
     if run.rank == 0:
-        atomic_save(_unwrap(net).state_dict(), os.path.join(cfg.out, "student.pt"))
+        atomic_save(_unwrap(net).state_dict(), os.path.join(cfg.out, "model.pt"))
         atomic_json(summary, os.path.join(cfg.out, "summary.json"))
     barrier(run.world)
     return summary

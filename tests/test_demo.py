@@ -71,7 +71,7 @@ def test_artifacts_open_with_other_commands(demo_run):
 
     verified = runner.invoke(cli, [
         "verify", str(out / "cache.zarr"), "--data", str(out / "data" / "train"),
-        "--teacher", "py:kdcache.zoo:teacher_cnn", "--teacher-weights", str(out / "runs" / "teacher" / "student.pt"),
+        "--teacher", "py:kdcache.zoo:teacher_cnn", "--teacher-weights", str(out / "runs" / "teacher" / "model.pt"),
         "--num-classes", "10", "--samples", "12", "--device", "cpu",
     ])
     assert verified.exit_code == 0, verified.output
@@ -79,7 +79,7 @@ def test_artifacts_open_with_other_commands(demo_run):
     from kdcache.zoo import student_cnn
 
     student = student_cnn(10)
-    student.load_state_dict(torch.load(out / "runs" / "student-kd" / "student.pt", weights_only=True))
+    student.load_state_dict(torch.load(out / "runs" / "student-kd" / "model.pt", weights_only=True))
 
 
 def test_rerun_reuses_finished_stages(demo_run):

@@ -144,6 +144,6 @@ def test_evaluate_errors_exit_2(sd_run, dataset, tmp_path):
     (cut / "config.json").write_text((sd_run[0] / "config.json").read_text())
     (cut / "checkpoint.pt").write_bytes(b"")
     res = CliRunner().invoke(cli, ["evaluate", str(cut), "--val-data", str(dataset)])
-    assert res.exit_code == 2 and "no student.pt" in res.output and "--resume" in res.output, res.output
+    assert res.exit_code == 2 and "no model.pt" in res.output and "--resume" in res.output, res.output
     res = CliRunner().invoke(cli, ["evaluate", str(sd_run[0]), "--val-data", str(dataset), "--thresholds", "0.1,0.2,0.3"])
     assert res.exit_code == 2 and "3 thresholds for 2 shallow exits" in res.output, res.output

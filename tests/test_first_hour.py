@@ -50,8 +50,8 @@ def test_live_training_rebuilds_the_caches_seeded_random_teacher(dataset, tmp_pa
     kw = dict(res=32, epochs=1, label_weight=0.0)
     train(config(dataset, tmp_path / "cached", cache=str(c), **kw))
     train(config(dataset, tmp_path / "live", cache=str(c), teacher=TEACHER, **kw))
-    a = torch.load(tmp_path / "cached" / "student.pt", weights_only=True)
-    b = torch.load(tmp_path / "live" / "student.pt", weights_only=True)
+    a = torch.load(tmp_path / "cached" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "live" / "model.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
     # without the cache's seed, the live teacher is refused
     with pytest.raises(Exception, match="has random weights"):
@@ -222,6 +222,8 @@ def test_res_defaults_to_the_caches_and_the_start_line_comes_before_the_bar(data
     assert "note: --res not given: the student trains at the cache's resolution, 32px" in err
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["res"] is None and cfg["resolved"]["res"] == 32 and s["steps"] == 6
+    # the weights are "model.pt" (a teacher trained this way is not called a student in its cache)
+    assert (tmp_path / "run" / "model.pt").exists() and not (tmp_path / "run" / "student.pt").exists()
     assert err.index("kdcache train: mode cached") < err.index("train (cached)")  # not inside the bar's line
 
 

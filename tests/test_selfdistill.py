@@ -87,7 +87,7 @@ def test_exits_choice_state_dict_and_errors():
     # the plain model's weights come back out of the wrapper's
     plain = create_model("timm:test_resnet", num_classes=NUM_CLASSES).model
     plain.load_state_dict(backbone_state_dict(sd))
-    # the same settings rebuild a wrapper that takes the state dict (student.pt -> evaluate)
+    # the same settings rebuild a wrapper that takes the state dict (model.pt -> evaluate)
     again, _ = wrapped("timm:test_resnet", seed=5, exits="1,3")
     again.load_state_dict(sd)
     for k, v in again.state_dict().items():
@@ -226,8 +226,8 @@ def test_live_teacher_stands_in_for_the_cache(dataset, cache, teacher_weights, t
     train(TrainConfig(**with_aug(dict(common, out=str(tmp_path / "cached")))))
     train(TrainConfig(**with_aug(dict(common, out=str(tmp_path / "live"), teacher=TEACHER,
                                       teacher_weights=str(teacher_weights)))))
-    a = torch.load(tmp_path / "cached" / "student.pt", weights_only=True)
-    b = torch.load(tmp_path / "live" / "student.pt", weights_only=True)
+    a = torch.load(tmp_path / "cached" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "live" / "model.pt", weights_only=True)
     assert any(k.startswith("exits.") for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -252,8 +252,8 @@ def test_cli_self_distill_resumes_bitwise_and_evaluates(dataset, cache, tmp_path
     assert stopped["stopped_at"] == 4
     resumed = train_cli(*args, "--out", tmp_path / "cut", "--resume")
     assert resumed["steps"] == straight["steps"] == 12
-    a = torch.load(tmp_path / "straight" / "student.pt", weights_only=True)
-    b = torch.load(tmp_path / "cut" / "student.pt", weights_only=True)
+    a = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "model.pt", weights_only=True)
     assert any(k.startswith("exits.") for k in a) and a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k

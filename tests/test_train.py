@@ -73,7 +73,7 @@ def test_precompute_then_train_two_epochs(dataset, cache, init_weights, tmp_path
                            val_data=str(dataset), label_weight=0.0, checkpoint_every=4, min_lr=1e-5))
     # the distillation loss falls: measured on all stored views before and after
     before = kd_loss_over_views(dataset, cache, init_weights)
-    after = kd_loss_over_views(dataset, cache, out / "student.pt")
+    after = kd_loss_over_views(dataset, cache, out / "model.pt")
     assert after < 0.5 * before, (before, after)
 
     saved = json.loads((out / "summary.json").read_text())
@@ -96,9 +96,9 @@ def test_precompute_then_train_two_epochs(dataset, cache, init_weights, tmp_path
     ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert (ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]) == (2, 0, 12)
     assert not [p for p in os.listdir(out) if ".tmp" in p]
-    # student.pt is a plain state dict the next run can start from
-    create_model(STUDENT, num_classes=NUM_CLASSES, weights=str(out / "student.pt"))
-    again = train(config(dataset, tmp_path / "run2", cache=str(cache), student_weights=str(out / "student.pt"), epochs=1))
+    # model.pt is a plain state dict the next run can start from
+    create_model(STUDENT, num_classes=NUM_CLASSES, weights=str(out / "model.pt"))
+    again = train(config(dataset, tmp_path / "run2", cache=str(cache), student_weights=str(out / "model.pt"), epochs=1))
     assert again["steps"] == 6
 
 
@@ -108,7 +108,7 @@ def test_cached_and_live_teacher_train_alike(dataset, cache, teacher_weights, in
     s_live = train(config(dataset, tmp_path / "live", cache=str(cache), teacher=TEACHER,
                           teacher_weights=str(teacher_weights), **common))
     assert (s_cached["mode"], s_live["mode"]) == ("cached", "live")
-    a, b = state(tmp_path / "cached" / "student.pt"), state(tmp_path / "live" / "student.pt")
+    a, b = state(tmp_path / "cached" / "model.pt"), state(tmp_path / "live" / "model.pt")
     # the live teacher sees the same views and its top-k is cast like precompute's: same targets
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -127,7 +127,7 @@ def test_resume_is_bitwise_equal(dataset, cache, init_weights, tmp_path, workers
         train(config(dataset, tmp_path / "cut", **kw))
     resumed = train(config(dataset, tmp_path / "cut", resume=True, **kw))
     assert resumed["steps"] == straight["steps"] == 14
-    a, b = state(tmp_path / "straight" / "student.pt"), state(tmp_path / "cut" / "student.pt")
+    a, b = state(tmp_path / "straight" / "model.pt"), state(tmp_path / "cut" / "model.pt")
     for k in a:
         assert torch.equal(a[k], b[k]), k
     # the metrics file holds each step once
@@ -254,7 +254,7 @@ def test_ddp_two_processes_gloo(dataset, cache, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 6 and summary["final_val_top1"] is not None
     assert summary["records_dropped"] == 2 * (14 - 9)  # the rank holding two shards stops at 3 batches of 3
-    assert (out / "student.pt").exists() and (out / "metrics.jsonl").exists()
+    assert (out / "model.pt").exists() and (out / "metrics.jsonl").exists()
 
 
 # ---- --stop-after through the CLI -------------------------------------------------------------
@@ -381,7 +381,7 @@ def test_skip_bad_resume_is_bitwise_equal(bad_data, init_weights, tmp_path, work
     resumed = train(config(bad_data, tmp_path / "cut", resume=True, **kw))
     assert resumed["steps"] == straight["steps"] == 2 * 7  # ceil(20 / 3)
     assert resumed["bad_records"] == straight["bad_records"] == 1
-    a, b = state(tmp_path / "straight" / "student.pt"), state(tmp_path / "cut" / "student.pt")
+    a, b = state(tmp_path / "straight" / "model.pt"), state(tmp_path / "cut" / "model.pt")
     for k in a:
         assert torch.equal(a[k], b[k]), k
     # --skip-bad changes the data order: it may not change on resume

@@ -40,7 +40,7 @@ def evaluate(run_dir, val_data, thresholds, sweep, plot, as_json, batch_size, wo
     """Evaluate the student of RUN_DIR (a finished `kdcache train` run) on --val-data.
 
     \b
-    Rebuilds the student from RUN_DIR/config.json and student.pt and reports, at the run's
+    Rebuilds the student from RUN_DIR/config.json and model.pt and reports, at the run's
     resolution on the centre view of every image:
       per exit       top-1 and compute (FLOPs relative to the plain network)
       ensemble       top-1 of the mean of the exits' softmaxes

@@ -26,7 +26,7 @@ from .options import augmentation, augmentation_options, config_default
               help="auto: live with --teacher, cached with --cache, else labels. `labels` with --cache trains on "
                    "the cache's views with cross-entropy only.")
 @click.option("--student", required=True, help="Student spec: timm:NAME, torchvision:NAME, py:MODULE:FACTORY, a torch.export .pt2 file or a TorchScript file.")
-@click.option("--student-weights", type=click.Path(), default=None, help="Initial student weights (e.g. a previous run's student.pt).")
+@click.option("--student-weights", type=click.Path(), default=None, help="Initial student weights (e.g. a previous run's model.pt).")
 @click.option("--num-classes", type=int, default=None, help="Class count (default: the cache's, the teacher's, or classes.json).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (config, metrics, checkpoints, summary).")
 @click.option("--epochs", default=config_default(TrainConfig, 'epochs'), show_default=True, help="Epochs; epoch e replays view e mod V.")
@@ -90,7 +90,7 @@ from .options import augmentation, augmentation_options, config_default
 @click.option("--self-distill", is_flag=True,
               help="Self-distillation: classifier exits after the student's stages (attention, bottleneck, "
                    "linear), trained from the deepest exit (docs/training.md). The deepest exit is the student's own "
-                   "head and gets the mode's loss; student.pt holds the whole multi-exit network.")
+                   "head and gets the mode's loss; model.pt holds the whole multi-exit network.")
 @click.option("--sd-alpha", type=float, default=config_default(TrainConfig, "sd_alpha"), show_default=True,
               help="Self-distillation: weight of a shallow exit's distillation term; 1 - alpha weights its CE on labels.")
 @click.option("--sd-temperature", type=float, default=config_default(TrainConfig, "sd_temperature"), show_default=True,
@@ -116,7 +116,7 @@ def train(**kw):
                                  cache's views; without: views drawn from --view-seed)
       labels  (neither)          cross-entropy on the shards' cls labels
 
-    Writes config.json, metrics.jsonl, checkpoint.pt, student.pt and summary.json into --out.
+    Writes config.json, metrics.jsonl, checkpoint.pt, model.pt and summary.json into --out.
     Under `torchrun --nproc_per_node N -m kdcache train ...` it trains with DDP.
     """
     from ..train import train as run
@@ -139,7 +139,7 @@ def train(**kw):
         val = ""
     click.echo(
         f"train ({s['mode']}): {s['epochs']} epochs, {s['steps']} steps{val}, {s['images_per_s']:.0f} img/s, "
-        f"{s['wall_time_s']:.1f} s -> {kw['out']}/student.pt, summary.json",
+        f"{s['wall_time_s']:.1f} s -> {kw['out']}/model.pt, summary.json",
         err=True,
     )
     click.echo(json.dumps(s))  # the machine-readable summary on stdout

@@ -119,7 +119,7 @@ def test_corrupt_shard_stops_precompute_and_train(env, tmp_path, name):
     code, out = cli(*train_args(data, env / "good.zarr", tmp_path / "run"))
     assert code == 2, out
     assert url in out and f"'{key}'" in out, out
-    assert not (tmp_path / "run" / "student.pt").exists()
+    assert not (tmp_path / "run" / "model.pt").exists()
 
 
 def test_undecodable_image_with_skip_bad_keeps_records_aligned(env, tmp_path):
@@ -147,7 +147,7 @@ def test_undecodable_image_with_skip_bad_keeps_records_aligned(env, tmp_path):
     assert diff["lost"] == 0 and diff["groups_misaligned"] in ([], [BAD]), diff
     code, text = cli(*train_args(data, out, tmp_path / "run"))
     assert code == 0, text
-    assert "train-000001/train1_0002" in text and (tmp_path / "run" / "student.pt").exists()
+    assert "train-000001/train1_0002" in text and (tmp_path / "run" / "model.pt").exists()
 
 
 def test_missing_shard_file(env, tmp_path):
@@ -234,7 +234,7 @@ def test_image_of_another_size_stops_train(env, tmp_path):
     code, out = cli(*train_args(data, env / "good.zarr", tmp_path / "run"))
     assert code == 2, out
     assert "'train1_0002'" in out and str(data / f"{BAD}.tar") in out and "cache" in out, out
-    assert not (tmp_path / "run" / "student.pt").exists()
+    assert not (tmp_path / "run" / "model.pt").exists()
     code, out = cli("verify", env / "good.zarr", "--data", data, "--teacher", TINY, "--teacher-weights",
                     env / "teacher.pt", "-n", 1000, "--device", "cpu")
     assert code == 1 and "train1_0002" in out, out

@@ -134,7 +134,7 @@ def test_damaged_cache_is_refused_by_train_verify_and_inspect(env, tmp_path, nam
     damage(c)
     tally(faults=3)
     results = _commands(env, c, tmp_path / "run")
-    assert not (tmp_path / "run" / "student.pt").exists()
+    assert not (tmp_path / "run" / "model.pt").exists()
     _check_refusals(name, results, words)
 
 
@@ -160,7 +160,7 @@ def test_class_ids_beyond_the_edited_class_count_are_refused_naming_the_cache(en
     assert any((CacheReader(str(c)).read_shard(n)["classes"] >= 4).any() for n in ("train-000000", G, "train-000002"))
     tally(faults=3)
     results = _commands(env, c, tmp_path / "run", data=data, extra=("--label-weight", 0))
-    assert not (tmp_path / "run" / "student.pt").exists()
+    assert not (tmp_path / "run" / "model.pt").exists()
     _check_refusals("class ids beyond the class count", results,
                     {"train": [ANY_GROUP, "'classes'"], "verify": ["--num-classes"],
                      "inspect": ["class id outside 0..3"]})

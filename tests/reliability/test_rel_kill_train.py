@@ -4,7 +4,7 @@ kill at the instant checkpoint.pt is published, and a file-size limit that makes
 write fail.
 
 On the CPU a resumed run must equal an uninterrupted one bit for bit (DESIGN §5): the final
-student.pt is compared tensor by tensor with an uninterrupted run of the same command line, and
+model.pt is compared tensor by tensor with an uninterrupted run of the same command line, and
 metrics.jsonl must hold every step exactly once (with the losses of the uninterrupted run).
 Real processes, real files. The runs start together when the first test asks for them (``runs``),
 two at a time, while the uninterrupted reference runs in this process through the same command line.
@@ -159,12 +159,12 @@ def runs(setup, tmp_path_factory, request):
 
 
 def assert_same_student(ref, out):
-    """student.pt equal bit for bit, metrics.jsonl with every step once (and the same losses),
+    """model.pt equal bit for bit, metrics.jsonl with every step once (and the same losses),
     nothing half written left."""
-    a, b = _weights(ref / "student.pt"), _weights(out / "student.pt")
+    a, b = _weights(ref / "model.pt"), _weights(out / "model.pt")
     assert sorted(a) == sorted(b)
     differ = [k for k in a if a[k].dtype != b[k].dtype or a[k].numpy().tobytes() != b[k].numpy().tobytes()]
-    assert differ == [], f"student.pt differs from the uninterrupted run in {differ}"
+    assert differ == [], f"model.pt differs from the uninterrupted run in {differ}"
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [x["step"] for x in lines if "loss" in x]
     assert steps == list(range(1, STEPS + 1)), steps  # every step, once, in order
@@ -180,7 +180,7 @@ def assert_same_student(ref, out):
 
 
 def test_train_killed_at_a_random_moment_resumes_bitwise(runs):
-    """Seed 0: SIGKILL at a random moment, then --resume until done: student.pt equals the
+    """Seed 0: SIGKILL at a random moment, then --resume until done: model.pt equals the
     uninterrupted run's bit for bit, and metrics.jsonl holds every step once."""
     tmp, ref, futs = runs
     history = futs["random"].result()
