@@ -109,6 +109,7 @@ def common(a, out: str, seed: int, epochs: int, **kw) -> dict:
     base = dict(student=a.student, out=out, num_classes=a.num_classes, epochs=epochs, batch_size=a.batch_size,
                 lr=a.lr, weight_decay=0.05, warmup_steps=20, res=a.res, val_data=a.val_data, workers=0, threads=1,
                 device="cpu", seed=seed, progress=False, temperature=a.temperature, log_every=50,
+                eval_epochs=max(1, epochs // 30),  # about 30 points per curve
                 aug=AugSpec(scale=a.scale, flip=False))
     base.update(kw)
     return base

@@ -96,7 +96,8 @@ class TrainConfig:
     topk: int | None = None  # live: default the cache's k, else 10
     val_data: str | list[str] | None = None
     val_batch_size: int | None = None
-    eval_every: int = 0  # steps; 0 = at each epoch end only
+    eval_every: int = 0  # steps; 0 = at the epoch ends only
+    eval_epochs: int = 1  # evaluate at the end of every N-th epoch (and of the last)
     checkpoint_every: int = 0  # steps; 0 = at each epoch end only
     log_every: int = 10
     workers: int = field(default_factory=default_workers)
@@ -135,7 +136,8 @@ class TrainConfig:
     sd_teacher: str = "deepest"  # deepest | cache | both: what the shallow exits distil from
 
     def __post_init__(self):
-        for name, low in (("epochs", 1), ("batch_size", 1), ("res", 8), ("workers", 0), ("log_every", 1)):
+        for name, low in (("epochs", 1), ("batch_size", 1), ("res", 8), ("workers", 0), ("log_every", 1),
+                          ("eval_epochs", 1)):
             if getattr(self, name) is not None and getattr(self, name) < low:
                 raise KdcacheError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
         from .losses import TAIL_MODES

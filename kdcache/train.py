@@ -56,8 +56,9 @@ DEFAULT_RES = 224  # the student's resolution without --res and without a cache
 BAD_KEYS_SHOWN = 20  # bad records named on stderr and in summary.json (all are counted)
 # Settings a resumed run may change. They are recorded in config.json ("resumes": step, old and new
 # value); every other setting must stay as the run started, or the resume is refused.
-RESUME_MAY_CHANGE = ("epochs", "workers", "worker_timeout", "threads", "log_every", "eval_every", "checkpoint_every", "val_data", "val_batch_size",
-                     "stop_after", "progress", "resume", "device", "loss_backend", "compile", "storage_options")
+RESUME_MAY_CHANGE = ("epochs", "workers", "worker_timeout", "threads", "log_every", "eval_every", "eval_epochs",
+                     "checkpoint_every", "val_data", "val_batch_size", "stop_after", "progress", "resume", "device",
+                     "loss_backend", "compile", "storage_options")
 # Of the resolved settings, these describe the machine or follow from the above: recorded, not checked.
 RESOLVED_MAY_CHANGE = ("device", "amp", "torch", "steps_per_epoch", "total_steps", "threads")
 
@@ -511,7 +512,7 @@ def train(cfg: TrainConfig) -> dict:
                 break
         if stopped:
             break
-        if run.val_stream is not None:
+        if run.val_stream is not None and ((epoch + 1) % cfg.eval_epochs == 0 or epoch + 1 == cfg.epochs):
             validate()
         log.log({"step": state.global_step, "epoch": epoch, "epoch_end": True, "epoch_s": time.perf_counter() - t_epoch,
                  "records_dropped": run.dropped[epoch]})

@@ -264,3 +264,10 @@ def test_pack_refuses_an_output_with_shards_and_overwrite_replaces_them(tmp_path
     assert sorted((out / "train").glob("*.tar")) == many  # untouched
     assert run("pack", src, out, "--shard-size", 100, "--overwrite").exit_code == 0
     assert [p.name for p in (out / "train").glob("*.tar")] == ["train-000000.tar"]  # no stale shard left
+
+
+def test_eval_epochs_evaluates_every_nth_epoch_and_the_last(dataset, cache, tmp_path):
+    out = tmp_path / "run"
+    train(config(dataset, out, cache=str(cache), epochs=5, eval_epochs=2, val_data=str(dataset)))
+    evals = [json.loads(l)["epoch"] for l in (out / "metrics.jsonl").read_text().splitlines() if "val_top1" in l]
+    assert evals == [1, 3, 4]

@@ -46,7 +46,9 @@ from .options import augmentation, augmentation_options, config_default
 @click.option("--topk", type=int, default=None, help="Live teacher top-k [default: the cache's k, else 10].")
 @click.option("--val-data", default=None, help="Validation shards with cls labels (top-1/top-5).")
 @click.option("--val-batch-size", type=int, default=None, help="Validation batch size [default: --batch-size].")
-@click.option("--eval-every", default=config_default(TrainConfig, 'eval_every'), show_default=True, help="Evaluate every N steps (and at each epoch end).")
+@click.option("--eval-every", default=config_default(TrainConfig, 'eval_every'), show_default=True, help="Evaluate every N steps too (0: only at epoch ends).")
+@click.option("--eval-epochs", default=config_default(TrainConfig, "eval_epochs"), show_default=True,
+              help="Evaluate at the end of every N-th epoch and of the last (long schedules on small data).")
 @click.option("--checkpoint-every", default=config_default(TrainConfig, 'checkpoint_every'), show_default=True, help="Checkpoint every N steps (and at each epoch end).")
 @click.option("--log-every", default=config_default(TrainConfig, 'log_every'), show_default=True, help="Write a metrics line every N steps.")
 @click.option("--workers", "-j", default=config_default(TrainConfig, "workers"), show_default=True,
