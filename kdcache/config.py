@@ -47,9 +47,23 @@ class PrecomputeConfig:
     progress: bool = True
     storage_options: dict | None = None
     render: str = "pil"  # render backend (views.RENDER_BACKENDS): pil, or torch (decodes and crops on the device)
+    # What the cache keeps of the teacher (targets.py): its top-k, or N classes drawn from its distribution.
+    targets: str = "topk"
+    samples: int = 12  # --targets sample: draws per record
+    sample_temperature: float = 1.0  # --targets sample: the draws are from softmax(logits / this)
+    compact: bool = False  # the compact layout (encoding.py): quantised log-probs, class lists, derived views
 
     def __post_init__(self):
         from .render import RENDER_BACKENDS
+        from .store import MAX_COUNT
+        from .targets import TARGET_KINDS
+
+        if self.targets not in TARGET_KINDS:
+            raise KdcacheError(f"--targets must be one of {', '.join(TARGET_KINDS)}, got {self.targets!r}")
+        if not 1 <= self.samples <= MAX_COUNT:
+            raise KdcacheError(f"--samples must be in 1..{MAX_COUNT} (counts are stored as bytes), got {self.samples}")
+        if not (self.sample_temperature > 0 and self.sample_temperature < float("inf")):
+            raise KdcacheError(f"--sample-temperature must be > 0, got {self.sample_temperature}")
 
         if self.render not in RENDER_BACKENDS:
             raise KdcacheError(f"--render must be one of {', '.join(RENDER_BACKENDS)}, got {self.render!r}")

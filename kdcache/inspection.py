@@ -77,6 +77,23 @@ def impossible_values(logprobs: np.ndarray, classes: np.ndarray, num_classes: in
     return {what: int(m.sum()) for what, m in checks.items() if m.any()}
 
 
+def impossible_draws(counts: np.ndarray, classes: np.ndarray, num_classes: int, samples: int) -> dict[str, int]:
+    """Like ``impossible_values`` for sampled targets: records (of good samples) whose counts do not
+    add up to the draws, or whose classes are out of range, repeated, or set in an unused slot."""
+    cnt = counts.astype(np.int64).reshape(-1, counts.shape[-1])
+    cls = classes.astype(np.int64).reshape(-1, classes.shape[-1])
+    if not len(cnt):
+        return {}
+    used = cnt > 0
+    checks = {
+        f"counts that do not add up to the {samples} draws": cnt.sum(1) != samples,
+        f"class id outside 0..{num_classes - 1}": (used & ((cls < 0) | (cls >= num_classes))).any(1),
+        "a class id twice in one record": np.array([len(set(r[u].tolist())) < int(u.sum()) for r, u in zip(cls, used)]),
+        "a class id in an unused slot (count 0)": (~used & (cls != -1)).any(1),
+    }
+    return {what: int(m.sum()) for what, m in checks.items() if m.any()}
+
+
 def reconstructed_entropy(logprobs: np.ndarray, num_classes: int) -> np.ndarray:
     """Entropy (nats) of the teacher distribution rebuilt with the uniform tail (DESIGN §3).
 
@@ -131,7 +148,8 @@ def summarize(cache, storage_options: dict | None = None, top: int = 10) -> dict
 
     shards, bad_list = [], []
     n_samples = n_bad = n_records = total_bytes = total_raw = 0
-    mass_sum = ent_sum = 0.0
+    mass_sum = ent_sum = distinct_sum = 0.0
+    sampled = reader.kind == "sample"
     top1 = Counter()
     complete_names, incomplete, missing, edited_views, impossible = [], [], [], [], []
     for name in order:
@@ -169,9 +187,14 @@ def summarize(cache, storage_options: dict | None = None, top: int = 10) -> dict
         n_records += recs
         total_bytes += row["bytes"]
         total_raw += row["raw_bytes"]
-        for what, n in impossible_values(lp, cls, C).items():
+        found = (impossible_draws(data["counts"][valid], cls, C, reader.samples) if sampled
+                 else impossible_values(lp, cls, C))
+        for what, n in found.items():
             impossible.append({"shard": name, "what": what, "records": n})
-        if recs:
+        if recs and sampled:
+            distinct_sum += float((data["counts"][valid] > 0).sum())
+            top1.update(np.asarray(cls[..., 0]).ravel().tolist())
+        elif recs:
             mass_sum += float(topk_mass(lp).sum())
             ent_sum += float(reconstructed_entropy(lp, C).sum())
             top1.update(np.asarray(cls[..., 0]).ravel().tolist())
@@ -191,8 +214,9 @@ def summarize(cache, storage_options: dict | None = None, top: int = 10) -> dict
         "raw_bytes": total_raw,
         "bytes_per_record": total_bytes / n_records if n_records else None,
         "compression_ratio": total_raw / total_bytes if total_bytes else None,
-        "mean_topk_mass": mass_sum / n_records if n_records else None,
-        "mean_entropy": ent_sum / n_records if n_records else None,
+        "mean_topk_mass": mass_sum / n_records if n_records and not sampled else None,
+        "mean_entropy": ent_sum / n_records if n_records and not sampled else None,
+        "mean_distinct_classes": distinct_sum / n_records if n_records and sampled else None,
         "max_entropy": math.log(C),
         "top1": [
             {"class": int(c), "name": _class_name(names, int(c)), "count": int(n), "fraction": n / n_records}
@@ -211,6 +235,8 @@ def summarize(cache, storage_options: dict | None = None, top: int = 10) -> dict
         "class_names": names,
         "views": V,
         "topk": k,
+        "targets": man.get("targets") or {"kind": "topk"},
+        "encoding": man.get("encoding") or {"layout": "plain"},
         "seed": man.get("seed"),
         "augmentation": man.get("augmentation"),
         "resolution": man.get("resolution"),
@@ -276,7 +302,11 @@ def _check_view(reader: CacheReader, view: int | None) -> None:
         raise KdcacheError(f"view {view} is out of range; cache {reader.path} holds views 0..{reader.views - 1}")
 
 
-def _topk_entries(lp: np.ndarray, cls: np.ndarray, names) -> list[dict]:
+def _topk_entries(lp: np.ndarray, cls: np.ndarray, names, counts=None) -> list[dict]:
+    """Top-k entries; for sampled targets (``counts``) the used slots, ``prob`` being the weight count / N."""
+    if counts is not None:
+        return [{"class": int(c), "name": _class_name(names, int(c)), "count": int(n), "logprob": _num(l),
+                 "prob": float(np.exp(np.float64(l)))} for l, c, n in zip(lp, cls, counts) if n > 0]
     return [
         {"class": int(c), "name": _class_name(names, int(c)), "logprob": _num(l), "prob": float(np.exp(np.float64(l)))}
         for l, c in zip(lp, cls)
@@ -304,12 +334,12 @@ def record_info(cache, shard: str, key: str, view: int | None = None, storage_op
             "mix_with": j,
             "mix_key": str(keys[j]) if 0 <= j < len(keys) else None,
             "mix_lam": float(data["mix_lam"][i, v]),
-            "topk": _topk_entries(lp, cls, names),
+            "topk": _topk_entries(lp, cls, names, data["counts"][i, v] if "counts" in data else None),
             "topk_mass": None,
             "tail_mass": None,
             "entropy": None,
         }
-        if key not in bad:
+        if key not in bad and "counts" not in data:
             mass = float(topk_mass(lp))
             entry.update(topk_mass=mass, tail_mass=max(0.0, 1.0 - mass),
                          entropy=float(reconstructed_entropy(lp[None], C)[0]))
@@ -324,6 +354,7 @@ def record_info(cache, shard: str, key: str, view: int | None = None, storage_op
         "bad": bad.get(key),
         "num_classes": C,
         "resolution": int(reader.manifest["resolution"]),
+        "targets": reader.manifest.get("targets") or {"kind": "topk"},
         "views": views,
     }
 
@@ -455,8 +486,12 @@ def render_record(
     ax.set_yticks(ypos, labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
-    ax.set_xlabel("teacher probability")
-    ax.set_title(f"teacher top-{len(v['topk'])} (mass {v['topk_mass']:.3f})", fontsize=9)
+    if v["topk_mass"] is None:  # sampled targets: the weights count / N
+        ax.set_xlabel("target weight (draws / N)")
+        ax.set_title(f"teacher sampled: {len(v['topk'])} classes drawn", fontsize=9)
+    else:
+        ax.set_xlabel("teacher probability")
+        ax.set_title(f"teacher top-{len(v['topk'])} (mass {v['topk_mass']:.3f})", fontsize=9)
     fig.suptitle(f"{shard} / {key} / view {view}", fontsize=10)
     fig.subplots_adjust(left=0.02, right=0.98, bottom=0.14, top=0.82, wspace=0.35)
     fig.savefig(out, dpi=DPI, format="png")
@@ -484,7 +519,8 @@ def format_summary(s: dict, max_shards: int = 50) -> str:
         f"cache         {s['cache']}  (format {s['format_version']}, written by kdcache {s['kdcache_version']})",
         f"teacher       {t.get('spec')}  weights {t.get('weights') or '-'}  sha256 {sha[:16] + '…' if sha else '-'}",
         f"              {s['num_classes']} classes, mean {t.get('mean')}, std {t.get('std')}",
-        f"views V       {s['views']}    top-k {s['topk']}    seed {s['seed']}    teacher resolution {s['resolution']}",
+        f"views V       {s['views']}    {_targets_text(s)}    seed {s['seed']}    teacher resolution {s['resolution']}",
+        f"layout        {_layout_text(s['encoding'])}",
         f"augmentation  {aug.get('name')} v{aug.get('version')}  scale {aug.get('scale')}  ratio "
         f"{[round(x, 4) for x in aug.get('ratio', [])]}  flip {aug.get('flip')}  mixup {aug.get('mixup')}",
         f"render        {render_text(rd)}",
@@ -509,8 +545,12 @@ def format_summary(s: dict, max_shards: int = 50) -> str:
     if tot["records"]:
         lines.append(f"  bytes on disk {_fmt_bytes(tot['bytes'])} ({tot['bytes_per_record']:.1f} per record), raw arrays "
                      f"{_fmt_bytes(tot['raw_bytes'])}, compression ratio {tot['compression_ratio']:.2f}x")
-        lines.append(f"  mean top-{s['topk']} probability mass {tot['mean_topk_mass']:.4f}; mean entropy of the "
-                     f"reconstructed teacher {tot['mean_entropy']:.4f} nats (max log C = {tot['max_entropy']:.4f})")
+        if tot.get("mean_distinct_classes") is not None:
+            lines.append(f"  mean distinct classes per record {tot['mean_distinct_classes']:.2f} of "
+                         f"{s['targets']['samples']} draws")
+        else:
+            lines.append(f"  mean top-{s['topk']} probability mass {tot['mean_topk_mass']:.4f}; mean entropy of the "
+                         f"reconstructed teacher {tot['mean_entropy']:.4f} nats (max log C = {tot['max_entropy']:.4f})")
         tops = ", ".join(
             f"{e['name'] + ' ' if e['name'] else ''}[{e['class']}] {e['count']} ({100 * e['fraction']:.1f}%)"
             for e in tot["top1"]
@@ -531,6 +571,23 @@ def format_summary(s: dict, max_shards: int = 50) -> str:
     return "\n".join(lines)
 
 
+def _targets_text(s: dict) -> str:
+    t = s.get("targets") or {"kind": "topk"}
+    if t.get("kind") == "sample":
+        return f"sampled targets: {t['samples']} draws per record at temperature {t['temperature']:g}"
+    return f"top-k {s['topk']}"
+
+
+def _layout_text(e: dict | None) -> str:
+    e = e or {"layout": "plain"}
+    if e.get("layout") != "compact":
+        return "plain (every array stored as it is)"
+    parts = ["class ids against per-image class lists", "views re-derived from the seed"]
+    if "logprob_step" in e:
+        parts.insert(0, f"log-probs quantised to {e['logprob_step']:g} nat, top-k mass kept")
+    return "compact (" + "; ".join(parts) + ")"
+
+
 def format_record(r: dict) -> str:
     lines = [f"{r['shard']} / {r['key']}  (row {r['index']}, image {size_text(r['size']['width'], r['size']['height'])})"]
     if r["bad"] is not None:
@@ -540,7 +597,12 @@ def format_record(r: dict) -> str:
         mix = (f"mixed with #{v['mix_with']} {v['mix_key']} (own weight λ={v['mix_lam']:.4f})" if v["mixed"]
                else "not mixed")
         lines.append(f"view {v['view']}: box x={b['x']} y={b['y']} w={b['w']} h={b['h']}, flip {v['flip']}, {mix}")
-        if r["bad"] is None:
+        if r["bad"] is None and (r.get("targets") or {}).get("kind") == "sample":
+            n = r["targets"]["samples"]
+            for t in v["topk"]:
+                nm = f" {t['name']}" if t["name"] else ""
+                lines.append(f"    class {t['class']:>5}{nm:16s}  drawn {t['count']:>3}/{n}  weight {t['prob']:.4f}")
+        elif r["bad"] is None:
             for t in v["topk"]:
                 nm = f" {t['name']}" if t["name"] else ""
                 lines.append(f"    class {t['class']:>5}{nm:16s}  p={t['prob']:.4f}  log p={t['logprob']:.4f}")

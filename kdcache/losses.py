@@ -11,6 +11,11 @@ Semantics (docs/losses.md has the long form): the teacher keeps its top-k log-pr
 the rest of its mass ``m = max(0, 1 - sum(exp(l)))`` is spread over the other ``C - k`` classes
 according to ``tail``; the loss is ``T^2 * KL(p_T || softmax(z / T))`` per row plus an optional
 ``label_weight * CE(z, labels)`` at T=1, reduced over the batch.
+
+``tail="sampled"`` takes sampled targets instead (``precompute --targets sample``): ``logprobs``
+then holds ``log(count / N)`` of the drawn classes (-inf, with class id -1, in unused slots), the
+target is exactly those weights (renormalised over the row, not tempered: the draws were made at
+the sampling temperature) and nothing outside them.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch.nn.functional as F
 from kdcache.errors import KdcacheError
 
 __all__ = [
+    "LOSS_TAILS",
     "LossInputError",
     "TAIL_MODES",
     "sparse_kd_loss",
@@ -30,7 +36,8 @@ __all__ = [
     "triton_available",
 ]
 
-TAIL_MODES = ("uniform", "renorm", "bucket")
+TAIL_MODES = ("uniform", "renorm", "bucket")  # how a top-k target models the rest (train --tail)
+LOSS_TAILS = TAIL_MODES + ("sampled",)  # and sampled targets: the weights as they are, no tail
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "torch", "triton")
 _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -102,8 +109,8 @@ def _validate(student_logits, logprobs, classes, temperature, tail, labels, labe
         raise LossInputError(f"temperature must be a number, got {temperature!r}") from None
     if not (T > 0 and math.isfinite(T)):
         raise LossInputError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if tail not in TAIL_MODES:
-        raise LossInputError(f"tail must be one of {TAIL_MODES}, got {tail!r}")
+    if tail not in LOSS_TAILS:
+        raise LossInputError(f"tail must be one of {LOSS_TAILS}, got {tail!r}")
     if reduction not in REDUCTIONS:
         raise LossInputError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     alpha = float(label_weight)
@@ -132,9 +139,14 @@ def _validate(student_logits, logprobs, classes, temperature, tail, labels, labe
         else:
             raise LossInputError(
                 f"labels must be (B,) class ids or (B, C) soft targets, got shape {tuple(labels.shape)}")
-    # Range check of the ids costs a pass over (B, k) and, on CUDA, a host sync: CPU only.
-    if ids.device.type == "cpu" and (ids.min() < 0 or ids.max() >= C):
-        raise LossInputError(f"classes must lie in [0, {C}), got values outside")
+    # Range check of the ids costs a pass over (B, k) and, on CUDA, a host sync: CPU only. Sampled
+    # targets may leave slots unused: class -1 with weight 0 (log-weight -inf).
+    if ids.device.type == "cpu":
+        used = ids if tail != "sampled" else ids[~(ids == -1) | ~torch.isneginf(lp)]
+        if used.numel() and (used.min() < 0 or used.max() >= C):
+            raise LossInputError(f"classes must lie in [0, {C}), got values outside"
+                                 + (" (an unused slot of sampled targets is class -1 with log-weight -inf)"
+                                    if tail == "sampled" else ""))
     return T, alpha
 
 
@@ -202,7 +214,9 @@ def sparse_kd_loss(
         classes: (B, k) int16/int32/int64 class ids of ``logprobs``; distinct within a row.
         temperature: T > 0.
         tail: "uniform" (default), "renorm" or "bucket" — how the teacher's non-top-k mass is
-            modelled; see docs/losses.md.
+            modelled; see docs/losses.md. "sampled": ``logprobs`` are the log-weights
+            ``log(count / N)`` of sampled targets (class -1 and -inf in unused slots), taken as the
+            whole target without tempering or tail.
         labels: (B,) class ids or (B, C) soft targets (e.g. mixed labels); only used when
             ``label_weight != 0``. CE is always taken at T=1.
         reduction: "mean" (over the batch), "sum" or "none" (per-row (B,) tensor).
@@ -249,6 +263,7 @@ def teacher_at_temperature(logprobs: torch.Tensor, C: int, temperature: float, t
     Returns ``(log_p, p, log_q, q, p_tail)``: (B, k) log-probs/probs of the top-k classes, (B,)
     log-prob/prob of *each* tail class (uniform modes; ``q = 0`` when there is no tail) and (B,)
     total tail mass ``p_tail = (C - k) * q``. ``log_q`` is finite even where ``q == 0``.
+    ``tail="sampled"``: the k weights ``exp(logprobs)`` renormalised, at any T, and no tail.
     """
     neg = torch.finfo(dtype).min
     T = float(temperature)
@@ -259,11 +274,11 @@ def teacher_at_temperature(logprobs: torch.Tensor, C: int, temperature: float, t
     # 1 - sum(exp(l)) cancels badly when the top-k hold nearly all the mass: float64 (k values).
     m64 = (1.0 - logprobs.double().exp().sum(-1)).clamp_min(0.0)
     m = m64.to(dtype)
-    if tail == "renorm" or n_tail == 0:
+    if tail in ("renorm", "sampled") or n_tail == 0:
         has_tail = torch.zeros_like(m, dtype=torch.bool)
     else:
         has_tail = m > 0
-    lT = l / T
+    lT = l if tail == "sampled" else l / T
     u_T = ((m64.clamp_min(1e-300).log() - log_n) / T).to(dtype)
     tail_w = torch.where(has_tail, u_T + log_n, torch.full_like(u_T, neg))
     lse_t = torch.logsumexp(torch.cat([lT, tail_w[:, None]], dim=1), dim=1)
@@ -280,6 +295,8 @@ def _reference(z, logprobs, classes, T, tail, labels, alpha, reduction):
     B, C = z.shape
     k = logprobs.shape[1]
     ids = classes.long()
+    if tail == "sampled":
+        ids = ids.clamp_min(0)  # an unused slot (-1) has weight 0: any gathered value drops out
     zc = z.to(cdt)
     log_s = F.log_softmax(zc / T, dim=-1)
     log_p, p, log_q, q, p_tail = teacher_at_temperature(logprobs, C, T, tail, cdt)

@@ -9,7 +9,9 @@ Read top to bottom:
    all V views from the decoded images (``views.crop_batch``), in teacher batches that are a
    fixed function of the shard (``teacher_batches``).
 4. The main process runs the teacher on each batch (``teacher.batch_topk``: mixed on the device,
-   bf16 autocast on CUDA, log-softmax, top-k) and files the results into the shard's arrays.
+   bf16 autocast on CUDA, log-softmax, top-k; with ``--targets sample``, ``teacher.batch_logprobs``
+   and ``targets.draw_batch``: N classes drawn per record, seeded by (seed, key, view)) and files
+   the results into the shard's arrays.
 5. When every record of a shard is in, the shard group is written and only then marked complete.
 
 The render backend (``--render``: ``render.make_renderer``) decides where pixels are made. PIL, and
@@ -36,8 +38,9 @@ from .runtime import (
     worker_share,
 )
 from .shards import decode_shard, expand_urls, load_class_names, shard_name
-from .store import CLAIM_REFRESH_S, CacheWriter, make_manifest
-from .teacher import batch_topk, compute_record, load_teacher
+from .store import CLAIM_REFRESH_S, CacheWriter, encoding_record, make_manifest
+from .targets import draw_batch, slots, targets_record
+from .teacher import batch_logprobs, batch_topk, compute_record, load_teacher
 from .views import CropBatch, ShardViews, crop_batch, drop_records, sample_shard_views
 from .render import make_renderer
 
@@ -155,12 +158,15 @@ class ShardRenderStream(IterableDataset):
 
 
 class _Pending:
-    """A shard whose records are being filled in."""
+    """A shard whose records are being filled in: top-k log-probs (float16 as the plain layout stores
+    them; float32 for the compact one, which quantises them itself) or sampled counts, and classes."""
 
-    def __init__(self, start: ShardStart, views: int, k: int):
+    def __init__(self, start: ShardStart, views: int, k: int, sampled: bool = False, compact: bool = False):
         n = len(start.keys)
         self.start = start
-        self.logprobs = np.full((n, views, k), -np.inf, dtype=np.float16)
+        self.logprobs = None if sampled else np.full((n, views, k), -np.inf,
+                                                     dtype=np.float32 if compact else np.float16)
+        self.counts = np.zeros((n, views, k), dtype=np.uint8) if sampled else None
         self.classes = np.full((n, views, k), -1, dtype=np.int64)
         self.remaining = int(start.valid.sum()) * views
 
@@ -179,15 +185,19 @@ def precompute(cfg: PrecomputeConfig) -> dict:
     teacher, info = load_teacher(cfg.teacher, device, num_classes=cfg.num_classes, weights=cfg.teacher_weights,
                                  pretrained=cfg.pretrained, mean=cfg.mean, std=cfg.std, resolution=cfg.res,
                                  random_init=cfg.random_init)
-    if cfg.topk > info.num_classes:
+    sampled = cfg.targets == "sample"
+    if not sampled and cfg.topk > info.num_classes:
         raise KdcacheError(f"--topk {cfg.topk} exceeds the teacher's {info.num_classes} classes")
     names = load_class_names(urls)
     renderer = make_renderer(cfg.render, device)
     manifest = make_manifest(
-        teacher=info.describe(), augmentation=cfg.aug.to_dict(), seed=cfg.seed, views=cfg.views, topk=cfg.topk,
+        teacher=info.describe(), augmentation=cfg.aug.to_dict(), seed=cfg.seed, views=cfg.views,
+        topk=slots(cfg.samples, info.num_classes) if sampled else cfg.topk,
         resolution=cfg.res, render=renderer.describe(), shards=[shard_name(u) for u in urls], sources=urls,
         class_names=names if names is not None and len(names) == info.num_classes else None,
         compute=compute_record(cfg.batch_size, device),
+        targets=targets_record(cfg.targets, cfg.samples, cfg.sample_temperature),
+        encoding=encoding_record("compact" if cfg.compact else "plain", cfg.targets),
     )
     # Rank 0 creates the store; the others open it once it exists.
     writer = CacheWriter(cfg.out, manifest, cfg.storage_options) if rank == 0 else None
@@ -238,6 +248,8 @@ def _run(cfg: PrecomputeConfig, teacher, writer: CacheWriter, todo: list[str], c
     )
     bar = _Progress(todo, cfg.views) if cfg.progress and rank == 0 else None
     pending: dict[str, _Pending] = {}
+    sampled = cfg.targets == "sample"
+    width = int(writer.manifest["topk"])
     t0 = last_refresh = time.perf_counter()
     with torch.inference_mode():
         for item in _on_device(worker_items(loader, cfg.worker_timeout, cfg.out), renderer, cfg):
@@ -246,13 +258,19 @@ def _run(cfg: PrecomputeConfig, teacher, writer: CacheWriter, todo: list[str], c
                 last_refresh = time.perf_counter()
             item = raise_if_error(item)
             if isinstance(item, ShardStart):
-                pending[item.name] = p = _Pending(item, cfg.views, cfg.topk)
+                pending[item.name] = p = _Pending(item, cfg.views, width, sampled, cfg.compact)
                 if bar is not None:
                     bar.shard_started(item.name, p.remaining)
             else:
                 p = pending[item.name]
-                vals, ids = batch_topk(teacher, item.crops, cfg.topk)
-                p.logprobs[item.index, item.view] = vals
+                if sampled:  # N draws per record, a pure function of (seed, key, view) and the teacher
+                    logp = batch_logprobs(teacher, item.crops)
+                    ids, counts = draw_batch(logp, [p.start.keys[i] for i in item.index], item.view, cfg.seed,
+                                             cfg.samples, cfg.sample_temperature)
+                    p.counts[item.index, item.view] = counts
+                else:
+                    vals, ids = batch_topk(teacher, item.crops, cfg.topk, half=not cfg.compact)
+                    p.logprobs[item.index, item.view] = vals
                 p.classes[item.index, item.view] = ids
                 p.remaining -= len(item.index)
                 if bar is not None:
@@ -286,7 +304,7 @@ def _on_device(items, renderer, cfg: PrecomputeConfig):
 def _write(writer: CacheWriter, p: _Pending, claim, render: dict) -> None:
     s = p.start
     writer.write_shard(
-        s.name, source=s.url, keys=s.keys, size=s.size, logprobs=p.logprobs, classes=p.classes,
+        s.name, source=s.url, keys=s.keys, size=s.size, logprobs=p.logprobs, counts=p.counts, classes=p.classes,
         box=s.views.box, flip=s.views.flip, mix_with=s.views.mix_with, mix_lam=s.views.mix_lam,
         bad=s.bad, render=render, claim=claim,
     )

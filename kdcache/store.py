@@ -1,6 +1,6 @@
-"""The cache: a Zarr v3 group holding the teacher's top-k outputs and the views they were taken on.
+"""The cache: a Zarr v3 group holding the teacher's targets and the views they were taken on.
 
-Layout (format version 2)::
+Layout (format version 3, the default "plain" layout of top-k targets)::
 
     cache.zarr/                 attrs["kdcache"] = manifest
       <shard stem>/             attrs: source, num_samples, complete, bad, render
@@ -13,13 +13,20 @@ Layout (format version 2)::
         mix_with  (N, V)        int32    partner's index in the shard, -1 = not mixed
         mix_lam   (N, V)        float16  weight of the record's own image
 
+The manifest's ``targets`` says what the targets are (``topk``, or ``sample``: classes drawn from
+the teacher with their ``counts`` in place of ``logprobs``) and its ``encoding`` how they are laid
+out: ``plain`` (above) or ``compact`` (``precompute --compact``: log-probs quantised against the
+top-1 with the top-k mass kept, class ids coded against a per-image class list, geometry not
+stored but re-derived from the seeded sampler; ``kdcache.encoding``). Whatever the layout,
+``CacheReader`` returns the same decoded arrays (``ARRAYS``, plus ``counts`` for sampled targets).
+
 Every per-view array is chunked one chunk per view and packed into one Zarr shard, so a shard
 group is a handful of files and an epoch reads one small chunk per array. ``docs/format.md``
 describes the semantics in full.
 
-Format version 1 stored ``keys`` as a (N,) Zarr ``string`` (vlen-utf8) array, which tensorstore
-cannot open. Version 1 caches are still read (keys come back as the same str arrays); they are
-not written to any more.
+Format version 2 is version 3's plain top-k layout without the manifest's ``targets`` and
+``encoding``. Format version 1 also stored ``keys`` as a (N,) Zarr ``string`` (vlen-utf8) array,
+which tensorstore cannot open. Both are still read; they are not written to any more.
 """
 
 from __future__ import annotations
@@ -38,26 +45,38 @@ from dataclasses import dataclass
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
+from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
 
 from . import __version__
 from .claims import (  # noqa: F401  (CLAIM_* and the errors are part of the store's API)
     CLAIM_GRACE_S, CLAIM_LEASE_S, CLAIM_REFRESH_S, CLAIMS_DIR, ClaimLostError, ShardClaim, ShardClaimedError,
     _describe_holder, _read_claim, _take_claim,
 )
+from . import encoding as enc
 from .errors import KdcacheError
+from .targets import TARGET_KINDS, kind_of, log_weights
 
-FORMAT_VERSION = 2
-# Cache formats this release reads. Version 1 differs only in the keys array (Zarr string dtype).
-READ_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+MAX_COUNT = 254  # sampled targets: draws per record (stored counts are uint8, 255 is the fill value)
+# Cache formats this release reads. Version 2 is version 3's plain top-k layout without the
+# manifest's targets and encoding; version 1 differs from 2 only in the keys array (Zarr string).
+READ_VERSIONS = (1, 2, 3)
 # Array attributes of the keys array (version 2): how a plain-zarr user decodes its rows.
 KEYS_ATTRS = {"encoding": "utf-8, zero-padded"}
+# What the reader returns for every cache (decoded, whatever the layout); sampled targets add "counts".
 ARRAYS = ("keys", "size", "logprobs", "classes", "box", "flip", "mix_with", "mix_lam")
+GEOMETRY = ("box", "flip", "mix_with", "mix_lam")
+LAYOUTS = ("plain", "compact")
 # Manifest fields that must agree before more shards are written into an existing cache.
-MATCHED_FIELDS = ("teacher", "augmentation", "seed", "views", "topk", "resolution", "shards", "compute")
+MATCHED_FIELDS = ("teacher", "augmentation", "seed", "views", "topk", "resolution", "shards", "compute", "targets",
+                  "encoding")
 
 _FLOAT = BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.shuffle)
 _INT = BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.bitshuffle)
+# The compact layout's codes: small integers in bytes, where zstd's own entropy coder does best.
+_CODES = ZstdCodec(level=19)
+_CLASS_LIST = BloscCodec(cname="zstd", clevel=9, shuffle=BloscShuffle.shuffle)
+_LOGMASS = BloscCodec(cname="zstd", clevel=9, shuffle=BloscShuffle.bitshuffle)
 # Every chunk also carries a CRC-32C of its compressed bytes: Blosc alone decodes a truncated or
 # corrupted chunk into garbage without an error (seen for the unsharded `keys` and `size`).
 _CRC = Crc32cCodec()
@@ -84,12 +103,22 @@ def make_manifest(
     sources: list[str],
     class_names: list[str] | None = None,
     compute: dict | None = None,
+    targets: dict | None = None,
+    encoding: dict | None = None,
 ) -> dict:
     """The cache's manifest (stored as ``attrs["kdcache"]`` of the root group).
 
     ``compute`` records how the teacher ran: ``{"batch_size": int, "device": "cpu"|"cuda",
-    "precision": "fp32"|"bf16"}`` (None when the caller does not say).
+    "precision": "fp32"|"bf16"}`` (None when the caller does not say). ``targets`` is
+    ``targets.targets_record(...)`` (default top-k; for sampled targets ``topk`` is the width of a
+    record, ``targets.slots``), ``encoding`` is ``encoding_record(...)`` (default plain).
     """
+    targets = dict(targets) if targets is not None else {"kind": "topk"}
+    encoding = dict(encoding) if encoding is not None else encoding_record("plain", targets["kind"])
+    if targets.get("kind") not in TARGET_KINDS:
+        raise ValueError(f"targets kind must be one of {TARGET_KINDS}, got {targets.get('kind')!r}")
+    if encoding.get("layout") not in LAYOUTS:
+        raise ValueError(f"encoding layout must be one of {LAYOUTS}, got {encoding.get('layout')!r}")
     return {
         "format_version": FORMAT_VERSION,
         "kdcache_version": __version__,
@@ -104,7 +133,35 @@ def make_manifest(
         "sources": list(sources),
         "class_names": list(class_names) if class_names is not None else None,
         "compute": dict(compute) if compute is not None else None,
+        "targets": targets,
+        "encoding": encoding,
     }
+
+
+def encoding_record(layout: str = "plain", kind: str = "topk") -> dict:
+    """The manifest's ``encoding`` entry: the plain layout, or the compact one with its parameters."""
+    if layout == "plain":
+        return {"layout": "plain"}
+    out = {"layout": "compact", "classes": "image_list", "geometry": "derived"}
+    if kind == "topk":
+        out["logprob_step"] = enc.LOGPROB_STEP
+    return out
+
+
+def layout_of(manifest: dict) -> str:
+    """A cache's layout: ``plain`` (every cache before format 3) or ``compact``."""
+    return str((manifest.get("encoding") or {}).get("layout", "plain"))
+
+
+def layout_arrays(manifest: dict) -> tuple[str, ...]:
+    """The arrays every shard group of a cache holds, in the order they are written."""
+    kind, k = kind_of(manifest), int(manifest["topk"])
+    if layout_of(manifest) == "plain":
+        targets = ("logprobs", "classes") if kind == "topk" else ("classes", "counts")
+        return ("keys", "size") + targets + GEOMETRY
+    if kind == "topk":
+        return ("keys", "size", "class_list", "class_code") + (("logprob_steps",) if k > 1 else ()) + ("topk_logmass",)
+    return ("keys", "size", "class_list", "class_code", "counts")
 
 
 def manifest_differences(old: dict, new: dict) -> list[str]:
@@ -114,6 +171,8 @@ def manifest_differences(old: dict, new: dict) -> list[str]:
         a, b = old.get(name), new.get(name)
         if name == "compute" and old.get("format_version") == 1:
             continue  # format 1 did not record it (and a format-1 cache is never written to again)
+        if name in ("targets", "encoding") and old.get("format_version", FORMAT_VERSION) < 3:
+            continue  # formats 1 and 2 did not record them (and are never written to again)
         if name == "shards":  # the same shards listed in another order are the same data
             a, b = sorted(a or []), sorted(b or [])
         if json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
@@ -181,13 +240,14 @@ class ViewRecords:
     view: int
     keys: np.ndarray  # (N,) str
     size: np.ndarray  # (N, 2) int32 height, width
-    logprobs: np.ndarray  # (N, k) float16
-    classes: np.ndarray  # (N, k) int
+    logprobs: np.ndarray  # (N, k) float16 (float32 from a compact or sampled cache)
+    classes: np.ndarray  # (N, k) int (-1 in the unused slots of sampled targets)
     box: np.ndarray  # (N, 4) int
     flip: np.ndarray  # (N,) bool
     mix_with: np.ndarray  # (N,) int32
     mix_lam: np.ndarray  # (N,) float16
     bad: frozenset
+    counts: np.ndarray | None = None  # (N, k) uint8 for sampled targets (logprobs then holds log(counts / N))
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -236,15 +296,40 @@ def view_digest(keys, size, logprobs, classes, box, flip, mix_with, mix_lam) -> 
     """sha256 of one view of a shard group: the keys and image sizes of every record, and that
     view's top-k log-probs and classes, box, flip and mixup partner and weight, each in a fixed
     dtype. Precompute records it; every read checks it, so a value edited after precompute (by
-    hand, a tool, a bit flip) is found by the first reader of that view."""
+    hand, a tool, a bit flip) is found by the first reader of that view. (The digest of plain top-k
+    groups; ``digest_of`` covers every layout.)"""
+    return _digest(keys, size, [(logprobs, "<f2"), (classes, "<i8")], box, flip, mix_with, mix_lam)
+
+
+def _digest(keys, size, targets, box, flip, mix_with, mix_lam) -> str:
     h = hashlib.sha256()
     h.update("\n".join(str(k) for k in keys).encode("utf-8"))
-    for arr, dtype in ((size, "<i4"), (logprobs, "<f2"), (classes, "<i8"), (box, "<i8"), (flip, "u1"),
-                       (mix_with, "<i4"), (mix_lam, "<f2")):
+    for arr, dtype in [(size, "<i4")] + list(targets) + [(box, "<i8"), (flip, "u1"), (mix_with, "<i4"),
+                                                           (mix_lam, "<f2")]:
         a = np.ascontiguousarray(np.asarray(arr).astype(dtype, copy=False))
         h.update(f"|{a.shape}|".encode())
         h.update(a.tobytes())
     return h.hexdigest()
+
+
+def digest_of(kind: str, layout: str, d: dict, j: int) -> str:
+    """The digest of view column ``j`` of decoded group data ``d`` (``CacheReader`` output, which
+    for a compact group also holds the stored codes). It covers what the student is given: the
+    targets as stored (the log-probs of a compact group through their codes and top-k mass, from
+    which decoding is a fixed function; sampled targets through their counts), the decoded class
+    ids and the geometry (re-derived for a compact group), so an edit of any stored value, or a
+    sampler that no longer draws the stored geometry, changes it. Plain top-k groups keep format
+    2's digest."""
+    if kind == "sample":
+        targets = [(d["counts"][:, j], "u1"), (d["classes"][:, j], "<i8")]
+    elif layout == "compact":
+        steps = d.get("logprob_steps")
+        steps = steps[:, j] if steps is not None else np.zeros((len(d["keys"]), 0), np.uint8)
+        targets = [(steps, "u1"), (d["topk_logmass"][:, j], "<f2"), (d["classes"][:, j], "<i8")]
+    else:
+        targets = [(d["logprobs"][:, j], "<f2"), (d["classes"][:, j], "<i8")]
+    return _digest(d["keys"], d["size"], targets, d["box"][:, j], d["flip"][:, j], d["mix_with"][:, j],
+                   d["mix_lam"][:, j])
 
 
 def targets_digest(groups: dict[str, list[str]]) -> str:
@@ -274,6 +359,8 @@ def _keys(keys_array) -> np.ndarray:
 FILL_VALUES = {
     "keys": 0xFF, "size": -2, "logprobs": float("nan"), "classes": -2, "flip": False, "mix_with": -2,
     "mix_lam": float("nan"),
+    # format 3: counts <= 254, class codes <= 254 (uint8; uint16 above: its max), steps <= 254
+    "counts": 255, "class_list": -2, "logprob_steps": 255, "topk_logmass": float("nan"),
 }
 # Group attribute: every chunk of every array was written, also one equal to the fill value
 # (zarr skips those by default). Groups written before it existed may lack a chunk that was all
@@ -313,11 +400,12 @@ def _may_lack_data(aname: str, n: int, k: int, attrs: dict) -> bool:
     return False  # size >= 1 or -1; λ >= 0.5; a record never mixes with itself
 
 
-def missing_data(arrays: dict, files: dict[str, int | None], n: int, k: int, attrs: dict) -> tuple[str, str] | None:
-    """(array, what is wrong) for the first array whose data is not all in ``files`` (keys relative
-    to the group, with sizes when known), else None."""
+def missing_data(arrays: dict, files: dict[str, int | None], n: int, k: int, attrs: dict,
+                 names=ARRAYS) -> tuple[str, str] | None:
+    """(array, what is wrong) for the first array of ``names`` whose data is not all in ``files``
+    (keys relative to the group, with sizes when known), else None."""
     strict = bool(attrs.get(EVERY_CHUNK_ATTR))
-    for aname in ARRAYS:
+    for aname in names:
         arr = arrays.get(aname)
         if arr is None:
             return aname, "the array is missing"
@@ -373,12 +461,13 @@ def _head_reader(path: str, name: str, fs=None):
     return None
 
 
-def missing_data_quick(files: dict[str, int | None], n: int, k: int, attrs: dict) -> tuple[str, str] | None:
+def missing_data_quick(files: dict[str, int | None], n: int, k: int, attrs: dict,
+                       names=ARRAYS) -> tuple[str, str] | None:
     """The same question as ``missing_data`` from the listing alone, without reading the arrays'
     metadata: every array has its metadata file and, when N > 0, a non-empty data file (kdcache
     stores each array in a single chunk or shard file)."""
     strict = bool(attrs.get(EVERY_CHUNK_ATTR))
-    for aname in ARRAYS:
+    for aname in names:
         if f"{aname}/zarr.json" not in files:
             return aname, "its metadata file is missing"
         if n <= 0:
@@ -469,6 +558,9 @@ class CacheReader:
         self.check_digests = check_digests  # False: read views whose content no longer matches its digest
         self.root, self.manifest = open_manifest(self.path, storage_options)
         self.format_version = int(self.manifest["format_version"])
+        self.kind = kind_of(self.manifest)  # "topk" or "sample"
+        self.layout = layout_of(self.manifest)  # "plain" or "compact"
+        self.arrays = layout_arrays(self.manifest)
         self._fs = _fsspec(self.path, storage_options)
         self._groups: set[str] = set()  # shard groups seen so far (groups are never removed)
         self._valid: dict[str, tuple[int, dict, dict]] = {}  # complete shard -> (N, arrays, attrs)
@@ -484,6 +576,11 @@ class CacheReader:
     @property
     def num_classes(self) -> int:
         return int(self.manifest["teacher"]["num_classes"])
+
+    @property
+    def samples(self) -> int | None:
+        """N, the draws per record of a sampled cache (None for top-k)."""
+        return int(self.manifest["targets"]["samples"]) if self.kind == "sample" else None
 
     @property
     def class_names(self) -> list[str] | None:
@@ -562,7 +659,8 @@ class CacheReader:
             present = dict(g.arrays())
         except Exception as e:
             raise _damaged(f"the arrays' metadata of cache group {name!r} in {self.path}", e) from None
-        missing = [a for a in ARRAYS if a not in present]
+        names = self.arrays
+        missing = [a for a in names if a not in present]
         if missing:
             raise KdcacheError(f"shard {name!r} in cache {self.path} lacks arrays {missing}; re-run precompute on it")
         n, V, k = int(attrs.get("num_samples", -1)), self.views, self.topk
@@ -578,25 +676,32 @@ class CacheReader:
             keys_shape = (n, width)
             if np.dtype(keys.dtype) != np.uint8:
                 raise KdcacheError(
-                    f"shard {name!r} array 'keys' is {keys.dtype}, expected uint8 (cache format 2); the store is damaged"
+                    f"shard {name!r} array 'keys' is {keys.dtype}, expected uint8 (cache format {self.format_version}); "
+                    "the store is damaged"
                 )
+        cl = present.get("class_list")
+        u = int(cl.shape[1]) if cl is not None and len(cl.shape) == 2 and cl.shape[1] >= 1 else 1
         expect = {
-            "keys": keys_shape, "size": (n, 2), "logprobs": (n, V, k), "classes": (n, V, k),
-            "box": (n, V, 4), "flip": (n, V), "mix_with": (n, V), "mix_lam": (n, V),
+            "keys": keys_shape, "size": (n, 2), "logprobs": (n, V, k), "classes": (n, V, k), "counts": (n, V, k),
+            "box": (n, V, 4), "flip": (n, V), "mix_with": (n, V), "mix_lam": (n, V), "class_list": (n, u),
+            "class_code": (n, V, k), "logprob_steps": (n, V, k - 1), "topk_logmass": (n, V),
         }
-        for a, shape in expect.items():
-            if tuple(present[a].shape) != shape:
+        for a in names:
+            if tuple(present[a].shape) != expect[a]:
                 raise KdcacheError(
-                    f"shard {name!r} array {a!r} has shape {tuple(present[a].shape)}, expected {shape} "
+                    f"shard {name!r} array {a!r} has shape {tuple(present[a].shape)}, expected {expect[a]} "
                     f"(num_samples={n}, views={V}, topk={k}); the store is damaged"
                 )
-        if present["logprobs"].dtype != np.float16:
-            raise KdcacheError(f"shard {name!r} array 'logprobs' is {present['logprobs'].dtype}, expected float16")
+        want_dtype = {"logprobs": np.float16, "counts": np.uint8, "logprob_steps": np.uint8,
+                      "topk_logmass": np.float16, "class_code": enc.code_dtype(u)}
+        for a, dt in want_dtype.items():
+            if a in present and a in names and np.dtype(present[a].dtype) != np.dtype(dt):
+                raise KdcacheError(f"shard {name!r} array {a!r} is {present[a].dtype}, expected {np.dtype(dt)}")
         try:
             files = _list_files(self.root, self.path, name, self._fs)
         except Exception as e:
             raise _damaged(f"the file listing of cache group {name!r} in {self.path}", e) from None
-        lost = missing_data(present, files, n, k, attrs)
+        lost = missing_data(present, files, n, k, attrs, names)
         if lost is None and not attrs.get(EVERY_CHUNK_ATTR):  # an older group: no checksums
             read_head = _head_reader(self.path, name, self._fs)
             if read_head is not None:
@@ -615,7 +720,7 @@ class CacheReader:
                 f"cache group {name!r} in {self.path} has no data for array {a!r} ({why}): the cache is damaged; "
                 "re-run precompute on that shard after deleting the group, or restore it"
             )
-        self._valid[name] = (n, {a: present[a] for a in ARRAYS}, attrs)
+        self._valid[name] = (n, {a: present[a] for a in names}, attrs)
         return self._valid[name]
 
     def _read(self, name: str, aname: str, fn):
@@ -637,35 +742,84 @@ class CacheReader:
         arr = self._open_shard(name)[1]["size"]
         return self._read(name, "size", lambda: np.asarray(arr[:]))
 
+    # -- reading and decoding --
+
+    def _stored(self, name: str, view: int | None) -> dict[str, np.ndarray]:
+        """The group's arrays as stored; per-view arrays cut to view ``view`` (kept as a column of
+        one) or all views (None)."""
+        _, arr, _ = self._open_shard(name)
+        out = {}
+        for a in self.arrays:
+            if a == "keys":
+                out[a] = self._read(name, a, lambda: _keys(arr["keys"]))
+            elif a in ("size", "class_list") or view is None:
+                out[a] = self._read(name, a, lambda a=a: np.asarray(arr[a][:]))
+            else:
+                out[a] = self._read(name, a, lambda a=a: np.asarray(arr[a][:, view : view + 1]))
+        return out
+
+    def _decode(self, name: str, st: dict, view: int | None) -> dict[str, np.ndarray]:
+        """Decoded arrays (``ARRAYS``, plus ``counts`` for sampled targets) from stored ones. A compact
+        group's stored codes stay in the result too (the digest covers them)."""
+        d = dict(st)
+        if self.layout == "compact":
+            codes = st["class_code"]
+            try:
+                d["classes"] = enc.decode_classes(codes, st["class_list"]).astype(np.int64)
+            except Exception as e:
+                raise _damaged(f"array 'class_code' of cache group {name!r} in {self.path}", e) from None
+            if self.kind == "topk":
+                steps = st.get("logprob_steps")
+                if steps is None:
+                    steps = np.zeros(codes.shape[:2] + (0,), np.uint8)
+                step = float(self.manifest["encoding"].get("logprob_step", enc.LOGPROB_STEP))
+                d["logprobs"] = enc.dequantise_logprobs(steps, st["topk_logmass"], step).astype(np.float32)
+            d.update(self._geometry(name, d["keys"], d["size"], view))
+        if self.kind == "sample":
+            d["classes"] = np.where(st["counts"] > 0, d["classes"], -1)
+            d["logprobs"] = log_weights(st["counts"], self.samples)
+        return d
+
+    def _geometry(self, name: str, keys, size, view: int | None) -> dict[str, np.ndarray]:
+        """The views of a compact group, re-derived with the seeded sampler (``views.sample_shard_views``)
+        exactly as precompute drew them: a record listed as bad gets no view."""
+        from .views import SAMPLER_VERSION, AugSpec, sample_shard_views
+
+        aug = AugSpec.from_dict(self.manifest["augmentation"])
+        if aug.version != SAMPLER_VERSION:
+            raise KdcacheError(
+                f"cache {self.path} does not store its views (precompute --compact): they were drawn by view sampler "
+                f"version {aug.version} and this kdcache has version {SAMPLER_VERSION}, so it cannot re-derive them. "
+                "Read the cache with the kdcache release that made it")
+        bad = set(self._open_shard(name)[2].get("bad") or {})
+        valid = np.array([str(k) not in bad for k in keys], dtype=bool) & (np.asarray(size)[:, 0] >= 0)
+        index = list(range(self.views)) if view is None else [view]
+        sv = sample_shard_views(int(self.manifest["seed"]), name, [str(k) for k in keys], np.asarray(size), index,
+                                aug, valid=valid)
+        max_side = int(np.asarray(size).max()) if len(keys) else 0
+        return {"box": sv.box.astype(box_dtype(max_side)), "flip": sv.flip, "mix_with": sv.mix_with,
+                "mix_lam": sv.mix_lam}
+
     def read_view(self, name: str, view: int) -> ViewRecords:
         """View ``view`` of every record in shard ``name``: one chunk read per array."""
-        _, arr, attrs = self._open_shard(name)
+        _, _, attrs = self._open_shard(name)
         if not 0 <= view < self.views:
             raise KdcacheError(f"view {view} is out of range; cache {self.path} holds views 0..{self.views - 1}")
-
-        def one(a):
-            return self._read(name, a, lambda: np.asarray(arr[a][:, view]))
-
-        rec = ViewRecords(
-            shard=name,
-            view=view,
-            keys=self._read(name, "keys", lambda: _keys(arr["keys"])),
-            size=self._read(name, "size", lambda: np.asarray(arr["size"][:])),
-            logprobs=one("logprobs"),
-            classes=one("classes"),
-            box=one("box"),
-            flip=one("flip"),
-            mix_with=one("mix_with"),
-            mix_lam=one("mix_lam"),
-            bad=frozenset(attrs.get("bad", {})),
-        )
+        d = self._decode(name, self._stored(name, view), view)
         if self.check_digests:
-            self._check_digest(name, view, attrs, rec.keys, rec.size, rec.logprobs, rec.classes, rec.box, rec.flip,
-                               rec.mix_with, rec.mix_lam)
+            self._check_digest(name, view, attrs, d, 0)
+        rec = ViewRecords(
+            shard=name, view=view, keys=d["keys"], size=d["size"], logprobs=d["logprobs"][:, 0],
+            classes=d["classes"][:, 0], box=d["box"][:, 0], flip=d["flip"][:, 0], mix_with=d["mix_with"][:, 0],
+            mix_lam=d["mix_lam"][:, 0], bad=frozenset(attrs.get("bad", {})),
+            counts=d["counts"][:, 0] if "counts" in d else None,
+        )
         good = np.array([k not in rec.bad for k in rec.keys], dtype=bool)
         if good.any():
             ids = rec.classes[good]
-            if ids.min() < 0 or ids.max() >= self.num_classes:
+            if rec.counts is not None:
+                ids = ids[rec.counts[good] > 0]
+            if len(ids) and (ids.min() < 0 or ids.max() >= self.num_classes):
                 raise KdcacheError(
                     f"cache group {name!r} of {self.path}: array 'classes' holds class id {int(ids.max()) if ids.max() >= self.num_classes else int(ids.min())} "
                     f"in view {view}, outside the manifest's {self.num_classes} classes: the cache is damaged or its "
@@ -683,13 +837,11 @@ class CacheReader:
         if want is None:
             return []
         d = data if data is not None else CacheReader._read_all(self, name)
-        return [v for v in range(self.views) if view_digest(
-            d["keys"], d["size"], d["logprobs"][:, v], d["classes"][:, v], d["box"][:, v], d["flip"][:, v],
-            d["mix_with"][:, v], d["mix_lam"][:, v]) != want[v]]
+        return [v for v in range(self.views) if digest_of(self.kind, self.layout, d, v) != want[v]]
 
-    def _check_digest(self, name: str, view: int, attrs: dict, *arrays) -> None:
+    def _check_digest(self, name: str, view: int, attrs: dict, d: dict, j: int) -> None:
         want = attrs.get(DIGEST_ATTR)
-        if want is None or view_digest(*arrays) == want[view]:
+        if want is None or digest_of(self.kind, self.layout, d, j) == want[view]:
             return
         raise KdcacheError(
             f"cache group {name!r} of {self.path}: view {view} does not match the digest precompute recorded for it: "
@@ -698,22 +850,17 @@ class CacheReader:
             "changed values knowingly")
 
     def read_shard(self, name: str) -> dict[str, np.ndarray]:
-        """Every array of one shard group, all views (each view checked against its digest)."""
+        """Every array of one shard group, all views, decoded (each view checked against its digest)."""
         out = self._read_all(name)
         if self.check_digests:
             bad = self.digest_problems(name, out)
             if bad:
-                self._check_digest(name, bad[0], self._open_shard(name)[2], out["keys"], out["size"],
-                                   out["logprobs"][:, bad[0]], out["classes"][:, bad[0]], out["box"][:, bad[0]],
-                                   out["flip"][:, bad[0]], out["mix_with"][:, bad[0]], out["mix_lam"][:, bad[0]])
+                self._check_digest(name, bad[0], self._open_shard(name)[2], out, bad[0])
         return out
 
     def _read_all(self, name: str) -> dict[str, np.ndarray]:
-        """Every array of one shard group, all views, as stored."""
-        _, arr, _ = self._open_shard(name)
-        out = {a: self._read(name, a, lambda a=a: np.asarray(arr[a][:])) for a in ARRAYS if a != "keys"}
-        out["keys"] = self._read(name, "keys", lambda: _keys(arr["keys"]))
-        return out
+        """Every array of one shard group, all views, decoded, not checked against the digests."""
+        return self._decode(name, self._stored(name, None), None)
 
     def nbytes_stored(self, name: str) -> int:
         g = self.root[name]
@@ -814,6 +961,8 @@ class CacheWriter:
         self._dir = local_dir if self.local else None
         self._fs = _fsspec(self.path, storage_options)
         self._claims: dict[str, ShardClaim] = {}
+        self.kind, self.layout = kind_of(manifest), layout_of(manifest)
+        self.arrays = layout_arrays(manifest)
         self.root = self._create_or_open()
 
     # -- creating or opening the root --
@@ -967,7 +1116,8 @@ class CacheWriter:
             files = _list_files(self.root, self.path, name, self._fs)
         except Exception as e:
             return True, ("?", f"its files cannot be listed: {type(e).__name__}: {e}")
-        return True, missing_data_quick(files, int(attrs.get("num_samples", -1)), int(self.manifest["topk"]), attrs)
+        return True, missing_data_quick(files, int(attrs.get("num_samples", -1)), int(self.manifest["topk"]), attrs,
+                                        self.arrays)
 
     def is_complete(self, name: str) -> bool:
         """Marked complete *and* every array's data files are there: one read of the group's
@@ -1053,12 +1203,13 @@ class CacheWriter:
         source: str,
         keys,
         size: np.ndarray,
-        logprobs: np.ndarray,
         classes: np.ndarray,
         box: np.ndarray,
         flip: np.ndarray,
         mix_with: np.ndarray,
         mix_lam: np.ndarray,
+        logprobs: np.ndarray | None = None,
+        counts: np.ndarray | None = None,
         bad: dict[str, str] | None = None,
         render: dict | None = None,
         claim: ShardClaim | None = None,
@@ -1066,6 +1217,10 @@ class CacheWriter:
         """Write one whole shard group, check that every array's data is on disk, then mark it
         complete and release the claim. Replaces an incomplete group; raises KdcacheError for a
         complete one (never overwritten).
+
+        Targets: top-k ``logprobs`` (float32 or float16, descending) and ``classes``, or for a sampled
+        cache ``classes`` and ``counts`` (-1 / 0 in unused slots). The geometry is always given; a
+        compact cache does not store it, and refuses geometry the seeded sampler would not draw.
 
         ``claim`` is the group's claim from ``claim(name)``; it is checked before the group is
         touched and again before it is marked complete, and released at the end (also when the
@@ -1075,15 +1230,21 @@ class CacheWriter:
         keys = list(keys)
         n = len(keys)
         V, k = int(self.manifest["views"]), int(self.manifest["topk"])
+        given = {"logprobs": logprobs, "counts": counts}
+        need = "logprobs" if self.kind == "topk" else "counts"
+        if given[need] is None:
+            raise ValueError(f"write_shard({name!r}): a {self.kind} cache needs {need}")
         shapes = {
-            "size": (size, (n, 2)), "logprobs": (logprobs, (n, V, k)), "classes": (classes, (n, V, k)),
+            "size": (size, (n, 2)), need: (given[need], (n, V, k)), "classes": (classes, (n, V, k)),
             "box": (box, (n, V, 4)), "flip": (flip, (n, V)), "mix_with": (mix_with, (n, V)),
             "mix_lam": (mix_lam, (n, V)),
         }
         for a, (arr, shape) in shapes.items():
-            if tuple(arr.shape) != shape:
-                raise ValueError(f"write_shard({name!r}): {a} has shape {arr.shape}, expected {shape}")
+            if tuple(np.shape(arr)) != shape:
+                raise ValueError(f"write_shard({name!r}): {a} has shape {np.shape(arr)}, expected {shape}")
         key_rows = encode_keys(keys)  # refuses a key that cannot round-trip, before touching the store
+        stored, decoded = self._encode(name, keys, np.asarray(size), np.asarray(classes), given[need], box, flip,
+                                       mix_with, mix_lam, bad or {})
         if claim is None:
             claim = self.claim(name)
             if claim is None:
@@ -1113,7 +1274,7 @@ class CacheWriter:
                     "a complete group"
                 )
             try:
-                self._write_arrays(name, source, n, key_rows, size, logprobs, classes, box, flip, mix_with, mix_lam)
+                self._write_arrays(name, source, n, {"keys": key_rows, **stored})
             except OSError as e:  # a full disk, a quota: the CLI names the place it happened
                 if e.filename is None:
                     e.filename = f"{self.path.rstrip('/')}/{name}"
@@ -1122,8 +1283,8 @@ class CacheWriter:
             # Only with every array's data on disk, and the claim still ours, does the group count as done.
             arrays = dict(g.arrays())
             files = _list_files(self.root, self.path, name, self._fs)
-            extra = sorted(set(arrays) - set(ARRAYS))
-            lost = missing_data(arrays, files, n, k, {EVERY_CHUNK_ATTR: True})
+            extra = sorted(set(arrays) - set(self.arrays))
+            lost = missing_data(arrays, files, n, k, {EVERY_CHUNK_ATTR: True}, self.arrays)
             if lost is not None or extra:
                 what = (f"array {lost[0]!r} is missing after it was written ({lost[1]})" if lost
                         else f"it holds other arrays {extra}")
@@ -1132,37 +1293,110 @@ class CacheWriter:
                     "writing into this cache without claims? Re-run to redo the group"
                 )
             claim.check()
-            digests = [view_digest(keys, size, logprobs[:, v].astype(np.float16), classes[:, v], box[:, v],
-                                   flip[:, v], mix_with[:, v], mix_lam[:, v].astype(np.float16)) for v in range(V)]
+            digests = [digest_of(self.kind, self.layout, decoded, v) for v in range(V)]
             g.attrs.update({"bad": dict(bad or {}), "render": render or self.manifest.get("render"),
                             DIGEST_ATTR: digests, "complete": True})
         finally:
             claim.release()
             self._claims.pop(name, None)
 
-    def _write_arrays(self, name, source, n, key_rows, size, logprobs, classes, box, flip, mix_with, mix_lam) -> None:
+    def _encode(self, name, keys, size, classes, values, box, flip, mix_with, mix_lam, bad) -> tuple[dict, dict]:
+        """(arrays to store but the keys, the decoded data a reader will get, for the digests).
+        ``values`` are the top-k log-probs or the sampled counts."""
+        n, V = len(keys), int(self.manifest["views"])
+        num_classes = int(self.manifest["teacher"]["num_classes"])
+        cdt = class_dtype(num_classes)
+        geometry = {"box": np.asarray(box), "flip": np.asarray(flip, dtype=bool),
+                    "mix_with": np.asarray(mix_with, dtype=np.int32), "mix_lam": np.asarray(mix_lam, dtype=np.float16)}
+        classes = np.asarray(classes, dtype=np.int64)
+        decoded = {"keys": np.array([str(k) for k in keys], dtype=str), "size": np.asarray(size, dtype=np.int32),
+                   **geometry}
+        if self.kind == "sample":
+            counts = np.asarray(values)
+            if counts.size and (counts.min() < 0 or counts.max() > MAX_COUNT):
+                raise ValueError(f"write_shard({name!r}): counts must lie in 0..{MAX_COUNT}")
+            counts = counts.astype(np.uint8)
+            classes = np.where(counts > 0, classes, -1)  # an unused slot holds no class
+            targets = {"counts": counts}
+            decoded.update(counts=counts, classes=classes)
+            weights = counts.astype(np.float64)
+        else:
+            lp = np.asarray(values)
+            targets = {"logprobs": lp.astype(np.float16)}
+            decoded.update(logprobs=targets["logprobs"], classes=classes)
+            weights = np.exp(lp.astype(np.float64))
+        if self.layout == "plain":
+            return {"size": np.asarray(size), **targets, "classes": classes.astype(cdt), **geometry}, decoded
+        # compact: geometry must be the seeded sampler's, since it is re-derived on every read
+        from .views import SAMPLER_VERSION, AugSpec, sample_shard_views
+
+        aug = AugSpec.from_dict(self.manifest["augmentation"])
+        if aug.version != SAMPLER_VERSION:
+            raise KdcacheError(f"a compact cache re-derives its views with this kdcache's sampler (version "
+                               f"{SAMPLER_VERSION}); the manifest says version {aug.version}")
+        valid = np.array([str(k) not in bad for k in keys], dtype=bool) & (np.asarray(size)[:, 0] >= 0)
+        sv = sample_shard_views(int(self.manifest["seed"]), name, [str(k) for k in keys], np.asarray(size), V, aug,
+                                valid=valid)
+        for a, want in (("box", sv.box), ("flip", sv.flip), ("mix_with", sv.mix_with), ("mix_lam", sv.mix_lam)):
+            if not np.array_equal(np.asarray(geometry[a]).astype(np.float64), np.asarray(want).astype(np.float64)):
+                raise KdcacheError(
+                    f"write_shard({name!r}): the given {a} differs from the views the seeded sampler draws for this "
+                    "cache's seed and augmentation; a compact cache does not store its views, it re-derives them, so "
+                    "it can only hold the sampler's views")
+        lists = enc.image_class_lists(classes, weights)
+        class_list = enc.pad_lists(lists, cdt)
+        codes = enc.encode_classes(classes, class_list)
+        stored = {"size": np.asarray(size), "class_list": class_list, "class_code": codes}
+        if self.kind == "sample":
+            stored["counts"] = targets["counts"]
+        else:
+            steps, logmass = enc.quantise_logprobs(lp, float(self.manifest["encoding"]["logprob_step"]))
+            if lp.shape[-1] > 1:
+                stored["logprob_steps"] = steps
+            stored["topk_logmass"] = logmass
+            decoded.update(logprob_steps=steps, topk_logmass=logmass)
+        decoded["classes"] = enc.decode_classes(codes, class_list)
+        if self.kind == "sample":
+            decoded["classes"] = np.where(targets["counts"] > 0, decoded["classes"], -1)
+        if not np.array_equal(classes, decoded["classes"]):
+            raise KdcacheError(f"write_shard({name!r}): the class codes do not decode to the classes (a bug)")
+        return stored, decoded
+
+    def _write_arrays(self, name, source, n, data: dict) -> None:
         g = self.root.create_group(name, overwrite=True)
         g.attrs.update({"source": source, "num_samples": n, "complete": False, EVERY_CHUNK_ATTR: True})
         rows = max(n, 1)
+        size = data["size"]
         max_side = int(size.max()) if n else 0
+        num_classes = int(self.manifest["teacher"]["num_classes"])
 
-        def put(aname, data, dtype, codec, attributes=None):
-            shape = data.shape
-            per_view = len(shape) >= 2 and aname not in ("keys", "size")
+        def put(aname, arr, dtype, codec, attributes=None):
+            shape = arr.shape
+            per_view = len(shape) >= 2 and aname not in ("keys", "size", "class_list")
             chunks = (rows, 1) + shape[2:] if per_view else (rows,) + shape[1:]
             shards = (rows,) + shape[1:] if per_view else None
-            fill = _box_fill(dtype) if aname == "box" else FILL_VALUES[aname]
-            arr = g.create_array(aname, shape=shape, chunks=chunks, shards=shards, dtype=dtype,
+            if aname == "box":
+                fill = _box_fill(dtype)
+            elif aname == "class_code":  # above every code and the missing code (encoding.code_dtype)
+                fill = int(np.iinfo(dtype).max)
+            else:
+                fill = FILL_VALUES[aname]
+            out = g.create_array(aname, shape=shape, chunks=chunks, shards=shards, dtype=dtype,
                                  compressors=(codec, _CRC), attributes=attributes, fill_value=fill,
                                  config={"write_empty_chunks": True})
             if n:
-                arr[...] = data.astype(dtype, copy=False)
+                out[...] = arr.astype(dtype, copy=False)
 
-        put("keys", key_rows, np.uint8, _INT, attributes=dict(KEYS_ATTRS))
-        put("size", np.asarray(size), np.int32, _INT)
-        put("logprobs", np.asarray(logprobs), np.float16, _FLOAT)
-        put("classes", np.asarray(classes), class_dtype(int(self.manifest["teacher"]["num_classes"])), _INT)
-        put("box", np.asarray(box), box_dtype(max_side), _INT)
-        put("flip", np.asarray(flip), np.bool_, _INT)
-        put("mix_with", np.asarray(mix_with), np.int32, _INT)
-        put("mix_lam", np.asarray(mix_lam), np.float16, _FLOAT)
+        specs = {
+            "keys": (np.uint8, _INT), "size": (np.int32, _INT), "logprobs": (np.float16, _FLOAT),
+            "classes": (class_dtype(num_classes), _INT), "counts": (np.uint8, _INT),
+            "box": (box_dtype(max_side), _INT), "flip": (np.bool_, _INT), "mix_with": (np.int32, _INT),
+            "mix_lam": (np.float16, _FLOAT), "class_list": (class_dtype(num_classes), _CLASS_LIST),
+            "class_code": (None, _CODES), "logprob_steps": (np.uint8, _CODES), "topk_logmass": (np.float16, _LOGMASS),
+        }
+        for aname in self.arrays:
+            dtype, codec = specs[aname]
+            arr = np.asarray(data[aname])
+            if aname == "class_code":
+                dtype = enc.code_dtype(data["class_list"].shape[1])
+            put(aname, arr, dtype, codec, attributes=dict(KEYS_ATTRS) if aname == "keys" else None)

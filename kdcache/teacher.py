@@ -2,9 +2,10 @@
 
 - ``load_teacher`` builds a model spec with its weights (``models.create_model``) and prepares it
   for inference: eval mode, no gradients, on the device, channels-last on CUDA.
-- ``topk_tensors`` runs it on float pixels (bf16 autocast on CUDA) and returns the top-k
-  log-probabilities at T=1 (float16, descending) and their class ids; ``batch_topk`` does the
-  same for a ``views.CropBatch`` (mixed on the device) and returns numpy arrays.
+- ``logprob_tensors`` runs it on float pixels (bf16 autocast on CUDA) and returns its float32
+  log-softmax at T=1; ``topk_tensors`` takes the top-k of that (float16, descending) and their class
+  ids; ``batch_topk`` / ``batch_logprobs`` do the same for a ``views.CropBatch`` (mixed on the
+  device) and return numpy arrays (sampled targets are drawn from ``batch_logprobs``).
 - ``compute_record`` is how the teacher ran, as the manifest keeps it.
 
 Precompute, the live-teacher trainer and verify all run the teacher through these, so a live
@@ -78,9 +79,9 @@ def is_random(spec: str, info: ModelInfo, build: dict) -> bool:
     return state_sha256(a.model) != state_sha256(b.model)
 
 
-def topk_tensors(teacher: Teacher, pixels: torch.Tensor, k: int, mean=None, std=None):
-    """Top-k log-probabilities (T=1, descending, float16) and class ids, as tensors on the teacher's
-    device, for float pixels in [0, 1] (B, 3, H, W). ``mean``/``std`` override the teacher's."""
+def logprob_tensors(teacher: Teacher, pixels: torch.Tensor, mean=None, std=None) -> torch.Tensor:
+    """The teacher's log-softmax at T=1 (B, C) in float32 on its device, for float pixels in [0, 1]
+    (B, 3, H, W). ``mean``/``std`` override the teacher's."""
     device = teacher.device
     x = normalize(pixels.to(device, non_blocking=True), teacher.mean if mean is None else mean,
                   teacher.std if std is None else std)
@@ -91,15 +92,28 @@ def topk_tensors(teacher: Teacher, pixels: torch.Tensor, k: int, mean=None, std=
                 logits = logits_of(teacher.model(x))
         else:
             logits = logits_of(teacher.model(x))
-        logp = torch.log_softmax(logits.float(), dim=-1)
+        return torch.log_softmax(logits.float(), dim=-1)
+
+
+def topk_tensors(teacher: Teacher, pixels: torch.Tensor, k: int, mean=None, std=None, half: bool = True):
+    """Top-k log-probabilities (T=1, descending, float16; float32 with ``half=False``) and class ids,
+    as tensors on the teacher's device, for float pixels in [0, 1] (B, 3, H, W). ``mean``/``std``
+    override the teacher's."""
+    with torch.no_grad():  # not inference_mode: live targets go on into the (autograd) loss
+        logp = logprob_tensors(teacher, pixels, mean, std)
         vals, ids = torch.topk(logp, k, dim=-1, largest=True, sorted=True)
-    return vals.half(), ids
+    return (vals.half() if half else vals), ids
 
 
-def batch_topk(teacher: Teacher, crops: CropBatch, k: int):
+def batch_topk(teacher: Teacher, crops: CropBatch, k: int, half: bool = True):
     """``topk_tensors`` of a rendered batch (mixed on the device), as numpy arrays on the host."""
-    vals, ids = topk_tensors(teacher, crops.pixels(teacher.device), k)
+    vals, ids = topk_tensors(teacher, crops.pixels(teacher.device), k, half=half)
     return vals.cpu().numpy(), ids.cpu().numpy()
+
+
+def batch_logprobs(teacher: Teacher, crops: CropBatch):
+    """``logprob_tensors`` of a rendered batch (mixed on the device): (b, C) float32 numpy."""
+    return logprob_tensors(teacher, crops.pixels(teacher.device)).cpu().numpy()
 
 
 def compute_record(batch_size: int, device: torch.device) -> dict:

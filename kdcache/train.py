@@ -78,6 +78,39 @@ def cache_targets_digest(reader: CacheReader, shards) -> str | None:
     return None if any(d is None for d in groups.values()) else targets_digest(groups)
 
 
+def sampled_tail(reader: CacheReader, cfg: TrainConfig, rank: int) -> str:
+    """The loss's tail for a cache of sampled targets (``precompute --targets sample``): ``sampled``,
+    the drawn weights as the whole target. They are unbiased for distillation at the sampling
+    temperature only, so ``--temperature`` must equal it."""
+    t = reader.manifest["targets"]
+    tau = float(t.get("temperature", 1.0))
+    if not math.isclose(cfg.temperature, tau, rel_tol=1e-9):
+        raise KdcacheError(
+            f"cache {reader.path} holds sampled targets drawn at temperature {tau:g}: they estimate the teacher at "
+            f"T = {tau:g} without bias, not at --temperature {cfg.temperature:g}. Train with --temperature {tau:g}, or "
+            f"precompute a cache with --sample-temperature {cfg.temperature:g}")
+    if cfg.tail != "uniform":
+        _say(rank, f"note: --tail {cfg.tail} does not apply: cache {reader.path} holds sampled targets ({t['samples']} "
+                   "draws per record), used as they are, with no tail")
+    return "sampled"
+
+
+# Reuse of each stored view beyond which the note advises more views (docs/study.md, "How many views":
+# 15 uses of each of 16 views cost 1.5 points against a fresh view every epoch; 4 uses of 64 cost 0.6).
+MANY_REUSES = 8
+
+
+def views_reuse_note(epochs: int, views: int) -> str:
+    """The one-line notice for a run of ``epochs`` over ``views`` stored views (epochs > views)."""
+    note = (f"note: training for {epochs} epochs over {views} views: views are reused from epoch {views} on "
+            f"(epoch e replays view e mod {views})")
+    if epochs >= MANY_REUSES * views:
+        note += (f"; each view comes back about {epochs // views} times, and docs/study.md measured a cost at that "
+                 f"much reuse: a cache with --views {max(views * 4, -(-epochs // 4))} or more (same --seed: its first "
+                 f"{views} views are these) keeps each view to about 4 uses")
+    return note
+
+
 def lr_at(step: int, base: float, warmup: int, total: int, min_lr: float = 0.0) -> float:
     """The learning rate of step ``step`` (0-based) of ``total`` (docs/training.md, *Schedule*).
 
@@ -233,7 +266,10 @@ def setup(cfg: TrainConfig) -> Run:
         model = model.to(memory_format=torch.channels_last)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if device.type == "cuda" else None
     inputs = StudentInput(sinfo.mean, sinfo.std, device, cfg.channels_last, amp_dtype)
-    loss = dict(temperature=cfg.temperature, tail=cfg.tail, label_weight=cfg.label_weight, backend=cfg.loss_backend)
+    tail = cfg.tail
+    if mode == "cached" and reader.kind == "sample":
+        tail = sampled_tail(reader, cfg, rank)
+    loss = dict(temperature=cfg.temperature, tail=tail, label_weight=cfg.label_weight, backend=cfg.loss_backend)
     if mode == "labels":
         task = LabelsTask(inputs, num_classes)
     elif mode == "cached":
@@ -242,7 +278,7 @@ def setup(cfg: TrainConfig) -> Run:
         task = LiveKDTask(inputs, num_classes, teacher, topk, t_mean, t_std, **loss)
     if cfg.self_distill:  # the mode's loss on the deepest exit, deep-to-shallow distillation on the others
         task = SelfDistillTask(task, model.exit_names, alpha=cfg.sd_alpha, temperature=cfg.sd_temperature,
-                               feature_weight=cfg.sd_feature_weight, teacher=cfg.sd_teacher, tail=cfg.tail,
+                               feature_weight=cfg.sd_feature_weight, teacher=cfg.sd_teacher, tail=tail,
                                backend=cfg.loss_backend)
 
     if cfg.student_view == "fresh":
@@ -270,8 +306,7 @@ def setup(cfg: TrainConfig) -> Run:
     V = stream.num_views
     views_reused = V is not None and cfg.epochs > V
     if views_reused:
-        _say(rank, f"note: training for {cfg.epochs} epochs over {V} views: views are reused from epoch {V} on "
-             f"(epoch e replays view e mod {V})")
+        _say(rank, views_reuse_note(cfg.epochs, V))
     mismatch = render_mismatch(manifest.get("render")) if manifest is not None else None
     if mismatch:
         _say(rank, f"warning: {mismatch}; until then the student sees slightly other pixels than the teacher saw")
@@ -297,6 +332,8 @@ def setup(cfg: TrainConfig) -> Run:
         "cache_targets_sha256": cache_targets_digest(reader, shards) if reader is not None else None,
         "teacher_res": teacher_res if mode == "live" else (int(manifest["resolution"]) if manifest else None),
         "topk": topk if mode == "live" else (int(manifest["topk"]) if manifest else None),
+        "targets": (manifest.get("targets") or {"kind": "topk"}) if manifest else None,
+        "tail": tail if mode != "labels" else None,
         "torch": str(torch.__version__),
     }
     if cfg.self_distill:  # what evaluate needs besides the flags to rebuild the wrapper and name its exits

@@ -18,12 +18,16 @@ Read top to bottom; each phase is one function:
                   sampler; re-run the teacher on each pick's batch *as precompute composed it*
                   (``precompute.teacher_batches`` with the cache's batch size, rendered by
                   ``precompute.render_batch``, run by ``teacher.batch_topk``) and compare the top-k
-                  log-probs and the tail mass.
+                  log-probs and the tail mass; for sampled targets (``precompute --targets sample``)
+                  re-draw each pick's classes from the re-run distribution with the same seed
+                  (``targets.check_draws``) and compare the counts.
 
 Because the batches are the ones precompute ran, the same device type and the same render backend
 give back the stored float16 values exactly; the default tolerance allows one float16 step plus a
 float32 summation-order margin (a machine with other CPU kernels or thread counts), nothing more.
 Format-1 caches did not record the batch size; their picks run in batches of ``--batch-size``.
+A compact cache's log-probs are quantised (``encoding.LOGPROB_STEP``): each may differ from the
+re-run by that step more, its top-k mass (and so the tail) may not.
 
 ``verify`` returns a plain dict (fields in docs/cli.md); ``format_verify`` is the CLI's text.
 """
@@ -68,6 +72,8 @@ class Tally:
     topk_exact: int = 0
     max_delta: float = 0.0
     max_tail_delta: float = 0.0
+    draws_exact: int = 0  # sampled targets: records whose re-draw gives the stored counts exactly
+    max_cdf_gap: float = 0.0  # sampled targets: how far a stored draw lies outside its class's interval
     exact_batches: int = 0
     failures: dict = field(default_factory=dict)
 
@@ -192,7 +198,8 @@ def check_shard(reader: CacheReader, name: str, url: str, picks: list[Pick], tea
     import torch
 
     from .precompute import render_batch, teacher_batches
-    from .teacher import batch_topk
+    from .targets import check_draws
+    from .teacher import batch_logprobs, batch_topk
     from .views import SAMPLER_VERSION, AugSpec, ShardViews, sample_shard_views
     from .render import image_hw, renderer_for
 
@@ -266,17 +273,34 @@ def check_shard(reader: CacheReader, name: str, url: str, picks: list[Pick], tea
                 tally.fail(p, key, ("" if i == p.index else "mixup partner: ") + unusable[i])
 
     C = teacher.num_classes
+    sampled = reader.kind == "sample"
+    step = float((man.get("encoding") or {}).get("logprob_step", 0.0)) if reader.layout == "compact" else 0.0
     for pairs in batches:
         if (stored.mix_with[pairs[:, 0], pairs[:, 1]] >= n).any():
             pairs = pairs[stored.mix_with[pairs[:, 0], pairs[:, 1]] < n]  # cannot render; failed above
         with torch.inference_mode():
-            vals, ids = batch_topk(teacher, render_batch(name, images, stored, pairs, res, renderer).crops, C)
+            crops = render_batch(name, images, stored, pairs, res, renderer).crops
+            if sampled:
+                logp = batch_logprobs(teacher, crops)
+                vals = ids = logp
+            else:
+                vals, ids = batch_topk(teacher, crops, C)
         tally.exact_batches += bool(batch_size)
         for (i, v), vv, ii in zip(pairs.tolist(), vals, ids):
             p = picked.get((i, v))
             if p is None or (p.shard, p.index, p.view) in tally.failures:
                 continue  # a batch-mate, or a pick whose inputs already failed
-            r = compare_record(sd["logprobs"][i, v], sd["classes"][i, v], vv, ii, atol, rtol)
+            if sampled:
+                t = man["targets"]
+                r = check_draws(sd["classes"][i, v], sd["counts"][i, v], vv, int(man["seed"]), str(keys[i]), v,
+                                int(t["samples"]), float(t["temperature"]), atol, rtol)
+                tally.compared += 1
+                tally.draws_exact += r["exact"]
+                tally.max_cdf_gap = max(tally.max_cdf_gap, r["max_cdf_gap"])
+                for why in r["reasons"]:
+                    tally.fail(p, str(keys[i]), why)
+                continue
+            r = compare_record(sd["logprobs"][i, v], sd["classes"][i, v], vv, ii, atol, rtol, step)
             tally.compared += 1
             tally.top1_exact += r["top1_exact"]
             tally.topk_exact += r["topk_exact"]
@@ -292,8 +316,11 @@ def _tol(value: float, atol: float, rtol: float) -> float:
     return atol + rtol * abs(value) if math.isfinite(value) else atol
 
 
-def compare_record(stored_lp, stored_cls, vals, ids, atol: float = ATOL, rtol: float = RTOL) -> dict:
+def compare_record(stored_lp, stored_cls, vals, ids, atol: float = ATOL, rtol: float = RTOL, step: float = 0.0) -> dict:
     """Compare one stored top-k with the teacher's recomputed full sorted log-probs.
+
+    ``step``: a compact cache's quantisation step; each log-prob may differ by that much more, the
+    tail mass (which the compact layout keeps) may not.
 
     ``vals``/``ids``: all C log-probs of the re-run (float16, as precompute stores them) in
     descending order and their classes. Besides each log-prob, the tail mass ``1 − Σ exp(l_i)`` over
@@ -317,7 +344,8 @@ def compare_record(stored_lp, stored_cls, vals, ids, atol: float = ATOL, rtol: f
         d = np.where(s == r, 0.0, np.abs(s - r))
     d = np.where(np.isnan(d), np.inf, d)
     max_delta = float(d.max()) if k else 0.0
-    tols = np.array([_tol(x, atol, rtol) for x in s])
+    tails = np.array([_tol(x, atol, rtol) for x in s])
+    tols = tails + step
     for j in range(k):
         if d[j] > tols[j]:
             reasons.append(
@@ -327,7 +355,7 @@ def compare_record(stored_lp, stored_cls, vals, ids, atol: float = ATOL, rtol: f
     p_s, p_r = np.exp(s), np.exp(r)
     tail_s, tail_r = max(0.0, 1.0 - p_s.sum()), max(0.0, 1.0 - p_r.sum())
     tail_delta = abs(tail_s - tail_r)
-    tail_tol = float(np.sqrt(np.sum((np.maximum(p_s, p_r) * tols) ** 2))) + 1e-7
+    tail_tol = float(np.sqrt(np.sum((np.maximum(p_s, p_r) * tails) ** 2))) + 1e-7
     if tail_delta > tail_tol:
         reasons.append(f"tail mass outside the top-{k}: stored {tail_s:.6f}, teacher now {tail_r:.6f} "
                        f"(|Δ| {tail_delta:.6f} > {tail_tol:.6f}: the stored log-probs are shifted together)")
@@ -460,7 +488,8 @@ def verify(
         "samples_checked": len(picks),
         "population": population,
         "shards_checked": sorted(by_shard),
-        "tolerance": {"atol": atol, "rtol": rtol},
+        "tolerance": {"atol": atol, "rtol": rtol,
+                      "logprob_step": float((man.get("encoding") or {}).get("logprob_step", 0.0))},
         "exact_batches": bool((man.get("compute") or {}).get("batch_size")),
         "groups_digest_checked": digests_checked,
         **ident,
@@ -470,10 +499,14 @@ def verify(
         "geometry_checked": tally.geometry_checked,
         "geometry_match": tally.geometry_match,
         "compared": n_cmp,
-        "top1_agreement": tally.top1_exact / n_cmp if n_cmp else None,
-        "topk_set_agreement": tally.topk_exact / n_cmp if n_cmp else None,
-        "max_abs_delta_logprob": _num(tally.max_delta) if n_cmp else None,
-        "max_abs_delta_tail_mass": _num(tally.max_tail_delta) if n_cmp else None,
+        "top1_agreement": tally.top1_exact / n_cmp if n_cmp and reader.kind == "topk" else None,
+        "topk_set_agreement": tally.topk_exact / n_cmp if n_cmp and reader.kind == "topk" else None,
+        "max_abs_delta_logprob": _num(tally.max_delta) if n_cmp and reader.kind == "topk" else None,
+        "max_abs_delta_tail_mass": _num(tally.max_tail_delta) if n_cmp and reader.kind == "topk" else None,
+        "targets": man.get("targets") or {"kind": "topk"},
+        "encoding": man.get("encoding") or {"layout": "plain"},
+        "draws_exact": tally.draws_exact / n_cmp if n_cmp and reader.kind == "sample" else None,
+        "max_cdf_gap": tally.max_cdf_gap if n_cmp and reader.kind == "sample" else None,
         "warnings": warnings,
         "problems": problems,
         "hints": hints,
@@ -506,12 +539,20 @@ def format_verify(r: dict, max_failures: int = 50) -> str:
         f"  keys found {r['keys_found']}/{r['keys_checked']}, image sizes match {r['sizes_match']}/{r['keys_checked']}, "
         f"geometry matches the seeded sampler {r['geometry_match']}/{r['geometry_checked']}",
     ]
-    if r["compared"]:
+    if r["compared"] and r.get("draws_exact") is not None:
+        t = r["targets"]
+        lines.append(
+            f"  sampled targets ({t['samples']} draws per record at temperature {t['temperature']:g}): re-drawn from the "
+            f"teacher now, {100 * r['draws_exact']:.1f}% of {r['compared']} views give the stored counts exactly; the "
+            f"rest lie within tolerance of their classes' intervals (largest gap {r['max_cdf_gap']:.2g})")
+    elif r["compared"]:
         fmt = lambda x, spec: "inf" if x is None else format(x, spec)  # noqa: E731
         lines.append(
             f"  top-1 agreement {100 * r['top1_agreement']:.1f}%, top-k set agreement {100 * r['topk_set_agreement']:.1f}% "
             f"over {r['compared']} views; max |Δ log-prob| {fmt(r['max_abs_delta_logprob'], '.4g')}"
-            f" (tolerance {tol['atol']:g} + {tol['rtol']:.3g}·|stored|), max |Δ tail mass| "
+            f" (tolerance {tol['atol']:g} + {tol['rtol']:.3g}·|stored|"
+            + (f" + the compact layout's step {tol['logprob_step']:g}" if tol.get("logprob_step") else "")
+            + "), max |Δ tail mass| "
             f"{fmt(r['max_abs_delta_tail_mass'], '.3g')}"
         )
     for w in r["warnings"]:

@@ -81,7 +81,7 @@ def test_summary_matches_independent_computation(cache):
     exp = expected_summary(cache)
     man = exp["manifest"]
 
-    assert s["format_version"] == FORMAT_VERSION == 2 and s["views"] == man["views"] == 3 and s["topk"] == man["topk"] == 3
+    assert s["format_version"] == FORMAT_VERSION == 3 and s["views"] == man["views"] == 3 and s["topk"] == man["topk"] == 3
     assert s["seed"] == 7 and s["resolution"] == 32 and s["num_classes"] == NUM_CLASSES
     assert s["teacher"]["spec"] == TEACHER and s["teacher"]["weights_sha256"] == man["teacher"]["weights_sha256"]
     assert s["augmentation"] == man["augmentation"] and s["render"] == man["render"]

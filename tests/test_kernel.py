@@ -255,6 +255,82 @@ def test_forced_triton_rejects_float64():
         sparse_kd_loss(z.double(), lp, ids, backend="triton")
 
 
+# --- sampled targets (tail="sampled": counts / N on the drawn classes, no tail) --------------------
+
+SAMPLES = (1, 5, 12, 64)
+
+
+def make_sampled_case(B, C, N, dtype, seed, T=1.0, id_dtype=torch.int16, z_scale=3.0):
+    """Sampled targets as a cache holds them (N draws at temperature T from a random teacher of
+    random sharpness: distinct classes by count, -1 and log-weight -inf in unused slots)."""
+    from kdcache.targets import draw_batch, log_weights
+
+    g = torch.Generator().manual_seed(seed)
+    sharpness = float(torch.empty(1).uniform_(0.5, 6.0, generator=g))
+    t = torch.randn(B, C, generator=g) * sharpness
+    t[0] *= 20.0  # a confident row: repeated draws, so unused slots
+    logp = F.log_softmax(t, -1).numpy()
+    cls, cnt = draw_batch(logp, [f"r{i}" for i in range(B)], list(range(B)), seed, N, T)
+    z = (torch.randn(B, C, generator=g) * z_scale).to(dtype)
+    lw = torch.from_numpy(log_weights(cnt, N))
+    return z.to(DEVICE), lw.to(DEVICE), torch.from_numpy(cls).to(id_dtype).to(DEVICE)
+
+
+def _sampled_cases(full: bool):
+    pairs = [(C, N) for C in CS for N in SAMPLES]
+    if full:
+        return [(C, N, T, dt) for (C, N), T, dt in itertools.product(pairs, TS, DTYPES)]
+    return [(C, N, TS[i % 3], DTYPES[(i // 3) % 2]) for i, (C, N) in enumerate(pairs)]
+
+
+def _sid(case):
+    C, N, T, dt = case
+    return f"C{C}-N{N}-T{T:g}-{str(dt).split('.')[-1]}"
+
+
+@pytest.mark.parametrize("case", _sampled_cases(False), ids=_sid)
+def test_kernel_matches_reference_sampled(case):
+    C, N, T, dtype = case
+    B = 2 if C >= 5000 else 3
+    z, lw, ids = make_sampled_case(B, C, N, dtype, seed=zlib.crc32(_sid(case).encode()), T=T)
+    assert (ids < 0).any() or N == 1 or N >= C  # unused slots (-1) are in the batch
+    check(z, lw, ids, T, "sampled")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", _sampled_cases(True), ids=_sid)
+def test_kernel_matches_reference_sampled_full_sweep(case):
+    C, N, T, dtype = case
+    z, lw, ids = make_sampled_case(4, C, N, dtype, seed=zlib.crc32(_sid(case).encode()) + 1, T=T)
+    check(z, lw, ids, T, "sampled")
+
+
+def test_sampled_covering_subset_covers_every_axis_value():
+    cases = _sampled_cases(False)
+    for axis, values in enumerate((CS, SAMPLES, TS, DTYPES)):
+        assert {c[axis] for c in cases} == set(values)
+
+
+@pytest.mark.parametrize("labels", ["hard", "soft"])
+def test_sampled_with_ragged_blocks_and_labels(labels):
+    z, lw, ids = make_sampled_case(4, 257, 12, torch.float32, seed=31, T=2.0)
+    lab = (torch.tensor([0, int(ids[1, 0]), 5, 256], device=DEVICE) if labels == "hard" else
+           torch.softmax(torch.randn(4, 257, generator=torch.Generator().manual_seed(2)), -1).to(DEVICE))
+    check(z, lw, ids, 2.0, "sampled", labels=lab, alpha=0.3, block=64)
+    check(z, lw, ids, 2.0, "sampled", block=64)
+
+
+def test_sampled_gradient_is_t_times_s_minus_w():
+    """The fused gradient for sampled targets is T·(softmax(z/T) − w)/B with w = counts/N, zero target
+    off the drawn classes (checked against the closed form, not only the reference)."""
+    B, C, N, T = 3, 500, 12, 2.0
+    z, lw, ids = make_sampled_case(B, C, N, torch.float32, seed=32, T=T)
+    _, grad = run_kernel(z, lw, ids, T, "sampled")
+    w = torch.zeros(B, C, dtype=torch.float64).scatter_add(1, ids.long().clamp_min(0), lw.double().exp())
+    want = T * (torch.softmax(z.double() / T, -1) - w) / B
+    torch.testing.assert_close(grad.double(), want, rtol=1e-4, atol=1e-7)
+
+
 # --- float32 everywhere -------------------------------------------------------------------------
 
 
@@ -296,9 +372,9 @@ def _float64_lines(variants) -> list[list[str]]:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-ALL_VARIANTS = [list(v) for v in itertools.product((0, 1, 2), (0, 1, 2), (0, 1), (0, 1))]
-# every tail mode with everything switched on, each label mode once: the widest code paths
-WIDEST_VARIANTS = [[t, lab, 1, 1] for t in (0, 1, 2) for lab in (1, 2)]
+ALL_VARIANTS = [list(v) for v in itertools.product((0, 1, 2, 3), (0, 1, 2), (0, 1), (0, 1))]
+# every tail mode (3: sampled targets) with everything switched on, each label mode once: the widest code paths
+WIDEST_VARIANTS = [[t, lab, 1, 1] for t in (0, 1, 2, 3) for lab in (1, 2)]
 
 
 def test_compiled_kernel_has_no_float64():

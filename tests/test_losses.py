@@ -347,3 +347,53 @@ def test_auto_on_cpu_uses_the_reference(monkeypatch):
     z, lp, ids = _args()
     assert sparse_kd_loss(z, lp, ids).item() == sparse_kd_loss_reference(z, lp, ids).item()
     assert sparse_kd_loss(z, lp, ids, backend="torch").item() == sparse_kd_loss_reference(z, lp, ids).item()
+
+
+# --- sampled targets (precompute --targets sample) ------------------------------------------------
+
+
+def make_sampled(B, C, N=12, sharpness=3.0, seed=0, T=1.0, id_dtype=torch.int64):
+    """Sampled targets as the cache holds them: N draws from the teacher at temperature T, distinct
+    classes by count with -1 / count 0 in unused slots; returned as the loss takes them (log-weights)."""
+    import numpy as np
+
+    from kdcache.targets import draw_batch, log_weights
+
+    g = torch.Generator().manual_seed(seed)
+    logp = F.log_softmax(torch.randn(B, C, generator=g) * sharpness, -1).numpy()
+    cls, cnt = draw_batch(logp, [f"k{i}" for i in range(B)], [0] * B, seed, N, T)
+    return torch.from_numpy(log_weights(cnt, N)), torch.from_numpy(cls).to(id_dtype), torch.from_numpy(cnt.astype(np.float64))
+
+
+def dense_sampled_f64(counts, classes, C):
+    """The sampled target w = count / N as a dense (B, C) float64 matrix, built by scatter."""
+    w = counts.double() / counts.sum(-1, keepdim=True)
+    return torch.zeros(counts.shape[0], C, dtype=torch.float64).scatter_add(1, classes.long().clamp_min(0), w)
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0, 4.0])
+@pytest.mark.parametrize("C,N", [(10, 12), (1000, 12), (50, 50), (7, 3)])
+def test_sampled_reference_matches_float64_definition(C, N, T):
+    """T²·KL(w ‖ softmax(z/T)) with w = counts/N on the drawn classes and nothing elsewhere (no tail,
+    no tempering of w), and its gradient T·(softmax(z/T) − w)/B."""
+    lw, ids, cnt = make_sampled(5, C, N, seed=C + N)
+    assert (ids == -1).any() or N >= C  # unused slots are exercised
+    z = make_student(5, C, seed=3).double().requires_grad_()
+    rows = sparse_kd_loss_reference(z, lw, ids, T, "sampled", reduction="none")
+    w = dense_sampled_f64(cnt, ids, C)
+    want = T * T * kl_f64(w, torch.log_softmax(z.detach() / T, -1))
+    torch.testing.assert_close(rows, want, rtol=1e-5, atol=1e-6)
+    (g,) = torch.autograd.grad(rows.mean(), z)
+    torch.testing.assert_close(g, T * (torch.softmax(z.detach() / T, -1) - w) / 5, rtol=1e-5, atol=1e-7)
+
+
+def test_sampled_unused_slot_rules():
+    lw, ids, _ = make_sampled(3, 30, 4, seed=1)
+    z = make_student(3, 30)
+    sparse_kd_loss(z, lw, ids, tail="sampled")  # -1 with weight 0 is an unused slot
+    bad = ids.clone()
+    bad[0, 0] = -1  # a used slot (finite log-weight) without a class
+    with pytest.raises(LossInputError, match="unused slot of sampled targets is class -1"):
+        sparse_kd_loss(z, lw, bad, tail="sampled")
+    with pytest.raises(LossInputError, match=r"classes must lie in \[0, 30\)"):
+        sparse_kd_loss(z, lw, ids, tail="uniform")  # -1 is only allowed for sampled targets

@@ -37,10 +37,12 @@ def assert_same_cache(a, b, shards=None, exact=True):
     for name in names:
         assert ra.is_complete(name) and rb.is_complete(name), name
         da, db = ra.read_shard(name), rb.read_shard(name)
-        for arr in ARRAYS:
+        assert set(ARRAYS) <= set(da) and sorted(da) == sorted(db)  # sampled/compact caches hold more
+        for arr in sorted(da):
             assert da[arr].dtype == db[arr].dtype, (name, arr)
             np.testing.assert_array_equal(da[arr], db[arr], err_msg=f"{name}/{arr}")
         assert ra.shard_attrs(name)["bad"] == rb.shard_attrs(name)["bad"]
+        assert ra.view_digests(name) == rb.view_digests(name)
 
 
 def complete_groups(path: Path) -> dict[str, bool]:
@@ -404,15 +406,13 @@ def many_reference(many_shards):
     return out
 
 
-def test_killed_run_resumes_to_the_same_cache(many_shards, many_reference, tmp_path):
-    out = tmp_path / "killed.zarr"
-    args = _cli_args(many_shards / "train", out, many_shards / "slow.pt")
+def kill_after_some_groups(args, out) -> None:
+    """Run precompute (slowed down) and SIGKILL it once 1 to 7 of its 10 groups are complete."""
     proc = subprocess.Popen(args, env=_env(0.3), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            done = sum(complete_groups(out).values())
-            if 1 <= done <= 7:
+            if 1 <= sum(complete_groups(out).values()) <= 7:
                 proc.send_signal(signal.SIGKILL)
                 break
             time.sleep(0.01)
@@ -421,6 +421,12 @@ def test_killed_run_resumes_to_the_same_cache(many_shards, many_reference, tmp_p
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+
+
+def test_killed_run_resumes_to_the_same_cache(many_shards, many_reference, tmp_path):
+    out = tmp_path / "killed.zarr"
+    args = _cli_args(many_shards / "train", out, many_shards / "slow.pt")
+    kill_after_some_groups(args, out)
     at_kill = complete_groups(out)
     finished = sorted(n for n, c in at_kill.items() if c)
     assert 1 <= len(finished) < 10 and len(at_kill) - len(finished) + (10 - len(at_kill)) >= 2
@@ -433,6 +439,34 @@ def test_killed_run_resumes_to_the_same_cache(many_shards, many_reference, tmp_p
     assert mtimes == {n: (out / n / "zarr.json").stat().st_mtime_ns for n in finished}
     assert all(complete_groups(out).values()) and len(complete_groups(out)) == 10
     assert_same_cache(many_reference, out)
+
+
+@pytest.fixture(scope="module")
+def many_reference_sampled(many_shards):
+    """The uninterrupted run with sampled targets in the compact layout."""
+    out = many_shards / "reference-sampled.zarr"
+    cfg = precompute_config(many_shards / "train", out, many_shards / "slow.pt", teacher="py:testmodels:slow_cnn",
+                            views=2, topk=3, seed=5, res=32, mixup=True, batch_size=8, targets="sample", samples=6,
+                            compact=True)
+    assert precompute(cfg)["shards_written"] == 10
+    return out
+
+
+def test_killed_sampled_run_resumes_to_the_same_cache(many_shards, many_reference_sampled, tmp_path):
+    """Sampled targets are drawn per record from (seed, key, view): a run killed mid-way and resumed
+    holds the draws (and the digests) of an uninterrupted run, bit for bit."""
+    out = tmp_path / "killed-sampled.zarr"
+    args = _cli_args(many_shards / "train", out, many_shards / "slow.pt", "--targets", "sample", "--samples", "6",
+                     "--compact")
+    kill_after_some_groups(args, out)
+    finished = sorted(n for n, c in complete_groups(out).items() if c)
+    assert 1 <= len(finished) < 10
+    res = subprocess.run(args, env=_env(0), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(res.stdout.strip().splitlines()[-1])["shards_skipped"] == len(finished)
+    assert_same_cache(many_reference_sampled, out)
+    r = CacheReader(str(out))
+    assert r.kind == "sample" and r.layout == "compact" and "counts" in r.read_shard("train-000003")
 
 
 @pytest.mark.slow

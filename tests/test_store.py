@@ -70,7 +70,8 @@ def test_cache_arrays_and_dtypes(cache):
 
 def test_manifest_fields(cache, dataset):
     m = CacheReader(str(cache)).manifest
-    assert m["format_version"] == FORMAT_VERSION == 2 and m["kdcache_version"] == __version__
+    assert m["format_version"] == FORMAT_VERSION == 3 and m["kdcache_version"] == __version__
+    assert m["targets"] == {"kind": "topk"} and m["encoding"] == {"layout": "plain"}  # the defaults
     assert m["teacher"]["spec"] == TEACHER and m["teacher"]["num_classes"] == NUM_CLASSES
     assert m["teacher"]["weights"] == "teacher.pt" and len(m["teacher"]["weights_sha256"]) == 64
     assert m["teacher"]["mean"] == [0.485, 0.456, 0.406] and m["teacher"]["std"] == [0.229, 0.224, 0.225]
@@ -462,14 +463,14 @@ def _write_v1_cache(path, groups: dict, V=2, k=3, num_classes=10):
     return manifest
 
 
-def test_format_1_cache_is_read_like_format_2(tmp_path):
+def test_format_1_cache_is_read_like_a_current_one(tmp_path):
     v2 = tmp_path / "v2.zarr"
     rec = _mixed_cache(v2)
     v1 = tmp_path / "v1.zarr"
     _write_v1_cache(v1, {"s0": (rec, {"bad_one": "OSError: truncated"}), "s1": (_records(0), {})})
     assert zarr.open_array(str(v1 / "s0" / "keys"), mode="r").dtype.kind == "T"  # really the old layout
     r1, r2 = CacheReader(str(v1)), CacheReader(str(v2))
-    assert (r1.format_version, r2.format_version) == (1, 2)
+    assert (r1.format_version, r2.format_version) == (1, 3)
     for name in ("s0", "s1"):
         k1, k2 = r1.keys(name), r2.keys(name)
         assert k1.tolist() == k2.tolist() and k1.dtype == k2.dtype and k1.dtype.kind == "U"
@@ -512,7 +513,7 @@ def test_format_1_cache_is_refused_for_writing(tmp_path):
     # the writer never writes format 1 either
     old = _manifest()
     old["format_version"] = 1
-    with pytest.raises(KdcacheError, match="CacheWriter writes cache format 2 only"):
+    with pytest.raises(KdcacheError, match="CacheWriter writes cache format 3 only"):
         CacheWriter(str(tmp_path / "new.zarr"), old)
     assert not (tmp_path / "new.zarr").exists()
 

@@ -136,6 +136,18 @@ def test_resume_is_bitwise_equal(dataset, cache, init_weights, tmp_path, workers
     assert steps == sorted(set(steps))
 
 
+def test_reuse_notice_advises_more_views_only_at_heavy_reuse():
+    from kdcache.train import views_reuse_note
+
+    light = views_reuse_note(20, 16)
+    assert light.startswith("note: training for 20 epochs over 16 views") and "--views" not in light
+    assert "--views" not in views_reuse_note(7 * 16 + 15, 16)  # under 8 uses of each view
+    heavy = views_reuse_note(240, 16)
+    assert "each view comes back about 15 times" in heavy and "--views 64 or more" in heavy
+    assert "its first 16 views are these" in heavy and "\n" not in heavy
+    assert "--views 250 or more" in views_reuse_note(1000, 2)  # enough for about 4 uses of each view
+
+
 def test_labels_only_without_cache_reuses_views_with_warning(dataset, tmp_path, capsys):
     import warnings
 

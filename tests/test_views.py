@@ -196,6 +196,19 @@ def test_shard_views_match_sample_view():
         assert np.array_equal(a, b[:, [2, 0]])
 
 
+def test_more_views_start_with_the_fewer_views():
+    """A cache precomputed with more views (same seed and augmentation) holds the views of a smaller
+    one as its first columns: what docs/study.md says about growing V."""
+    keys = [f"k{i}" for i in range(7)]
+    sizes = [(50 + i, 70 - i) for i in range(7)]
+    small = sample_shard_views(5, "shard-b", keys, sizes, 3, AugSpec(mixup=True))
+    big = sample_shard_views(5, "shard-b", keys, sizes, 12, AugSpec(mixup=True))
+    for a, b in ((small.box, big.box), (small.flip, big.flip), (small.mix_with, big.mix_with),
+                 (small.mix_lam, big.mix_lam)):
+        assert np.array_equal(a, b[:, :3])
+    assert not np.array_equal(big.box[:, 3:6], big.box[:, :3])  # the new views are other views
+
+
 def test_a_record_without_an_image_has_no_view_and_no_partner():
     """The one rule for bad records: no view, never anyone's partner; its partner stays unmixed
     (λ = 1); every other pair is as mixup_pairs draws it."""

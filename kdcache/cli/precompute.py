@@ -26,8 +26,25 @@ from .options import RGB, augmentation, augmentation_options, config_default
                    "refused otherwise.")
 @click.option("--num-classes", type=int, default=None, help="Expected teacher class count (checked; passed to py: factories).")
 @click.option("--out", required=True, help="Cache path (a local directory or an fsspec URL), e.g. cache.zarr.")
-@click.option("--views", "-V", default=config_default(PrecomputeConfig, 'views'), show_default=True, help="Seeded views per image.")
-@click.option("--topk", "-k", default=config_default(PrecomputeConfig, 'topk'), show_default=True, help="Teacher outputs kept per view.")
+@click.option("--views", "-V", default=config_default(PrecomputeConfig, 'views'), show_default=True, help="Seeded views per image. Training epoch e replays view e mod V, so a schedule of E epochs uses each "
+                   "view E/V times; in docs/study.md a student gained with V up to about E/4 (V=1 was worse than no "
+                   "teacher). Cost grows linearly in V: teacher time and cache bytes. View v does not depend on V, "
+                   "so a later cache with more views (same --seed) starts with these.")
+@click.option("--topk", "-k", default=config_default(PrecomputeConfig, 'topk'), show_default=True, help="Teacher outputs kept per view (--targets topk).")
+@click.option("--targets", type=click.Choice(["topk", "sample"]), default=config_default(PrecomputeConfig, "targets"),
+              show_default=True,
+              help="What the cache keeps of the teacher: its top-k log-probs (the loss models the rest by --tail, a "
+                   "bias), or --samples classes drawn from its distribution with their counts (Random-Sampling KD: "
+                   "unbiased, no tail). The draws are seeded by (--seed, key, view); train reads the kind from the cache.")
+@click.option("--samples", default=config_default(PrecomputeConfig, "samples"), show_default=True,
+              help="--targets sample: classes drawn per record (with replacement).")
+@click.option("--sample-temperature", default=config_default(PrecomputeConfig, "sample_temperature"), show_default=True,
+              help="--targets sample: draw from softmax(logits / T). The targets are unbiased for distillation at "
+                   "this temperature; train must use the same --temperature.")
+@click.option("--compact", is_flag=True,
+              help="Compact layout (about half the bytes): log-probs quantised to 1/16 nat against the top-1 (top-k "
+                   "mass kept), class ids coded against a per-image class list, views not stored but re-derived "
+                   "from the seed. Lossy for top-k log-probs (docs/format.md gives the bound); plain by default.")
 @click.option("--seed", default=config_default(PrecomputeConfig, 'seed'), show_default=True, help="Seed of the view sampler.")
 @click.option("--res", default=config_default(PrecomputeConfig, 'res'), show_default=True, help="Teacher input resolution (square).")
 @augmentation_options()

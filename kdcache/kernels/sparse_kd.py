@@ -4,7 +4,8 @@ One program per row of the batch.  See docs/losses.md for the derivation; in sho
 ``a = z / T`` and the teacher at temperature T described by its k top-k probabilities ``p_i`` and
 one per-class tail probability ``q`` (uniform/renorm) or a tail *bucket* mass ``P_tail`` (bucket):
 
-* the teacher's tail mass and its probabilities at T come from the k stored log-probs;
+* the teacher's tail mass and its probabilities at T come from the k stored log-probs (sampled
+  targets, ``TAIL == 3``: the k log-weights give the target as it is, untempered, with no tail);
 * pass 1 streams the row once in blocks of ``BLOCK`` and keeps
   - an online log-sum-exp of ``a``                       -> ``lse``  (student log-normaliser at T)
   - the shifted row sum ``sum_j (a_j - s0)``               (closed form of the uniform-tail cross term)
@@ -31,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-TAIL_CODES = {"uniform": 0, "renorm": 1, "bucket": 2}
+TAIL_CODES = {"uniform": 0, "renorm": 1, "bucket": 2, "sampled": 3}
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -45,7 +46,7 @@ def _sparse_kd_kernel(
     C, K,
     inv_T, T, log_n_tail,       # 1/T, T, log(C - K) (0 when K == C)
     grad_scale, ce_weight,
-    TAIL: tl.constexpr,         # 0 uniform, 1 renorm, 2 bucket
+    TAIL: tl.constexpr,         # 0 uniform, 1 renorm, 2 bucket, 3 sampled (weights as given, no tail)
     LABELS: tl.constexpr,       # 0 none, 1 hard (B,) ids, 2 soft (B, C) targets
     CE_SEPARATE: tl.constexpr,  # CE needs its own log-sum-exp (T != 1)
     WRITE_GRAD: tl.constexpr,
@@ -86,12 +87,15 @@ def _sparse_kd_kernel(
         1.0 + x * (1.0 / 6.0) * (1.0 + x * (1.0 / 7.0) * (1.0 + x * 0.125)))))))
     expm1_max = tl.where(x > -0.5, series, tl.exp(x) - 1.0)  # truncation error < 2e-8 relative
     m = tl.maximum(-expm1_max - rest, 0.0)
-    if TAIL == 1:
-        has_tail = m < 0.0  # renorm: never a tail (a false scalar of the right type)
+    if TAIL == 1 or TAIL == 3:
+        has_tail = m < 0.0  # renorm, sampled: never a tail (a false scalar of the right type)
     else:
         has_tail = (m > 0.0) & (C > K)
     u_T = (tl.log(tl.maximum(m, TINY)) - log_n_tail) * inv_T  # per tail class, at T
-    lT = tl.where(kmask, l * inv_T, NEG)
+    if TAIL == 3:
+        lT = tl.where(kmask, l, NEG)  # sampled: the weights are the target at T already (drawn at T)
+    else:
+        lT = tl.where(kmask, l * inv_T, NEG)
     mx = tl.maximum(tl.max(lT, axis=0), tl.where(has_tail, u_T, NEG))
     tot = tl.sum(tl.where(kmask, tl.exp(lT - mx), 0.0), axis=0)
     tot += tl.where(has_tail, tl.exp(u_T + log_n_tail - mx), 0.0)
