@@ -1,7 +1,8 @@
-"""The distillation study's smoke version runs end to end and writes its table and plots."""
+"""The studies' smoke versions run end to end and write their tables and plots."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -9,12 +10,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_distill_study_quick(tmp_path):
+def study(name: str):
+    """A script of benchmarks/, imported as a module."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        import distill_study
+        return importlib.import_module(name)
     finally:
         sys.path.pop(0)
+
+
+def test_distill_study_quick(tmp_path):
+    distill_study = study("distill_study")
     out = tmp_path / "study"
     res = distill_study.main(["--out", str(out), "--quick"])
     arms = {r["arm"] for r in res["results"]}
@@ -25,3 +31,21 @@ def test_distill_study_quick(tmp_path):
     assert all(arm in table for arm in distill_study.ARMS) and "| 2 |" in table
     assert (out / "curves.png").stat().st_size > 1000 and (out / "views.png").stat().st_size > 1000
     assert json.loads((out / "results.json").read_text())["teacher"]["val_images"] > 0
+
+
+def test_targets_study_quick(tmp_path):
+    """The targets study's smoke run: every arm trains and is scored, the sampled cache is sized
+    against the top-K one, the compact cache is smaller, and the table and reliability plot exist."""
+    targets_study = study("targets_study")
+    out = tmp_path / "targets"
+    res = targets_study.main(["--out", str(out), "--quick"])
+    assert set(res["arms"]) == set(targets_study.arms(2))
+    for r in res["arms"].values():
+        assert 0.0 <= r["top1"]["mean"] <= 1.0 and 0.0 <= r["ece"]["mean"] <= 1.0 and r["nll"]["mean"] > 0
+        assert sum(p["count"] for p in r["pooled_curve"]) > 0
+    c = res["caches"]
+    assert res["samples"] in (2, 4) and c["compact"]["total"] < c["topk"]["total"] < c["dense"]["total"]
+    assert 0.0 < res["teacher"]["top1"] <= 1.0
+    table = (out / "table.md").read_text()
+    assert all(arm in table for arm in targets_study.arms(2)) and f"sampled, N = {res['samples']}" in table
+    assert (out / "reliability.png").stat().st_size > 1000
