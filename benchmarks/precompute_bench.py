@@ -320,6 +320,7 @@ def main(argv=None):
             data=str(work / "data"), teacher=args.teacher, out=str(work / "cache.zarr"), num_classes=args.num_classes,
             views=args.views, topk=args.topk, seed=args.seed, res=args.res, batch_size=args.batch_size,
             device=str(device), workers=args.workers, progress=False, random_init=0, render=args.render,
+            threads=torch.get_num_threads(),  # the teacher-only timing's threads (kdcache's default would be fewer)
         )
         teacher, _ = load_teacher(args.teacher, device, num_classes=args.num_classes, resolution=args.res, random_init=0)
         pixels = render_views(urls, args)

@@ -96,7 +96,7 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--log-every", type=int, default=4)
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads in the main process (default: torch's; the CPU table used 1)")
+                   help="torch threads in the main process, for every run (default: torch's)")
     p.add_argument("--out", default=None, help="keep data, caches and runs here (default: a temp dir)")
     p.add_argument("--json", default=None, help="write the results as JSON here")
     a = p.parse_args(argv)
@@ -116,6 +116,7 @@ def main(argv=None):
                 data=str(data), teacher=teacher, num_classes=a.classes, out=str(cache), views=a.views, topk=a.topk,
                 res=a.teacher_res, batch_size=a.batch_size, device=a.device, workers=a.workers, progress=False,
                 random_init=0,  # random weights on purpose: only the speed is measured
+                threads=torch.get_num_threads(),
             ))
             row = {"teacher": teacher, "precompute_images_per_s": pre["images"] * a.views / (time.perf_counter() - t0)}
             runs: dict[str, list] = {"labels": [], "cached": [], "live": []}
@@ -128,7 +129,9 @@ def main(argv=None):
                     s = train(TrainConfig(
                         data=str(data), cache=str(cache), student=a.student, out=str(run), epochs=a.epochs,
                         batch_size=a.batch_size, res=a.res, teacher_res=a.teacher_res, workers=a.workers,
-                        device=a.device, progress=False, log_every=a.log_every, num_classes=a.classes, seed=0, **kw,
+                        device=a.device, progress=False, log_every=a.log_every, num_classes=a.classes, seed=0,
+                        threads=torch.get_num_threads(),  # every mode with the same threads (kdcache's default: cores less workers)
+                        **kw,
                     ))
                 runs[mode].append((steady_ips(run), s["main_cpu_ms_per_image"]))
             for mode, got in runs.items():
