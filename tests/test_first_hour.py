@@ -271,3 +271,51 @@ def test_eval_epochs_evaluates_every_nth_epoch_and_the_last(dataset, cache, tmp_
     train(config(dataset, out, cache=str(cache), epochs=5, eval_epochs=2, val_data=str(dataset)))
     evals = [json.loads(l)["epoch"] for l in (out / "metrics.jsonl").read_text().splitlines() if "val_top1" in l]
     assert evals == [1, 3, 4]
+
+
+_SWALLOW = """
+import sys, time, click
+from kdcache.cli import cli
+
+@cli.command("swallow")
+@click.option("--finish", is_flag=True)
+def swallow(finish):
+    print("ready", flush=True)
+    try:
+        time.sleep(60)
+    except KeyboardInterrupt:
+        pass  # as Python does with an interrupt that lands in a finaliser or weakref callback
+    if not finish:
+        time.sleep(60)
+
+cli(["swallow"] + sys.argv[1:])
+"""
+
+
+def _swallowing(*flags, presses=1):
+    p = subprocess.Popen([sys.executable, "-c", _SWALLOW, *flags], env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready"
+    t0 = time.monotonic()
+    for _ in range(presses):
+        p.send_signal(signal.SIGINT)
+        time.sleep(0.2)
+    out, err = p.communicate(timeout=60)
+    return p.returncode, err, time.monotonic() - t0
+
+
+@pytest.mark.parametrize("flags,presses,by_timer", [((), 1, True), (("--finish",), 1, False), ((), 2, False)])
+def test_an_interrupt_python_swallowed_still_ends_the_run(flags, presses, by_timer):
+    """A Ctrl-C that Python could not raise where it landed still ends the command with 130 and the
+    interrupted line, without a traceback: when the command returns anyway, or on a second Ctrl-C,
+    at once; otherwise when the grace period is over."""
+    from kdcache.cli import INTERRUPT_GRACE_S
+
+    code, err, seconds = _swallowing(*flags, presses=presses)
+    assert code == 130, err
+    assert "interrupted (swallow): nothing was changed" in err and err.count("interrupted (") == 1, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    if by_timer:
+        assert seconds >= INTERRUPT_GRACE_S - 0.5  # it waited for the command to stop on its own
+    else:
+        assert seconds < INTERRUPT_GRACE_S  # it did not wait for the timer

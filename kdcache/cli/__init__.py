@@ -7,7 +7,11 @@ User errors (``KdcacheError``) print one clear line and exit with code 2; no tra
 from __future__ import annotations
 
 import errno
+import os
+import signal
 import sys
+import threading
+import time
 
 import click
 
@@ -67,6 +71,77 @@ _INTERRUPTED = {
 }
 
 
+# After a Ctrl-C, how long the command may take to stop on its own before the process ends at once.
+INTERRUPT_GRACE_S = 3.0
+
+
+def _interrupted_line(name: str | None) -> str:
+    return f"\ninterrupted ({name or 'kdcache'}): {_INTERRUPTED.get(name or '', 'nothing was changed')}"
+
+
+class Interrupt:
+    """The SIGINT handler of a command line run.
+
+    The first Ctrl-C raises KeyboardInterrupt in the main thread as Python's own handler does, so
+    ``finally`` blocks run (claims released, workers shut down) and the command says how to go on.
+    Python cannot raise it everywhere: inside a finaliser or a weakref callback it prints
+    "Exception ignored" and carries on, and the job would then run to its end as if nothing had been
+    pressed. So the first Ctrl-C also starts a timer: a process still alive ``INTERRUPT_GRACE_S``
+    later, or one that gets a second Ctrl-C, says the same line and ends at once with code 130.
+    Ending at any instant is safe for kdcache's jobs: precompute redoes unfinished groups, train
+    resumes from its last checkpoint. Forked data workers keep Python's default behaviour."""
+
+    def __init__(self, name: str | None = None):
+        self.name = name
+        self.pid = os.getpid()
+        self.pressed = False
+        self._said = threading.Lock()
+
+    def __call__(self, signum, frame):
+        if os.getpid() != self.pid:
+            raise KeyboardInterrupt
+        if self.pressed:
+            self.stop_now()
+        self.pressed = True
+        threading.Thread(target=self._stop_later, name="kdcache-interrupt", daemon=True).start()
+        sys.unraisablehook = _unraisable_but_interrupt(sys.unraisablehook)
+        raise KeyboardInterrupt
+
+    def _stop_later(self):
+        time.sleep(INTERRUPT_GRACE_S)
+        self.stop_now()
+
+    def say(self) -> None:
+        """Print the interrupted line, once per process."""
+        if self._said.acquire(blocking=False):
+            click.echo(_interrupted_line(self.name), err=True)
+
+    def stop_now(self):
+        self.say()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001 - a closed pipe must not keep the process alive
+                pass
+        os._exit(130)
+
+
+def _unraisable_but_interrupt(hook):
+    """``hook`` for everything but this KeyboardInterrupt where Python cannot raise it (it would print
+    "Exception ignored … KeyboardInterrupt" with a traceback; the timer ends the run instead)."""
+
+    def quiet_interrupt(unraisable) -> None:
+        if unraisable.exc_type is not KeyboardInterrupt:
+            hook(unraisable)
+
+    return quiet_interrupt
+
+
+def _quiet_unraisable(unraisable) -> None:
+    """After a Ctrl-C, objects torn down at exit (an event loop that was running, a half-used
+    generator) may raise in their finalisers; that is noise once the command said it was interrupted."""
+
+
 class KdcacheGroup(click.Group):
     """The ``kdcache`` group: sub-commands loaded on first use; ``KdcacheError`` becomes one
     message and its exit code; a full disk, a quota or a file-size limit one clean message (exit
@@ -76,6 +151,9 @@ class KdcacheGroup(click.Group):
         return list(COMMANDS) + [n for n in self.commands if n not in COMMANDS]
 
     def get_command(self, ctx, name):
+        interrupt = signal.getsignal(signal.SIGINT)
+        if isinstance(interrupt, Interrupt):
+            interrupt.name = name  # what the interrupted line names, also when the timer ends the run
         if name not in COMMANDS:
             return self.commands.get(name)  # one added with cli.add_command (plugins, tests)
         import importlib
@@ -89,15 +167,27 @@ class KdcacheGroup(click.Group):
             formatter.write_dl(rows)
 
     def invoke(self, ctx):
+        interrupt, previous = None, None
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is \
+                signal.default_int_handler:
+            interrupt = Interrupt()
+            previous = signal.signal(signal.SIGINT, interrupt)
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            if interrupt is not None and interrupt.pressed:  # Python swallowed it; the command ran on
+                raise KeyboardInterrupt
+            return result
         except KdcacheError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(e.exit_code)
         except (KeyboardInterrupt, click.Abort):
             name = ctx.invoked_subcommand or ""
-            click.echo(f"\ninterrupted ({name or 'kdcache'}): {_INTERRUPTED.get(name, 'nothing was changed')}",
-                       err=True)
+            if interrupt is not None:
+                interrupt.name = name or interrupt.name
+                interrupt.say()
+            else:
+                click.echo(_interrupted_line(name), err=True)
+            sys.unraisablehook = _quiet_unraisable
             sys.exit(130)
         except Exception as e:
             full = storage_full(e)
@@ -105,6 +195,9 @@ class KdcacheGroup(click.Group):
                 raise
             click.echo(f"error: {storage_full_message(full)}", err=True)
             sys.exit(KdcacheError.exit_code)
+        finally:
+            if previous is not None and not (interrupt is not None and interrupt.pressed):
+                signal.signal(signal.SIGINT, previous)
 
 
 @click.group(cls=KdcacheGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
