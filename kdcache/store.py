@@ -332,6 +332,23 @@ def digest_of(kind: str, layout: str, d: dict, j: int) -> str:
                    d["mix_lam"][:, j])
 
 
+def derived_views(manifest: dict, where: str, name: str, keys, size, bad, views):
+    """The views of a compact group, which does not store them: ``views.sample_shard_views`` on the
+    manifest's seed and augmentation, as precompute drew them (a record listed in ``bad`` or without
+    a size gets none). ``views`` is V or a list of view indices; ``where`` names the cache in errors."""
+    from .views import SAMPLER_VERSION, AugSpec, sample_shard_views
+
+    aug = AugSpec.from_dict(manifest["augmentation"])
+    if aug.version != SAMPLER_VERSION:
+        raise KdcacheError(
+            f"cache {where} does not store its views (precompute --compact): they were drawn by view sampler "
+            f"version {aug.version} and this kdcache has version {SAMPLER_VERSION}, so it cannot re-derive them. "
+            "Read the cache with the kdcache release that made it")
+    size = np.asarray(size)
+    valid = np.array([str(k) not in bad for k in keys], dtype=bool) & (size[:, 0] >= 0)
+    return sample_shard_views(int(manifest["seed"]), name, [str(k) for k in keys], size, views, aug, valid=valid)
+
+
 def targets_digest(groups: dict[str, list[str]]) -> str:
     """One sha256 for a whole cache's targets: over its groups' view digests, in group order."""
     h = hashlib.sha256()
@@ -578,6 +595,14 @@ class CacheReader:
         return int(self.manifest["teacher"]["num_classes"])
 
     @property
+    def logprob_step(self) -> float:
+        """The quantisation step of a compact top-k cache's log-probs (nats); 0.0 where they are stored
+        as they are (plain layout) or there are none (sampled targets)."""
+        if self.layout != "compact" or self.kind != "topk":
+            return 0.0
+        return float(self.manifest["encoding"].get("logprob_step", enc.LOGPROB_STEP))
+
+    @property
     def samples(self) -> int | None:
         """N, the draws per record of a sampled cache (None for top-k)."""
         return int(self.manifest["targets"]["samples"]) if self.kind == "sample" else None
@@ -772,8 +797,7 @@ class CacheReader:
                 steps = st.get("logprob_steps")
                 if steps is None:
                     steps = np.zeros(codes.shape[:2] + (0,), np.uint8)
-                step = float(self.manifest["encoding"].get("logprob_step", enc.LOGPROB_STEP))
-                d["logprobs"] = enc.dequantise_logprobs(steps, st["topk_logmass"], step).astype(np.float32)
+                d["logprobs"] = enc.dequantise_logprobs(steps, st["topk_logmass"], self.logprob_step).astype(np.float32)
             d.update(self._geometry(name, d["keys"], d["size"], view))
         if self.kind == "sample":
             d["classes"] = np.where(st["counts"] > 0, d["classes"], -1)
@@ -781,21 +805,10 @@ class CacheReader:
         return d
 
     def _geometry(self, name: str, keys, size, view: int | None) -> dict[str, np.ndarray]:
-        """The views of a compact group, re-derived with the seeded sampler (``views.sample_shard_views``)
-        exactly as precompute drew them: a record listed as bad gets no view."""
-        from .views import SAMPLER_VERSION, AugSpec, sample_shard_views
-
-        aug = AugSpec.from_dict(self.manifest["augmentation"])
-        if aug.version != SAMPLER_VERSION:
-            raise KdcacheError(
-                f"cache {self.path} does not store its views (precompute --compact): they were drawn by view sampler "
-                f"version {aug.version} and this kdcache has version {SAMPLER_VERSION}, so it cannot re-derive them. "
-                "Read the cache with the kdcache release that made it")
-        bad = set(self._open_shard(name)[2].get("bad") or {})
-        valid = np.array([str(k) not in bad for k in keys], dtype=bool) & (np.asarray(size)[:, 0] >= 0)
-        index = list(range(self.views)) if view is None else [view]
-        sv = sample_shard_views(int(self.manifest["seed"]), name, [str(k) for k in keys], np.asarray(size), index,
-                                aug, valid=valid)
+        """The views of a compact group, re-derived (``derived_views``)."""
+        bad = self._open_shard(name)[2].get("bad") or {}
+        sv = derived_views(self.manifest, self.path, name, keys, size, bad,
+                           list(range(self.views)) if view is None else [view])
         max_side = int(np.asarray(size).max()) if len(keys) else 0
         return {"box": sv.box.astype(box_dtype(max_side)), "flip": sv.flip, "mix_with": sv.mix_with,
                 "mix_lam": sv.mix_lam}
@@ -1328,15 +1341,7 @@ class CacheWriter:
         if self.layout == "plain":
             return {"size": np.asarray(size), **targets, "classes": classes.astype(cdt), **geometry}, decoded
         # compact: geometry must be the seeded sampler's, since it is re-derived on every read
-        from .views import SAMPLER_VERSION, AugSpec, sample_shard_views
-
-        aug = AugSpec.from_dict(self.manifest["augmentation"])
-        if aug.version != SAMPLER_VERSION:
-            raise KdcacheError(f"a compact cache re-derives its views with this kdcache's sampler (version "
-                               f"{SAMPLER_VERSION}); the manifest says version {aug.version}")
-        valid = np.array([str(k) not in bad for k in keys], dtype=bool) & (np.asarray(size)[:, 0] >= 0)
-        sv = sample_shard_views(int(self.manifest["seed"]), name, [str(k) for k in keys], np.asarray(size), V, aug,
-                                valid=valid)
+        sv = derived_views(self.manifest, self.path, name, keys, size, bad, V)
         for a, want in (("box", sv.box), ("flip", sv.flip), ("mix_with", sv.mix_with), ("mix_lam", sv.mix_lam)):
             if not np.array_equal(np.asarray(geometry[a]).astype(np.float64), np.asarray(want).astype(np.float64)):
                 raise KdcacheError(
@@ -1356,8 +1361,6 @@ class CacheWriter:
             stored["topk_logmass"] = logmass
             decoded.update(logprob_steps=steps, topk_logmass=logmass)
         decoded["classes"] = enc.decode_classes(codes, class_list)
-        if self.kind == "sample":
-            decoded["classes"] = np.where(targets["counts"] > 0, decoded["classes"], -1)
         if not np.array_equal(classes, decoded["classes"]):
             raise KdcacheError(f"write_shard({name!r}): the class codes do not decode to the classes (a bug)")
         return stored, decoded

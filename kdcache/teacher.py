@@ -99,9 +99,8 @@ def topk_tensors(teacher: Teacher, pixels: torch.Tensor, k: int, mean=None, std=
     """Top-k log-probabilities (T=1, descending, float16; float32 with ``half=False``) and class ids,
     as tensors on the teacher's device, for float pixels in [0, 1] (B, 3, H, W). ``mean``/``std``
     override the teacher's."""
-    with torch.no_grad():  # not inference_mode: live targets go on into the (autograd) loss
-        logp = logprob_tensors(teacher, pixels, mean, std)
-        vals, ids = torch.topk(logp, k, dim=-1, largest=True, sorted=True)
+    logp = logprob_tensors(teacher, pixels, mean, std)  # made without gradients
+    vals, ids = torch.topk(logp, k, dim=-1, largest=True, sorted=True)
     return (vals.half() if half else vals), ids
 
 

@@ -274,7 +274,7 @@ def check_shard(reader: CacheReader, name: str, url: str, picks: list[Pick], tea
 
     C = teacher.num_classes
     sampled = reader.kind == "sample"
-    step = float((man.get("encoding") or {}).get("logprob_step", 0.0)) if reader.layout == "compact" else 0.0
+    step = reader.logprob_step
     for pairs in batches:
         if (stored.mix_with[pairs[:, 0], pairs[:, 1]] >= n).any():
             pairs = pairs[stored.mix_with[pairs[:, 0], pairs[:, 1]] < n]  # cannot render; failed above
@@ -489,7 +489,7 @@ def verify(
         "population": population,
         "shards_checked": sorted(by_shard),
         "tolerance": {"atol": atol, "rtol": rtol,
-                      "logprob_step": float((man.get("encoding") or {}).get("logprob_step", 0.0))},
+                      "logprob_step": reader.logprob_step},
         "exact_batches": bool((man.get("compute") or {}).get("batch_size")),
         "groups_digest_checked": digests_checked,
         **ident,

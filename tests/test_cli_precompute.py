@@ -223,3 +223,13 @@ def test_exit_code_of_the_real_process(dataset, tmp_path):
     assert res.returncode == 2
     assert res.stderr.strip() == f"error: weights file {tmp_path / 'missing.pt'} does not exist"
     assert not (tmp_path / "c.zarr").exists()
+
+
+def test_a_flag_of_the_other_target_kind_gets_a_note(dataset, teacher_weights, tmp_path):
+    res = run(dataset, tmp_path / "s.zarr", teacher_weights, "--targets", "sample", "--samples", "4")
+    assert res.exit_code == 0, res.output
+    assert "note: --topk applies to --targets topk only; this run stores --targets sample" in res.stderr
+    res = run(dataset, tmp_path / "t.zarr", teacher_weights, "--sample-temperature", "2")
+    assert res.exit_code == 0, res.output
+    assert "note: --sample-temperature applies to --targets sample only" in res.stderr
+    assert "--topk" not in res.stderr  # given, and used

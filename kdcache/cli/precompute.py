@@ -74,7 +74,8 @@ from .options import RGB, augmentation, augmentation_options, config_default
                    "read the tar). Recorded in the cache; train, verify and inspect replay with the same backend.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def precompute(**kw):
-    """Run the teacher once on seeded views of every image and store its top-k in a Zarr cache.
+    """Run the teacher once on seeded views of every image and store its top-k (or classes drawn
+    from it, --targets sample) in a Zarr cache.
 
     Re-running the same command resumes: complete shards are skipped, interrupted ones redone.
     A cache made with another teacher, seed, V, k or augmentation is refused. Under
@@ -82,6 +83,13 @@ def precompute(**kw):
     """
     from ..precompute import precompute as run
 
+    given = click.get_current_context().get_parameter_source
+    only_for = {"topk": "topk", "samples": "sample", "sample_temperature": "sample"}
+    for name, kind in only_for.items():
+        if kw["targets"] != kind and given(name) is click.core.ParameterSource.COMMANDLINE:
+            flag = "--" + name.replace("_", "-")
+            click.echo(f"note: {flag} applies to --targets {kind} only; this run stores --targets {kw['targets']} "
+                       f"and does not use it", err=True)
     kw["progress"] = not kw.pop("no_progress")
     aug = augmentation(kw)
     if kw.pop("center_crop"):
