@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 
 import click
 import pytest
@@ -87,15 +86,22 @@ def test_run_state_round_trips_through_a_checkpoint(student):
     assert back.last_val["val_top1"] == 0.4
 
 
-def test_meter_counts_steps_not_pauses():
+def test_meter_counts_steps_not_pauses(monkeypatch):
+    import types
+    from kdcache import run_state
+
+    clock = types.SimpleNamespace(now=100.0)  # a clock the test moves: no dependence on the machine's speed
+    monkeypatch.setattr(run_state, "time", types.SimpleNamespace(perf_counter=lambda: clock.now,
+                                                                 process_time=lambda: clock.now / 2))
     st = RunState()
     m = Meter(st, torch.device("cpu"), world=1)
-    time.sleep(0.05)
+    clock.now += 0.5  # the first step (waiting for data counts)
     m.step({"loss": torch.tensor(2.0), "kd": torch.tensor(1.5), "ce": None}, images=8)
     with m.paused():
-        time.sleep(0.2)  # evaluation: not training time
+        clock.now += 7.0  # evaluation: not training time
+    clock.now += 1.5
     m.step({"loss": torch.tensor(4.0), "kd": torch.tensor(3.5), "ce": None}, images=8)
-    assert 0.05 <= st.train_time_s < 0.2
+    assert st.train_time_s == pytest.approx(2.0) and st.train_cpu_s == pytest.approx(1.0)
     w = m.window()
     assert w["loss"] == 3.0 and w["kd"] == 2.5 and "ce" not in w
     assert w["images_per_s"] == pytest.approx(16 / st.train_time_s)
