@@ -240,8 +240,15 @@ def test_precompute_bar_counts_views(dataset, teacher_weights, tmp_path, capsys)
 
 def test_small_things():
     assert count(1, "shard") == "1 shard" and count(3, "shard") == "3 shards" and count(1, "other") == "1 other"
-    for command in ("precompute", "train"):
-        assert ".pt2" in run(command, "--help").stdout
+    from kdcache.runtime import default_workers
+
+    for command in ("precompute", "train", "demo"):
+        text = " ".join(run(command, "--help").stdout.split())
+        assert ".pt2" in text or command == "demo"
+        # --workers shows its rule and what it comes to here, as one default (not two that disagree)
+        workers = text[text.index("--workers INTEGER"):].split(" -", 1)[0]
+        assert workers.endswith(f"[default: (the cores but one, at most 4; {default_workers()} here)]"), workers
+        assert workers.count("default") == 1, workers
 
 
 def test_class_count_error_names_where_the_count_came_from(dataset, cache, tmp_path):

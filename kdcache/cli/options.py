@@ -37,6 +37,11 @@ def config_default(config_cls, name: str):
     return f.default
 
 
+def workers_shown_default(value: int) -> str:
+    """What ``--help`` shows as the --workers default: the rule, and what it comes to on this machine."""
+    return f"the cores but one, at most 4; {value} here"
+
+
 def augmentation_options(what: str = ""):
     """--scale, --ratio, --flip/--no-flip, --mixup/--no-mixup, with ``views.AugSpec``'s defaults.
     ``what`` prefixes each help text (e.g. "Without a cache: "). ``augmentation(kw)`` turns the
