@@ -166,15 +166,30 @@ def test_default_workers_leave_a_core_to_the_main_process():
 # ---- 7. Ctrl-C ----------------------------------------------------------------------------------------------
 
 
-def _interrupt(args, when) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(ROOT)]), KD_TEST_DELAY="0.3")
-    p = subprocess.Popen([sys.executable, "-m", "kdcache", *map(str, args)], env=env, stdout=subprocess.PIPE,
+# Run a Python command with SIGINT at its default: a test run from a background job (`make test &`,
+# nohup, some CI runners) inherits SIGINT ignored, and kdcache, like any program, then leaves it so.
+WITH_CTRL_C = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+               "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"]
+
+
+def _interrupt(args, when, hold: Path, hold_at: int) -> subprocess.CompletedProcess:
+    """Run a command whose slow_cnn holds on its ``hold_at``-th forward pass, and press Ctrl-C once
+    it holds and ``when()`` is true: the run is then surely at work, however slow the machine."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(ROOT)]), KD_TEST_HOLD=str(hold),
+               KD_TEST_HOLD_AT=str(hold_at))
+    p = subprocess.Popen([*WITH_CTRL_C, "-m", "kdcache", *map(str, args)], env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and p.poll() is None and not when():
-        time.sleep(0.05)
-    p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=120)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and p.poll() is None and not (hold.exists() and when()):
+            time.sleep(0.05)
+        assert p.poll() is None, f"the run ended before it was interrupted: {p.communicate()[1][-2000:]}"
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:  # it did not stop: do not leave it holding
+            p.kill()
+            p.wait()
     return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 
@@ -183,7 +198,8 @@ def test_ctrl_c_exits_130_and_says_how_to_resume(dataset, teacher_weights, tmp_p
     args = ["precompute", "--data", dataset, "--teacher", "py:testmodels:slow_cnn", "--teacher-weights",
             teacher_weights, "--num-classes", NUM_CLASSES, "--out", out, "-V", 2, "-k", 3, "--res", 32, "-b", 4,
             "--workers", 0, "--device", "cpu", "--no-progress"]
-    res = _interrupt(args, lambda: (out / "zarr.json").exists())
+    # held in the teacher's 4th batch: the cache's root exists and the first shard group is under way
+    res = _interrupt(args, lambda: (out / "zarr.json").exists(), tmp_path / "held-precompute", hold_at=4)
     assert res.returncode == 130, res.stderr
     assert "interrupted (precompute): finished shard groups are kept; re-run the same command" in res.stderr
     assert "Traceback" not in res.stderr and "Aborted!" not in res.stderr
@@ -191,7 +207,8 @@ def test_ctrl_c_exits_130_and_says_how_to_resume(dataset, teacher_weights, tmp_p
     args = ["train", "--data", dataset, "--student", "py:testmodels:slow_cnn", "--out", run_dir, "--res", 32,
             "--epochs", 3, "-b", 4, "--workers", 0, "--device", "cpu", "--no-progress", "--checkpoint-every", 1,
             "--num-classes", NUM_CLASSES]
-    res = _interrupt(args, lambda: (run_dir / "checkpoint.pt").exists())
+    # held in step 3's forward pass: the checkpoints of steps 1 and 2 are written
+    res = _interrupt(args, lambda: (run_dir / "checkpoint.pt").exists(), tmp_path / "held-train", hold_at=3)
     assert res.returncode == 130, res.stderr
     assert "interrupted (train): re-run the same command with --resume" in res.stderr and "Traceback" not in res.stderr
 
@@ -306,7 +323,7 @@ cli(["swallow"] + sys.argv[1:])
 
 def _swallowing(*flags, presses=1, grace_s):
     env = dict(os.environ, PYTHONPATH=str(ROOT), GRACE_S=str(grace_s))
-    p = subprocess.Popen([sys.executable, "-c", _SWALLOW, *flags], env=env, stdout=subprocess.PIPE,
+    p = subprocess.Popen([*WITH_CTRL_C, "-c", _SWALLOW, *flags], env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "ready"
     t0 = time.monotonic()
@@ -314,7 +331,12 @@ def _swallowing(*flags, presses=1, grace_s):
         if press:  # the first was handled (two signals before Python runs its handler count as one)
             assert p.stdout.readline().strip() == "swallowed"
         p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=300)
+    try:
+        out, err = p.communicate(timeout=300)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
     return p.returncode, err, time.monotonic() - t0
 
 
