@@ -46,19 +46,25 @@ def slots(samples: int, num_classes: int) -> int:
 
 
 def draw_uniforms(seed: int, key: str, view: int, samples: int) -> np.ndarray:
-    """The N uniforms in [0, 1) of record (key, view)."""
-    rng = np.random.Generator(np.random.PCG64(stable_seed("targets", seed, key, view)))
-    return rng.random(int(samples))
+    """The N uniforms in [0, 1) of record (key, view): the doubles that
+    ``np.random.Generator(np.random.PCG64(s)).random(N)`` gives (the top 53 bits of each 64-bit output
+    times 2^-53), taken from the bit generator directly: building a Generator per record costs more
+    than the draws."""
+    raw = np.random.PCG64(stable_seed("targets", seed, key, view)).random_raw(int(samples))
+    return (raw >> np.uint64(11)) * _TWO_TO_MINUS_53
+
+
+_TWO_TO_MINUS_53 = 1.0 / 9007199254740992.0
 
 
 def sampling_cdf(logp: np.ndarray, temperature: float) -> np.ndarray:
     """Cumulative distribution (float64, classes in id order, last entry exactly 1) of
-    ``softmax(logp / temperature)``."""
+    ``softmax(logp / temperature)`` over the last axis (one record, or a batch of rows)."""
     a = np.asarray(logp, dtype=np.float64) / float(temperature)
     a = np.where(np.isfinite(a), a, -np.inf)
-    q = np.exp(a - a.max())
-    cdf = np.cumsum(q)
-    return cdf / cdf[-1]
+    q = np.exp(a - a.max(axis=-1, keepdims=True))
+    cdf = np.cumsum(q, axis=-1)
+    return cdf / cdf[..., -1:]
 
 
 def draw_record(logp: np.ndarray, seed: int, key: str, view: int, samples: int, temperature: float = 1.0,
@@ -78,13 +84,48 @@ def draw_record(logp: np.ndarray, seed: int, key: str, view: int, samples: int, 
     return classes, counts
 
 
+# Rows of the float64 distribution built at once in draw_batch: 512 KiB, which stays in the CPU cache
+# through its passes (larger blocks measured slower at C = 32000 and 128000; benchmarks/targets_bench.py).
+_CDF_ELEMENTS = 1 << 16
+
+
 def draw_batch(logp: np.ndarray, keys, views, seed: int, samples: int, temperature: float = 1.0):
-    """``draw_record`` for each row of ``logp`` (b, C) with its key and view."""
-    width = slots(samples, logp.shape[1])
-    out_c = np.full((len(logp), width), -1, dtype=np.int64)
-    out_n = np.zeros((len(logp), width), dtype=np.uint8)
-    for r, (key, view) in enumerate(zip(keys, views)):
-        out_c[r], out_n[r] = draw_record(logp[r], seed, str(key), int(view), samples, temperature, width)
+    """``draw_record`` for each row of ``logp`` (b, C) with its key and view: the same classes and
+    counts (tested), with the distribution and the counting done for many rows at once."""
+    logp = np.asarray(logp)
+    B, C = logp.shape
+    width = slots(samples, C)
+    keys, views = list(keys), list(views)
+    if len(keys) != B or len(views) != B:
+        raise ValueError(f"draw_batch: {B} rows of log-probs but {len(keys)} keys and {len(views)} views")
+    drawn = np.empty((B, int(samples)), dtype=np.int64)
+    step = max(1, _CDF_ELEMENTS // max(C, 1))
+    for lo in range(0, B, step):
+        cdf = sampling_cdf(logp[lo:lo + step], temperature)
+        for r in range(lo, min(lo + step, B)):
+            u = draw_uniforms(seed, str(keys[r]), int(views[r]), samples)
+            drawn[r] = np.searchsorted(cdf[r - lo], u, side="right")
+    return _counted(np.minimum(drawn, C - 1), C, width)
+
+
+def _counted(drawn: np.ndarray, C: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct classes of each row of ``drawn`` (b, N) with their counts, sorted by count
+    (descending) then class id, padded to ``width`` with class -1 and count 0."""
+    B, N = drawn.shape
+    d = np.sort(drawn, axis=1)
+    first = np.ones((B, N), dtype=bool)
+    first[:, 1:] = d[:, 1:] != d[:, :-1]
+    group = np.cumsum(first, axis=1) - 1  # which distinct class of its row each draw is
+    rows = np.repeat(np.arange(B), N)
+    counts = np.zeros((B, N), dtype=np.int64)
+    np.add.at(counts, (rows, group.ravel()), 1)
+    classes = np.full((B, N), -1, dtype=np.int64)
+    classes[rows, group.ravel()] = d.ravel()
+    # one integer key per slot: more draws first, then the smaller class; unused slots last
+    order_key = np.where(counts > 0, (N + 1 - counts) * (C + 1) + classes, (N + 2) * (C + 1))
+    order = np.argsort(order_key, axis=1, kind="stable")[:, :width]
+    out_c = np.take_along_axis(classes, order, axis=1)
+    out_n = np.take_along_axis(counts, order, axis=1).astype(np.uint8)
     return out_c, out_n
 
 

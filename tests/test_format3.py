@@ -248,6 +248,44 @@ def test_draws_are_a_function_of_seed_key_view():
     assert np.array_equal(b[0][0], cls) and np.array_equal(b[1][0], cnt)
 
 
+def test_uniforms_are_the_seeded_generators_doubles():
+    """draw_uniforms reads the bit generator directly; the doubles are Generator(PCG64).random's,
+    the definition docs/format.md gives."""
+    from kdcache.targets import draw_uniforms
+    from kdcache.views import stable_seed
+
+    for seed, key, view, n in ((0, "a", 0, 1), (7, "img_000123", 5, 16), (2**40, "ü/é", 63, 255)):
+        want = np.random.Generator(np.random.PCG64(stable_seed("targets", seed, key, view))).random(n)
+        assert np.array_equal(draw_uniforms(seed, key, view, n), want)
+
+
+def test_a_batch_draws_what_each_record_draws_alone(monkeypatch):
+    """draw_batch (the distribution built for many rows at once, the counting vectorised) against
+    draw_record row by row: ties, classes of probability 0, fewer classes than draws, temperatures,
+    and blocks of rows that split the batch unevenly."""
+    import kdcache.targets as targets
+
+    monkeypatch.setattr(targets, "_CDF_ELEMENTS", 64)  # blocks of a few rows
+    rng = np.random.default_rng(0)
+    for trial in range(120):
+        B, C = int(rng.integers(1, 20)), int(rng.choice([1, 2, 3, 7, 17, 100]))
+        N, T = int(rng.choice([1, 2, 9, 16, 255])), float(rng.choice([0.5, 1.0, 3.0]))
+        z = rng.normal(size=(B, C)) * rng.choice([0.1, 3.0, 30.0])
+        if trial % 3 == 0:
+            z = np.round(z)  # equal probabilities
+        logp = torch.log_softmax(torch.tensor(z, dtype=torch.float32), -1).numpy()
+        if trial % 4 == 0 and C > 2:
+            logp[:, : C // 2] = -np.inf
+        keys, views = [f"k{trial}_{i}" for i in range(B)], rng.integers(0, 50, B).tolist()
+        cls, cnt = draw_batch(logp, keys, views, trial, N, T)
+        assert cls.shape == cnt.shape == (B, min(N, C)) and cnt.dtype == np.uint8
+        for r in range(B):
+            c, n = draw_record(logp[r], trial, keys[r], views[r], N, T, min(N, C))
+            assert np.array_equal(cls[r], c) and np.array_equal(cnt[r], n), (trial, r)
+    with pytest.raises(ValueError, match="3 rows of log-probs but 2 keys"):
+        draw_batch(np.zeros((3, 4), np.float32), ["a", "b"], [0, 0, 0], 0, 4)
+
+
 @pytest.mark.parametrize("T", [1.0, 2.0])
 def test_sampled_weights_are_unbiased(T):
     """The mean of many records' weights count/N approaches the teacher's distribution at the
