@@ -20,8 +20,10 @@ in the remaining time are skipped and listed with the reason):
    (random weights, ``random_init=0``) at 224 px, once per render backend (``--render pil`` and
    ``--render torch``: on CUDA the torch backend decodes with nvJPEG and crops on the GPU), against
    the same teacher's forward on pre-rendered tensors (``precompute_bench.time_teacher_only``): the
-   data-path ratio, goal >= 0.9. Also each backend's decode + render speed on one CPU core (and,
-   on CUDA, the torch backend's on the GPU).
+   data-path ratio, goal >= 0.9; then ``--render pil --targets sample --samples 16``, whose draws
+   run in the main process between teacher batches (its ratio against the top-k row shows what
+   drawing costs next to this teacher). Also each backend's decode + render speed on one CPU core
+   (and, on CUDA, the torch backend's on the GPU).
 3. **train**: a timm student at 224 px from the precompute section's caches, labels-only, cached KD
    and live KD, bf16 autocast and channels-last, eager and ``--compile``
    (``TrainConfig(compile=True, channels_last=True, amp="bf16")``), for each backend's cache:
@@ -53,6 +55,9 @@ from types import SimpleNamespace
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+# Draws per record of the precompute row with sampled targets (the targets study's choice).
+SAMPLES = 16
 
 # Section shares of the time budget (a section may use what an earlier one left).
 SHARES = {"loss": 0.40, "precompute": 0.25, "train": 0.35}
@@ -302,18 +307,23 @@ def precompute_section(cfg, device, deadline, out, work: Path, state: dict, work
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = False
     teach = [time_teacher_only(pixels, ns, teacher, device, cfg.teacher_seconds)]
-    for backend in ("pil", "torch"):
+    # each backend with top-k targets, then PIL with sampled targets (drawn in the main process)
+    for backend, targets in (("pil", "topk"), ("torch", "topk"), ("pil", "sample")):
+        what = f"--render {backend}" + (f" --targets {targets}" if targets != "topk" else "")
         if time.perf_counter() > deadline:
-            out["skipped"].append({"what": f"precompute --render {backend}", "why": "time budget spent"})
+            out["skipped"].append({"what": f"precompute {what}", "why": "time budget spent"})
             continue
-        cache = work / f"cache-{backend}.zarr"
+        cache = work / f"cache-{backend}-{targets}.zarr"
         shutil.rmtree(cache, ignore_errors=True)
         pc = PrecomputeConfig(data=str(work / "data"), teacher=cfg.teacher, out=str(cache), num_classes=cfg.classes,
                               views=cfg.views, topk=cfg.topk, res=cfg.res, batch_size=cfg.batch, device=str(device),
-                              workers=workers, progress=False, random_init=0, render=backend)
+                              workers=workers, progress=False, random_init=0, render=backend, targets=targets,
+                              samples=SAMPLES)
         s = precompute(pc)
-        state.setdefault("caches", {})[backend] = str(cache)
-        out["rows"].append({"backend": backend, "images": s["images"], "records": s["records"],
+        if targets == "topk":
+            state.setdefault("caches", {})[backend] = str(cache)
+        out["rows"].append({"backend": backend, "targets": targets, "what": what, "images": s["images"],
+                            "records": s["records"],
                             "seconds": s["seconds"], "images_per_s": s["images_per_s"],
                             "views_per_s": s["records"] / max(s["seconds"], 1e-9), "workers": s.get("workers"),
                             "threads": s.get("threads")})
@@ -460,9 +470,9 @@ def markdown(res: dict) -> str:
                   f"(~{st.get('side')} px) in {st.get('shards')} shards, V = {st.get('views')}, batch {st.get('batch')}, "
                   f"{st.get('workers')} workers. Teacher only (pre-rendered tensors): "
                   + ", ".join(f"{v:.0f}" for v in s.get("teacher_only_views_per_s", [])) + " views/s.", "",
-                  "| --render | img/s | views/s | teacher only views/s | ratio (goal ≥ 0.9) |", "|---|---:|---:|---:|---:|"]
+                  "| precompute | img/s | views/s | teacher only views/s | ratio (goal ≥ 0.9) |", "|---|---:|---:|---:|---:|"]
         for r in s.get("rows", []):
-            lines.append(f"| {r['backend']} | {r['images_per_s']:.1f} | {r['views_per_s']:.1f} | "
+            lines.append(f"| {r.get('what', '--render ' + r['backend'])} | {r['images_per_s']:.1f} | {r['views_per_s']:.1f} | "
                          f"{r['teacher_only_views_per_s']:.1f} | **{r['ratio']:.2f}** |")
         rd = s.get("render_diff")
         if rd:

@@ -35,8 +35,9 @@ def test_quick_cpu_suite_writes_every_section(tmp_path):
     assert any("compiled" in s["what"] and "CPU" in s["why"] for s in loss["skipped"])
 
     pre = r["sections"]["precompute"]
-    assert {x["backend"] for x in pre["rows"]} == {"pil", "torch"}
+    assert {(x["backend"], x["targets"]) for x in pre["rows"]} == {("pil", "topk"), ("torch", "topk"), ("pil", "sample")}
     assert all(x["ratio"] > 0 and x["images"] == 48 for x in pre["rows"])
+    assert "| --render pil --targets sample |" in md
     assert {(x["backend"], x["where"]) for x in pre["render_per_core"]} == {("pil", "cpu"), ("torch", "cpu")}
     diff = pre["render_diff"]  # the torch backend on the CPU is within a level of PIL's pixels
     assert diff["pixels"][0]["a"] == "torch-cpu" and diff["pixels"][0]["max"] <= 1 and diff["teacher"]
