@@ -472,7 +472,7 @@ def markdown(res: dict) -> str:
                   + ", ".join(f"{v:.0f}" for v in s.get("teacher_only_views_per_s", [])) + " views/s.", "",
                   "| precompute | img/s | views/s | teacher only views/s | ratio (goal ≥ 0.9) |", "|---|---:|---:|---:|---:|"]
         for r in s.get("rows", []):
-            lines.append(f"| {r.get('what', '--render ' + r['backend'])} | {r['images_per_s']:.1f} | {r['views_per_s']:.1f} | "
+            lines.append(f"| {r['what']} | {r['images_per_s']:.1f} | {r['views_per_s']:.1f} | "
                          f"{r['teacher_only_views_per_s']:.1f} | **{r['ratio']:.2f}** |")
         rd = s.get("render_diff")
         if rd:

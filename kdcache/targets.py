@@ -25,6 +25,7 @@ from .views import stable_seed
 TARGET_KINDS = ("topk", "sample")
 SAMPLER_VERSION = 1  # of the draw below; recorded in the manifest
 MAX_SAMPLES = 255  # counts are stored as uint8
+_TWO_TO_MINUS_53 = 1.0 / 9007199254740992.0  # a double from the top 53 bits of a 64-bit output
 
 
 def targets_record(kind: str = "topk", samples: int | None = None, temperature: float = 1.0) -> dict:
@@ -52,9 +53,6 @@ def draw_uniforms(seed: int, key: str, view: int, samples: int) -> np.ndarray:
     than the draws."""
     raw = np.random.PCG64(stable_seed("targets", seed, key, view)).random_raw(int(samples))
     return (raw >> np.uint64(11)) * _TWO_TO_MINUS_53
-
-
-_TWO_TO_MINUS_53 = 1.0 / 9007199254740992.0
 
 
 def sampling_cdf(logp: np.ndarray, temperature: float) -> np.ndarray:

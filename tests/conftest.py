@@ -93,6 +93,18 @@ def teacher_weights(tmp_path_factory) -> Path:
 TEACHER = "py:kdcache.zoo:tiny_cnn"
 
 
+def sharp_teacher(seed: int, scale: float = 40.0, num_classes: int = NUM_CLASSES):
+    """A confident tiny teacher: tiny_cnn from ``seed`` with its head scaled by ``scale``, so its
+    outputs spread over classes and its top-k reacts to small pixel changes."""
+    from kdcache.zoo import tiny_cnn
+
+    torch.manual_seed(seed)
+    model = tiny_cnn(num_classes)
+    with torch.no_grad():
+        model.head.weight.mul_(scale)
+    return model
+
+
 def with_aug(kw: dict, **defaults) -> dict:
     """Config keywords with the augmentation flags (scale, ratio, flip, mixup) gathered into one AugSpec."""
     from kdcache.views import AugSpec

@@ -12,7 +12,7 @@ import torch
 import zarr
 from click.testing import CliRunner
 
-from conftest import NUM_CLASSES, TEACHER, precompute_config, snapshot
+from conftest import NUM_CLASSES, TEACHER, precompute_config, sharp_teacher, snapshot
 from kdcache import encoding as enc
 from kdcache.cli import cli
 from kdcache.errors import KdcacheError
@@ -30,14 +30,8 @@ def run(*args):
 @pytest.fixture(scope="module")
 def sharp_weights(tmp_path_factory):
     """A teacher whose outputs spread over several classes and move with the input."""
-    from kdcache.zoo import tiny_cnn
-
-    torch.manual_seed(1)
-    model = tiny_cnn(NUM_CLASSES)
-    with torch.no_grad():
-        model.head.weight.mul_(25)
     path = tmp_path_factory.mktemp("w3") / "sharp.pt"
-    torch.save(model.state_dict(), path)
+    torch.save(sharp_teacher(1, scale=25).state_dict(), path)
     return path
 
 

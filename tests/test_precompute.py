@@ -17,7 +17,7 @@ import pytest
 import torch
 import zarr
 
-from conftest import NUM_CLASSES, corrupt_jpeg, encode, make_image, precompute_config, write_dataset
+from conftest import NUM_CLASSES, corrupt_jpeg, encode, make_image, precompute_config, sharp_teacher, write_dataset
 from kdcache.errors import KdcacheError
 from kdcache.models import create_model, normalize
 from kdcache.precompute import my_shards, precompute, teacher_batches
@@ -100,10 +100,7 @@ def test_stored_views_are_the_seeded_views(cache, dataset):
 @pytest.fixture(scope="module")
 def sharp_weights(tmp_path_factory):
     """A tiny teacher with a scaled-up head: confident, so its top-k reacts to every pixel change."""
-    torch.manual_seed(3)
-    model = tiny_cnn(NUM_CLASSES)
-    with torch.no_grad():
-        model.head.weight.mul_(40)
+    model = sharp_teacher(3)
     path = tmp_path_factory.mktemp("sharp") / "sharp.safetensors"
     from safetensors.torch import save_file
 

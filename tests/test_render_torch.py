@@ -17,7 +17,7 @@ import zarr
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import NUM_CLASSES, TEACHER, encode, make_image, precompute_config, with_aug
+from conftest import NUM_CLASSES, TEACHER, encode, make_image, precompute_config, sharp_teacher, with_aug
 from kdcache.errors import KdcacheError
 from kdcache.models import create_model
 from kdcache.precompute import precompute
@@ -182,14 +182,8 @@ def test_batched_equals_single():
 @pytest.fixture(scope="module")
 def sharp_weights(tmp_path_factory):
     """A confident tiny teacher: its top-k moves with every pixel change."""
-    from kdcache.zoo import tiny_cnn
-
-    torch.manual_seed(5)
-    model = tiny_cnn(NUM_CLASSES)
-    with torch.no_grad():
-        model.head.weight.mul_(40)
     path = tmp_path_factory.mktemp("sharp_t") / "sharp.pt"
-    torch.save(model.state_dict(), path)
+    torch.save(sharp_teacher(5).state_dict(), path)
     return path
 
 

@@ -16,7 +16,7 @@ import zarr
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import NUM_CLASSES, TEACHER, plain_keys, precompute_config, snapshot
+from conftest import NUM_CLASSES, TEACHER, plain_keys, precompute_config, sharp_teacher, snapshot
 from kdcache.cli import cli
 from kdcache.verify import compare_record
 
@@ -29,12 +29,8 @@ def run(*args):
 def sharp(dataset, tmp_path_factory):
     """A teacher whose outputs move clearly with the input (a scaled-up head), and its cache."""
     from kdcache.precompute import precompute
-    from kdcache.zoo import tiny_cnn
 
-    torch.manual_seed(1)
-    model = tiny_cnn(NUM_CLASSES)
-    with torch.no_grad():
-        model.head.weight.mul_(40)
+    model = sharp_teacher(1)
     root = tmp_path_factory.mktemp("sharp")
     weights = root / "sharp.pt"
     torch.save(model.state_dict(), weights)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..runtime import default_workers
-from .options import workers_shown_default
+from .options import workers_option
 
 
 
@@ -15,8 +14,7 @@ from .options import workers_shown_default
               help="Where every artifact goes (shards, cache, runs, curves.png). Re-running reuses finished stages.")
 @click.option("--quick", is_flag=True, help="A small version that finishes in about a minute on a 2-core CPU.")
 @click.option("--device", default="auto", show_default=True, help="cuda, cpu, or auto (a GPU when one is present).")
-@click.option("--workers", "-j", default=default_workers(), show_default=workers_shown_default(default_workers()),
-              help="DataLoader workers per stage.")
+@workers_option("DataLoader workers per stage.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def demo(out, quick, device, workers, no_progress):
     """Pack digits into shards, train a teacher, precompute a cache, distil a student, compare.

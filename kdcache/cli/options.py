@@ -37,9 +37,14 @@ def config_default(config_cls, name: str):
     return f.default
 
 
-def workers_shown_default(value: int) -> str:
-    """What ``--help`` shows as the --workers default: the rule, and what it comes to on this machine."""
-    return f"the cores but one, at most 4; {value} here"
+def workers_option(help_text: str):
+    """-j/--workers with the default every command uses (``runtime.default_workers``); ``--help`` shows
+    the rule and what it comes to on this machine."""
+    from ..runtime import default_workers
+
+    value = default_workers()
+    return click.option("--workers", "-j", default=value, show_default=f"the cores but one, at most 4; {value} here",
+                        help=help_text)
 
 
 def augmentation_options(what: str = ""):

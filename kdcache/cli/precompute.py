@@ -11,7 +11,7 @@ from ..views import AugSpec
 
 from ..config import PrecomputeConfig
 
-from .options import RGB, augmentation, augmentation_options, config_default, workers_shown_default
+from .options import RGB, augmentation, augmentation_options, config_default, workers_option
 
 
 @click.command()
@@ -54,9 +54,7 @@ from .options import RGB, augmentation, augmentation_options, config_default, wo
                    "this is the fixed-teacher baseline.")
 @click.option("--batch-size", "-b", default=config_default(PrecomputeConfig, 'batch_size'), show_default=True, help="Teacher batch size.")
 @click.option("--device", default=config_default(PrecomputeConfig, 'device'), show_default=True, help="cuda, cuda:1, cpu, or auto.")
-@click.option("--workers", "-j", default=config_default(PrecomputeConfig, "workers"),
-              show_default=workers_shown_default(config_default(PrecomputeConfig, "workers")),
-              help="DataLoader workers (each owns whole shards).")
+@workers_option("DataLoader workers (each owns whole shards).")
 @click.option("--threads", type=int, default=None,
               help="torch threads of the main process [default: the cores less one per --workers, at least 1]: "
                    "more threads than cores slows everything down.")

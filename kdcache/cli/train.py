@@ -10,7 +10,7 @@ from ..config import AMP_MODES, MODES, OPTIMIZERS, STUDENT_VIEWS, TrainConfig
 from ..config import SD_TEACHERS
 from ..losses import TAIL_MODES
 
-from .options import augmentation, augmentation_options, config_default, workers_shown_default
+from .options import augmentation, augmentation_options, config_default, workers_option
 
 
 @click.command()
@@ -51,9 +51,7 @@ from .options import augmentation, augmentation_options, config_default, workers
               help="Evaluate at the end of every N-th epoch and of the last (long schedules on small data).")
 @click.option("--checkpoint-every", default=config_default(TrainConfig, 'checkpoint_every'), show_default=True, help="Checkpoint every N steps (and at each epoch end).")
 @click.option("--log-every", default=config_default(TrainConfig, 'log_every'), show_default=True, help="Write a metrics line every N steps.")
-@click.option("--workers", "-j", default=config_default(TrainConfig, "workers"),
-              show_default=workers_shown_default(config_default(TrainConfig, "workers")),
-              help="DataLoader workers (each owns whole shards).")
+@workers_option("DataLoader workers (each owns whole shards).")
 @click.option("--threads", type=int, default=None,
               help="torch threads of the main process [default: the cores less one per --workers, at least 1]: "
                    "more threads than cores slows everything down.")

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import corrupt_jpeg, encode, make_image, write_dataset, write_tar
+from conftest import corrupt_jpeg, encode, make_image, sharp_teacher, write_dataset, write_tar
 from relhelpers import NC, TINY, cache_diff, complete_groups, tally
 from relhelpers import cli_inproc as cli
 from relhelpers import precompute_args, train_args
@@ -32,15 +32,9 @@ BAD = "train-000001"
 def env(tmp_path_factory):
     """3 shards x 5 images, a confident tiny teacher (its top-k reacts to any pixel change, so
     verify can see a swapped image) and the cache of the intact data."""
-    from kdcache.zoo import tiny_cnn
-
     root = tmp_path_factory.mktemp("badinputs")
     write_dataset(root / "good", shards=3, per_shard=5, seed=21)
-    torch.manual_seed(3)
-    model = tiny_cnn(NC)
-    with torch.no_grad():
-        model.head.weight.mul_(40)
-    torch.save(model.state_dict(), root / "teacher.pt")
+    torch.save(sharp_teacher(3, num_classes=NC).state_dict(), root / "teacher.pt")
     code, out = cli(*precompute_args(root / "good", root / "good.zarr", root / "teacher.pt"))
     assert code == 0, out
     return root
