@@ -54,10 +54,10 @@ def parse(argv=None):
     p.add_argument("--out", required=True, help="work and result folder")
     p.add_argument("--train-data", default=None, help="training shards (default: the demo's digits, built here)")
     p.add_argument("--val-data", default=None, help="validation shards (default: the demo's)")
-    p.add_argument("--teacher", default="py:kdcache.zoo:teacher_cnn")
+    p.add_argument("--teacher", default="py:kdcache.models.zoo:teacher_cnn")
     p.add_argument("--teacher-weights", default=None, help="default: train the teacher on the whole training set")
     p.add_argument("--teacher-epochs", type=int, default=15)
-    p.add_argument("--student", default="py:kdcache.zoo:student_cnn")
+    p.add_argument("--student", default="py:kdcache.models.zoo:student_cnn")
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--res", type=int, default=32)
     p.add_argument("--subset", type=int, default=250, help="training images the student sees")
@@ -85,10 +85,10 @@ def parse(argv=None):
 
 def prepare_data(a, out: Path) -> tuple[str, str, str]:
     """(full training shards, the student's subset, validation shards)."""
-    from kdcache.shards import expand_urls, iter_samples, write_dataset
+    from kdcache.data.shards import expand_urls, iter_samples, write_dataset
 
     if a.train_data is None:
-        from kdcache.demo_data import build_digits_dataset
+        from kdcache.tools.demo_data import build_digits_dataset
 
         data = out / "data"
         if not (data / "val" / "classes.json").exists():
@@ -104,7 +104,7 @@ def prepare_data(a, out: Path) -> tuple[str, str, str]:
 
 
 def common(a, out: str, seed: int, epochs: int, **kw) -> dict:
-    from kdcache.views import AugSpec
+    from kdcache.data.views import AugSpec
 
     base = dict(student=a.student, out=out, num_classes=a.num_classes, epochs=epochs, batch_size=a.batch_size,
                 lr=a.lr, weight_decay=0.05, warmup_steps=20, res=a.res, val_data=a.val_data, workers=0, threads=1,
@@ -116,7 +116,7 @@ def common(a, out: str, seed: int, epochs: int, **kw) -> dict:
 
 
 def train_teacher(a, out: Path) -> str:
-    from kdcache.train import TrainConfig, train
+    from kdcache.learn.trainer import TrainConfig, train
 
     if a.teacher_weights:
         return a.teacher_weights
@@ -129,8 +129,8 @@ def train_teacher(a, out: Path) -> str:
 
 def make_cache(a, out: Path, teacher_weights: str, subset: str, kind: str, views: int) -> tuple[str, float, int]:
     """A cache of the subset: (path, precompute seconds, bytes on disk)."""
-    from kdcache.precompute import PrecomputeConfig, precompute
-    from kdcache.views import AugSpec
+    from kdcache.tools.precompute import PrecomputeConfig, precompute
+    from kdcache.data.views import AugSpec
 
     path = out / "caches" / f"{kind}-V{views}.zarr"
     meta = path.with_suffix(".json")
@@ -169,7 +169,7 @@ def run_one(job: dict) -> dict:
 
     import torch
 
-    from kdcache.train import TrainConfig, train
+    from kdcache.learn.trainer import TrainConfig, train
 
     torch.set_num_threads(1)
     out = Path(job["config"]["out"])
@@ -191,9 +191,9 @@ def teacher_accuracy(a, teacher_weights: str) -> dict:
     """The teacher on whole images (the centre view) and on crops like the students' (4 per image)."""
     import torch
 
-    from kdcache.models import create_model, normalize
-    from kdcache.shards import decode_image, expand_urls, iter_samples
-    from kdcache.views import AugSpec, center_view, render, sample_view
+    from kdcache.models.factory import create_model, normalize
+    from kdcache.data.shards import decode_image, expand_urls, iter_samples
+    from kdcache.data.views import AugSpec, center_view, render, sample_view
 
     info = create_model(a.teacher, num_classes=a.num_classes, weights=teacher_weights, resolution=a.res)
     model = info.model.eval()

@@ -16,7 +16,7 @@ in the remaining time are skipped and listed with the reason):
    write of the gradient) against a measured device-to-device copy, peak extra memory of each
    (``torch.cuda.max_memory_allocated`` around one call, gradient included), and each loss value
    against the reference's.
-2. **precompute**: ``kdcache.precompute`` end to end on generated JPEG shards with a timm teacher
+2. **precompute**: ``kdcache.tools.precompute`` end to end on generated JPEG shards with a timm teacher
    (random weights, ``random_init=0``) at 224 px, once per render backend (``--render pil`` and
    ``--render torch``: on CUDA the torch backend decodes with nvJPEG and crops on the GPU), against
    the same teacher's forward on pre-rendered tensors (``precompute_bench.time_teacher_only``): the
@@ -184,7 +184,7 @@ def loss_section(cfg, device, deadline, out) -> None:
     per dtype and tail, its first call reported as ``compiled_first_s``) in the time left."""
     import torch
 
-    from kdcache.losses import sparse_kd_loss, sparse_kd_loss_reference, triton_available
+    from kdcache.learn.losses import sparse_kd_loss, sparse_kd_loss_reference, triton_available
     from loss_bench import copy_bandwidth_gbs, make_inputs
 
     cuda = device.type == "cuda"
@@ -293,8 +293,8 @@ def loss_section(cfg, device, deadline, out) -> None:
 def precompute_section(cfg, device, deadline, out, work: Path, state: dict, workers: int) -> None:
     import torch
 
-    from kdcache.precompute import PrecomputeConfig, precompute
-    from kdcache.teacher import load_teacher
+    from kdcache.tools.precompute import PrecomputeConfig, precompute
+    from kdcache.models.teacher import load_teacher
     from precompute_bench import render_diff, render_per_core, render_views, time_teacher_only
 
     urls = dataset(cfg, work, state)
@@ -361,8 +361,8 @@ def dataset(cfg, work: Path, state: dict) -> list[str]:
 
 
 def train_section(cfg, device, deadline, out, work: Path, state: dict, workers: int) -> None:
-    from kdcache.precompute import PrecomputeConfig, precompute
-    from kdcache.train import TrainConfig, train
+    from kdcache.tools.precompute import PrecomputeConfig, precompute
+    from kdcache.learn.trainer import TrainConfig, train
     from train_bench import steady_ips
 
     dataset(cfg, work, state)

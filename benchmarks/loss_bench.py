@@ -5,8 +5,8 @@ extra memory it allocates (CUDA only), then prints a markdown table.
 
 * naive     - dense teacher target built by scatter, log_softmax of both, F.kl_div (what a
               straightforward implementation does).
-* reference - kdcache.losses.sparse_kd_loss_reference (PyTorch, autograd).
-* triton    - kdcache.losses.sparse_kd_loss(backend="triton"): one kernel launch computes loss and
+* reference - kdcache.learn.losses.sparse_kd_loss_reference (PyTorch, autograd).
+* triton    - kdcache.learn.losses.sparse_kd_loss(backend="triton"): one kernel launch computes loss and
               gradient; backward is one scaling. CUDA only.
 
 On CUDA: median of CUDA-event timings after warm-up; the kernel's achieved bandwidth (its forward
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from kdcache.losses import sparse_kd_loss, sparse_kd_loss_reference, triton_available  # noqa: E402
+from kdcache.learn.losses import sparse_kd_loss, sparse_kd_loss_reference, triton_available  # noqa: E402
 
 FULL_SIZES = [(b, c) for b in (256, 1024, 4096) for c in (1000, 32000, 128000)]
 QUICK_SIZES = [(64, 1000), (256, 1000), (64, 32000), (256, 32000), (64, 128000)]

@@ -2,7 +2,7 @@
 
 In one run, on the same machine, with the same teacher, batch size and device, it measures:
 
-* precompute   - ``kdcache.precompute.precompute`` end to end on real JPEG shards: DataLoader
+* precompute   - ``kdcache.tools.precompute.precompute`` end to end on real JPEG shards: DataLoader
                  workers read each shard, decode every image once, render V views, the main process
                  runs the teacher, takes top-k and writes the Zarr cache.
 * teacher only - the same teacher on pre-rendered view tensors (rendered once, before timing), through
@@ -17,7 +17,7 @@ teacher share the same cores, so the ratio there is a floor, not the GPU figure.
 
     python benchmarks/precompute_bench.py                       # CPU defaults, about 1-2 minutes
     python benchmarks/precompute_bench.py --device cuda --res 224 --images 5000 --batch-size 256 --workers 8
-    python benchmarks/precompute_bench.py --teacher py:kdcache.zoo:teacher_cnn --res 64
+    python benchmarks/precompute_bench.py --teacher py:kdcache.models.zoo:teacher_cnn --res 64
     python benchmarks/precompute_bench.py --render torch          # the torch render backend (precompute --render)
     python benchmarks/precompute_bench.py --render-per-core --res 224 --side 320 --images 96
                                                                   # PIL vs torch backend, one CPU thread, no teacher
@@ -40,12 +40,12 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from kdcache.precompute import PrecomputeConfig, ShardRenderStream, precompute  # noqa: E402
+from kdcache.tools.precompute import PrecomputeConfig, ShardRenderStream, precompute  # noqa: E402
 from kdcache.runtime import resolve_device  # noqa: E402
-from kdcache.shards import Sample, decode_image, iter_samples, write_shards  # noqa: E402
-from kdcache.teacher import load_teacher, topk_tensors  # noqa: E402
-from kdcache.views import AugSpec, render, sample_shard_views  # noqa: E402
-from kdcache.render import render_backend
+from kdcache.data.shards import Sample, decode_image, iter_samples, write_shards  # noqa: E402
+from kdcache.models.teacher import load_teacher, topk_tensors  # noqa: E402
+from kdcache.data.views import AugSpec, render, sample_shard_views  # noqa: E402
+from kdcache.data.render import render_backend
 
 
 def make_dataset(root: Path, images: int, shard_size: int, side: int, num_classes: int, seed: int = 0) -> list[str]:
@@ -139,7 +139,7 @@ def time_data_path(urls, cfg) -> float:
     """Views/s of the workers' side alone: read, decode, draw views, render; no teacher."""
     from torch.utils.data import DataLoader
 
-    from kdcache.precompute import RecordBatch, _identity
+    from kdcache.tools.precompute import RecordBatch, _identity
 
     workers = max(0, min(cfg.workers, len(urls)))
     loader = DataLoader(ShardRenderStream(urls, cfg), batch_size=None, num_workers=workers, collate_fn=_identity,
@@ -156,9 +156,9 @@ def render_per_core(urls, views: int, res: int, batch: int, images: int, device)
     image once, draw ``views`` views and render them at ``res`` (over the first ``images`` images).
     On CUDA also the torch backend's device path (nvJPEG ``decode_many`` + crops on the GPU, the
     tar and headers read on the CPU). Returns one row per backend with images/s and views/s."""
-    from kdcache.shards import decode_shard
-    from kdcache.views import crop_batch
-    from kdcache.render import TorchRenderer, make_renderer
+    from kdcache.data.shards import decode_shard
+    from kdcache.data.views import crop_batch
+    from kdcache.data.render import TorchRenderer, make_renderer
 
     out = []
     threads = torch.get_num_threads()
@@ -201,9 +201,9 @@ def render_diff(urls, views: int, res: int, images: int, device, teacher=None, t
     that differ, each backend against PIL (and the GPU against the torch CPU backend). Teacher (when
     given): its log-probabilities on each backend's pixels against PIL's: max and mean |Δ| over PIL's
     top-``topk`` classes, top-1 and top-k set agreement."""
-    from kdcache.shards import decode_shard
-    from kdcache.views import crop_batch
-    from kdcache.render import PIL_RENDERER, TorchRenderer
+    from kdcache.data.shards import decode_shard
+    from kdcache.data.views import crop_batch
+    from kdcache.data.render import PIL_RENDERER, TorchRenderer
 
     renderers = {"pil": PIL_RENDERER, "torch-cpu": TorchRenderer("cpu")}
     if device.type == "cuda":
@@ -247,7 +247,7 @@ def render_diff(urls, views: int, res: int, images: int, device, teacher=None, t
         out["pixels"].append({"a": a, "b": b, "max": int(dlt.max()), "mean": float(dlt.float().mean()),
                               "share_differing": float((dlt > 0).float().mean())})
     if teacher is not None:
-        from kdcache.models import logits_of, normalize
+        from kdcache.models.factory import logits_of, normalize
 
         def logp(x):  # the forward precompute runs (bf16 autocast, channels-last on CUDA), log-softmax in float32
             parts = []

@@ -19,7 +19,7 @@ trains on the cache's views (mixup included); "labels" arms use ``--mode labels 
 the deepest exit's loss differs between the labels and cached-KD arms. The data, teacher and cache
 are the demo's (``kdcache demo``'s stages 1-3, reused when present).
 
-Each run is then evaluated with ``kdcache.evaluate.evaluate_run`` (per-exit top-1, the ensemble of
+Each run is then evaluated with ``kdcache.tools.evaluate.evaluate_run`` (per-exit top-1, the ensemble of
 exits, early exit over a grid of thresholds). Reported: per-exit top-1 mean ± std over seeds and
 each value, and the early-exit accuracy/compute curve per arm (the mean over seeds at each
 threshold) in a PNG.
@@ -62,7 +62,7 @@ PAIRS = (("self-distilled − independent, labels", "self-distilled, labels", "i
          ("self-distilled − plain, cached KD", "self-distilled, cached KD", "plain, cached KD"),
          ("independent − plain, labels", "independent, labels", "plain, labels"),
          ("independent − plain, cached KD", "independent, cached KD", "plain, cached KD"))
-STUDENT = "py:kdcache.zoo:student_cnn"
+STUDENT = "py:kdcache.models.zoo:student_cnn"
 
 
 def slug(arm: str) -> str:
@@ -71,11 +71,11 @@ def slug(arm: str) -> str:
 
 def prepare(root: Path, quick: bool) -> dict:
     """The demo's data, teacher and cache (stages 1-3 of ``kdcache demo``), made once."""
-    from kdcache import demo
-    from kdcache.demo_data import build_digits_dataset
-    from kdcache.precompute import PrecomputeConfig, precompute
-    from kdcache.train import train
-    from kdcache.views import AugSpec
+    from kdcache.tools import demo
+    from kdcache.tools.demo_data import build_digits_dataset
+    from kdcache.tools.precompute import PrecomputeConfig, precompute
+    from kdcache.learn.trainer import train
+    from kdcache.data.views import AugSpec
 
     plan = demo.QUICK if quick else demo.FULL
     root.mkdir(parents=True, exist_ok=True)
@@ -98,7 +98,7 @@ def prepare(root: Path, quick: bool) -> dict:
 
 def _one_thread() -> dict:
     """``threads=1`` where this kdcache's TrainConfig has the field (the process is set to one thread anyway)."""
-    from kdcache.config import TrainConfig
+    from kdcache.learn.config import TrainConfig
 
     return {"threads": 1} if "threads" in {f.name for f in dataclasses.fields(TrainConfig)} else {}
 
@@ -108,9 +108,9 @@ def one_run(job: dict) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from kdcache import demo
-    from kdcache.evaluate import evaluate_run
-    from kdcache.train import train
+    from kdcache.tools import demo
+    from kdcache.tools.evaluate import evaluate_run
+    from kdcache.learn.trainer import train
 
     out = Path(job["out"])
     ev_path = out / "eval.json"

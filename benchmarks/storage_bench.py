@@ -62,7 +62,7 @@ def bytes_by_array(path: str | Path) -> tuple[dict[str, int], int]:
 
 
 def records(path: str | Path) -> int:
-    from kdcache.store import CacheReader
+    from kdcache.cache.store import CacheReader
 
     r = CacheReader(str(path))
     n = 0
@@ -85,7 +85,7 @@ def compare(plain, compact, truth: dict | None = None) -> dict:
     """How far the compact cache's decoded arrays are from the plain one's, and (``truth``: the
     float32 top-k log-probs per shard) how far each is from the teacher's float32 values: per
     log-prob and in top-k mass (1 − tail)."""
-    from kdcache.store import CacheReader
+    from kdcache.cache.store import CacheReader
 
     a, b = CacheReader(str(plain)), CacheReader(str(compact))
     worst = {"max_abs_logprob_diff": 0.0, "max_abs_topk_mass_diff": 0.0}
@@ -133,7 +133,7 @@ def synthetic_shard(name: str, n: int, C: int, V: int, k: int, seed: int, mixup:
     """One shard's records as precompute would hand them to CacheWriter."""
     import torch
 
-    from kdcache.views import AugSpec, sample_shard_views
+    from kdcache.data.views import AugSpec, sample_shard_views
 
     rng = np.random.default_rng(seed + 1)
     keys = [f"n{rng.integers(1e8):08d}_{i:05d}" for i in range(n)]  # ImageNet-like keys
@@ -165,9 +165,9 @@ def synthetic_stats(shards) -> dict:
 
 def synthetic_caches(root: Path, images: int, shards: int, C: int = 1000, V: int = 10, k: int = 10,
                      mixup: bool = False) -> dict:
-    from kdcache.render import render_backend
-    from kdcache.store import CacheWriter, encoding_record, make_manifest
-    from kdcache.views import AugSpec
+    from kdcache.data.render import render_backend
+    from kdcache.cache.store import CacheWriter, encoding_record, make_manifest
+    from kdcache.data.views import AugSpec
 
     per = images // shards
     names = [f"train-{s:06d}" for s in range(shards)]
@@ -193,9 +193,9 @@ def synthetic_caches(root: Path, images: int, shards: int, C: int = 1000, V: int
 
 
 def demo_caches(root: Path, demo_dir: Path, views: int = 8, topk: int = 5) -> dict:
-    from kdcache import demo
-    from kdcache.precompute import PrecomputeConfig, precompute
-    from kdcache.views import AugSpec
+    from kdcache.tools import demo
+    from kdcache.tools.precompute import PrecomputeConfig, precompute
+    from kdcache.data.views import AugSpec
 
     weights = demo_dir / "runs" / "teacher" / "model.pt"
     out = {"caches": {}}
@@ -208,7 +208,7 @@ def demo_caches(root: Path, demo_dir: Path, views: int = 8, topk: int = 5) -> di
             out=str(path), views=views, topk=topk, seed=0, res=32, aug=AugSpec(scale=demo.SCALE, flip=False, mixup=True),
             batch_size=256, workers=0, device="cpu", progress=False, compact=layout == "compact"))
         out["caches"][layout] = {"path": str(path), "bytes": per_record(path), "precompute_s": time.perf_counter() - t0}
-    from kdcache.store import CacheReader
+    from kdcache.cache.store import CacheReader
 
     r = CacheReader(out["caches"]["plain"]["path"])
     lp = np.concatenate([r.read_shard(n)["logprobs"].reshape(-1, topk) for n in r.shard_names()]).astype(np.float64)

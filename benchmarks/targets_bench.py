@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kdcache.targets import draw_batch, draw_record, slots  # noqa: E402
+from kdcache.cache.targets import draw_batch, draw_record, slots  # noqa: E402
 
 
 def best_seconds(fn, repeats: int) -> float:

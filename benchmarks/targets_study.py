@@ -45,7 +45,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-STUDENT = "py:kdcache.zoo:student_cnn"
+STUDENT = "py:kdcache.models.zoo:student_cnn"
 BINS = 15
 
 
@@ -88,9 +88,9 @@ def parse(argv=None):
 
 def prepare(a, root: Path) -> dict:
     """The demo's data and teacher (stages 1-2 of ``kdcache demo``), made once."""
-    from kdcache import demo
-    from kdcache.demo_data import build_digits_dataset
-    from kdcache.train import train
+    from kdcache.tools import demo
+    from kdcache.tools.demo_data import build_digits_dataset
+    from kdcache.learn.trainer import train
 
     plan = demo.QUICK if a.quick else demo.FULL
     plan = dataclasses.replace(plan, student_epochs=a.epochs or (1 if a.quick else plan.student_epochs))
@@ -116,9 +116,9 @@ def target_bytes(path: Path) -> dict:
 
 
 def make_cache(a, prep: dict, root: Path, kind: str, k: int = 0, samples: int = 0) -> dict:
-    from kdcache import demo
-    from kdcache.precompute import PrecomputeConfig, precompute
-    from kdcache.views import AugSpec
+    from kdcache.tools import demo
+    from kdcache.tools.precompute import PrecomputeConfig, precompute
+    from kdcache.data.views import AugSpec
 
     plan = demo.DemoPlan(**prep["plan"])
     name = {"dense": "top10", "topk": f"top{k}", "compact": f"top{k}-compact", "sample": f"sample{samples}"}[kind]
@@ -161,9 +161,9 @@ def evaluate(model_spec: str, weights: str, val: str, res: int) -> dict:
     """Predicted probabilities on the centre view of every validation image, with the labels."""
     import torch
 
-    from kdcache.models import create_model, normalize
-    from kdcache.shards import decode_image, expand_urls, iter_samples
-    from kdcache.views import center_view, crop_tensor
+    from kdcache.models.factory import create_model, normalize
+    from kdcache.data.shards import decode_image, expand_urls, iter_samples
+    from kdcache.data.views import center_view, crop_tensor
 
     info = create_model(model_spec, num_classes=10, weights=weights, resolution=res)
     model = info.model.eval()
@@ -202,8 +202,8 @@ def run_one(job: dict) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from kdcache import demo
-    from kdcache.train import train
+    from kdcache.tools import demo
+    from kdcache.learn.trainer import train
 
     out = Path(job["out"])
     ev = out / "eval.json"
@@ -323,7 +323,7 @@ def main(argv=None) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     prep = prepare(a, root)
-    teacher_eval = evaluate("py:kdcache.zoo:teacher_cnn", prep["teacher"], str(Path(prep["data"]) / "val"),
+    teacher_eval = evaluate("py:kdcache.models.zoo:teacher_cnn", prep["teacher"], str(Path(prep["data"]) / "val"),
                             prep["plan"]["res"])
     teacher = calibration(teacher_eval["probs"], teacher_eval["labels"])
     info, n_samples = caches(a, prep, root)
@@ -345,7 +345,7 @@ def main(argv=None) -> dict:
     agg = aggregate(reps, root, arm_set)
     meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                        f"{a.jobs} runs in parallel, 1 thread each", "wall_s": time.perf_counter() - t0,
-            "teacher_spec": "py:kdcache.zoo:teacher_cnn"}
+            "teacher_spec": "py:kdcache.models.zoo:teacher_cnn"}
     text = report(a, agg, info, n_samples, teacher, meta)
     (root / "table.md").write_text(text + "\n")
     plot(agg, teacher, root / "reliability.png")

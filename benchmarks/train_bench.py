@@ -22,7 +22,7 @@ and the ratios cached/labels and cached/live of both. The goal is cached >= 0.95
 
     python benchmarks/train_bench.py                  # CPU defaults, about 2 minutes
     python benchmarks/train_bench.py --device cuda --images 8192 --res 128 --teacher-res 224 \\
-        --student timm:resnet18 --teachers py:kdcache.zoo:teacher_cnn,timm:resnet50 --batch-size 256
+        --student timm:resnet18 --teachers py:kdcache.models.zoo:teacher_cnn,timm:resnet50 --batch-size 256
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kdcache.precompute import PrecomputeConfig, precompute  # noqa: E402
-from kdcache.train import TrainConfig, train  # noqa: E402
+from kdcache.tools.precompute import PrecomputeConfig, precompute  # noqa: E402
+from kdcache.learn.trainer import TrainConfig, train  # noqa: E402
 
 
 def make_data(root: Path, shards: int, per_shard: int, classes: int, seed: int = 0) -> Path:
@@ -80,8 +80,8 @@ def steady_ips(run_dir: Path) -> float:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teachers", default="py:kdcache.zoo:teacher_cnn,timm:resnet50")
-    p.add_argument("--student", default="py:kdcache.zoo:student_cnn")
+    p.add_argument("--teachers", default="py:kdcache.models.zoo:teacher_cnn,timm:resnet50")
+    p.add_argument("--student", default="py:kdcache.models.zoo:student_cnn")
     p.add_argument("--shards", type=int, default=4)
     p.add_argument("--images", type=int, default=256, help="training images in all")
     p.add_argument("--classes", type=int, default=10)

@@ -81,7 +81,7 @@ def dataset(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def teacher_weights(tmp_path_factory) -> Path:
     """A tiny teacher's weights file (a real state dict on disk)."""
-    from kdcache.zoo import tiny_cnn
+    from kdcache.models.zoo import tiny_cnn
 
     torch.manual_seed(0)
     model = tiny_cnn(NUM_CLASSES)
@@ -90,13 +90,13 @@ def teacher_weights(tmp_path_factory) -> Path:
     return path
 
 
-TEACHER = "py:kdcache.zoo:tiny_cnn"
+TEACHER = "py:kdcache.models.zoo:tiny_cnn"
 
 
 def sharp_teacher(seed: int, scale: float = 40.0, num_classes: int = NUM_CLASSES):
     """A confident tiny teacher: tiny_cnn from ``seed`` with its head scaled by ``scale``, so its
     outputs spread over classes and its top-k reacts to small pixel changes."""
-    from kdcache.zoo import tiny_cnn
+    from kdcache.models.zoo import tiny_cnn
 
     torch.manual_seed(seed)
     model = tiny_cnn(num_classes)
@@ -107,7 +107,7 @@ def sharp_teacher(seed: int, scale: float = 40.0, num_classes: int = NUM_CLASSES
 
 def with_aug(kw: dict, **defaults) -> dict:
     """Config keywords with the augmentation flags (scale, ratio, flip, mixup) gathered into one AugSpec."""
-    from kdcache.views import AugSpec
+    from kdcache.data.views import AugSpec
 
     parts = {k: kw.pop(k) for k in ("scale", "ratio", "flip", "mixup") if k in kw}
     if "aug" not in kw:
@@ -116,7 +116,7 @@ def with_aug(kw: dict, **defaults) -> dict:
 
 
 def precompute_config(data, out, weights, **kw):
-    from kdcache.precompute import PrecomputeConfig
+    from kdcache.tools.precompute import PrecomputeConfig
 
     base = dict(
         data=str(data), teacher=TEACHER, teacher_weights=str(weights), num_classes=NUM_CLASSES, out=str(out), views=3, topk=3,
@@ -129,7 +129,7 @@ def precompute_config(data, out, weights, **kw):
 @pytest.fixture(scope="session")
 def cache(dataset, teacher_weights, tmp_path_factory) -> Path:
     """A precomputed cache of ``dataset`` (V=3, k=3, mixup on, res 32)."""
-    from kdcache.precompute import precompute
+    from kdcache.tools.precompute import precompute
 
     out = tmp_path_factory.mktemp("cache") / "cache.zarr"
     precompute(precompute_config(dataset, out, teacher_weights))

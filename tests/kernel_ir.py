@@ -49,7 +49,7 @@ def float64_lines(ir: str) -> list[str]:
 
 
 def main(variants) -> list:
-    from kdcache.kernels.sparse_kd import _sparse_kd_kernel
+    from kdcache.learn.kernels.sparse_kd import _sparse_kd_kernel
 
     out = []
     for v in variants:

@@ -14,20 +14,20 @@ from click.testing import CliRunner
 
 from conftest import NUM_CLASSES, TEACHER, precompute_config, with_aug
 from kdcache.cli import cli
-from kdcache.replay import ReplayStream, StreamConfig, epoch_batches, fresh_seed, prepare_shards
-from kdcache.shards import decode_shard, expand_urls, shard_name
-from kdcache.store import CacheReader
-from kdcache.train import TrainConfig, train
-from kdcache.views import AugSpec, center_view, render, sample_shard_views
+from kdcache.learn.replay import ReplayStream, StreamConfig, epoch_batches, fresh_seed, prepare_shards
+from kdcache.data.shards import decode_shard, expand_urls, shard_name
+from kdcache.cache.store import CacheReader
+from kdcache.learn.trainer import TrainConfig, train
+from kdcache.data.views import AugSpec, center_view, render, sample_shard_views
 
 RES = 32
-STUDENT = "py:kdcache.zoo:tiny_cnn"
+STUDENT = "py:kdcache.models.zoo:tiny_cnn"
 
 
 @pytest.fixture(scope="module")
 def plain_cache(dataset, teacher_weights, tmp_path_factory):
     """A cache without mixup (fresh student views need unmixed targets)."""
-    from kdcache.precompute import precompute
+    from kdcache.tools.precompute import precompute
 
     out = tmp_path_factory.mktemp("plain") / "cache.zarr"
     precompute(precompute_config(dataset, out, teacher_weights, mixup=False))
@@ -77,7 +77,7 @@ def test_student_views_cache_and_fresh(dataset, plain_cache):
 
 
 def _view(row, i):
-    from kdcache.views import View
+    from kdcache.data.views import View
 
     x, y, w, h = (int(t) for t in row.box[i])
     return View(x, y, w, h, bool(row.flip[i]))

@@ -18,8 +18,8 @@ from click.testing import CliRunner
 
 from conftest import NUM_CLASSES, TEACHER, corrupt_jpeg, encode, make_image, write_tar
 from kdcache.cli import cli
-from kdcache.store import CacheReader
-from kdcache.zoo import tiny_cnn
+from kdcache.cache.store import CacheReader
+from kdcache.models.zoo import tiny_cnn
 
 RNG = np.random.default_rng(0)
 JPG = encode(make_image(RNG, 30, 26, 1), "jpg")

@@ -11,8 +11,8 @@ import torch
 from click.testing import CliRunner
 
 from kdcache.cli import cli
-from kdcache.shards import expand_urls, iter_samples
-from kdcache.store import CacheReader
+from kdcache.data.shards import expand_urls, iter_samples
+from kdcache.cache.store import CacheReader
 
 
 @pytest.fixture(scope="module")
@@ -71,12 +71,12 @@ def test_artifacts_open_with_other_commands(demo_run):
 
     verified = runner.invoke(cli, [
         "verify", str(out / "cache.zarr"), "--data", str(out / "data" / "train"),
-        "--teacher", "py:kdcache.zoo:teacher_cnn", "--teacher-weights", str(out / "runs" / "teacher" / "model.pt"),
+        "--teacher", "py:kdcache.models.zoo:teacher_cnn", "--teacher-weights", str(out / "runs" / "teacher" / "model.pt"),
         "--num-classes", "10", "--samples", "12", "--device", "cpu",
     ])
     assert verified.exit_code == 0, verified.output
 
-    from kdcache.zoo import student_cnn
+    from kdcache.models.zoo import student_cnn
 
     student = student_cnn(10)
     student.load_state_dict(torch.load(out / "runs" / "student-kd" / "model.pt", weights_only=True))

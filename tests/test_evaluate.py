@@ -13,13 +13,13 @@ from torch.utils.flop_counter import FlopCounterMode
 from conftest import NUM_CLASSES, with_aug
 from kdcache.cli import cli
 from kdcache.errors import KdcacheError
-from kdcache.evaluate import collect, early_exit, evaluate_run, load_student
-from kdcache.exits import MultiExit, exit_costs
-from kdcache.train import TrainConfig, train
-from kdcache.zoo import student_cnn
+from kdcache.tools.evaluate import collect, early_exit, evaluate_run, load_student
+from kdcache.models.exits import MultiExit, exit_costs
+from kdcache.learn.trainer import TrainConfig, train
+from kdcache.models.zoo import student_cnn
 
 RES = 32
-STUDENT = "py:kdcache.zoo:student_cnn"
+STUDENT = "py:kdcache.models.zoo:student_cnn"
 
 
 def run(dataset, cache, out, **kw):

@@ -19,11 +19,11 @@ from click.testing import CliRunner
 from conftest import NUM_CLASSES, TEACHER, precompute_config, with_aug, write_dataset, write_imagefolder
 from kdcache.cli import cli
 from kdcache.errors import count
-from kdcache.train import TrainConfig, train
+from kdcache.learn.trainer import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ROOT / "tests"
-STUDENT = "py:kdcache.zoo:tiny_cnn"
+STUDENT = "py:kdcache.models.zoo:tiny_cnn"
 
 
 def run(*args):
@@ -43,7 +43,7 @@ def config(dataset, out, **kw) -> TrainConfig:
 def test_live_training_rebuilds_the_caches_seeded_random_teacher(dataset, tmp_path):
     """A cache made with --random-init: a live teacher with no weights is rebuilt from the cache's
     seed, so live and cached training agree bit for bit."""
-    from kdcache.precompute import precompute
+    from kdcache.tools.precompute import precompute
 
     c = tmp_path / "c.zarr"
     precompute(precompute_config(dataset, c, None, teacher_weights=None, random_init=11))
@@ -62,7 +62,7 @@ def test_live_training_rebuilds_the_caches_seeded_random_teacher(dataset, tmp_pa
 
 
 def _pretend_plain_pillow(monkeypatch):
-    import kdcache.render as render
+    import kdcache.data.render as render
 
     monkeypatch.setattr(render, "render_backend",
                         lambda: {"pil": "Pillow", "pil_version": "13.0.0", "resample": "bilinear"})
@@ -123,7 +123,7 @@ def test_resuming_a_finished_run_says_it_is_complete(dataset, cache, tmp_path, c
 
 
 def test_demo_commands_say_how_to_reach_kdcache(monkeypatch):
-    from kdcache.demo import kdcache_command
+    from kdcache.tools.demo import kdcache_command
 
     bindir = Path(sys.executable).parent
     monkeypatch.setenv("PATH", "/usr/bin:/bin")  # a fresh shell: the venv is not activated
@@ -245,7 +245,7 @@ def test_res_defaults_to_the_caches_and_the_start_line_comes_before_the_bar(data
 
 
 def test_precompute_bar_counts_views(dataset, teacher_weights, tmp_path, capsys):
-    from kdcache.precompute import precompute
+    from kdcache.tools.precompute import precompute
 
     precompute(precompute_config(dataset, tmp_path / "c.zarr", teacher_weights, progress=True))
     err = capsys.readouterr().err

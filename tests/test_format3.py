@@ -13,12 +13,12 @@ import zarr
 from click.testing import CliRunner
 
 from conftest import NUM_CLASSES, TEACHER, precompute_config, sharp_teacher, snapshot
-from kdcache import encoding as enc
+from kdcache.cache import encoding as enc
 from kdcache.cli import cli
 from kdcache.errors import KdcacheError
-from kdcache.precompute import precompute
-from kdcache.store import ARRAYS, FORMAT_VERSION, CacheReader, CacheWriter, encoding_record, make_manifest
-from kdcache.targets import check_draws, draw_batch, draw_record, log_weights, targets_record
+from kdcache.tools.precompute import precompute
+from kdcache.cache.store import ARRAYS, FORMAT_VERSION, CacheReader, CacheWriter, encoding_record, make_manifest
+from kdcache.cache.targets import check_draws, draw_batch, draw_record, log_weights, targets_record
 
 GEOMETRY = ("box", "flip", "mix_with", "mix_lam")
 
@@ -149,8 +149,8 @@ def test_class_codes_are_exact_for_any_input():
 
 
 def test_compact_writer_refuses_views_the_sampler_does_not_draw(tmp_path):
-    from kdcache.render import render_backend
-    from kdcache.views import AugSpec, sample_shard_views
+    from kdcache.data.render import render_backend
+    from kdcache.data.views import AugSpec, sample_shard_views
 
     m = make_manifest(teacher={"spec": "x", "num_classes": 10}, augmentation=AugSpec().to_dict(), seed=4, views=2,
                       topk=3, resolution=32, render=render_backend(), shards=["s0"], sources=["/d/s0.tar"],
@@ -245,8 +245,8 @@ def test_draws_are_a_function_of_seed_key_view():
 def test_uniforms_are_the_seeded_generators_doubles():
     """draw_uniforms reads the bit generator directly; the doubles are Generator(PCG64).random's,
     the definition docs/format.md gives."""
-    from kdcache.targets import draw_uniforms
-    from kdcache.views import stable_seed
+    from kdcache.cache.targets import draw_uniforms
+    from kdcache.data.views import stable_seed
 
     for seed, key, view, n in ((0, "a", 0, 1), (7, "img_000123", 5, 16), (2**40, "ü/é", 63, 255)):
         want = np.random.Generator(np.random.PCG64(stable_seed("targets", seed, key, view))).random(n)
@@ -257,7 +257,7 @@ def test_a_batch_draws_what_each_record_draws_alone(monkeypatch):
     """draw_batch (the distribution built for many rows at once, the counting vectorised) against
     draw_record row by row: ties, classes of probability 0, fewer classes than draws, temperatures,
     and blocks of rows that split the batch unevenly."""
-    import kdcache.targets as targets
+    import kdcache.cache.targets as targets
 
     monkeypatch.setattr(targets, "_CDF_ELEMENTS", 64)  # blocks of a few rows
     rng = np.random.default_rng(0)
@@ -295,7 +295,7 @@ def test_sampled_weights_are_unbiased(T):
     assert (np.abs(mean - p_T) <= 5 * se + 1e-12).all()
     assert np.abs(mean - p_T).max() > 0  # a real estimate, not a copy
     # the loss's gradient, averaged over the draws, is full KD's at T
-    from kdcache.losses import sparse_kd_loss_reference
+    from kdcache.learn.losses import sparse_kd_loss_reference
 
     z = torch.randn(1, C, generator=torch.Generator().manual_seed(1), dtype=torch.float64).repeat(400, 1)
     z.requires_grad_()
@@ -397,9 +397,9 @@ def test_verify_compact_cache(caches, dataset, sharp_weights):
 
 
 def test_train_reads_the_target_kind_from_the_cache(caches, dataset, tmp_path):
-    from kdcache.train import TrainConfig, train
+    from kdcache.learn.trainer import TrainConfig, train
 
-    base = dict(data=str(dataset), student="py:kdcache.zoo:tiny_cnn", epochs=1, batch_size=8, workers=0,
+    base = dict(data=str(dataset), student="py:kdcache.models.zoo:tiny_cnn", epochs=1, batch_size=8, workers=0,
                 device="cpu", progress=False, res=32)
     s = train(TrainConfig(out=str(tmp_path / "sampled"), cache=str(caches["sample_compact"]), **base))
     cfg = json.loads((tmp_path / "sampled" / "config.json").read_text())

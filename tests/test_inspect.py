@@ -19,7 +19,7 @@ from PIL import Image
 
 from conftest import NUM_CLASSES, TEACHER, plain_keys, precompute_config, snapshot, write_dataset
 from kdcache.cli import cli
-from kdcache.store import FORMAT_VERSION
+from kdcache.cache.store import FORMAT_VERSION
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
 
@@ -284,7 +284,7 @@ def bad_cache(tmp_path_factory, teacher_weights):
     """A cache whose one shard holds an undecodable image, made with --skip-bad."""
     import webdataset as wds
 
-    from kdcache.precompute import precompute
+    from kdcache.tools.precompute import precompute
 
     root = tmp_path_factory.mktemp("baddata")
     data = root / "train"

@@ -14,8 +14,8 @@ import torch.nn.functional as F  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
-from kdcache.kernels.sparse_kd import sparse_kd_forward  # noqa: E402
-from kdcache.losses import sparse_kd_loss, sparse_kd_loss_reference  # noqa: E402
+from kdcache.learn.kernels.sparse_kd import sparse_kd_forward  # noqa: E402
+from kdcache.learn.losses import sparse_kd_loss, sparse_kd_loss_reference  # noqa: E402
 
 ON_CPU_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if ON_CPU_INTERPRETER else "cuda"
@@ -263,7 +263,7 @@ SAMPLES = (1, 5, 12, 64)
 def make_sampled_case(B, C, N, dtype, seed, T=1.0, id_dtype=torch.int16, z_scale=3.0):
     """Sampled targets as a cache holds them (N draws at temperature T from a random teacher of
     random sharpness: distinct classes by count, -1 and log-weight -inf in unused slots)."""
-    from kdcache.targets import draw_batch, log_weights
+    from kdcache.cache.targets import draw_batch, log_weights
 
     g = torch.Generator().manual_seed(seed)
     sharpness = float(torch.empty(1).uniform_(0.5, 6.0, generator=g))

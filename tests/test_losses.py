@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdcache.losses import LossInputError, sparse_kd_loss, sparse_kd_loss_reference
+from kdcache.learn.losses import LossInputError, sparse_kd_loss, sparse_kd_loss_reference
 
 TAILS = ("uniform", "renorm", "bucket")
 
@@ -337,7 +337,7 @@ def test_forced_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
 
 
 def test_auto_on_cpu_uses_the_reference(monkeypatch):
-    import kdcache.losses as losses
+    import kdcache.learn.losses as losses
 
     def boom(*a, **k):
         raise AssertionError("the Triton path must not be used for CPU tensors under backend='auto'")
@@ -357,7 +357,7 @@ def make_sampled(B, C, N=12, sharpness=3.0, seed=0, T=1.0, id_dtype=torch.int64)
     classes by count with -1 / count 0 in unused slots; returned as the loss takes them (log-weights)."""
     import numpy as np
 
-    from kdcache.targets import draw_batch, log_weights
+    from kdcache.cache.targets import draw_batch, log_weights
 
     g = torch.Generator().manual_seed(seed)
     logp = F.log_softmax(torch.randn(B, C, generator=g) * sharpness, -1).numpy()

@@ -9,8 +9,8 @@ import torch
 
 from conftest import NUM_CLASSES, TEACHER
 from kdcache.errors import KdcacheError
-from kdcache.models import IMAGENET_MEAN, IMAGENET_STD, create_model, load_state_dict, normalize
-from kdcache.zoo import tiny_cnn
+from kdcache.models.factory import IMAGENET_MEAN, IMAGENET_STD, create_model, load_state_dict, normalize
+from kdcache.models.zoo import tiny_cnn
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
 
@@ -150,9 +150,9 @@ def test_class_count_mismatch(tmp_path):
         ("resnet50", "unknown model spec 'resnet50'"),
         ("timm:no_such_net_xyz", "unknown timm model 'no_such_net_xyz'"),
         ("torchvision:no_such_net", "unknown torchvision classification model 'no_such_net'"),
-        ("py:kdcache.zoo", "expected py:MODULE:FACTORY"),
+        ("py:kdcache.models.zoo", "expected py:MODULE:FACTORY"),
         ("py:no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
-        ("py:kdcache.zoo:nope", "has no callable 'nope'"),
+        ("py:kdcache.models.zoo:nope", "has no callable 'nope'"),
         ("py:testmodels:not_a_module", "returned str, not a torch nn.Module"),
     ],
 )
@@ -178,3 +178,14 @@ def test_mean_std_validation_and_normalize():
 def test_unknown_timm_name_suggests_close_names():
     with pytest.raises(KdcacheError, match=r"unknown timm model 'convnext_tinyy'.*similar names: \['convnext_tiny'"):
         create_model("timm:convnext_tinyy", resolution=32)
+
+
+def test_a_spec_recorded_before_the_zoo_moved_still_names_the_same_factory():
+    # Caches and runs made before the package layout changed recorded py:kdcache.zoo:...; they must
+    # keep resolving to the same network (verify and live training rebuild the teacher from it).
+    torch.manual_seed(0)
+    old = create_model("py:kdcache.zoo:tiny_cnn", num_classes=7).model
+    torch.manual_seed(0)
+    new = create_model("py:kdcache.models.zoo:tiny_cnn", num_classes=7).model
+    assert type(old) is type(new)
+    assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), new.state_dict().values()))

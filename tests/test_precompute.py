@@ -19,12 +19,12 @@ import zarr
 
 from conftest import NUM_CLASSES, corrupt_jpeg, encode, make_image, precompute_config, sharp_teacher, write_dataset
 from kdcache.errors import KdcacheError
-from kdcache.models import create_model, normalize
-from kdcache.precompute import my_shards, precompute, teacher_batches
-from kdcache.shards import decode_image, iter_samples
-from kdcache.store import ARRAYS, CacheReader
-from kdcache.views import AugSpec, View, mixup_pairs, render, sample_view
-from kdcache.zoo import tiny_cnn
+from kdcache.models.factory import create_model, normalize
+from kdcache.tools.precompute import my_shards, precompute, teacher_batches
+from kdcache.data.shards import decode_image, iter_samples
+from kdcache.cache.store import ARRAYS, CacheReader
+from kdcache.data.views import AugSpec, View, mixup_pairs, render, sample_view
+from kdcache.models.zoo import tiny_cnn
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent
@@ -235,7 +235,7 @@ def test_manifest_records_how_the_teacher_ran(cache):
 def test_teacher_sees_the_same_batches_however_the_run_is_split(dataset, teacher_weights, tmp_path, monkeypatch):
     """Whatever the worker count and whichever shards a previous run finished, every teacher call
     gets the batch ``teacher_batches`` defines for its shard, never a mix of shards."""
-    import kdcache.precompute as pc
+    import kdcache.tools.precompute as pc
 
     seen = []
     real = pc.raise_if_error  # the main process's first look at every item a worker sends

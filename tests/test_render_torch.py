@@ -19,14 +19,14 @@ from PIL import Image
 
 from conftest import NUM_CLASSES, TEACHER, encode, make_image, precompute_config, sharp_teacher, with_aug
 from kdcache.errors import KdcacheError
-from kdcache.models import create_model
-from kdcache.precompute import precompute
-from kdcache.replay import epoch_batches
-from kdcache.shards import expand_urls, iter_samples
-from kdcache.store import ARRAYS, CacheReader
-from kdcache.teacher import Teacher, topk_tensors
-from kdcache.render import PIL_RENDERER, DeferredCrops, Encoded, TorchRenderer, render_mismatch, renderer_for
-from kdcache.views import CropBatch, ShardViews, View, crop_batch, render
+from kdcache.models.factory import create_model
+from kdcache.tools.precompute import precompute
+from kdcache.learn.replay import epoch_batches
+from kdcache.data.shards import expand_urls, iter_samples
+from kdcache.cache.store import ARRAYS, CacheReader
+from kdcache.models.teacher import Teacher, topk_tensors
+from kdcache.data.render import PIL_RENDERER, DeferredCrops, Encoded, TorchRenderer, render_mismatch, renderer_for
+from kdcache.data.views import CropBatch, ShardViews, View, crop_batch, render
 
 RES = 32
 
@@ -142,7 +142,7 @@ def test_batched_equals_single():
     for n, item in enumerate(cases):
         assert torch.equal(batch[n], r.crops([item], 16)[0])
     # chunking (a small budget cuts the batch into many chunks) changes nothing either
-    import kdcache.render as views
+    import kdcache.data.render as views
 
     old = dict(views.CHUNK_ELEMENTS)
     try:
@@ -230,7 +230,7 @@ def test_the_cli_flag(dataset, sharp_weights, tmp_path):
 def test_replay_reproduces_the_stored_topk(dataset, tcache, sharp_weights):
     """The trainer's stream renders a torch cache's views with the torch backend; the teacher on
     those pixels gives back the stored top-k exactly (as test_replay does for PIL)."""
-    from kdcache.replay import ReplayStream, StreamConfig, prepare_shards
+    from kdcache.learn.replay import ReplayStream, StreamConfig, prepare_shards
 
     reader = CacheReader(str(tcache))
     info = create_model(TEACHER, num_classes=NUM_CLASSES, weights=str(sharp_weights), resolution=RES)
@@ -254,7 +254,7 @@ def test_replay_reproduces_the_stored_topk(dataset, tcache, sharp_weights):
 def test_replay_with_pil_would_not_reproduce_it_exactly(dataset, tcache, sharp_weights):
     """The check has teeth where the backends differ: PIL-rendered pixels of the same views are not
     the torch backend's (with Pillow-SIMD installed they differ by a level here and there)."""
-    from kdcache.shards import decode_shard
+    from kdcache.data.shards import decode_shard
 
     r = TorchRenderer("cpu")
     reader = CacheReader(str(tcache))
@@ -269,7 +269,7 @@ def test_replay_with_pil_would_not_reproduce_it_exactly(dataset, tcache, sharp_w
         b = crop_batch([(tv.images, sv, i, v) for i, v in recs], RES, r).pixels("cpu")
         assert (a - b).abs().max() <= 1 / 255 + 1e-6
         differ += int((a != b).any(dim=(1, 2, 3)).sum())
-    from kdcache.render import render_backend
+    from kdcache.data.render import render_backend
 
     if render_backend()["pil"] == "Pillow-SIMD":
         assert differ > 0
@@ -279,7 +279,7 @@ def test_workers_and_the_device_path_give_bitwise_equal_caches(dataset, tcache, 
     precompute(precompute_config(dataset, tmp_path / "w2.zarr", sharp_weights, render="torch", workers=2))
     assert_same(tcache, tmp_path / "w2.zarr")
     # the CUDA flow on the CPU: workers only read bytes and headers, the main process decodes and crops
-    import kdcache.precompute as pre
+    import kdcache.tools.precompute as pre
 
     made = []
 
@@ -295,8 +295,8 @@ def test_workers_and_the_device_path_give_bitwise_equal_caches(dataset, tcache, 
 
 def test_the_device_path_in_the_trainers_stream(dataset, tcache, monkeypatch):
     """Workers ship DeferredCrops (Encoded images + views); the pixels equal the worker-rendered ones."""
-    import kdcache.replay as replay
-    from kdcache.replay import ReplayStream, StreamConfig, prepare_shards
+    import kdcache.learn.replay as replay
+    from kdcache.learn.replay import ReplayStream, StreamConfig, prepare_shards
 
     reader = CacheReader(str(tcache))
     shards = prepare_shards(expand_urls(str(dataset)), reader, need_labels=False)
@@ -329,7 +329,7 @@ def test_skip_bad_on_the_device_path(teacher_weights, tmp_path, monkeypatch):
             w.write({"__key__": f"k{i}", "jpg": encode(make_image(rng, 40, 36, i % 3), "jpg"), "cls": b"1"})
         w.write({"__key__": "broken", "jpg": corrupt_jpeg(), "cls": b"0"})
     precompute(precompute_config(data, tmp_path / "a.zarr", teacher_weights, render="torch", skip_bad=True))
-    import kdcache.precompute as pre
+    import kdcache.tools.precompute as pre
 
     monkeypatch.setattr(pre, "make_renderer", lambda b, d=None: TorchRenderer("cpu", deferred=True))
     precompute(precompute_config(data, tmp_path / "b.zarr", teacher_weights, render="torch", skip_bad=True))
@@ -365,13 +365,13 @@ def test_train_and_verify_refuse_a_backend_mismatch(dataset, tcache, sharp_weigh
     """A cache whose groups were rendered by another backend than its manifest names cannot be
     replayed with one backend: train stops before the first step, verify reports a problem."""
     from kdcache.cli import cli
-    from kdcache.train import TrainConfig, train
-    from kdcache.render import render_backend
+    from kdcache.learn.trainer import TrainConfig, train
+    from kdcache.data.render import render_backend
 
     c = tmp_path / "mixed.zarr"
     shutil.copytree(tcache, c)
     _set_manifest_render(c, **render_backend())  # the manifest says PIL, the groups say torch
-    cfg = TrainConfig(**with_aug(dict(data=str(dataset), cache=str(c), student="py:kdcache.zoo:tiny_cnn",
+    cfg = TrainConfig(**with_aug(dict(data=str(dataset), cache=str(c), student="py:kdcache.models.zoo:tiny_cnn",
                                       out=str(tmp_path / "run"), epochs=1, batch_size=4, res=RES, workers=0,
                                       device="cpu", progress=False)))
     with pytest.raises(KdcacheError, match="rendered with the torch backend but the cache's manifest says pil"):
@@ -425,7 +425,7 @@ def test_verify_passes_on_a_torch_cache_and_names_a_device_difference(dataset, t
 
 
 def test_inspect_renders_a_torch_cache(dataset, tcache, tmp_path):
-    from kdcache.inspection import render_record
+    from kdcache.tools.inspection import render_record
 
     r = CacheReader(str(tcache))
     name = r.shard_names()[0]

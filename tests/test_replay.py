@@ -8,14 +8,14 @@ import torch
 
 from conftest import NUM_CLASSES, TEACHER
 from kdcache.errors import KdcacheError
-from kdcache.models import create_model
-from kdcache.teacher import Teacher, topk_tensors
-from kdcache.replay import (
+from kdcache.models.factory import create_model
+from kdcache.models.teacher import Teacher, topk_tensors
+from kdcache.learn.replay import (
     EpochPlan, ReplayStream, ShardInfo, StreamConfig, epoch_batches, prepare_shards,
 )
-from kdcache.shards import decode_shard, expand_urls, iter_samples, scan_keys, shard_name
-from kdcache.store import CacheReader
-from kdcache.views import AugSpec, render, sample_shard_views
+from kdcache.data.shards import decode_shard, expand_urls, iter_samples, scan_keys, shard_name
+from kdcache.cache.store import CacheReader
+from kdcache.data.views import AugSpec, render, sample_shard_views
 
 RES = 32  # the conftest cache's teacher resolution
 
@@ -98,7 +98,7 @@ def test_mixed_records_render_as_precompute(dataset, cache):
             a = arrays[name]
             images = decoded[name].images
             assert a["keys"][i] == b.keys[j]
-            from kdcache.views import ShardViews
+            from kdcache.data.views import ShardViews
 
             sv = ShardViews(a["box"], a["flip"], a["mix_with"], a["mix_lam"])
             view = sv.view(i, b.view)
@@ -220,7 +220,7 @@ def test_bad_records_are_skipped(tmp_path, teacher_weights):
     import webdataset as wds
 
     from conftest import encode, make_image, precompute_config
-    from kdcache.precompute import precompute
+    from kdcache.tools.precompute import precompute
 
     rng = np.random.default_rng(3)
     data = tmp_path / "data"
@@ -270,8 +270,8 @@ def bad_data(dataset, tmp_path_factory):
 
 
 def test_skip_bad_without_cache_counts_skips_and_never_mixes_the_bad_record(bad_data, teacher_weights, tmp_path):
-    from kdcache.precompute import precompute
-    from kdcache.views import mixup_pairs
+    from kdcache.tools.precompute import precompute
+    from kdcache.data.views import mixup_pairs
 
     from conftest import precompute_config
 

@@ -13,19 +13,19 @@ from click.testing import CliRunner
 
 from conftest import NUM_CLASSES
 from kdcache.cli import cli
-from kdcache.config import TrainConfig
+from kdcache.learn.config import TrainConfig
 from kdcache.errors import KdcacheError
-from kdcache.exits import MultiExit, backbone_state_dict, stage_names
-from kdcache.models import create_model, normalize
-from kdcache.replay import ReplayStream, StreamConfig, epoch_batches, prepare_shards
-from kdcache.run_state import Meter, RunState
-from kdcache.selfdistill import SelfDistillTask
-from kdcache.shards import expand_urls
-from kdcache.store import CacheReader
-from kdcache.tasks import CachedKDTask, LabelsTask, StudentInput
+from kdcache.models.exits import MultiExit, backbone_state_dict, stage_names
+from kdcache.models.factory import create_model, normalize
+from kdcache.learn.replay import ReplayStream, StreamConfig, epoch_batches, prepare_shards
+from kdcache.learn.run_state import Meter, RunState
+from kdcache.learn.selfdistill import SelfDistillTask
+from kdcache.data.shards import expand_urls
+from kdcache.cache.store import CacheReader
+from kdcache.learn.tasks import CachedKDTask, LabelsTask, StudentInput
 
 RES = 32
-STUDENT = "py:kdcache.zoo:student_cnn"  # three stages: two shallow exits and the model's own head
+STUDENT = "py:kdcache.models.zoo:student_cnn"  # three stages: two shallow exits and the model's own head
 
 
 def wrapped(spec: str, seed: int = 0, **kw) -> tuple[MultiExit, StudentInput]:
@@ -219,7 +219,7 @@ def test_live_teacher_stands_in_for_the_cache(dataset, cache, teacher_weights, t
     """--sd-teacher both in live mode distils the shallow exits from the live teacher's top-k, which
     equal the cache's: the run ends with bitwise the weights of the cached run."""
     from conftest import TEACHER, with_aug
-    from kdcache.train import train
+    from kdcache.learn.trainer import train
 
     common = dict(data=str(dataset), cache=str(cache), student=STUDENT, epochs=1, batch_size=4, res=RES,
                   workers=0, device="cpu", progress=False, self_distill=True, sd_teacher="both", label_weight=0.2)

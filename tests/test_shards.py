@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from conftest import NUM_CLASSES, corrupt_jpeg, encode, make_image, write_dataset, write_imagefolder, write_tar
 from kdcache.cli import cli
 from kdcache.errors import BadImageError, KdcacheError
-from kdcache.shards import (
+from kdcache.data.shards import (
     decode_image,
     expand_urls,
     iter_samples,

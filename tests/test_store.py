@@ -14,7 +14,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 from conftest import NUM_CLASSES, TEACHER, snapshot
 from kdcache import __version__
 from kdcache.errors import KdcacheError
-from kdcache.store import (
+from kdcache.cache.store import (
     ARRAYS,
     FORMAT_VERSION,
     CacheReader,
@@ -24,7 +24,7 @@ from kdcache.store import (
     make_manifest,
     manifest_differences,
 )
-from kdcache.render import render_backend
+from kdcache.data.render import render_backend
 
 SHARDS = ["train-000000", "train-000001", "train-000002"]
 DTYPES = {

@@ -11,18 +11,18 @@ import torch
 import torch.nn.functional as F
 
 from conftest import NUM_CLASSES, TEACHER
-from kdcache.config import PrecomputeConfig, TrainConfig
-from kdcache.losses import sparse_kd_loss
-from kdcache.models import create_model
-from kdcache.replay import ReplayStream, StreamConfig, epoch_batches, prepare_shards
-from kdcache.run_state import Meter, RunState
-from kdcache.shards import expand_urls
-from kdcache.store import CacheReader
-from kdcache.tasks import CachedKDTask, LabelsTask, LiveKDTask, StudentInput
-from kdcache.teacher import load_teacher
+from kdcache.learn.config import PrecomputeConfig, TrainConfig
+from kdcache.learn.losses import sparse_kd_loss
+from kdcache.models.factory import create_model
+from kdcache.learn.replay import ReplayStream, StreamConfig, epoch_batches, prepare_shards
+from kdcache.learn.run_state import Meter, RunState
+from kdcache.data.shards import expand_urls
+from kdcache.cache.store import CacheReader
+from kdcache.learn.tasks import CachedKDTask, LabelsTask, LiveKDTask, StudentInput
+from kdcache.models.teacher import load_teacher
 
 RES = 32
-STUDENT = "py:kdcache.zoo:tiny_cnn"
+STUDENT = "py:kdcache.models.zoo:tiny_cnn"
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_run_state_round_trips_through_a_checkpoint(student):
 
 def test_meter_counts_steps_not_pauses(monkeypatch):
     import types
-    from kdcache import run_state
+    from kdcache.learn import run_state
 
     clock = types.SimpleNamespace(now=100.0)  # a clock the test moves: no dependence on the machine's speed
     monkeypatch.setattr(run_state, "time", types.SimpleNamespace(perf_counter=lambda: clock.now,
@@ -110,7 +110,7 @@ def test_meter_counts_steps_not_pauses(monkeypatch):
 
 def test_metrics_log_the_kd_and_ce_split(dataset, cache, tmp_path):
     from conftest import with_aug
-    from kdcache.train import train
+    from kdcache.learn.trainer import train
 
     out = tmp_path / "run"
     train(TrainConfig(**with_aug(dict(data=str(dataset), cache=str(cache), student=STUDENT, out=str(out), epochs=1,
@@ -157,7 +157,7 @@ def test_cli_defaults_are_the_configs_defaults(command, config):
         checked += 1
     assert checked >= 8
     # the augmentation flags are AugSpec's
-    from kdcache.views import AugSpec
+    from kdcache.data.views import AugSpec
 
     d = AugSpec()
     assert (opts["scale"], opts["ratio"], opts["flip"], opts["mixup"]) == (d.scale, d.ratio, d.flip, d.mixup)

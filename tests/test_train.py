@@ -18,20 +18,20 @@ from click.testing import CliRunner
 
 from conftest import NUM_CLASSES, TEACHER, with_aug
 from kdcache.cli import cli
-from kdcache.losses import sparse_kd_loss
-from kdcache.models import create_model, normalize
-from kdcache.replay import ReplayStream, StreamConfig, epoch_batches, prepare_shards
-from kdcache.shards import expand_urls, iter_samples, shard_name
-from kdcache.store import CacheReader
-from kdcache.train import TrainConfig, lr_at, manifest_digest, train
+from kdcache.learn.losses import sparse_kd_loss
+from kdcache.models.factory import create_model, normalize
+from kdcache.learn.replay import ReplayStream, StreamConfig, epoch_batches, prepare_shards
+from kdcache.data.shards import expand_urls, iter_samples, shard_name
+from kdcache.cache.store import CacheReader
+from kdcache.learn.trainer import TrainConfig, lr_at, manifest_digest, train
 
-STUDENT = "py:kdcache.zoo:tiny_cnn"
+STUDENT = "py:kdcache.models.zoo:tiny_cnn"
 RES = 32
 
 
 @pytest.fixture(scope="module")
 def init_weights(tmp_path_factory) -> Path:
-    from kdcache.zoo import tiny_cnn
+    from kdcache.models.zoo import tiny_cnn
 
     torch.manual_seed(123)
     path = tmp_path_factory.mktemp("init") / "student0.pt"
@@ -137,7 +137,7 @@ def test_resume_is_bitwise_equal(dataset, cache, init_weights, tmp_path, workers
 
 
 def test_reuse_notice_advises_more_views_only_at_heavy_reuse():
-    from kdcache.train import views_reuse_note
+    from kdcache.learn.trainer import views_reuse_note
 
     light = views_reuse_note(20, 16)
     assert light.startswith("note: training for 20 epochs over 16 views") and "--views" not in light
@@ -235,7 +235,7 @@ def test_bad_inputs_exit_2(dataset, cache, tmp_path):
 
     # an unknown student spec
     args = base_args(dataset, tmp_path / "r7", cache)
-    args[args.index(STUDENT)] = "py:kdcache.zoo:no_such_net"
+    args[args.index(STUDENT)] = "py:kdcache.models.zoo:no_such_net"
     code, out = run_cli(*args)
     assert code == 2 and "no_such_net" in out, out
 

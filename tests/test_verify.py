@@ -18,7 +18,7 @@ from PIL import Image
 
 from conftest import NUM_CLASSES, TEACHER, plain_keys, precompute_config, sharp_teacher, snapshot
 from kdcache.cli import cli
-from kdcache.verify import compare_record
+from kdcache.tools.verify import compare_record
 
 
 def run(*args):
@@ -28,7 +28,7 @@ def run(*args):
 @pytest.fixture(scope="module")
 def sharp(dataset, tmp_path_factory):
     """A teacher whose outputs move clearly with the input (a scaled-up head), and its cache."""
-    from kdcache.precompute import precompute
+    from kdcache.tools.precompute import precompute
 
     model = sharp_teacher(1)
     root = tmp_path_factory.mktemp("sharp")
@@ -83,7 +83,7 @@ def test_verify_session_cache_via_urls(cache, dataset, teacher_weights):
 
 
 def test_verify_streams_only_sampled_shards_once(sharp, dataset, monkeypatch):
-    import kdcache.shards as shards
+    import kdcache.data.shards as shards
 
     weights, c = sharp
     opened = []
@@ -230,7 +230,7 @@ def test_render_backend_difference_warns(sharp, dataset, tmp_path):
 
 def test_verify_skips_bad_records(tmp_path, teacher_weights):
     from conftest import write_dataset
-    from kdcache.precompute import precompute
+    from kdcache.tools.precompute import precompute
 
     data = tmp_path / "train"
     write_dataset(data, shards=1, per_shard=5, seed=4)

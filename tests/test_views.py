@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from conftest import make_image
-from kdcache.views import (
+from kdcache.data.views import (
     AugSpec,
     ShardViews,
     View,
@@ -42,7 +42,7 @@ def test_views_identical_in_another_process():
     here = _views_here(123, sizes)
     code = (
         "import json, sys\n"
-        "from kdcache.views import AugSpec, sample_view\n"
+        "from kdcache.data.views import AugSpec, sample_view\n"
         "keys, sizes = json.loads(sys.argv[1]), json.loads(sys.argv[2])\n"
         "spec = AugSpec()\n"
         "out = [[list(sample_view(123, k, v, w, h, spec).box) + [sample_view(123, k, v, w, h, spec).flip]\n"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import time
 
-from kdcache.zoo import SmallCNN, tiny_cnn
+from kdcache.models.zoo import SmallCNN, tiny_cnn
 
 
 def fixed_cnn():

@@ -26,6 +26,6 @@ def demo(out, quick, device, workers, no_progress):
     4. students  a small CNN from the cache, and the same CNN on labels only, same budget
     5. report    accuracy table, stage times, cache bytes per record, OUT/curves.png
     """
-    from ..demo import run_demo
+    from ..tools.demo import run_demo
 
     run_demo(out, quick=quick, device=device, workers=workers, progress=not no_progress)

@@ -47,7 +47,7 @@ def evaluate(run_dir, val_data, thresholds, sweep, plot, as_json, batch_size, wo
       early exit     top-1, the share of images leaving at each exit, mean compute per image
     A run without --self-distill has one exit (compute 1.0).
     """
-    from .. import evaluate as api
+    from ..tools import evaluate as api
     from ..errors import KdcacheError
 
     if batch_size < 1 or workers < 0:

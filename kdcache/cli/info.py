@@ -11,7 +11,7 @@ def versions() -> dict:
     import importlib.metadata as md
 
     from .. import __version__
-    from ..render import render_backend
+    from ..data.render import render_backend
 
     out = {"kdcache": __version__}
     for dist in ("torch", "torchvision", "timm", "zarr", "numcodecs", "webdataset", "triton", "numpy"):

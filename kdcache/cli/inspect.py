@@ -53,7 +53,7 @@ def inspect(cache, shard, key, list_keys, view, render_out, data, top, as_json, 
 
     Never writes to the cache.
     """
-    from .. import inspection as api
+    from ..tools import inspection as api
     from ..errors import KdcacheError
 
     opts = parse_storage_options(storage_options)

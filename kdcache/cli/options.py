@@ -51,7 +51,7 @@ def augmentation_options(what: str = ""):
     """--scale, --ratio, --flip/--no-flip, --mixup/--no-mixup, with ``views.AugSpec``'s defaults.
     ``what`` prefixes each help text (e.g. "Without a cache: "). ``augmentation(kw)`` turns the
     parsed flags into an AugSpec."""
-    from ..views import AugSpec
+    from ..data.views import AugSpec
 
     d = AugSpec()
 
@@ -73,7 +73,7 @@ def augmentation_options(what: str = ""):
 
 def augmentation(kw: dict):
     """Pop the augmentation flags from a command's keyword arguments; return the AugSpec."""
-    from ..views import AugSpec
+    from ..data.views import AugSpec
 
     return AugSpec(scale=tuple(kw.pop("scale")), ratio=tuple(kw.pop("ratio")), flip=kw.pop("flip"),
                    mixup=kw.pop("mixup"))

@@ -23,7 +23,7 @@ def pack(src, out, shard_size, val_fraction, seed, skip_bad, overwrite):
     Writes OUT/train/train-000000.tar ... (and OUT/val/ with --val-fraction), each folder with a
     classes.json. Images are copied byte for byte; samples carry `cls` labels.
     """
-    from ..shards import pack_imagefolder
+    from ..data.shards import pack_imagefolder
 
     s = pack_imagefolder(src, out, shard_size=shard_size, val_fraction=val_fraction, seed=seed, skip_bad=skip_bad,
                          overwrite=overwrite)

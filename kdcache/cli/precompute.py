@@ -7,9 +7,9 @@ import json
 import click
 
 from ..errors import KdcacheError, count
-from ..views import AugSpec
+from ..data.views import AugSpec
 
-from ..config import PrecomputeConfig
+from ..learn.config import PrecomputeConfig
 
 from .options import RGB, augmentation, augmentation_options, config_default, workers_option
 
@@ -80,7 +80,7 @@ def precompute(**kw):
     A cache made with another teacher, seed, V, k or augmentation is refused. Under
     `torchrun --nproc_per_node N -m kdcache precompute ...` each rank writes disjoint shards.
     """
-    from ..precompute import precompute as run
+    from ..tools.precompute import precompute as run
 
     given = click.get_current_context().get_parameter_source
     only_for = {"topk": "topk", "samples": "sample", "sample_temperature": "sample"}

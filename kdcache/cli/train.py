@@ -6,9 +6,9 @@ import json
 
 import click
 
-from ..config import AMP_MODES, MODES, OPTIMIZERS, STUDENT_VIEWS, TrainConfig
-from ..config import SD_TEACHERS
-from ..losses import TAIL_MODES
+from ..learn.config import AMP_MODES, MODES, OPTIMIZERS, STUDENT_VIEWS, TrainConfig
+from ..learn.config import SD_TEACHERS
+from ..learn.losses import TAIL_MODES
 
 from .options import augmentation, augmentation_options, config_default, workers_option
 
@@ -120,7 +120,7 @@ def train(**kw):
     Writes config.json, metrics.jsonl, checkpoint.pt, model.pt and summary.json into --out.
     Under `torchrun --nproc_per_node N -m kdcache train ...` it trains with DDP.
     """
-    from ..train import train as run
+    from ..learn.trainer import train as run
 
     kw["compile"] = kw.pop("compile_")
     kw["progress"] = not kw.pop("no_progress")

@@ -43,7 +43,7 @@ def verify(cache, data, teacher, teacher_weights, num_classes, pretrained, sampl
       2  unusable input (no cache, bad flags, ...)
     Never writes to the cache.
     """
-    from .. import verify as api
+    from ..tools import verify as api
 
     out = api.verify(
         cache, data, teacher, teacher_weights=teacher_weights, num_classes=num_classes, pretrained=pretrained,

@@ -1,7 +1,7 @@
 """Helpers for the fault-injection tests.
 
 - small manifests and records, and worker processes that use CacheWriter directly (run as
-  ``python relhelpers.py <role> ...``; the ``race``/``hold`` roles import kdcache.store only, so
+  ``python relhelpers.py <role> ...``; the ``race``/``hold`` roles import kdcache.cache.store only, so
   they start in a fraction of a second);
 - real command-line runs: ``run_cmd`` (SIGKILL of the process group at a chosen moment,
   RLIMIT_FSIZE, hang detection), ``cli_inproc`` (the command line in this process);
@@ -29,7 +29,7 @@ V, K, NUM_CLASSES = 2, 3, 10
 
 
 def manifest(shards, **over):
-    from kdcache.store import make_manifest
+    from kdcache.cache.store import make_manifest
 
     base = dict(
         teacher={"spec": "x", "weights": None, "weights_sha256": None, "num_classes": NUM_CLASSES,
@@ -96,9 +96,9 @@ def _race(out: str, worker: int, groups: str, start_at: float, mode: str) -> Non
     """Wait for the common start time, then try to write every group: with claims (``claim``:
     the API precompute is to use) or by calling write_shard directly (``direct``: what precompute
     does today). One JSON line per group on stdout."""
-    from kdcache import store
+    from kdcache.cache import store
     from kdcache.errors import KdcacheError
-    from kdcache.store import CacheWriter
+    from kdcache.cache.store import CacheWriter
 
     ShardClaimedError = getattr(store, "ShardClaimedError", ())  # noqa: N806 (absent before the claims)
 
@@ -134,7 +134,7 @@ def _hold(out: str, names: str, phase: str) -> None:
     it (``phase`` = writing: the arrays are being written when the parent kills us)."""
     import zarr
 
-    from kdcache.store import CacheWriter
+    from kdcache.cache.store import CacheWriter
 
     names_l = names.split(",")
     w = CacheWriter(out, manifest(names_l))
@@ -345,7 +345,7 @@ def cache_diff(ref, got) -> dict:
     key, any array row or bad-record status differs, bitwise), ``extra`` (records ``got`` holds
     beyond the reference), the groups concerned and whether the manifests agree."""
     from kdcache.errors import KdcacheError
-    from kdcache.store import ARRAYS, CacheReader
+    from kdcache.cache.store import ARRAYS, CacheReader
 
     ra = CacheReader(str(ref))
     try:
@@ -450,7 +450,7 @@ def _sum_tally(path: str) -> dict:
 
 # ---- the command line in this process (click's CliRunner): no start-up cost -------------------------
 
-TINY = "py:kdcache.zoo:tiny_cnn"
+TINY = "py:kdcache.models.zoo:tiny_cnn"
 
 
 def cli_inproc(*args):
@@ -475,7 +475,7 @@ def precompute_args(data, out, weights, *extra):
 
 
 def train_args(data, cache, out, *extra):
-    return ["train", "--data", data, "--cache", cache, "--student", "py:kdcache.zoo:tiny_cnn", "--out", out,
+    return ["train", "--data", data, "--cache", cache, "--student", "py:kdcache.models.zoo:tiny_cnn", "--out", out,
             "--epochs", 2, "-b", 4, "--lr", 0.01, "--workers", 0, "--device", "cpu", "--no-progress", *extra]
 
 
@@ -484,7 +484,7 @@ def _logged_cli(log: str, argv: list[str]) -> None:
     (one JSON line per event, appended: {"pid", "group", "event": start|done|error}). write_shard
     is the only code that writes a shard group's arrays (docs/format.md, completion protocol), so
     the "done" lines count the writes of each group. Nothing else is changed."""
-    from kdcache import store
+    from kdcache.cache import store
     from kdcache.cli import main
 
     orig = store.CacheWriter.write_shard
@@ -516,7 +516,7 @@ if __name__ == "__main__":
     elif role == "kill-on-publish":
         # Create a cache, dying (SIGKILL) at the moment the root zarr.json is being published:
         # after its bytes were written to a temporary file, before that file gets its final name.
-        from kdcache.store import CacheWriter
+        from kdcache.cache.store import CacheWriter
 
         out = os.path.abspath(sys.argv[2])
         target = os.path.join(out, "zarr.json")
@@ -558,7 +558,7 @@ if __name__ == "__main__":
     elif role == "kill-on-release":
         # Run the kdcache command line; SIGKILL ourselves when the first claim is released: right
         # after write_shard marked its group complete, before the claim file is removed.
-        from kdcache import claims
+        from kdcache.cache import claims
 
         def release(self):
             os.kill(os.getpid(), signal.SIGKILL)

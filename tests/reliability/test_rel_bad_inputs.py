@@ -120,7 +120,7 @@ def test_undecodable_image_with_skip_bad_keeps_records_aligned(env, tmp_path):
     """--skip-bad: the bad record keeps its row and is recorded; every other record of the cache
     is where it was (keys, sizes and view geometry equal the intact run's), the other groups are
     bit for bit the intact run's, and train leaves the bad record out by name."""
-    from kdcache.store import CacheReader
+    from kdcache.cache.store import CacheReader
 
     data = variant(env, "undecodable-image", CORRUPT["undecodable-image"][0])
     out = tmp_path / "c.zarr"
@@ -162,7 +162,7 @@ def test_missing_shard_file(env, tmp_path):
 def test_empty_shard_works_and_an_emptied_shard_is_refused(env, tmp_path):
     """A shard with 0 samples is valid: precompute writes a complete empty group and train runs.
     A shard emptied after precompute no longer matches its group: train stops naming both."""
-    from kdcache.store import CacheReader
+    from kdcache.cache.store import CacheReader
 
     data = variant(env, "empty", lambda src, dst: write_tar(dst, []))
     out = tmp_path / "c.zarr"
@@ -211,7 +211,7 @@ def test_same_size_image_swapped_is_caught_by_verify_not_by_train(env, tmp_path)
                     env / "teacher.pt", "-n", 1000, "--device", "cpu")
     assert code == 1, out
     # the records named: the swapped one, and those mixed with it in that view (nothing else)
-    from kdcache.store import CacheReader
+    from kdcache.cache.store import CacheReader
 
     d = CacheReader(str(env / "good.zarr")).read_shard(BAD)
     keys = d["keys"].tolist()

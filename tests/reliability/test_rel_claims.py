@@ -22,7 +22,7 @@ import pytest
 import zarr
 
 from kdcache.errors import KdcacheError
-from kdcache.store import CLAIM_LEASE_S, CacheReader, CacheWriter, ShardClaimedError
+from kdcache.cache.store import CLAIM_LEASE_S, CacheReader, CacheWriter, ShardClaimedError
 from relhelpers import manifest, records, same, spawn
 
 GROUPS = [f"g{i}" for i in range(8)]

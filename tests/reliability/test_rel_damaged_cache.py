@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from kdcache.cli import cli
 from kdcache.errors import KdcacheError
-from kdcache.store import ARRAYS, EVERY_CHUNK_ATTR, CacheReader, CacheWriter
+from kdcache.cache.store import ARRAYS, EVERY_CHUNK_ATTR, CacheReader, CacheWriter
 from relhelpers import manifest, records, same
 
 G = "train-000001"

@@ -26,7 +26,7 @@ G = "train-000001"
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    from kdcache.zoo import tiny_cnn
+    from kdcache.models.zoo import tiny_cnn
 
     root = tmp_path_factory.mktemp("damagedcli")
     write_dataset(root / "train", shards=3, per_shard=5, seed=31)
@@ -155,7 +155,7 @@ def test_class_ids_beyond_the_edited_class_count_are_refused_naming_the_cache(en
     code, out = cli(*precompute_args(data, c, env / "teacher.pt"))
     assert code == 0, out
     _edit_root("teacher.num_classes", 4)(c)
-    from kdcache.store import CacheReader
+    from kdcache.cache.store import CacheReader
 
     assert any((CacheReader(str(c)).read_shard(n)["classes"] >= 4).any() for n in ("train-000000", G, "train-000002"))
     tally(faults=3)

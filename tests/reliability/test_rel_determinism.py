@@ -25,8 +25,8 @@ from relhelpers import NC, assert_no_loss, tally
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    from kdcache.precompute import precompute
-    from kdcache.zoo import tiny_cnn
+    from kdcache.tools.precompute import precompute
+    from kdcache.models.zoo import tiny_cnn
 
     root = tmp_path_factory.mktemp("determinism")
     write_dataset(root / "train", shards=5, per_shard=5, seed=41)
@@ -48,9 +48,9 @@ def test_precompute_workers_0_1_2_write_bitwise_equal_caches(env):
 def _epochs(env, workers, epochs=(0, 1)):
     """Per epoch: the batches as lists of (shard, key), and the number of records whose targets,
     view or key do not match what the cache stores for them (misaligned)."""
-    from kdcache.replay import ReplayStream, StreamConfig, epoch_batches, prepare_shards
-    from kdcache.shards import expand_urls
-    from kdcache.store import CacheReader
+    from kdcache.learn.replay import ReplayStream, StreamConfig, epoch_batches, prepare_shards
+    from kdcache.data.shards import expand_urls
+    from kdcache.cache.store import CacheReader
 
     cache = str(env / "w0.zarr")
     reader = CacheReader(cache)

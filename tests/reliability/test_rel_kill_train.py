@@ -36,8 +36,8 @@ FSIZE = 12_000  # bytes: config.json and metrics.jsonl fit, checkpoint.pt (~25 K
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """Shards and a cache of them (the cache is not under test here)."""
-    from kdcache.precompute import precompute
-    from kdcache.zoo import tiny_cnn
+    from kdcache.tools.precompute import precompute
+    from kdcache.models.zoo import tiny_cnn
 
     root = tmp_path_factory.mktemp("killtrain")
     write_dataset(root / "train", shards=4, per_shard=4, seed=11)

@@ -35,7 +35,7 @@ WORKER_TIMEOUT = 8  # --worker-timeout of the default --workers 2 file-size case
 
 
 def _reference(train, out, weights):
-    from kdcache.precompute import precompute
+    from kdcache.tools.precompute import precompute
 
     cfg = precompute_config(train, out, weights, teacher="py:testmodels:slow_cnn", views=2, topk=3, seed=5, res=32,
                             mixup=True, batch_size=8)
@@ -46,7 +46,7 @@ def _reference(train, out, weights):
 def data(tmp_path_factory):
     """6 shards x 4 images, a tiny teacher's weights and the uninterrupted reference cache
     (in-process; the teacher's sleep does not change its outputs)."""
-    from kdcache.zoo import tiny_cnn
+    from kdcache.models.zoo import tiny_cnn
 
     root = tmp_path_factory.mktemp("precompute_runs")
     write_dataset(root / "train", shards=SHARDS, per_shard=4, seed=3)

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import snapshot
 from kdcache.errors import KdcacheError
-from kdcache.store import CacheReader, CacheWriter
+from kdcache.cache.store import CacheReader, CacheWriter
 from relhelpers import manifest, records, spawn
 
 
@@ -110,7 +110,7 @@ def test_precompute_resumes_after_a_killed_root_write(tmp_path, dataset, teacher
     """The command that used to refuse: the same precompute, into a directory holding exactly what
     zarr's killed root write leaves."""
     from conftest import precompute_config
-    from kdcache.precompute import precompute
+    from kdcache.tools.precompute import precompute
 
     out = tmp_path / "cache.zarr"
     out.mkdir()

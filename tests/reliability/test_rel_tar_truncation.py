@@ -19,7 +19,7 @@ import pytest
 import webdataset as wds
 
 from kdcache.errors import KdcacheError
-from kdcache.shards import iter_samples, scan_keys
+from kdcache.data.shards import iter_samples, scan_keys
 
 N = 12
 

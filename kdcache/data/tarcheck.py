@@ -20,7 +20,7 @@ import re
 import tarfile
 import zlib
 
-from .errors import KdcacheError
+from ..errors import KdcacheError
 
 _META_B = re.compile(rb"__[^/]*__($|/)")  # WebDataset's per-shard metadata members
 

@@ -51,8 +51,8 @@ def _atomic(path: str, write) -> None:
             os.remove(tmp)
         except OSError:
             pass
-        from .errors import KdcacheError
-        from .runtime import space_problems
+        from ..errors import KdcacheError
+        from ..runtime import space_problems
 
         causes = space_problems(path)
         raise KdcacheError(

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from PIL import Image
 
-from .errors import KdcacheError
+from ..errors import KdcacheError
 
 # Bump when the sampling code changes in a way that changes the views drawn for the same inputs.
 SAMPLER_VERSION = 1

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import KdcacheError
-from .models import ModelInfo, create_model, logits_of, normalize, state_sha256
-from .views import CropBatch
+from ..errors import KdcacheError
+from .factory import ModelInfo, create_model, logits_of, normalize, state_sha256
+from ..data.views import CropBatch
 
 
 @dataclass

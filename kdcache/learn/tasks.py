@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from .losses import sparse_kd_loss
-from .models import logits_of, normalize
+from ..models.factory import logits_of, normalize
 from .replay import Batch
-from .teacher import Teacher, topk_tensors
+from ..models.teacher import Teacher, topk_tensors
 
 
 @dataclass

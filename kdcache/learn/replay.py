@@ -56,12 +56,12 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .errors import BadImageError, KdcacheError, size_text
-from .runtime import guarded, raise_if_error, worker_init, worker_items, worker_share
-from .shards import decode_image, decode_shard, is_remote, iter_samples, scan_keys, scan_labels, shard_name
-from .store import CacheReader
-from .render import backend_conflict, renderer_for
-from .views import AugSpec, CropBatch, ShardViews, center_view, crop_batch, crop_tensor, sample_shard_views, stable_seed
+from ..errors import BadImageError, KdcacheError, size_text
+from ..runtime import guarded, raise_if_error, worker_init, worker_items, worker_share
+from ..data.shards import decode_image, decode_shard, is_remote, iter_samples, scan_keys, scan_labels, shard_name
+from ..cache.store import CacheReader
+from ..data.render import backend_conflict, renderer_for
+from ..data.views import AugSpec, CropBatch, ShardViews, center_view, crop_batch, crop_tensor, sample_shard_views, stable_seed
 
 # ---- shard table (main process) ------------------------------------------------------------
 

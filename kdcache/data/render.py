@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from .errors import KdcacheError
+from ..errors import KdcacheError
 from .views import RESAMPLE, RESAMPLE_NAME, CropBatch, View, _assemble, crop_pixels, crop_tensor  # noqa: F401
 
 RENDER_BACKENDS = ("pil", "torch")

@@ -1,4 +1,4 @@
-"""Looking inside a cache: summaries, one record, a rendered picture (``kdcache.verify`` proves replay).
+"""Looking inside a cache: summaries, one record, a rendered picture (``kdcache.tools.verify`` proves replay).
 
 Everything here is read-only: the cache is opened with ``CacheReader`` (Zarr mode ``"r"``) and
 nothing is ever written into it. A cache may be a local path or an fsspec URL.
@@ -19,8 +19,8 @@ from collections import Counter
 
 import numpy as np
 
-from .errors import KdcacheError, count, size_text
-from .store import CacheReader
+from ..errors import KdcacheError, count, size_text
+from ..cache.store import CacheReader
 
 # Version of the JSON layout produced by summarize / record_info / verify. Bump on renames.
 JSON_SCHEMA = 1
@@ -363,7 +363,7 @@ def record_info(cache, shard: str, key: str, view: int | None = None, storage_op
 
 
 def shard_urls(data) -> dict[str, str]:
-    from .shards import expand_urls, shard_name
+    from ..data.shards import expand_urls, shard_name
 
     return {shard_name(u): u for u in expand_urls(data)}
 
@@ -374,8 +374,8 @@ def load_images(url: str, want: set[str], renderer=None) -> dict:
     Returns key → decoded image (``renderer``'s, default a PIL image), or key → the
     ``BadImageError`` message when it does not decode.
     """
-    from .errors import BadImageError
-    from .shards import decode_image, iter_samples
+    from ..errors import BadImageError
+    from ..data.shards import decode_image, iter_samples
 
     out = {}
     if not want:
@@ -409,8 +409,8 @@ def render_record(
     from matplotlib.patches import Rectangle
     from PIL import Image
 
-    from .views import ShardViews, View, crop_batch
-    from .render import image_hw, render_mismatch, renderer_for
+    from ..data.views import ShardViews, View, crop_batch
+    from ..data.render import image_hw, render_mismatch, renderer_for
 
     reader = _open(cache, storage_options)
     renderer = renderer_for(reader.manifest.get("render"))  # the backend that made the cache
@@ -508,7 +508,7 @@ def _fmt_bytes(n: int | None) -> str:
 
 
 def format_summary(s: dict, max_shards: int = 50) -> str:
-    from .render import render_text
+    from ..data.render import render_text
 
     t = s["teacher"] or {}
     aug = s["augmentation"] or {}

@@ -17,7 +17,7 @@ The manifest's ``targets`` says what the targets are (``topk``, or ``sample``: c
 the teacher with their ``counts`` in place of ``logprobs``) and its ``encoding`` how they are laid
 out: ``plain`` (above) or ``compact`` (``precompute --compact``: log-probs quantised against the
 top-1 with the top-k mass kept, class ids coded against a per-image class list, geometry not
-stored but re-derived from the seeded sampler; ``kdcache.encoding``). Whatever the layout,
+stored but re-derived from the seeded sampler; ``kdcache.cache.encoding``). Whatever the layout,
 ``CacheReader`` returns the same decoded arrays (``ARRAYS``, plus ``counts`` for sampled targets).
 
 Every per-view array is chunked one chunk per view and packed into one Zarr shard, so a shard
@@ -47,13 +47,13 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
 
-from . import __version__
+from .. import __version__
 from .claims import (  # noqa: F401  (CLAIM_* and the errors are part of the store's API)
     CLAIM_GRACE_S, CLAIM_LEASE_S, CLAIM_REFRESH_S, CLAIMS_DIR, ClaimLostError, ShardClaim, ShardClaimedError,
     _describe_holder, _read_claim, _take_claim,
 )
 from . import encoding as enc
-from .errors import KdcacheError
+from ..errors import KdcacheError
 from .targets import TARGET_KINDS, kind_of, log_weights
 
 FORMAT_VERSION = 3
@@ -336,7 +336,7 @@ def derived_views(manifest: dict, where: str, name: str, keys, size, bad, views)
     """The views of a compact group, which does not store them: ``views.sample_shard_views`` on the
     manifest's seed and augmentation, as precompute drew them (a record listed in ``bad`` or without
     a size gets none). ``views`` is V or a list of view indices; ``where`` names the cache in errors."""
-    from .views import SAMPLER_VERSION, AugSpec, sample_shard_views
+    from ..data.views import SAMPLER_VERSION, AugSpec, sample_shard_views
 
     aug = AugSpec.from_dict(manifest["augmentation"])
     if aug.version != SAMPLER_VERSION:

@@ -40,9 +40,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import KdcacheError, size_text
+from ..errors import KdcacheError, size_text
 from .inspection import JSON_SCHEMA, _num, _open, _valid_mask, load_images, shard_urls
-from .store import CacheReader
+from ..cache.store import CacheReader
 
 # Tolerance on a log-probability: |Δ| <= ATOL + RTOL·|stored|. RTOL·|x| is at least one float16
 # step at x (the storage's rounding: a float32 difference in the last bits can flip it); ATOL is a
@@ -89,8 +89,8 @@ class Tally:
 def identity(manifest: dict, teacher: str, teacher_weights: str | None, device_type: str,
              allow_teacher_mismatch: bool) -> tuple[dict, list[str], list[str]]:
     """The identity checks. Returns (report fields, problems, warnings)."""
-    from .models import file_sha256
-    from .render import render_mismatch, renderer_for
+    from ..models.factory import file_sha256
+    from ..data.render import render_mismatch, renderer_for
 
     problems, warnings = [], []
     mt = manifest["teacher"]
@@ -134,7 +134,7 @@ def identity(manifest: dict, teacher: str, teacher_weights: str | None, device_t
 
 def coverage(reader: CacheReader, urls: dict[str, str]) -> tuple[list[str], list[str], list[str]]:
     """Groups checked against data shards. Returns (groups usable for sampling, problems, warnings)."""
-    from .render import backend_conflict
+    from ..data.render import backend_conflict
 
     problems, warnings, usable = [], [], []
     present = set(reader.shard_names())
@@ -198,10 +198,10 @@ def check_shard(reader: CacheReader, name: str, url: str, picks: list[Pick], tea
     import torch
 
     from .precompute import render_batch, teacher_batches
-    from .targets import check_draws
-    from .teacher import batch_logprobs, batch_topk
-    from .views import SAMPLER_VERSION, AugSpec, ShardViews, sample_shard_views
-    from .render import image_hw, renderer_for
+    from ..cache.targets import check_draws
+    from ..models.teacher import batch_logprobs, batch_topk
+    from ..data.views import SAMPLER_VERSION, AugSpec, ShardViews, sample_shard_views
+    from ..data.render import image_hw, renderer_for
 
     man = reader.manifest
     V, res = reader.views, int(man["resolution"])
@@ -407,9 +407,9 @@ def verify(
     ``ok`` is True when nothing disagrees and nothing is missing (docs/cli.md lists the fields).
     ``batch_size`` is only used for format-1 caches, which did not record precompute's.
     """
-    from .runtime import resolve_device
-    from .teacher import load_teacher
-    from .render import render_mismatch
+    from ..runtime import resolve_device
+    from ..models.teacher import load_teacher
+    from ..data.render import render_mismatch
 
     if samples < 1:
         raise KdcacheError("--samples must be at least 1")
@@ -462,7 +462,7 @@ def verify(
             "rebuilt and verify cannot check it; precompute a new cache with --teacher-weights (or --random-init "
             "SEED)") from None
     if seed is not None:
-        from .models import state_sha256
+        from ..models.factory import state_sha256
 
         ident["teacher"]["state_matches"] = state_sha256(t.model) == mt.get("state_sha256")
         if not ident["teacher"]["state_matches"]:
@@ -515,7 +515,7 @@ def verify(
 
 
 def _sampler_version() -> int:
-    from .views import SAMPLER_VERSION
+    from ..data.views import SAMPLER_VERSION
 
     return SAMPLER_VERSION
 
@@ -524,7 +524,7 @@ def _sampler_version() -> int:
 
 
 def format_verify(r: dict, max_failures: int = 50) -> str:
-    from .render import render_text
+    from ..data.render import render_text
 
     t = r["teacher"]
     tol = r["tolerance"]

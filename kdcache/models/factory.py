@@ -23,7 +23,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import KdcacheError
+from ..errors import KdcacheError
+
+# Modules of kdcache's own models that moved: a spec recorded before the move (in a cache's manifest or
+# a run's config.json, e.g. ``py:kdcache.zoo:teacher_cnn``) still names the same factory.
+MOVED_MODULES = {"kdcache.zoo": "kdcache.models.zoo"}
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -153,6 +157,7 @@ def build_model(spec: str, num_classes: int | None = None, pretrained: bool = Fa
             _, module_name, attr = spec.split(":", 2)
         except ValueError:
             raise KdcacheError(f"model spec {spec!r}: expected py:MODULE:FACTORY") from None
+        module_name = MOVED_MODULES.get(module_name, module_name)
         try:
             module = importlib.import_module(module_name)
         except ImportError as e:

@@ -23,7 +23,7 @@ import webdataset as wds
 from PIL import Image
 from webdataset import tariterators
 
-from .errors import BadImageError, KdcacheError
+from ..errors import BadImageError, KdcacheError
 from .tarcheck import CheckedStream, TarCheck, check_local_tar, compression
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .shards import Sample, write_dataset
+from ..data.shards import Sample, write_dataset
 
 CLASSES = [str(d) for d in range(10)]
 

@@ -38,18 +38,18 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from .config import MODES, TrainConfig, resolve_mode  # noqa: F401  (re-exported)
-from .errors import KdcacheError, count
-from .models import ModelInfo, create_model
+from ..errors import KdcacheError, count
+from ..models.factory import ModelInfo, create_model
 from .replay import ReplayStream, StreamConfig, ValStream, _identity, epoch_batches, prepare_shards
 from .run_state import MetricsLog, Meter, RunState, atomic_json, atomic_save, restore
-from .runtime import barrier, init_distributed, raise_if_error, resolve_device, set_threads, worker_init, worker_items
-from .shards import expand_urls, load_class_names
-from .store import CacheReader
+from ..runtime import barrier, init_distributed, raise_if_error, resolve_device, set_threads, worker_init, worker_items
+from ..data.shards import expand_urls, load_class_names
+from ..cache.store import CacheReader
 from .tasks import CachedKDTask, LabelsTask, LiveKDTask, StudentInput
-from .exits import MultiExit, is_multi_exit
+from ..models.exits import MultiExit, is_multi_exit
 from .selfdistill import SelfDistillTask
-from .teacher import load_teacher
-from .render import render_mismatch
+from ..models.teacher import load_teacher
+from ..data.render import render_mismatch
 
 CHECKPOINT = "checkpoint.pt"
 DEFAULT_RES = 224  # the student's resolution without --res and without a cache
@@ -72,7 +72,7 @@ def manifest_digest(manifest: dict) -> str:
 def cache_targets_digest(reader: CacheReader, shards) -> str | None:
     """sha256 of the targets a run trains on: the recorded view digests of its shards' cache groups
     (every view read is checked against them). None for caches made before digests were recorded."""
-    from .store import targets_digest
+    from ..cache.store import targets_digest
 
     groups = {s.name: reader.view_digests(s.name) for s in shards}
     return None if any(d is None for d in groups.values()) else targets_digest(groups)

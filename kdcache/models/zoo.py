@@ -1,4 +1,4 @@
-"""Small CNNs for the demo and the tests, reachable as ``py:kdcache.zoo:NAME`` specs.
+"""Small CNNs for the demo and the tests, reachable as ``py:kdcache.models.zoo:NAME`` specs.
 
 Real models for small images (digits, thumbnails); nothing here is downloaded.
 """
@@ -34,7 +34,7 @@ class SmallCNN(nn.Module):
 
     def stage_names(self) -> list[str]:
         """The modules that end each stage (the last conv block before each pool, and the last
-        block), as named in ``named_modules``: where ``kdcache.exits`` puts its exits."""
+        block), as named in ``named_modules``: where ``kdcache.models.exits`` puts its exits."""
         f = self.features
         return [f"features.{i}" for i in range(len(f))
                 if not isinstance(f[i], nn.MaxPool2d) and (i + 1 == len(f) or isinstance(f[i + 1], nn.MaxPool2d))]

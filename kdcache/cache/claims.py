@@ -17,7 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from .errors import KdcacheError
+from ..errors import KdcacheError
 
 CLAIMS_DIR = ".claims"
 CLAIM_LEASE_S = 600.0  # a claim from another host that was not refreshed for this long is stale

@@ -276,7 +276,7 @@ def sparse_kd_forward(
     (B, C) soft targets (both handled in the kernel). The gradient is
     ``grad_scale * d(loss_rows.sum())/dz``. ``grad_out`` lets the caller supply (e.g. poison) the
     gradient buffer: it must be contiguous, of z's shape and dtype, and is fully overwritten.
-    Inputs are assumed validated by :func:`kdcache.losses.sparse_kd_loss`.
+    Inputs are assumed validated by :func:`kdcache.learn.losses.sparse_kd_loss`.
     """
     z = student_logits
     if z.device.type != "cuda" and not interpreter_enabled():

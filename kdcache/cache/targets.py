@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .views import stable_seed
+from ..data.views import stable_seed
 
 TARGET_KINDS = ("topk", "sample")
 SAMPLER_VERSION = 1  # of the draw below; recorded in the manifest

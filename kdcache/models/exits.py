@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import KdcacheError
+from ..errors import KdcacheError
 
 
 class _Stop(Exception):
@@ -195,7 +195,7 @@ class MultiExit(nn.Module):
         self.model.eval()
         try:
             p = next(self.model.parameters(), None)
-            from .models import logits_of
+            from .factory import logits_of
 
             z = logits_of(self.model(torch.zeros(1, 3, resolution, resolution, device=p.device if p is not None else None)))
         finally:
@@ -224,7 +224,7 @@ class MultiExit(nn.Module):
     def exits_of(self, x) -> dict:
         """``{"logits": [z_1, ..., z_deepest], "features": [f_1, ..., f_deepest]}``, shallow to deep;
         ``f_i`` the pooled bottleneck output of exit i, ``f_deepest`` the pooled last-stage output."""
-        from .models import logits_of
+        from .factory import logits_of
 
         self._captured = {}
         try:

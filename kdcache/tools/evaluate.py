@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .errors import KdcacheError
+from ..errors import KdcacheError
 
 SWEEP_GRID = tuple(sorted({round(0.05 * i, 2) for i in range(21)} | {0.975, 0.99, 0.995, 0.999, 1.01}))
 DEFAULT_THRESHOLD = 0.9
@@ -84,8 +84,8 @@ def _read_run(run_dir: str) -> dict:
 def load_student(run_dir: str, device: str | torch.device = "cpu"):
     """The run's student, weights loaded, in eval mode: ``(model, config)``; a ``exits.MultiExit``
     for a self-distilled run, else the plain model."""
-    from .exits import MultiExit
-    from .models import create_model
+    from ..models.exits import MultiExit
+    from ..models.factory import create_model
 
     cfg = _read_run(run_dir)
     weights = os.path.join(run_dir, "model.pt")
@@ -111,7 +111,7 @@ def load_student(run_dir: str, device: str | torch.device = "cpu"):
     except Exception as e:
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise KdcacheError(f"{weights} does not fit the student config.json describes: {detail}") from None
-    from .runtime import resolve_device
+    from ..runtime import resolve_device
 
     return model.to(resolve_device(str(device))).eval(), cfg
 
@@ -120,17 +120,17 @@ def load_student(run_dir: str, device: str | torch.device = "cpu"):
 def collect(model, cfg: dict, val_data, batch_size: int = 128, workers: int = 0, device=None):
     """One pass over the validation shards: per exit the max softmax and whether the argmax is right,
     and whether the ensemble (mean softmax) is right. Returns ``(conf, correct, ens_correct)``."""
-    from .exits import is_multi_exit
-    from .models import logits_of, normalize
-    from .replay import ValStream, _identity, prepare_shards
-    from .runtime import raise_if_error, worker_items
-    from .shards import expand_urls
+    from ..models.exits import is_multi_exit
+    from ..models.factory import logits_of, normalize
+    from ..learn.replay import ValStream, _identity, prepare_shards
+    from ..runtime import raise_if_error, worker_items
+    from ..data.shards import expand_urls
 
     r = cfg["resolved"]
     C, res = int(r["num_classes"]), int(r["res"])
     mean, std = r.get("student_mean"), r.get("student_std")
     if mean is None or std is None:
-        from .models import normalization
+        from ..models.factory import normalization
 
         mean, std = normalization(getattr(model, "model", model))
     device = device or next(model.parameters()).device
@@ -160,7 +160,7 @@ def evaluate_run(run_dir: str, val_data, thresholds=None, sweep: bool = False, b
                  device: str = "auto", workers: int = 0, plot: str | None = None) -> dict:
     """The report of ``kdcache evaluate`` (module doc); with ``sweep`` also ``sweep`` (a list of
     points) and ``plot`` (the PNG's path, default ``RUN_DIR/early_exit.png``)."""
-    from .exits import exit_costs, is_multi_exit, plain_cost_profile
+    from ..models.exits import exit_costs, is_multi_exit, plain_cost_profile
 
     model, cfg = load_student(run_dir, device)
     res = int(cfg["resolved"]["res"])

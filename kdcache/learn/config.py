@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .errors import KdcacheError
-from .runtime import default_workers
-from .views import AugSpec
+from ..errors import KdcacheError
+from ..runtime import default_workers
+from ..data.views import AugSpec
 
 MODES = ("auto", "cached", "live", "labels")
 OPTIMIZERS = ("adamw", "sgd")
@@ -54,9 +54,9 @@ class PrecomputeConfig:
     compact: bool = False  # the compact layout (encoding.py): quantised log-probs, class lists, derived views
 
     def __post_init__(self):
-        from .render import RENDER_BACKENDS
-        from .store import MAX_COUNT
-        from .targets import TARGET_KINDS
+        from ..data.render import RENDER_BACKENDS
+        from ..cache.store import MAX_COUNT
+        from ..cache.targets import TARGET_KINDS
 
         if self.targets not in TARGET_KINDS:
             raise KdcacheError(f"--targets must be one of {', '.join(TARGET_KINDS)}, got {self.targets!r}")

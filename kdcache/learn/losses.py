@@ -3,7 +3,7 @@
 Public entry points:
 
 * :func:`sparse_kd_loss` — validates, then dispatches to the fused Triton kernel
-  (``kdcache.kernels.sparse_kd``) or to the PyTorch reference.
+  (``kdcache.learn.kernels.sparse_kd``) or to the PyTorch reference.
 * :func:`sparse_kd_loss_reference` — the pure-PyTorch implementation (the CPU path and the
   ground truth for the kernel tests). It builds dense (B, C) tensors.
 
@@ -163,7 +163,7 @@ def _choose_backend(backend: str, z: torch.Tensor) -> str:
         raise LossInputError(
             "backend='triton' but Triton is not importable; install it (pip install 'kdcache[triton]') "
             "or use backend='torch'")
-    from kdcache.kernels.sparse_kd import interpreter_enabled
+    from kdcache.learn.kernels.sparse_kd import interpreter_enabled
 
     if z.device.type != "cuda" and not interpreter_enabled():
         raise LossInputError(
@@ -336,7 +336,7 @@ class _FusedSparseKD(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, logprobs, classes, labels, T, tail, alpha, reduction):
-        from kdcache.kernels.sparse_kd import sparse_kd_forward
+        from kdcache.learn.kernels.sparse_kd import sparse_kd_forward
 
         B = z.shape[0]
         need_grad = ctx.needs_input_grad[0]

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .errors import KdcacheError
+from ..errors import KdcacheError
 from .losses import sparse_kd_loss
 from .replay import Batch
 from .tasks import CachedKDTask

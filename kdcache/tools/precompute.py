@@ -31,18 +31,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from .config import PrecomputeConfig
-from .errors import KdcacheError
-from .runtime import (
+from ..learn.config import PrecomputeConfig
+from ..errors import KdcacheError
+from ..runtime import (
     barrier, guarded, init_distributed, raise_if_error, resolve_device, set_threads, worker_init, worker_items,
     worker_share,
 )
-from .shards import decode_shard, expand_urls, load_class_names, shard_name
-from .store import CLAIM_REFRESH_S, CacheWriter, encoding_record, make_manifest
-from .targets import draw_batch, slots, targets_record
-from .teacher import batch_logprobs, batch_topk, compute_record, load_teacher
-from .views import CropBatch, ShardViews, crop_batch, drop_records, sample_shard_views
-from .render import make_renderer
+from ..data.shards import decode_shard, expand_urls, load_class_names, shard_name
+from ..cache.store import CLAIM_REFRESH_S, CacheWriter, encoding_record, make_manifest
+from ..cache.targets import draw_batch, slots, targets_record
+from ..models.teacher import batch_logprobs, batch_topk, compute_record, load_teacher
+from ..data.views import CropBatch, ShardViews, crop_batch, drop_records, sample_shard_views
+from ..data.render import make_renderer
 
 
 def my_shards(urls: list[str], index: int, groups: int, rank: int, world: int) -> list[str]:
@@ -105,7 +105,7 @@ def device_batches(start: ShardStart, renderer, cfg: PrecomputeConfig):
     """A shard a worker shipped undecoded (``start.images``): decode it on the renderer's device, once,
     and yield what a worker would have: its ``ShardStart`` (records that failed to decode now
     recorded as bad, with ``--skip-bad``) and its teacher batches."""
-    from .errors import BadImageError
+    from ..errors import BadImageError
 
     errors: list = []
     valid = start.valid.copy()
@@ -318,7 +318,7 @@ class _Progress:
     def __init__(self, todo: list[str], views: int):
         from tqdm.auto import tqdm
 
-        from .shards import is_remote, scan_keys
+        from ..data.shards import is_remote, scan_keys
 
         self.views, self.shards = views, len(todo)
         self.known: dict[str, int] = {}

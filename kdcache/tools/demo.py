@@ -23,11 +23,11 @@ from pathlib import Path
 
 import click
 
-from .errors import KdcacheError
-from .views import AugSpec
+from ..errors import KdcacheError
+from ..data.views import AugSpec
 
-TEACHER = "py:kdcache.zoo:teacher_cnn"
-STUDENT = "py:kdcache.zoo:student_cnn"
+TEACHER = "py:kdcache.models.zoo:teacher_cnn"
+STUDENT = "py:kdcache.models.zoo:student_cnn"
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class _Stages:
 
 def _train_config(plan: DemoPlan, out: Path, name: str, student: str, epochs: int, device: str, workers: int,
                   progress: bool, **kw):
-    from .train import TrainConfig
+    from ..learn.trainer import TrainConfig
 
     run = out / "runs" / name
     return TrainConfig(
@@ -94,7 +94,7 @@ def _finished(run: Path) -> bool:
 
 def _cache_complete(path: Path) -> bool:
     """True when a cache exists and every shard its manifest lists is complete."""
-    from .store import CacheReader
+    from ..cache.store import CacheReader
 
     if not path.exists():
         return False
@@ -148,9 +148,9 @@ def run_demo(out: str | Path = "kdcache-demo", quick: bool = False, device: str 
     from .demo_data import build_digits_dataset
     from .inspection import format_summary, summarize
     from .precompute import PrecomputeConfig, precompute
-    from .train import train
+    from ..learn.trainer import train
 
-    from .runtime import default_workers
+    from ..runtime import default_workers
 
     workers = default_workers() if workers is None else workers
     plan = QUICK if quick else FULL
@@ -272,7 +272,7 @@ def kdcache_command() -> tuple[str, str]:
 
 
 def next_steps(out: Path) -> str:
-    from .store import CacheReader
+    from ..cache.store import CacheReader
 
     rel = os.path.relpath(out)
     rel = str(out) if rel.startswith("..") else rel
