@@ -193,7 +193,8 @@ def teacher_accuracy(a, teacher_weights: str) -> dict:
 
     from kdcache.models.factory import create_model, normalize
     from kdcache.data.shards import decode_image, expand_urls, iter_samples
-    from kdcache.data.views import AugSpec, center_view, render, sample_view
+    from kdcache.data.views import AugSpec, center_view, sample_view
+    from kdcache.data.render import render
 
     info = create_model(a.teacher, num_classes=a.num_classes, weights=teacher_weights, resolution=a.res)
     model = info.model.eval()

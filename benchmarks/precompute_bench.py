@@ -44,7 +44,8 @@ from kdcache.tools.precompute import PrecomputeConfig, ShardRenderStream, precom
 from kdcache.runtime import resolve_device  # noqa: E402
 from kdcache.data.shards import Sample, decode_image, iter_samples, write_shards  # noqa: E402
 from kdcache.models.teacher import load_teacher, topk_tensors  # noqa: E402
-from kdcache.data.views import AugSpec, render, sample_shard_views  # noqa: E402
+from kdcache.data.views import AugSpec, sample_shard_views  # noqa: E402
+from kdcache.data.render import render
 from kdcache.data.render import render_backend
 
 
@@ -157,7 +158,7 @@ def render_per_core(urls, views: int, res: int, batch: int, images: int, device)
     On CUDA also the torch backend's device path (nvJPEG ``decode_many`` + crops on the GPU, the
     tar and headers read on the CPU). Returns one row per backend with images/s and views/s."""
     from kdcache.data.shards import decode_shard
-    from kdcache.data.views import crop_batch
+    from kdcache.data.render import crop_batch
     from kdcache.data.render import TorchRenderer, make_renderer
 
     out = []
@@ -202,7 +203,7 @@ def render_diff(urls, views: int, res: int, images: int, device, teacher=None, t
     given): its log-probabilities on each backend's pixels against PIL's: max and mean |Δ| over PIL's
     top-``topk`` classes, top-1 and top-k set agreement."""
     from kdcache.data.shards import decode_shard
-    from kdcache.data.views import crop_batch
+    from kdcache.data.render import crop_batch
     from kdcache.data.render import PIL_RENDERER, TorchRenderer
 
     renderers = {"pil": PIL_RENDERER, "torch-cpu": TorchRenderer("cpu")}

@@ -163,7 +163,8 @@ def evaluate(model_spec: str, weights: str, val: str, res: int) -> dict:
 
     from kdcache.models.factory import create_model, normalize
     from kdcache.data.shards import decode_image, expand_urls, iter_samples
-    from kdcache.data.views import center_view, crop_tensor
+    from kdcache.data.views import center_view
+    from kdcache.data.render import crop_tensor
 
     info = create_model(model_spec, num_classes=10, weights=weights, resolution=res)
     model = info.model.eval()

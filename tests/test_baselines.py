@@ -18,7 +18,8 @@ from kdcache.learn.replay import ReplayStream, StreamConfig, epoch_batches, fres
 from kdcache.data.shards import decode_shard, expand_urls, shard_name
 from kdcache.cache.store import CacheReader
 from kdcache.learn.trainer import TrainConfig, train
-from kdcache.data.views import AugSpec, center_view, render, sample_shard_views
+from kdcache.data.views import AugSpec, center_view, sample_shard_views
+from kdcache.data.render import render
 
 RES = 32
 STUDENT = "py:kdcache.models.zoo:tiny_cnn"

@@ -23,7 +23,8 @@ from kdcache.models.factory import create_model, normalize
 from kdcache.tools.precompute import my_shards, precompute, teacher_batches
 from kdcache.data.shards import decode_image, iter_samples
 from kdcache.cache.store import ARRAYS, CacheReader
-from kdcache.data.views import AugSpec, View, mixup_pairs, render, sample_view
+from kdcache.data.views import AugSpec, View, mixup_pairs, sample_view
+from kdcache.data.render import render
 from kdcache.models.zoo import tiny_cnn
 
 TESTS = Path(__file__).parent

@@ -26,7 +26,8 @@ from kdcache.data.shards import expand_urls, iter_samples
 from kdcache.cache.store import ARRAYS, CacheReader
 from kdcache.models.teacher import Teacher, topk_tensors
 from kdcache.data.render import PIL_RENDERER, DeferredCrops, Encoded, TorchRenderer, render_mismatch, renderer_for
-from kdcache.data.views import CropBatch, ShardViews, View, crop_batch, render
+from kdcache.data.views import ShardViews, View
+from kdcache.data.render import CropBatch, crop_batch, render
 
 RES = 32
 

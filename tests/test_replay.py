@@ -15,7 +15,8 @@ from kdcache.learn.replay import (
 )
 from kdcache.data.shards import decode_shard, expand_urls, iter_samples, scan_keys, shard_name
 from kdcache.cache.store import CacheReader
-from kdcache.data.views import AugSpec, render, sample_shard_views
+from kdcache.data.views import AugSpec, sample_shard_views
+from kdcache.data.render import render
 
 RES = 32  # the conftest cache's teacher resolution
 

@@ -13,19 +13,8 @@ import torch
 from PIL import Image
 
 from conftest import make_image
-from kdcache.data.views import (
-    AugSpec,
-    ShardViews,
-    View,
-    crop_batch,
-    mixup_pairs,
-    render,
-    sample_crop,
-    sample_shard_views,
-    sample_view,
-    stable_seed,
-    view_rng,
-)
+from kdcache.data.views import AugSpec, ShardViews, View, mixup_pairs, sample_crop, sample_shard_views, sample_view, stable_seed, view_rng
+from kdcache.data.render import crop_batch, render
 
 SPEC = AugSpec()
 KEYS = [f"img_{i:05d}" for i in range(40)] + ["ünïcode/key", "a.b", ""]

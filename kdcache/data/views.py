@@ -1,4 +1,4 @@
-"""Seeded views: what crop, flip and mixup partner each (sample, view index) gets, and how to render it.
+"""Seeded views: what crop, flip and mixup partner each (sample, view index) gets. Pure geometry (numpy).
 
 A *view* is pure geometry. It is drawn by a pure function of ``(seed, key, view index)`` so every
 process, machine and worker count draws the same one, and it is also stored in the cache, so replay
@@ -6,11 +6,8 @@ never has to re-run a random generator.
 
 - ``sample_shard_views`` is the one view sampler (crops, flips, mixup pairs, and the rule that a
   record whose partner has no image stays unmixed); ``ShardViews`` holds its arrays.
-- ``render`` turns a decoded image plus a view into pixels; ``crop_batch`` renders many records
-  (partners looked up in their shard) into a ``CropBatch`` of uint8 crops, and
-  ``CropBatch.pixels``/``mix_pixels`` scale and mix them on the device. Precompute, train, verify
-  and inspect all make pixels through these, with the backend (``render.py``: PIL or torch) that
-  the cache records.
+
+Pixels are ``render.py``'s: it turns a decoded image plus a ``View`` into the crops every stage uses.
 """
 
 from __future__ import annotations
@@ -20,15 +17,11 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from PIL import Image
 
 from ..errors import KdcacheError
 
 # Bump when the sampling code changes in a way that changes the views drawn for the same inputs.
 SAMPLER_VERSION = 1
-# The resample filter used by render(); recorded in the manifest.
-RESAMPLE = Image.Resampling.BILINEAR
-RESAMPLE_NAME = "bilinear"
 
 
 class AugSpecError(KdcacheError, ValueError):
@@ -248,163 +241,3 @@ def center_view(width: int, height: int, crop_fraction: float = 0.875) -> View:
     'resize the shorter side to R/0.875, centre-crop R' (to the nearest source pixel)."""
     side = max(1, min(int(round(min(width, height) * crop_fraction)), width, height))
     return View((width - side) // 2, (height - side) // 2, side, side)
-
-
-def crop_pixels(image: Image.Image, view: View, size: int) -> np.ndarray:
-    """The crop of ``view`` resized to ``size``x``size`` (and flipped), as uint8 HWC RGB."""
-    x, y, w, h = view.box
-    out = image.resize((size, size), RESAMPLE, box=(x, y, x + w, y + h))
-    if view.flip:
-        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return np.array(out, dtype=np.uint8)  # a writable copy, ready for torch.from_numpy
-
-
-def crop_tensor(image: Image.Image, view: View, size: int) -> torch.Tensor:
-    """``crop_pixels`` as a uint8 CHW tensor (what workers ship: 4x smaller than float)."""
-    import torch
-
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    return torch.from_numpy(crop_pixels(image, view, size)).permute(2, 0, 1)
-
-
-def mix_pixels(own: torch.Tensor, other: torch.Tensor | None, lam) -> torch.Tensor:
-    """uint8 crops → float32 pixels in [0, 1]: ``own/255·λ + other/255·(1 − λ)``.
-
-    The one place where pixels are scaled and mixed, for a single image (CHW, float λ) or a batch
-    (BCHW, λ of shape (B,)). Separate multiply and add kernels keep the result bit-identical
-    between the two forms. ``other=None`` (or λ = 1 everywhere) leaves ``own`` unmixed.
-    """
-    import torch
-
-    x = own.float().div_(255.0)
-    if other is None:
-        return x
-    lam = torch.as_tensor(lam, dtype=torch.float32, device=x.device)
-    if lam.dim() == 1:
-        lam = lam.view(-1, 1, 1, 1)
-    y = other.float().div_(255.0)
-    return x.mul_(lam).add_(y.mul_(1.0 - lam))
-
-
-def render_crops(
-    image,
-    view: View,
-    size: int,
-    partner=None,
-    partner_view: View | None = None,
-    renderer=None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The uint8 crops a view needs: its own, and its partner's when mixed (else ``None``)."""
-    from .render import PIL_RENDERER
-
-    renderer = renderer or PIL_RENDERER
-    own = renderer.crops([(image, view)], size)[0]
-    if not view.mixed:
-        return own, None
-    if partner is None or partner_view is None:
-        raise ValueError("a mixed view needs its partner's image and view to render")
-    return own, renderer.crops([(partner, partner_view)], size)[0]
-
-
-def render(
-    image,
-    view: View,
-    size: int,
-    partner=None,
-    partner_view: View | None = None,
-    renderer=None,
-) -> torch.Tensor:
-    """The pixels a model sees for ``view``: float32 CHW in [0, 1], not yet normalised.
-
-    For a mixed view, pass the partner record's decoded image and *its* view of the same view
-    index; the result is ``λ·own + (1 − λ)·partner`` with λ = ``view.mix_lam``. ``renderer``: the
-    backend (default PIL; the images must be that backend's decoded images).
-    """
-    own, other = render_crops(image, view, size, partner, partner_view, renderer)
-    return mix_pixels(own, other, view.mix_lam)
-
-
-@dataclass
-class CropBatch:
-    """Rendered records as uint8 crops, the form workers ship (4x smaller than float pixels).
-
-    ``other`` holds the partners' crops (zeros where a record is unmixed) and is ``None`` when no
-    record of the batch is mixed; ``lam`` is each record's own weight (1.0 where unmixed).
-    """
-
-    own: torch.Tensor  # (b, 3, R, R) uint8
-    other: torch.Tensor | None  # (b, 3, R, R) uint8
-    lam: torch.Tensor  # (b,) float32
-
-    def __len__(self) -> int:
-        return len(self.own)
-
-    def pixels(self, device) -> torch.Tensor:
-        """Float32 pixels in [0, 1] on ``device``: ``mix_pixels`` there (the device does the mixing)."""
-        own = self.own.to(device, non_blocking=True)
-        if self.other is None:
-            return mix_pixels(own, None, None)
-        return mix_pixels(own, self.other.to(device, non_blocking=True), self.lam.to(device, non_blocking=True))
-
-    def slice(self, lo: int, hi: int) -> "CropBatch":
-        return CropBatch(self.own[lo:hi], None if self.other is None else self.other[lo:hi], self.lam[lo:hi])
-
-    def pin_memory(self) -> "CropBatch":
-        return CropBatch(self.own.pin_memory(), None if self.other is None else self.other.pin_memory(),
-                         self.lam.pin_memory())
-
-    @staticmethod
-    def cat(parts: list["CropBatch"]) -> "CropBatch":
-        import torch
-
-        others = [p.other for p in parts]
-        if all(o is None for o in others):
-            other = None
-        else:  # unmixed parts contribute zero partner crops
-            other = torch.cat([o if o is not None else torch.zeros_like(p.own) for o, p in zip(others, parts)])
-        return CropBatch(torch.cat([p.own for p in parts]), other, torch.cat([p.lam for p in parts]))
-
-
-def crop_batch(records, size: int, renderer=None):
-    """Render records into one ``CropBatch`` at ``size``: each record is ``(images, views, i, j)``,
-    the decoded images of its shard (indexed by record), the shard's ``ShardViews``, the record's
-    index and the view column. The partner of a mixed record is looked up in the same shard, with
-    its view of the same column. Every path that makes pixels (precompute, the trainer, verify,
-    inspect's render) comes through here or ``render``, so they all make the same pixels.
-
-    ``renderer`` is the backend (default: PIL, ``PIL_RENDERER``). Images the renderer has not decoded
-    yet (``Encoded``: a renderer that decodes on the GPU, in a DataLoader worker) give a
-    ``DeferredCrops``, which decodes and crops on the device when its pixels are asked for."""
-    import torch
-
-    from .render import PIL_RENDERER, DeferredCrops, Encoded
-
-    renderer = renderer or PIL_RENDERER
-    b = len(records)
-    own_items, other_items, other_rows = [], [], []
-    lam = torch.ones(b, dtype=torch.float32)
-    for n, (images, views, i, j) in enumerate(records):
-        view = views.view(i, j)
-        own_items.append((images[i], view))
-        if view.mixed:
-            partner = images[view.mix_with]
-            if partner is None:
-                raise ValueError("a mixed view needs its partner's image and view to render")
-            other_items.append((partner, views.view(view.mix_with, j)))
-            other_rows.append(n)
-            lam[n] = float(view.mix_lam)
-    if any(isinstance(im, Encoded) for im, _ in own_items + other_items):
-        return DeferredCrops(renderer, size, own_items, other_items, other_rows, lam)
-    return _assemble(renderer, size, own_items, other_items, other_rows, lam)
-
-
-def _assemble(renderer, size, own_items, other_items, other_rows, lam) -> CropBatch:
-    import torch
-
-    own = renderer.crops(own_items, size)
-    other = None
-    if other_items:
-        other = torch.zeros_like(own)
-        other[torch.as_tensor(other_rows, device=own.device)] = renderer.crops(other_items, size)
-    return CropBatch(own, other, lam)

@@ -15,8 +15,8 @@ Read top to bottom:
 3. A worker owns whole shards. For each it decodes every image once, reads view ``e mod V`` of
    the shard's cache group in one go, checks keys and image sizes against the cache, and pushes
    ``(shard, record)`` references through a seeded shuffle buffer. Rendering happens only when a
-   reference leaves the buffer: ``views.crop_batch`` gives uint8 crops (own, and the partner's
-   for a mixed record), exactly as precompute renders them; ``views.mix_pixels`` on the device
+   reference leaves the buffer: ``render.crop_batch`` gives uint8 crops (own, and the partner's
+   for a mixed record), exactly as precompute renders them; ``render.mix_pixels`` on the device
    turns them into the float pixels. Workers ship chunks of ``batch_size`` records.
 4. ``epoch_batches`` runs the DataLoader, re-cuts the chunks into batches of ``batch_size`` and
    stops after the plan's step count. DataLoader returns worker chunks round-robin in a fixed
@@ -61,7 +61,8 @@ from ..runtime import guarded, raise_if_error, worker_init, worker_items, worker
 from ..data.shards import decode_image, decode_shard, is_remote, iter_samples, scan_keys, scan_labels, shard_name
 from ..cache.store import CacheReader
 from ..data.render import backend_conflict, renderer_for
-from ..data.views import AugSpec, CropBatch, ShardViews, center_view, crop_batch, crop_tensor, sample_shard_views, stable_seed
+from ..data.views import AugSpec, ShardViews, center_view, sample_shard_views, stable_seed
+from ..data.render import CropBatch, crop_batch, crop_tensor
 
 # ---- shard table (main process) ------------------------------------------------------------
 

@@ -4,7 +4,7 @@
   for inference: eval mode, no gradients, on the device, channels-last on CUDA.
 - ``logprob_tensors`` runs it on float pixels (bf16 autocast on CUDA) and returns its float32
   log-softmax at T=1; ``topk_tensors`` takes the top-k of that (float16, descending) and their class
-  ids; ``batch_topk`` / ``batch_logprobs`` do the same for a ``views.CropBatch`` (mixed on the
+  ids; ``batch_topk`` / ``batch_logprobs`` do the same for a ``render.CropBatch`` (mixed on the
   device) and return numpy arrays (sampled targets are drawn from ``batch_logprobs``).
 - ``compute_record`` is how the teacher ran, as the manifest keeps it.
 
@@ -20,7 +20,7 @@ import torch
 
 from ..errors import KdcacheError
 from .factory import ModelInfo, create_model, logits_of, normalize, state_sha256
-from ..data.views import CropBatch
+from ..data.render import CropBatch
 
 
 @dataclass

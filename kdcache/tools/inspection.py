@@ -409,7 +409,8 @@ def render_record(
     from matplotlib.patches import Rectangle
     from PIL import Image
 
-    from ..data.views import ShardViews, View, crop_batch
+    from ..data.views import ShardViews, View
+    from ..data.render import crop_batch
     from ..data.render import image_hw, render_mismatch, renderer_for
 
     reader = _open(cache, storage_options)

@@ -6,7 +6,7 @@ Read top to bottom:
 2. Shards already complete in the cache are skipped: re-running the same command resumes.
 3. DataLoader workers each own whole shards. A worker reads a shard, decodes every image once,
    draws the shard's views (``views.sample_shard_views``: crops, flips, mixup pairs) and renders
-   all V views from the decoded images (``views.crop_batch``), in teacher batches that are a
+   all V views from the decoded images (``render.crop_batch``), in teacher batches that are a
    fixed function of the shard (``teacher_batches``).
 4. The main process runs the teacher on each batch (``teacher.batch_topk``: mixed on the device,
    bf16 autocast on CUDA, log-softmax, top-k; with ``--targets sample``, ``teacher.batch_logprobs``
@@ -41,7 +41,8 @@ from ..data.shards import decode_shard, expand_urls, load_class_names, shard_nam
 from ..cache.store import CLAIM_REFRESH_S, CacheWriter, encoding_record, make_manifest
 from ..cache.targets import draw_batch, slots, targets_record
 from ..models.teacher import batch_logprobs, batch_topk, compute_record, load_teacher
-from ..data.views import CropBatch, ShardViews, crop_batch, drop_records, sample_shard_views
+from ..data.views import ShardViews, drop_records, sample_shard_views
+from ..data.render import CropBatch, crop_batch
 from ..data.render import make_renderer
 
 
