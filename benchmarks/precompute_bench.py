@@ -140,10 +140,11 @@ def time_data_path(urls, cfg) -> float:
     """Views/s of the workers' side alone: read, decode, draw views, render; no teacher."""
     from torch.utils.data import DataLoader
 
-    from kdcache.tools.precompute import RecordBatch, _identity
+    from kdcache.tools.precompute import RecordBatch
+    from kdcache.runtime import unbatched
 
     workers = max(0, min(cfg.workers, len(urls)))
-    loader = DataLoader(ShardRenderStream(urls, cfg), batch_size=None, num_workers=workers, collate_fn=_identity,
+    loader = DataLoader(ShardRenderStream(urls, cfg), batch_size=None, num_workers=workers, collate_fn=unbatched,
                         prefetch_factor=4 if workers else None)
     n, t0 = 0, time.perf_counter()
     for item in loader:

@@ -5,4 +5,4 @@ geometry go into a sharded Zarr v3 cache. The student trainer streams the same i
 exact views and learns from the cache.
 """
 
-__version__ = "0.1.0"
+from .version import __version__

@@ -90,6 +90,12 @@ def set_threads(threads: int | None, workers: int) -> int:
     return n
 
 
+def unbatched(x):
+    """A DataLoader ``collate_fn`` for streams that already yield whole batches: the item as it is
+    (a module-level function, so worker processes can pickle it)."""
+    return x
+
+
 def worker_share(items: list) -> list:
     """The items this DataLoader worker owns (every item in the main process)."""
     from torch.utils.data import get_worker_info

@@ -58,7 +58,7 @@ def _pid_alive(pid, started: str | None) -> bool:
     return not (started and now and now != started)  # the pid was reused by another process
 
 
-def _read_claim(path: str) -> tuple[dict | None, float] | None:
+def read_claim(path: str) -> tuple[dict | None, float] | None:
     """(holder info or None when unreadable, mtime); None when the file is gone."""
     try:
         mtime = os.stat(path).st_mtime
@@ -89,7 +89,7 @@ def _holder_alive(info: dict | None, mtime: float) -> bool:
     return time.time() - mtime < CLAIM_LEASE_S  # another machine (or container): the lease decides
 
 
-def _describe_holder(info: dict | None) -> str:
+def describe_holder(info: dict | None) -> str:
     if not info:
         return "a writer that is starting"
     started = info.get("started")
@@ -125,15 +125,15 @@ class ShardClaim:
         """Whether the claim file still holds this claim's token."""
         if not self.exclusive:
             return not self.released
-        got = _read_claim(self.path)
+        got = read_claim(self.path)
         return not self.released and got is not None and got[0] is not None and got[0].get("token") == self.token
 
     def check(self) -> None:
         if self.released:
             raise ClaimLostError(f"the claim on shard group {self.name!r} was released already; claim it again")
         if not self.held():
-            got = _read_claim(self.path) if self.exclusive else None
-            now = f"; it is now held by {_describe_holder(got[0])}" if got else ""
+            got = read_claim(self.path) if self.exclusive else None
+            now = f"; it is now held by {describe_holder(got[0])}" if got else ""
             raise ClaimLostError(
                 f"this writer no longer holds the claim on shard group {self.name!r}{now}. It was taken "
                 f"over as stale (not refreshed for {CLAIM_LEASE_S:.0f} s?); the group is left to the new holder"
@@ -166,7 +166,7 @@ class ShardClaim:
         self.release()
 
 
-def _take_claim(claims_dir: str, name: str) -> tuple[ShardClaim | None, dict | None]:
+def take_claim(claims_dir: str, name: str) -> tuple[ShardClaim | None, dict | None]:
     """Create claims_dir/name exclusively, taking over a stale claim. Returns (claim, None), or
     (None, holder info) when a live writer holds it."""
     path = os.path.join(claims_dir, name)
@@ -176,7 +176,7 @@ def _take_claim(claims_dir: str, name: str) -> tuple[ShardClaim | None, dict | N
             os.makedirs(claims_dir, exist_ok=True)
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            got = _read_claim(path)
+            got = read_claim(path)
             if got is None:
                 continue  # released just now: try again
             info, mtime = got
@@ -189,7 +189,7 @@ def _take_claim(claims_dir: str, name: str) -> tuple[ShardClaim | None, dict | N
                 os.rename(path, aside)
             except FileNotFoundError:
                 continue
-            moved = _read_claim(aside)
+            moved = read_claim(aside)
             if moved is not None and (moved[0] or {}).get("token") != (info or {}).get("token"):
                 # a new claim was made between our look and our rename: give it back
                 try:
@@ -228,7 +228,7 @@ def clear_stale(claims_dir: str, done) -> list[str]:
         path = os.path.join(claims_dir, name)
         if ".stale." in name or not done(name):
             continue
-        got = _read_claim(path)
+        got = read_claim(path)
         if got is None or _holder_alive(*got):
             continue
         try:

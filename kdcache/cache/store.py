@@ -47,10 +47,10 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
 
-from .. import __version__
+from ..version import __version__
 from .claims import (  # noqa: F401  (CLAIM_* and the errors are part of the store's API)
     CLAIM_GRACE_S, CLAIM_LEASE_S, CLAIM_REFRESH_S, CLAIMS_DIR, ClaimLostError, ShardClaim, ShardClaimedError,
-    _describe_holder, _read_claim, _take_claim,
+    describe_holder, read_claim, take_claim,
 )
 from . import encoding as enc
 from ..errors import KdcacheError
@@ -1165,7 +1165,7 @@ class CacheWriter:
         if not self.local:
             return ShardClaim(name=name, token=uuid.uuid4().hex, path=None, host=socket.gethostname(),
                               pid=os.getpid(), started=time.time())
-        claim, _ = _take_claim(os.path.join(self._dir, CLAIMS_DIR), name)
+        claim, _ = take_claim(os.path.join(self._dir, CLAIMS_DIR), name)
         if claim is None:
             return None
         done, lost = self._group_state(name)  # finished by another writer between our look and our claim
@@ -1181,7 +1181,7 @@ class CacheWriter:
         """Who holds the claim on a group (the claim file's JSON), or None."""
         if not self.local:
             return None
-        got = _read_claim(os.path.join(self._dir, CLAIMS_DIR, name))
+        got = read_claim(os.path.join(self._dir, CLAIMS_DIR, name))
         return got[0] if got else None
 
     def clear_stale_claims(self) -> list[str]:
@@ -1269,7 +1269,7 @@ class CacheWriter:
                     )
                 raise ShardClaimedError(
                     f"shard group {name!r} in cache {self.path} is claimed by another writer "
-                    f"({_describe_holder(self.holder(name))}); it is left to that writer"
+                    f"({describe_holder(self.holder(name))}); it is left to that writer"
                 )
         elif claim.name != name:
             raise KdcacheError(f"write_shard({name!r}): the claim is for group {claim.name!r}, not {name!r}")

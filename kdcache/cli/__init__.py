@@ -15,7 +15,7 @@ import time
 
 import click
 
-from .. import __version__
+from ..version import __version__
 from ..errors import KdcacheError
 
 

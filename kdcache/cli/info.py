@@ -10,7 +10,7 @@ import click
 def versions() -> dict:
     import importlib.metadata as md
 
-    from .. import __version__
+    from ..version import __version__
     from ..data.render import render_backend
 
     out = {"kdcache": __version__}

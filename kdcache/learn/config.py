@@ -11,8 +11,11 @@ from dataclasses import dataclass, field
 from ..errors import KdcacheError
 from ..runtime import default_workers
 from ..data.views import AugSpec
+from .modes import MODES as MODE_FACTORIES
+from .modes import pick as pick_mode
 
-MODES = ("auto", "cached", "live", "labels")
+MODES = ("auto", *MODE_FACTORIES)  # auto: live with --teacher, cached with --cache, else labels
+
 OPTIMIZERS = ("adamw", "sgd")
 AMP_MODES = ("bf16", "fp16", "none")
 STUDENT_VIEWS = ("cache", "fresh")
@@ -177,25 +180,12 @@ class TrainConfig:
                                "own view (use --mode cached, or drop --teacher)")
         if self.student_view == "fresh" and self.aug.mixup:
             raise KdcacheError("--student-view fresh gives the student unmixed crops of its own; drop --mixup")
-        resolve_mode(self)  # the flag combinations
+        pick_mode(self)  # the flag combinations
         check_self_distill(self)
 
     @property
     def base_lr(self) -> float:
         return self.lr if self.lr is not None else (0.1 if self.optimizer == "sgd" else 1e-3)
-
-
-def resolve_mode(cfg: TrainConfig) -> str:
-    mode = cfg.mode
-    if mode == "auto":
-        mode = "live" if cfg.teacher else ("cached" if cfg.cache else "labels")
-    if mode == "cached" and not cfg.cache:
-        raise KdcacheError("cached-teacher mode needs --cache (or pass --teacher for a live teacher)")
-    if mode == "cached" and cfg.teacher:
-        raise KdcacheError("--teacher runs a live teacher; it cannot be combined with --mode cached")
-    if mode == "live" and not cfg.teacher:
-        raise KdcacheError("live-teacher mode needs --teacher SPEC")
-    return mode
 
 
 SD_TEACHERS = ("deepest", "cache", "both")
@@ -228,6 +218,6 @@ def check_self_distill(cfg: TrainConfig) -> None:
         if not exits or min(exits) < 1:
             raise KdcacheError(f"--sd-exits takes stage numbers from 1 (after the first stage); got {cfg.sd_exits!r}")
     cfg.sd_exits = exits
-    if cfg.self_distill and cfg.sd_teacher != "deepest" and resolve_mode(cfg) == "labels":
+    if cfg.self_distill and cfg.sd_teacher != "deepest" and pick_mode(cfg) == "labels":
         raise KdcacheError(f"--sd-teacher {cfg.sd_teacher} distils the shallow exits from the teacher's top-k: it needs "
                            "a cache (--cache, cached mode) or a live --teacher; without one use --sd-teacher deepest")

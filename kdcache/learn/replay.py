@@ -43,7 +43,7 @@ so the student sees pixels made the way the teacher's were; without one, PIL. Th
 CUDA decodes on the GPU: workers then ship ``views.DeferredCrops`` (the encoded images and views),
 which decode and crop on the device when the batch's pixels are asked for.
 
-``ValStream`` is the validation stream: the centre view of each labelled image (always PIL).
+The validation stream is ``validation.ValStream``.
 """
 
 from __future__ import annotations
@@ -57,12 +57,12 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import BadImageError, KdcacheError, size_text
-from ..runtime import guarded, raise_if_error, worker_init, worker_items, worker_share
+from ..runtime import guarded, raise_if_error, unbatched, worker_init, worker_items, worker_share
 from ..data.shards import decode_image, decode_shard, is_remote, iter_samples, scan_keys, scan_labels, shard_name
 from ..cache.store import CacheReader
 from ..data.render import backend_conflict, renderer_for
-from ..data.views import AugSpec, ShardViews, center_view, sample_shard_views, stable_seed
-from ..data.render import CropBatch, crop_batch, crop_tensor
+from ..data.views import AugSpec, ShardViews, sample_shard_views, stable_seed
+from ..data.render import CropBatch, crop_batch
 
 # ---- shard table (main process) ------------------------------------------------------------
 
@@ -631,9 +631,6 @@ class _ChunkBuilder:
         return out
 
 
-def _identity(x):
-    return x
-
 
 def epoch_batches(stream: ReplayStream, epoch: int, skip_batches: int = 0, pin_memory: bool = False,
                   prefetch_factor: int = 2):
@@ -645,7 +642,7 @@ def epoch_batches(stream: ReplayStream, epoch: int, skip_batches: int = 0, pin_m
     plan = stream.set_epoch(epoch, skip_batches)
     W = stream.cfg.workers
     loader = DataLoader(
-        stream, batch_size=None, num_workers=W, collate_fn=_identity, pin_memory=pin_memory,
+        stream, batch_size=None, num_workers=W, collate_fn=unbatched, pin_memory=pin_memory,
         prefetch_factor=prefetch_factor if W else None, persistent_workers=False,
         worker_init_fn=worker_init if W else None,
         generator=torch.Generator().manual_seed(stable_seed("loader", stream.cfg.seed, epoch) % (1 << 62)),
@@ -687,37 +684,3 @@ def epoch_batches(stream: ReplayStream, epoch: int, skip_batches: int = 0, pin_m
         del it
     if done < want:
         raise KdcacheError(f"epoch {epoch}: the stream ended after {done} of {want} batches; the data changed during the run")
-
-
-class ValStream(IterableDataset):
-    """Validation batches: the centre view (``views.center_view``) of every labelled image at
-    ``res``, as uint8 crops, with labels. Ranks and workers own whole shards."""
-
-    def __init__(self, shards: list[ShardInfo], res: int, batch_size: int, rank: int, world: int,
-                 skip_bad: bool = False):
-        self.shards, self.res, self.batch_size, self.rank, self.world = shards, res, batch_size, rank, world
-        self.skip_bad = skip_bad  # undecodable images are left out of the evaluation (not counted)
-
-    def __iter__(self):
-        return guarded(self._batches(worker_share(self.shards[self.rank :: self.world])))
-
-    def _batches(self, shards: list[ShardInfo]):
-        pix, lab = [], []
-        for s in shards:
-            for sample in iter_samples(s.url):
-                if sample.cls is None:
-                    raise KdcacheError(f"sample {sample.key!r} in val shard {s.url} has no cls label; --val-data needs "
-                                       "labelled shards")
-                try:
-                    im = decode_image(sample)
-                except BadImageError:
-                    if not self.skip_bad:
-                        raise
-                    continue
-                pix.append(crop_tensor(im, center_view(im.width, im.height), self.res))
-                lab.append(sample.cls)
-                if len(pix) == self.batch_size:
-                    yield torch.stack(pix), torch.tensor(lab, dtype=torch.int64)
-                    pix, lab = [], []
-        if pix:
-            yield torch.stack(pix), torch.tensor(lab, dtype=torch.int64)

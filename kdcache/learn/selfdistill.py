@@ -31,9 +31,14 @@ import torch.nn.functional as F
 from ..errors import KdcacheError
 from .losses import sparse_kd_loss
 from .replay import Batch
-from .tasks import CachedKDTask
 
 from .config import SD_TEACHERS  # deepest | cache | both
+
+
+def has_teacher_targets(task) -> bool:
+    """Whether ``task`` distils from a teacher's top-k (``teacher_targets``): the cached and live tasks,
+    and any task of a new mode that offers the same method."""
+    return callable(getattr(task, "teacher_targets", None))
 
 
 def kl_to_deepest(z: torch.Tensor, z_deep: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -59,7 +64,7 @@ class SelfDistillTask:
                  backend: str = "auto"):
         if teacher not in SD_TEACHERS:
             raise KdcacheError(f"--sd-teacher must be one of {', '.join(SD_TEACHERS)}, got {teacher!r}")
-        if teacher != "deepest" and not isinstance(base, CachedKDTask):
+        if teacher != "deepest" and not has_teacher_targets(base):
             raise KdcacheError(f"--sd-teacher {teacher} distils the shallow exits from the teacher's top-k, which a "
                                f"{base.name} run does not have: train with --cache (cached mode) or --teacher (live "
                                "mode), or use --sd-teacher deepest")
@@ -76,7 +81,7 @@ class SelfDistillTask:
         if len(zs) != len(self.exit_names):
             raise KdcacheError(f"the student returned {len(zs)} exits, the task expects {len(self.exit_names)}")
         z_deep = zs[-1]
-        targets = self.base.targets(batch, pixels) if isinstance(self.base, CachedKDTask) else None
+        targets = self.base.teacher_targets(batch, pixels) if has_teacher_targets(self.base) else None
         terms = self.base.loss_terms(z_deep, batch, targets)
         total = terms["loss"]
         logged = {}

@@ -14,6 +14,10 @@ a new task, not a branch in the loop.
 
 Each task's ``loss_terms(z, batch, targets)`` is its loss on given logits, which is how
 ``selfdistill.SelfDistillTask`` reuses the mode's loss on the deepest exit of a multi-exit student.
+A task that distils from a teacher also has ``teacher_targets(batch, pixels)`` (the top-k of the
+batch's views); that attribute, not the task's class, is what self-distillation looks for. The two
+KD tasks share ``KDLoss`` and ``kd_step`` (functions, not a base class). Which task a run gets, and
+everything it needs, is decided by the mode's factory in ``modes.py``.
 """
 
 from __future__ import annotations
@@ -81,33 +85,21 @@ class LabelsTask:
         return {"loss": loss, "kd": None, "ce": loss.detach()}
 
 
-class CachedKDTask:
-    """Sparse KD against the cached top-k (plus ``label_weight``·CE)."""
+@dataclass(frozen=True)
+class KDLoss:
+    """The sparse KD loss's settings, and its terms on given logits: the one KD computation the
+    cached and live tasks (and self-distillation's deepest exit) share."""
 
-    name = "cached"
+    temperature: float = 1.0
+    tail: str = "uniform"
+    label_weight: float = 0.0
+    backend: str = "auto"
 
-    def __init__(self, inputs: StudentInput, num_classes: int, temperature: float = 1.0, tail: str = "uniform",
-                 label_weight: float = 0.0, backend: str = "auto"):
-        self.inputs, self.num_classes = inputs, num_classes
-        self.temperature, self.tail, self.label_weight, self.backend = temperature, tail, label_weight, backend
-
-    def targets(self, batch: Batch, pixels: torch.Tensor):
-        """(top-k log-probs, class ids) on the device."""
-        dev = self.inputs.device
-        return batch.logprobs.to(dev, non_blocking=True), batch.classes.to(dev, non_blocking=True)
-
-    def __call__(self, model, batch: Batch) -> dict:
-        dev = self.inputs.device
-        pixels = batch.pixels(dev)
-        z = self.inputs.logits(model, pixels)
-        return self.loss_terms(z, batch, self.targets(batch, pixels))
-
-    def loss_terms(self, z: torch.Tensor, batch: Batch, targets) -> dict:
-        """The terms of these logits against ``targets`` (``self.targets(batch, pixels)``)."""
-        dev = self.inputs.device
+    def terms(self, z: torch.Tensor, batch: Batch, targets, num_classes: int, device) -> dict:
+        """``{loss, kd, ce}`` of logits ``z`` against ``targets`` = (top-k log-probs, class ids)."""
         lp, ids = targets
         has_labels = bool((batch.label >= 0).all())
-        labels = batch.targets(self.num_classes, dev) if has_labels else None
+        labels = batch.targets(num_classes, device) if has_labels else None
         # The logits go in their own dtype: the fused kernel reads bf16/fp16 and writes the gradient in it.
         loss = sparse_kd_loss(z, lp, ids, temperature=self.temperature, tail=self.tail,
                               labels=labels if self.label_weight > 0 else None, label_weight=self.label_weight,
@@ -120,15 +112,55 @@ class CachedKDTask:
         return {"loss": loss, "kd": kd, "ce": ce}
 
 
-class LiveKDTask(CachedKDTask):
+def kd_step(task, model, batch: Batch) -> dict:
+    """One KD step of a task with teacher targets: the student's logits on the batch's pixels,
+    against the targets ``task.teacher_targets`` gives for the very same pixels."""
+    pixels = batch.pixels(task.inputs.device)
+    z = task.inputs.logits(model, pixels)
+    return task.loss_terms(z, batch, task.teacher_targets(batch, pixels))
+
+
+class CachedKDTask:
+    """Sparse KD against the cached top-k (plus ``label_weight``·CE)."""
+
+    name = "cached"
+
+    def __init__(self, inputs: StudentInput, num_classes: int, temperature: float = 1.0, tail: str = "uniform",
+                 label_weight: float = 0.0, backend: str = "auto"):
+        self.inputs, self.num_classes = inputs, num_classes
+        self.kd = KDLoss(temperature, tail, label_weight, backend)
+
+    def teacher_targets(self, batch: Batch, pixels: torch.Tensor):
+        """(top-k log-probs, class ids) of the batch, from the cache, on the device."""
+        dev = self.inputs.device
+        return batch.logprobs.to(dev, non_blocking=True), batch.classes.to(dev, non_blocking=True)
+
+    def loss_terms(self, z: torch.Tensor, batch: Batch, targets) -> dict:
+        """The terms of these logits against ``targets`` (``self.teacher_targets(batch, pixels)``)."""
+        return self.kd.terms(z, batch, targets, self.num_classes, self.inputs.device)
+
+    def __call__(self, model, batch: Batch) -> dict:
+        return kd_step(self, model, batch)
+
+
+class LiveKDTask:
     """Sparse KD against a teacher run on the batch's own views (its top-k cast like precompute's)."""
 
     name = "live"
 
-    def __init__(self, inputs: StudentInput, num_classes: int, teacher: Teacher, topk: int, mean, std, **loss):
-        super().__init__(inputs, num_classes, **loss)
+    def __init__(self, inputs: StudentInput, num_classes: int, teacher: Teacher, topk: int, mean, std,
+                 temperature: float = 1.0, tail: str = "uniform", label_weight: float = 0.0, backend: str = "auto"):
+        self.inputs, self.num_classes = inputs, num_classes
+        self.kd = KDLoss(temperature, tail, label_weight, backend)
         self.teacher, self.topk, self.mean, self.std = teacher, topk, mean, std
 
-    def targets(self, batch: Batch, pixels: torch.Tensor):
+    def teacher_targets(self, batch: Batch, pixels: torch.Tensor):
+        """The live teacher's top-k on the batch's views (at its own resolution when that differs)."""
         tx = batch.teacher_pixels(self.inputs.device)
         return topk_tensors(self.teacher, pixels if tx is None else tx, self.topk, self.mean, self.std)
+
+    def loss_terms(self, z: torch.Tensor, batch: Batch, targets) -> dict:
+        return self.kd.terms(z, batch, targets, self.num_classes, self.inputs.device)
+
+    def __call__(self, model, batch: Batch) -> dict:
+        return kd_step(self, model, batch)

@@ -35,21 +35,22 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
 
-from .config import MODES, TrainConfig, resolve_mode  # noqa: F401  (re-exported)
-from ..errors import KdcacheError, count
-from ..models.factory import ModelInfo, create_model
-from .replay import ReplayStream, StreamConfig, ValStream, _identity, epoch_batches, prepare_shards
-from .run_state import MetricsLog, Meter, RunState, atomic_json, atomic_save, restore
-from ..runtime import barrier, init_distributed, raise_if_error, resolve_device, set_threads, worker_init, worker_items
-from ..data.shards import expand_urls, load_class_names
 from ..cache.store import CacheReader
-from .tasks import CachedKDTask, LabelsTask, LiveKDTask, StudentInput
-from ..models.exits import MultiExit, is_multi_exit
-from .selfdistill import SelfDistillTask
-from ..models.teacher import load_teacher
 from ..data.render import render_mismatch
+from ..data.shards import expand_urls
+from ..errors import KdcacheError, count
+from ..models.exits import is_multi_exit
+from ..models.factory import ModelInfo
+from ..runtime import barrier, init_distributed, resolve_device, set_threads
+from . import modes
+from .config import TrainConfig
+from .replay import ReplayStream, StreamConfig, epoch_batches, prepare_shards
+from .run_state import MetricsLog, Meter, RunState, atomic_json, atomic_save, restore
+from .selfdistill import SelfDistillTask
+from .student import build_student
+from .tasks import StudentInput
+from .validation import ValStream, val_logits
 
 CHECKPOINT = "checkpoint.pt"
 DEFAULT_RES = 224  # the student's resolution without --res and without a cache
@@ -76,23 +77,6 @@ def cache_targets_digest(reader: CacheReader, shards) -> str | None:
 
     groups = {s.name: reader.view_digests(s.name) for s in shards}
     return None if any(d is None for d in groups.values()) else targets_digest(groups)
-
-
-def sampled_tail(reader: CacheReader, cfg: TrainConfig, rank: int) -> str:
-    """The loss's tail for a cache of sampled targets (``precompute --targets sample``): ``sampled``,
-    the drawn weights as the whole target. They are unbiased for distillation at the sampling
-    temperature only, so ``--temperature`` must equal it."""
-    t = reader.manifest["targets"]
-    tau = float(t.get("temperature", 1.0))
-    if not math.isclose(cfg.temperature, tau, rel_tol=1e-9):
-        raise KdcacheError(
-            f"cache {reader.path} holds sampled targets drawn at temperature {tau:g}: they estimate the teacher at "
-            f"T = {tau:g} without bias, not at --temperature {cfg.temperature:g}. Train with --temperature {tau:g}, or "
-            f"precompute a cache with --sample-temperature {cfg.temperature:g}")
-    if cfg.tail != "uniform":
-        _say(rank, f"note: --tail {cfg.tail} does not apply: cache {reader.path} holds sampled targets ({t['samples']} "
-                   "draws per record), used as they are, with no tail")
-    return "sampled"
 
 
 # Reuse of each stored view beyond which the note advises more views (docs/study.md, "How many views":
@@ -186,143 +170,57 @@ class Run:
 
 def setup(cfg: TrainConfig) -> Run:
     """Everything before the first step, with every check that can be made early (module doc, 2)."""
-    mode = resolve_mode(cfg)
-    rank, world, local = init_distributed(cfg.device)
-    device = resolve_device(cfg.device)
-    if world > 1 and device.type == "cuda" and device.index is None:
-        device = torch.device(f"cuda:{local}")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    threads = set_threads(cfg.threads, cfg.workers)
+    rank, world, device, threads = _place(cfg)
     t_setup = time.perf_counter()
-
     urls = expand_urls(cfg.data)
     reader = CacheReader(cfg.cache, cfg.storage_options, check_digests=not cfg.allow_edited_cache) if cfg.cache else None
     manifest = reader.manifest if reader is not None else None
     res = cfg.res if cfg.res is not None else (int(manifest["resolution"]) if manifest else DEFAULT_RES)
     if cfg.res is None and manifest is not None:
         _say(rank, f"note: --res not given: the student trains at the cache's resolution, {res}px")
+    mode = modes.resolve(modes.ModeContext(cfg, rank, device, urls, reader, res))
+    C = mode.num_classes
 
-    # -- class count, teacher --
-    num_classes = cfg.num_classes
-    if mode == "cached":
-        if num_classes is not None and num_classes != reader.num_classes:
-            raise KdcacheError(
-                f"cache {cfg.cache} holds outputs of a {reader.num_classes}-class teacher but --num-classes is "
-                f"{num_classes}; the student head must match the cache's classes"
-            )
-        num_classes = reader.num_classes
-    teacher = teacher_res = topk = None
-    if mode == "live":
-        # Like precompute: the class count given, or the one the cache's teacher had.
-        seed = cfg.teacher_random_init
-        same = manifest is not None and manifest["teacher"].get("spec") == cfg.teacher
-        if seed is None and same and cfg.teacher_weights is None:
-            seed = manifest["teacher"].get("random_init_seed")  # the cache's seeded random teacher
-        teacher, tinfo = load_teacher(cfg.teacher, device, weights=cfg.teacher_weights,
-                                      num_classes=num_classes or (reader.num_classes if reader else None),
-                                      resolution=cfg.teacher_res or res, random_init=seed,
-                                      flag="--teacher-random-init")
-        num_classes = tinfo.num_classes
-        t_mean, t_std = tinfo.mean, tinfo.std
-        if manifest is not None and manifest["teacher"].get("spec") == cfg.teacher:
-            # Normalise exactly as the cache's precompute did, so live targets equal cached ones.
-            t_mean, t_std = tuple(manifest["teacher"]["mean"]), tuple(manifest["teacher"]["std"])
-        teacher_res = cfg.teacher_res or (int(manifest["resolution"]) if manifest else res)
-        topk = cfg.topk or (int(manifest["topk"]) if manifest else 10)
-        if topk > num_classes:
-            raise KdcacheError(f"--topk {topk} exceeds the teacher's {num_classes} classes")
-    if num_classes is None and reader is not None:
-        num_classes = reader.num_classes
-    if num_classes is None:
-        names = load_class_names(urls)
-        num_classes = len(names) if names else None
-    if num_classes is None:
-        raise KdcacheError("cannot tell the number of classes: pass --num-classes (no cache and no classes.json beside the shards)")
-
-    # -- student --
     torch.manual_seed(cfg.seed)
-    if cfg.num_classes is not None:
-        source = None
-    elif mode == "cached" or (reader is not None and mode != "live"):
-        source = f"the cache's teacher has {num_classes} classes"
-    elif mode == "live":
-        source = f"the live teacher has {num_classes} classes"
-    else:
-        source = f"classes.json beside the shards lists {num_classes} classes"
-    try:
-        sinfo = create_model(cfg.student, num_classes=num_classes, weights=cfg.student_weights, resolution=res,
-                             classes_from=source)
-    except KdcacheError as e:
-        raise KdcacheError(f"student: {e}") from None
-    model = sinfo.model
-    if cfg.self_distill:  # exits after the student's stages (exits.py); the deepest exit is its own head
-        try:
-            model = MultiExit(model, cfg.sd_exits, resolution=res, num_classes=num_classes)
-        except KdcacheError as e:
-            raise KdcacheError(f"student: {e}") from None
+    sinfo, model = build_student(cfg.student, C, res, cfg.student_weights, mode.classes_from,
+                                 exits=cfg.sd_exits if cfg.self_distill else None)
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if device.type == "cuda" else None
     inputs = StudentInput(sinfo.mean, sinfo.std, device, cfg.channels_last, amp_dtype)
-    tail = cfg.tail
-    if mode == "cached" and reader.kind == "sample":
-        tail = sampled_tail(reader, cfg, rank)
-    loss = dict(temperature=cfg.temperature, tail=tail, label_weight=cfg.label_weight, backend=cfg.loss_backend)
-    if mode == "labels":
-        task = LabelsTask(inputs, num_classes)
-    elif mode == "cached":
-        task = CachedKDTask(inputs, num_classes, **loss)
-    else:
-        task = LiveKDTask(inputs, num_classes, teacher, topk, t_mean, t_std, **loss)
+    task = mode.make_task(inputs)
     if cfg.self_distill:  # the mode's loss on the deepest exit, deep-to-shallow distillation on the others
         task = SelfDistillTask(task, model.exit_names, alpha=cfg.sd_alpha, temperature=cfg.sd_temperature,
-                               feature_weight=cfg.sd_feature_weight, teacher=cfg.sd_teacher, tail=tail,
-                               backend=cfg.loss_backend)
-
-    if cfg.student_view == "fresh":
-        if manifest["augmentation"].get("mixup"):
-            raise KdcacheError(f"cache {cfg.cache} holds targets of mixed images (precompute --mixup); fresh student "
-                               "views are unmixed crops, so they cannot match. Use --student-view cache, or a cache "
-                               "made without --mixup")
+                               feature_weight=cfg.sd_feature_weight, teacher=cfg.sd_teacher,
+                               tail=mode.tail or cfg.tail, backend=cfg.loss_backend)
+    if cfg.student_view == "fresh" and manifest["augmentation"].get("mixup"):
+        raise KdcacheError(f"cache {cfg.cache} holds targets of mixed images (precompute --mixup); fresh student "
+                           "views are unmixed crops, so they cannot match. Use --student-view cache, or a cache "
+                           "made without --mixup")
 
     # -- data: checks that need no decoding, then the stream --
-    need_labels = mode == "labels" or cfg.label_weight > 0 or (cfg.self_distill and cfg.sd_alpha < 1)
-    shards = prepare_shards(urls, reader, need_labels, rank, world, skip_bad=cfg.skip_bad, num_classes=num_classes)
+    need_labels = mode.labels_needed or cfg.label_weight > 0 or (cfg.self_distill and cfg.sd_alpha < 1)
+    shards = prepare_shards(urls, reader, need_labels, rank, world, skip_bad=cfg.skip_bad, num_classes=C)
     val_stream = None
     if cfg.val_data:
-        val_shards = prepare_shards(expand_urls(cfg.val_data), None, True, rank, world, num_classes=num_classes)
+        val_shards = prepare_shards(expand_urls(cfg.val_data), None, True, rank, world, num_classes=C)
         val_stream = ValStream(val_shards, res, cfg.val_batch_size or cfg.batch_size, rank, world, cfg.skip_bad)
     view_seed = cfg.seed if cfg.view_seed is None else cfg.view_seed
     stream = ReplayStream(shards, StreamConfig(
         batch_size=cfg.batch_size, res=res, seed=cfg.seed, cache=cfg.cache, storage_options=cfg.storage_options,
-        with_targets=mode == "cached", teacher_res=(teacher_res if mode == "live" and teacher_res != res else None),
-        views=cfg.views, view_seed=view_seed, aug=cfg.aug, need_labels=need_labels, num_classes=num_classes,
-        shuffle_buffer=cfg.shuffle_buffer, rank=rank, world=world, workers=cfg.workers, skip_bad=cfg.skip_bad,
-        worker_timeout=cfg.worker_timeout, check_digests=not cfg.allow_edited_cache, student_view=cfg.student_view,
+        with_targets=mode.with_targets, teacher_res=mode.teacher_res, views=cfg.views, view_seed=view_seed,
+        aug=cfg.aug, need_labels=need_labels, num_classes=C, shuffle_buffer=cfg.shuffle_buffer, rank=rank,
+        world=world, workers=cfg.workers, skip_bad=cfg.skip_bad, worker_timeout=cfg.worker_timeout,
+        check_digests=not cfg.allow_edited_cache, student_view=cfg.student_view,
     ))
     plans = [stream.plan(e) for e in range(cfg.epochs)]
     V = stream.num_views
     views_reused = V is not None and cfg.epochs > V
-    if views_reused:
-        _say(rank, views_reuse_note(cfg.epochs, V))
-    mismatch = render_mismatch(manifest.get("render")) if manifest is not None else None
-    if mismatch:
-        _say(rank, f"warning: {mismatch}; until then the student sees slightly other pixels than the teacher saw")
-    bad_keys = [f"{s.name}/{k}" for s in shards for k in s.bad]
-    if bad_keys:
-        why = "recorded as bad in the cache" if reader is not None else "--skip-bad"
-        shown = ", ".join(bad_keys[:BAD_KEYS_SHOWN])
-        more = f" and {len(bad_keys) - BAD_KEYS_SHOWN} more" if len(bad_keys) > BAD_KEYS_SHOWN else ""
-        _say(rank, f"note: {len(bad_keys)} undecodable image{'s' if len(bad_keys) != 1 else ''} left out ({why}): "
-             f"{shown}{more}")
-    if plans[0].dropped:
-        _say(rank, f"note: {world} ranks hold uneven shares of the shards; to keep every rank's step count equal, "
-             f"{plans[0].dropped} of {sum(s.count for s in shards)} records are left out of epoch 0")
+    _setup_notes(cfg, rank, world, manifest, shards, plans, V)
 
     resolved = {
-        "mode": mode, "num_classes": num_classes, "res": res, "world_size": world, "device": str(device),
+        "mode": mode.name, "num_classes": C, "res": res, "world_size": world, "device": str(device),
         "amp": cfg.amp if device.type == "cuda" else "none",
         "student_mean": list(sinfo.mean), "student_std": list(sinfo.std), "threads": threads,
         "views": V, "view_seed": view_seed if reader is None else int(manifest["seed"]),
@@ -330,20 +228,48 @@ def setup(cfg: TrainConfig) -> Run:
         "steps_per_epoch": [p.steps for p in plans], "total_steps": sum(p.steps for p in plans),
         "cache_manifest_sha256": manifest_digest(manifest) if manifest else None,
         "cache_targets_sha256": cache_targets_digest(reader, shards) if reader is not None else None,
-        "teacher_res": teacher_res if mode == "live" else (int(manifest["resolution"]) if manifest else None),
-        "topk": topk if mode == "live" else (int(manifest["topk"]) if manifest else None),
-        "targets": (manifest.get("targets") or {"kind": "topk"}) if manifest else None,
-        "tail": tail if mode != "labels" else None,
+        **mode.record,
         "torch": str(torch.__version__),
     }
     if cfg.self_distill:  # what evaluate needs besides the flags to rebuild the wrapper and name its exits
         resolved["exits"] = {"stages": list(model.stage_modules), "exit_stages": list(model.exit_stages),
                              "names": model.exit_names}
-    return Run(cfg=cfg, mode=mode, rank=rank, world=world, device=device, num_classes=num_classes, student=sinfo,
+    bad_keys = [f"{s.name}/{k}" for s in shards for k in s.bad]
+    return Run(cfg=cfg, mode=mode.name, rank=rank, world=world, device=device, num_classes=C, student=sinfo,
                model=model, task=task, inputs=inputs, stream=stream, steps_per_epoch=[p.steps for p in plans],
                dropped=[p.dropped for p in plans], val_stream=val_stream,
                run_config={**asdict(cfg), "resolved": resolved}, views_reused=views_reused, bad_keys=bad_keys,
                t_setup=t_setup)
+
+
+def _place(cfg: TrainConfig):
+    """This process's rank, world size, device and torch threads (torchrun's process group joined)."""
+    rank, world, local = init_distributed(cfg.device)
+    device = resolve_device(cfg.device)
+    if world > 1 and device.type == "cuda" and device.index is None:
+        device = torch.device(f"cuda:{local}")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return rank, world, device, set_threads(cfg.threads, cfg.workers)
+
+
+def _setup_notes(cfg: TrainConfig, rank: int, world: int, manifest: dict | None, shards, plans, V: int | None) -> None:
+    """What a user should know before the first step: reused views, another PIL, left-out records."""
+    if V is not None and cfg.epochs > V:
+        _say(rank, views_reuse_note(cfg.epochs, V))
+    mismatch = render_mismatch(manifest.get("render")) if manifest is not None else None
+    if mismatch:
+        _say(rank, f"warning: {mismatch}; until then the student sees slightly other pixels than the teacher saw")
+    bad_keys = [f"{s.name}/{k}" for s in shards for k in s.bad]
+    if bad_keys:
+        why = "recorded as bad in the cache" if manifest is not None else "--skip-bad"
+        shown = ", ".join(bad_keys[:BAD_KEYS_SHOWN])
+        more = f" and {len(bad_keys) - BAD_KEYS_SHOWN} more" if len(bad_keys) > BAD_KEYS_SHOWN else ""
+        _say(rank, f"note: {len(bad_keys)} undecodable image{'s' if len(bad_keys) != 1 else ''} left out ({why}): "
+             f"{shown}{more}")
+    if plans[0].dropped:
+        _say(rank, f"note: {world} ranks hold uneven shares of the shards; to keep every rank's step count equal, "
+             f"{plans[0].dropped} of {sum(s.count for s in shards)} records are left out of epoch 0")
 
 
 def open_run_dir(run: Run) -> dict | None:
@@ -431,42 +357,28 @@ def resume_changes(old: dict, new: dict) -> dict:
 
 @torch.no_grad()
 def evaluate(model, run: Run) -> dict:
-    """Top-1 and top-5 (top-min(5, C)) accuracy over the validation shards (all ranks together)."""
+    """Top-1 and top-5 (top-min(5, C)) accuracy over the validation shards (all ranks together); for a
+    multi-exit student also every exit's top-1 (``val_top1_<exit>``). The deepest exit is the model's."""
     was = model.training
     model.eval()
-    device, C = run.device, run.num_classes
-    k5 = min(5, C)
-    counts = torch.zeros(3, dtype=torch.float64)
-    names = model.exit_names if is_multi_exit(model) else None  # a multi-exit student: top-1 of every exit too
-    exit_hits = torch.zeros(len(names) if names else 0, dtype=torch.float64)
-    loader = DataLoader(run.val_stream, batch_size=None, num_workers=run.cfg.workers, collate_fn=_identity,
-                        pin_memory=device.type == "cuda", timeout=run.cfg.worker_timeout if run.cfg.workers else 0,
-                        worker_init_fn=worker_init if run.cfg.workers else None)
+    k5 = min(5, run.num_classes)
+    names = model.exit_names if is_multi_exit(model) else []
+    counts = torch.zeros(3 + len(names), dtype=torch.float64)  # top-1, top-5, images, then each exit's top-1
     try:
-        for item in worker_items(loader, run.cfg.worker_timeout, run.cfg.out):
-            pix, y = raise_if_error(item)
-            pixels = pix.to(device, non_blocking=True).float().div_(255.0)
-            zs = [t.float() for t in run.inputs.exits(model, pixels)["logits"]] if names else None
-            z = zs[-1] if names else run.inputs.logits(model, pixels).float()  # the deepest exit: the model's forward
-            y = y.to(device)
-            if int(y.max()) >= C or int(y.min()) < 0:
-                raise KdcacheError(f"a val label lies outside 0..{C - 1}; --val-data has other classes")
-            hit = z.topk(k5, dim=1).indices.eq(y.unsqueeze(1))
-            counts += torch.tensor([hit[:, 0].sum().item(), hit.any(1).sum().item(), len(y)], dtype=torch.float64)
-            if names:
-                exit_hits += torch.tensor([zi.argmax(1).eq(y).sum().item() for zi in zs], dtype=torch.float64)
+        for zs, y in val_logits(model, run.val_stream, run.inputs, run.num_classes, run.cfg.workers,
+                                run.cfg.worker_timeout, run.cfg.out):
+            hit = zs[-1].topk(k5, dim=1).indices.eq(y.unsqueeze(1))
+            per_exit = [zi.argmax(1).eq(y).sum().item() for zi in zs] if names else []
+            counts += torch.tensor([hit[:, 0].sum().item(), hit.any(1).sum().item(), len(y), *per_exit],
+                                   dtype=torch.float64)
     finally:
         model.train(was)
     if run.world > 1:
-        c = counts.to(device)
+        c = counts.to(run.device)
         dist.all_reduce(c)
         counts = c.cpu()
-        if names:
-            e = exit_hits.to(device)
-            dist.all_reduce(e)
-            exit_hits = e.cpu()
     n = max(counts[2].item(), 1.0)
-    per_exit = {f"val_top1_{name}": exit_hits[j].item() / n for j, name in enumerate(names or [])}
+    per_exit = {f"val_top1_{name}": counts[3 + j].item() / n for j, name in enumerate(names)}
     return {"val_top1": counts[0].item() / n, "val_top5": counts[1].item() / n, "val_images": int(counts[2].item()),
             **per_exit}
 

@@ -3,7 +3,7 @@
 ``evaluate_run(run_dir, val_data, ...)`` rebuilds the student from ``RUN_DIR/config.json`` (spec,
 classes, resolution, normalisation, and the self-distillation settings that shape the multi-exit
 wrapper) and ``RUN_DIR/model.pt``, runs the centre view of every validation image at the run's
-resolution (``replay.ValStream``, as the trainer's evaluation does) and reports:
+resolution (``validation.val_logits``, the trainer's own evaluation loop) and reports:
 
 - **per exit**: top-1, and the compute of running it alone (FLOPs of the backbone up to its stage
   plus its head) relative to the plain network's forward;
@@ -29,9 +29,16 @@ import os
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
+from ..data.shards import expand_urls
 from ..errors import KdcacheError
+from ..learn.replay import prepare_shards
+from ..learn.student import build_student
+from ..learn.tasks import StudentInput
+from ..learn.validation import ValStream, val_logits
+from ..models.exits import exit_costs, is_multi_exit, plain_cost_profile
+from ..models.factory import normalization
+from ..runtime import resolve_device
 
 SWEEP_GRID = tuple(sorted({round(0.05 * i, 2) for i in range(21)} | {0.975, 0.99, 0.995, 0.999, 1.01}))
 DEFAULT_THRESHOLD = 0.9
@@ -84,9 +91,6 @@ def _read_run(run_dir: str) -> dict:
 def load_student(run_dir: str, device: str | torch.device = "cpu"):
     """The run's student, weights loaded, in eval mode: ``(model, config)``; a ``exits.MultiExit``
     for a self-distilled run, else the plain model."""
-    from ..models.exits import MultiExit
-    from ..models.factory import create_model
-
     cfg = _read_run(run_dir)
     weights = os.path.join(run_dir, "model.pt")
     if not os.path.isfile(weights) and os.path.isfile(os.path.join(run_dir, "student.pt")):
@@ -97,56 +101,33 @@ def load_student(run_dir: str, device: str | torch.device = "cpu"):
         raise KdcacheError(f"{run_dir} has no model.pt{more}")
     r = cfg["resolved"]
     num_classes, res = int(r["num_classes"]), int(r["res"])
-    try:
-        info = create_model(cfg["student"], num_classes=num_classes, resolution=res,
-                            classes_from=f"{run_dir}/config.json says {num_classes}")
-    except KdcacheError as e:
-        raise KdcacheError(f"student: {e}") from None
-    model = info.model
-    if cfg.get("self_distill"):
-        model = MultiExit(model, cfg.get("sd_exits", "all"), resolution=res, num_classes=num_classes)
+    _, model = build_student(cfg["student"], num_classes, res, classes_from=f"{run_dir}/config.json says {num_classes}",
+                             exits=cfg.get("sd_exits", "all") if cfg.get("self_distill") else None)
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
     except Exception as e:
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise KdcacheError(f"{weights} does not fit the student config.json describes: {detail}") from None
-    from ..runtime import resolve_device
-
     return model.to(resolve_device(str(device))).eval(), cfg
 
 
 @torch.no_grad()
 def collect(model, cfg: dict, val_data, batch_size: int = 128, workers: int = 0, device=None):
-    """One pass over the validation shards: per exit the max softmax and whether the argmax is right,
-    and whether the ensemble (mean softmax) is right. Returns ``(conf, correct, ens_correct)``."""
-    from ..models.exits import is_multi_exit
-    from ..models.factory import logits_of, normalize
-    from ..learn.replay import ValStream, _identity, prepare_shards
-    from ..runtime import raise_if_error, worker_items
-    from ..data.shards import expand_urls
-
+    """One pass over the validation shards (``validation.val_logits``, the trainer's loop): per exit
+    the max softmax and whether the argmax is right, and whether the ensemble (mean softmax) is
+    right. Returns ``(conf, correct, ens_correct)``."""
     r = cfg["resolved"]
     C, res = int(r["num_classes"]), int(r["res"])
     mean, std = r.get("student_mean"), r.get("student_std")
     if mean is None or std is None:
-        from ..models.factory import normalization
-
         mean, std = normalization(getattr(model, "model", model))
     device = device or next(model.parameters()).device
     shards = prepare_shards(expand_urls(val_data), None, True, 0, 1, num_classes=C)
     stream = ValStream(shards, res, batch_size, 0, 1)
-    loader = DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=_identity)
-    multi = is_multi_exit(model)
     confs, rights, ens = [], [], []
-    for item in worker_items(loader, 600.0):
-        pix, y = raise_if_error(item)
-        x = normalize(pix.to(device).float().div_(255.0), mean, std)
-        zs = model(x, all_exits=True)["logits"] if multi else [logits_of(model(x))]
-        y = y.to(device)
-        if int(y.max()) >= C or int(y.min()) < 0:
-            raise KdcacheError(f"a val label lies outside 0..{C - 1}; --val-data has other classes than the run")
-        ps = [F.softmax(z.float(), dim=-1) for z in zs]
+    for zs, y in val_logits(model, stream, StudentInput(tuple(mean), tuple(std), device), C, workers):
+        ps = [F.softmax(z, dim=-1) for z in zs]
         c, a = zip(*[p.max(dim=-1) for p in ps])
         confs.append(torch.stack(c, 1).cpu())
         rights.append(torch.stack([ai.eq(y) for ai in a], 1).cpu())
@@ -160,8 +141,6 @@ def evaluate_run(run_dir: str, val_data, thresholds=None, sweep: bool = False, b
                  device: str = "auto", workers: int = 0, plot: str | None = None) -> dict:
     """The report of ``kdcache evaluate`` (module doc); with ``sweep`` also ``sweep`` (a list of
     points) and ``plot`` (the PNG's path, default ``RUN_DIR/early_exit.png``)."""
-    from ..models.exits import exit_costs, is_multi_exit, plain_cost_profile
-
     model, cfg = load_student(run_dir, device)
     res = int(cfg["resolved"]["res"])
     multi = is_multi_exit(model)

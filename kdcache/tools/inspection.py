@@ -31,7 +31,7 @@ DPI = 100
 DISPLAY_SIZE = 256  # the rendered view is upscaled (nearest) to this many pixels for display
 
 
-def _open(cache, storage_options: dict | None) -> CacheReader:
+def open_unchecked(cache, storage_options: dict | None) -> CacheReader:
     """A reader that shows edited views instead of refusing them (``summarize`` flags them)."""
     return cache if isinstance(cache, CacheReader) else CacheReader(str(cache), storage_options, check_digests=False)
 
@@ -42,7 +42,7 @@ def _class_name(names: list[str] | None, c: int) -> str | None:
     return None
 
 
-def _num(x) -> float | None:
+def json_float(x) -> float | None:
     """A JSON-safe float (None for NaN / infinity)."""
     x = float(x)
     return x if math.isfinite(x) else None
@@ -130,7 +130,7 @@ def _bytes_under(reader: CacheReader, name: str) -> int:
         return int(sum(group[a].nbytes_stored() for a in group.array_keys()))
 
 
-def _valid_mask(keys: np.ndarray, size: np.ndarray, bad: dict) -> np.ndarray:
+def valid_records(keys: np.ndarray, size: np.ndarray, bad: dict) -> np.ndarray:
     """Records that hold teacher outputs: not listed as bad and with a real image size."""
     bad_keys = set(bad)
     return np.array([k not in bad_keys for k in keys], dtype=bool) & (size[:, 0] >= 0)
@@ -138,7 +138,7 @@ def _valid_mask(keys: np.ndarray, size: np.ndarray, bad: dict) -> np.ndarray:
 
 def summarize(cache, storage_options: dict | None = None, top: int = 10) -> dict:
     """Manifest, per-shard table and totals over the complete shards (see docs/cli.md)."""
-    reader = _open(cache, storage_options)
+    reader = open_unchecked(cache, storage_options)
     man = reader.manifest
     names = reader.class_names
     C, V, k = reader.num_classes, reader.views, reader.topk
@@ -174,7 +174,7 @@ def summarize(cache, storage_options: dict | None = None, top: int = 10) -> dict
         if edited:
             edited_views.append({"shard": name, "views": edited})
         bad = dict(attrs.get("bad") or {})
-        valid = _valid_mask(data["keys"], data["size"], bad)
+        valid = valid_records(data["keys"], data["size"], bad)
         lp = data["logprobs"][valid]  # (n, V, k)
         cls = data["classes"][valid]
         recs = int(valid.sum()) * V
@@ -270,7 +270,7 @@ def _find_record(reader: CacheReader, shard: str, key: str) -> tuple[dict, int]:
 
 def list_keys(cache, shard: str | None = None, storage_options: dict | None = None) -> dict[str, list[str]]:
     """The sample keys of one complete shard group (or of every one), in tar order."""
-    reader = _open(cache, storage_options)
+    reader = open_unchecked(cache, storage_options)
     names = [shard] if shard is not None else [n for n in reader.shard_names() if reader.is_complete(n)]
     if shard is not None and not reader.has_shard(shard):
         _find_record(reader, shard, "")  # raises the "no shard" error with the shards there are
@@ -305,17 +305,17 @@ def _check_view(reader: CacheReader, view: int | None) -> None:
 def _topk_entries(lp: np.ndarray, cls: np.ndarray, names, counts=None) -> list[dict]:
     """Top-k entries; for sampled targets (``counts``) the used slots, ``prob`` being the weight count / N."""
     if counts is not None:
-        return [{"class": int(c), "name": _class_name(names, int(c)), "count": int(n), "logprob": _num(l),
+        return [{"class": int(c), "name": _class_name(names, int(c)), "count": int(n), "logprob": json_float(l),
                  "prob": float(np.exp(np.float64(l)))} for l, c, n in zip(lp, cls, counts) if n > 0]
     return [
-        {"class": int(c), "name": _class_name(names, int(c)), "logprob": _num(l), "prob": float(np.exp(np.float64(l)))}
+        {"class": int(c), "name": _class_name(names, int(c)), "logprob": json_float(l), "prob": float(np.exp(np.float64(l)))}
         for l, c in zip(lp, cls)
     ]
 
 
 def record_info(cache, shard: str, key: str, view: int | None = None, storage_options: dict | None = None) -> dict:
     """One record of one shard: geometry and teacher top-k per view (all views unless ``view``)."""
-    reader = _open(cache, storage_options)
+    reader = open_unchecked(cache, storage_options)
     _check_view(reader, view)
     data, i = _find_record(reader, shard, key)
     bad = dict(reader.shard_attrs(shard).get("bad") or {})
@@ -413,7 +413,7 @@ def render_record(
     from ..data.render import crop_batch
     from ..data.render import image_hw, render_mismatch, renderer_for
 
-    reader = _open(cache, storage_options)
+    reader = open_unchecked(cache, storage_options)
     renderer = renderer_for(reader.manifest.get("render"))  # the backend that made the cache
     info = record_info(reader, shard, key, view, storage_options)
     if info["bad"] is not None:

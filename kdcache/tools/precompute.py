@@ -34,8 +34,8 @@ from torch.utils.data import DataLoader, IterableDataset
 from ..learn.config import PrecomputeConfig
 from ..errors import KdcacheError
 from ..runtime import (
-    barrier, guarded, init_distributed, raise_if_error, resolve_device, set_threads, worker_init, worker_items,
-    worker_share,
+    barrier, guarded, init_distributed, raise_if_error, resolve_device, set_threads, unbatched, worker_init,
+    worker_items, worker_share,
 )
 from ..data.shards import decode_shard, expand_urls, load_class_names, shard_name
 from ..cache.store import CLAIM_REFRESH_S, CacheWriter, encoding_record, make_manifest
@@ -172,9 +172,6 @@ class _Pending:
         self.remaining = int(start.valid.sum()) * views
 
 
-def _identity(x):
-    return x
-
 
 def precompute(cfg: PrecomputeConfig) -> dict:
     """Run the teacher stage. Returns a summary (shards written and skipped, records, images/s)."""
@@ -242,7 +239,7 @@ def _run(cfg: PrecomputeConfig, teacher, writer: CacheWriter, todo: list[str], c
 
     workers = max(0, min(cfg.workers, len(todo)))
     loader = DataLoader(
-        ShardRenderStream(todo, cfg, renderer), batch_size=None, num_workers=workers, collate_fn=_identity,
+        ShardRenderStream(todo, cfg, renderer), batch_size=None, num_workers=workers, collate_fn=unbatched,
         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
         persistent_workers=False, timeout=cfg.worker_timeout if workers else 0,
         worker_init_fn=worker_init if workers else None,

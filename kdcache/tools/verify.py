@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import KdcacheError, size_text
-from .inspection import JSON_SCHEMA, _num, _open, _valid_mask, load_images, shard_urls
+from .inspection import JSON_SCHEMA, json_float, open_unchecked, valid_records, load_images, shard_urls
 from ..cache.store import CacheReader
 
 # Tolerance on a log-probability: |Δ| <= ATOL + RTOL·|stored|. RTOL·|x| is at least one float16
@@ -170,7 +170,7 @@ def sample(reader: CacheReader, names: list[str], samples: int, seed: int) -> tu
     pool, counts, rows = [], [], {}
     for name in names:
         keys, size = reader.keys(name), reader.sizes(name)
-        valid = np.flatnonzero(_valid_mask(keys, size, dict(reader.shard_attrs(name).get("bad") or {})))
+        valid = np.flatnonzero(valid_records(keys, size, dict(reader.shard_attrs(name).get("bad") or {})))
         if len(valid):
             pool.append(name)
             counts.append(len(valid) * V)
@@ -207,7 +207,7 @@ def check_shard(reader: CacheReader, name: str, url: str, picks: list[Pick], tea
     V, res = reader.views, int(man["resolution"])
     sd = reader.read_shard(name)
     keys, n = sd["keys"], len(sd["keys"])
-    valid = _valid_mask(keys, sd["size"], dict(reader.shard_attrs(name).get("bad") or {}))
+    valid = valid_records(keys, sd["size"], dict(reader.shard_attrs(name).get("bad") or {}))
     stored = ShardViews(sd["box"], sd["flip"], sd["mix_with"], sd["mix_lam"])
 
     # Which teacher batches to run: the ones precompute ran (when the cache says how), else the picks.
@@ -415,7 +415,7 @@ def verify(
         raise KdcacheError("--samples must be at least 1")
     if batch_size < 1:
         raise KdcacheError("--batch-size must be at least 1")
-    reader = _open(cache, storage_options)
+    reader = open_unchecked(cache, storage_options)
     man = reader.manifest
     C = reader.num_classes
     if num_classes is not None and num_classes != C:
@@ -501,8 +501,8 @@ def verify(
         "compared": n_cmp,
         "top1_agreement": tally.top1_exact / n_cmp if n_cmp and reader.kind == "topk" else None,
         "topk_set_agreement": tally.topk_exact / n_cmp if n_cmp and reader.kind == "topk" else None,
-        "max_abs_delta_logprob": _num(tally.max_delta) if n_cmp and reader.kind == "topk" else None,
-        "max_abs_delta_tail_mass": _num(tally.max_tail_delta) if n_cmp and reader.kind == "topk" else None,
+        "max_abs_delta_logprob": json_float(tally.max_delta) if n_cmp and reader.kind == "topk" else None,
+        "max_abs_delta_tail_mass": json_float(tally.max_tail_delta) if n_cmp and reader.kind == "topk" else None,
         "targets": man.get("targets") or {"kind": "topk"},
         "encoding": man.get("encoding") or {"layout": "plain"},
         "draws_exact": tally.draws_exact / n_cmp if n_cmp and reader.kind == "sample" else None,

@@ -1,0 +1,181 @@
+"""Training modes as task factories: what a mode needs, resolved in one place.
+
+A mode is a function ``factory(ctx) -> Mode``. It gets what every run knows before its mode matters
+(``ModeContext``: the settings, the device, the cache reader if any, the student's resolution) and
+resolves everything the mode decides: the class count and where it came from, whether the stream
+ships the cache's targets or renders a second resolution for a live teacher, whether labels are
+needed, what the run records about it, and how to build its task once the student exists. The
+trainer's ``setup`` calls the factory and never asks which mode it runs.
+
+- ``labels``  cross-entropy on the shards' labels (``tasks.LabelsTask``);
+- ``cached``  sparse KD against the cache's targets (``tasks.CachedKDTask``): top-k, or sampled
+              targets (their own tail, at their sampling temperature);
+- ``live``    the same loss against a teacher run on the replayed views (``tasks.LiveKDTask``).
+
+Adding a mode is one factory here and one line in ``MODES``; ``auto`` picks among these three from
+the flags (``pick``).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..cache.store import CacheReader
+from ..data.shards import load_class_names
+from ..errors import KdcacheError
+from ..models.teacher import load_teacher
+from .tasks import CachedKDTask, LabelsTask, LiveKDTask, StudentInput
+
+DEFAULT_TOPK = 10  # a live teacher's k without --topk and without a cache
+
+
+@dataclass
+class ModeContext:
+    """What a mode factory starts from."""
+
+    cfg: object  # config.TrainConfig
+    rank: int
+    device: torch.device
+    urls: list[str]
+    reader: CacheReader | None
+    res: int  # the student's resolution
+
+    @property
+    def manifest(self) -> dict | None:
+        return self.reader.manifest if self.reader is not None else None
+
+    def say(self, msg: str) -> None:
+        if self.rank == 0:
+            print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Mode:
+    """What a factory resolved. ``make_task(inputs)`` builds the task once the student's input is known."""
+
+    name: str
+    num_classes: int
+    classes_from: str | None  # where the class count came from (None: --num-classes), for the student's errors
+    make_task: Callable[[StudentInput], object]
+    with_targets: bool = False  # the stream ships the cache's targets
+    teacher_res: int | None = None  # the stream renders a second resolution for a live teacher
+    labels_needed: bool = False  # the mode itself trains on labels
+    tail: str | None = None  # the KD loss's tail (None: no KD term)
+    record: dict = field(default_factory=dict)  # what the run records about its teacher (config.json "resolved")
+
+
+def _cache_record(ctx: ModeContext) -> dict:
+    """What a run records of a cache it reads (any mode): its resolution, k and target kind."""
+    m = ctx.manifest
+    if m is None:
+        return {"teacher_res": None, "topk": None, "targets": None}
+    return {"teacher_res": int(m["resolution"]), "topk": int(m["topk"]), "targets": m.get("targets") or {"kind": "topk"}}
+
+
+def _given_classes(ctx: ModeContext) -> tuple[int, str | None]:
+    """The class count without a teacher: --num-classes, the cache's, or classes.json beside the shards."""
+    cfg = ctx.cfg
+    if cfg.num_classes is not None:
+        return cfg.num_classes, None
+    if ctx.reader is not None:
+        return ctx.reader.num_classes, f"the cache's teacher has {ctx.reader.num_classes} classes"
+    names = load_class_names(ctx.urls)
+    if not names:
+        raise KdcacheError("cannot tell the number of classes: pass --num-classes (no cache and no classes.json "
+                           "beside the shards)")
+    return len(names), f"classes.json beside the shards lists {len(names)} classes"
+
+
+def _kd_settings(cfg, tail: str) -> dict:
+    return dict(temperature=cfg.temperature, tail=tail, label_weight=cfg.label_weight, backend=cfg.loss_backend)
+
+
+def labels_mode(ctx: ModeContext) -> Mode:
+    C, source = _given_classes(ctx)
+    return Mode("labels", C, source, lambda inputs: LabelsTask(inputs, C), labels_needed=True,
+                record={**_cache_record(ctx), "tail": None})
+
+
+def sampled_tail(reader: CacheReader, cfg, say) -> str:
+    """The loss's tail for a cache of sampled targets (``precompute --targets sample``): ``sampled``,
+    the drawn weights as the whole target. They are unbiased for distillation at the sampling
+    temperature only, so ``--temperature`` must equal it."""
+    t = reader.manifest["targets"]
+    tau = float(t.get("temperature", 1.0))
+    if not math.isclose(cfg.temperature, tau, rel_tol=1e-9):
+        raise KdcacheError(
+            f"cache {reader.path} holds sampled targets drawn at temperature {tau:g}: they estimate the teacher at "
+            f"T = {tau:g} without bias, not at --temperature {cfg.temperature:g}. Train with --temperature {tau:g}, or "
+            f"precompute a cache with --sample-temperature {cfg.temperature:g}")
+    if cfg.tail != "uniform":
+        say(f"note: --tail {cfg.tail} does not apply: cache {reader.path} holds sampled targets ({t['samples']} "
+            "draws per record), used as they are, with no tail")
+    return "sampled"
+
+
+def cached_mode(ctx: ModeContext) -> Mode:
+    cfg, reader = ctx.cfg, ctx.reader
+    if cfg.num_classes is not None and cfg.num_classes != reader.num_classes:
+        raise KdcacheError(
+            f"cache {cfg.cache} holds outputs of a {reader.num_classes}-class teacher but --num-classes is "
+            f"{cfg.num_classes}; the student head must match the cache's classes")
+    C = reader.num_classes
+    tail = sampled_tail(reader, cfg, ctx.say) if reader.kind == "sample" else cfg.tail
+    kd = _kd_settings(cfg, tail)
+    return Mode("cached", C, None if cfg.num_classes is not None else f"the cache's teacher has {C} classes",
+                lambda inputs: CachedKDTask(inputs, C, **kd), with_targets=True, tail=tail,
+                record={**_cache_record(ctx), "tail": tail})
+
+
+def live_mode(ctx: ModeContext) -> Mode:
+    """A teacher run on the replayed views. Like precompute: the class count given, or the one the
+    cache's teacher had; with the cache's teacher spec, its normalisation (so live targets equal
+    cached ones) and its seeded random init when it had one."""
+    cfg, reader, m = ctx.cfg, ctx.reader, ctx.manifest
+    same = m is not None and m["teacher"].get("spec") == cfg.teacher
+    seed = cfg.teacher_random_init
+    if seed is None and same and cfg.teacher_weights is None:
+        seed = m["teacher"].get("random_init_seed")  # the cache's seeded random teacher
+    teacher_res = cfg.teacher_res or (int(m["resolution"]) if m else ctx.res)
+    teacher, info = load_teacher(cfg.teacher, ctx.device, weights=cfg.teacher_weights,
+                                 num_classes=cfg.num_classes or (reader.num_classes if reader else None),
+                                 resolution=cfg.teacher_res or ctx.res, random_init=seed, flag="--teacher-random-init")
+    C = info.num_classes
+    mean, std = (tuple(m["teacher"]["mean"]), tuple(m["teacher"]["std"])) if same else (info.mean, info.std)
+    topk = cfg.topk or (int(m["topk"]) if m else DEFAULT_TOPK)
+    if topk > C:
+        raise KdcacheError(f"--topk {topk} exceeds the teacher's {C} classes")
+    kd = _kd_settings(cfg, cfg.tail)
+    return Mode("live", C, None if cfg.num_classes is not None else f"the live teacher has {C} classes",
+                lambda inputs: LiveKDTask(inputs, C, teacher, topk, mean, std, **kd),
+                teacher_res=teacher_res if teacher_res != ctx.res else None, tail=cfg.tail,
+                record={"teacher_res": teacher_res, "topk": topk,
+                        "targets": (m.get("targets") or {"kind": "topk"}) if m else None, "tail": cfg.tail})
+
+
+MODES: dict[str, Callable[[ModeContext], Mode]] = {"cached": cached_mode, "live": live_mode, "labels": labels_mode}
+
+
+def pick(cfg) -> str:
+    """The mode a run's flags ask for (``auto``: live with --teacher, cached with --cache, else labels),
+    with the combinations that cannot work refused."""
+    mode = cfg.mode
+    if mode == "auto":
+        mode = "live" if cfg.teacher else ("cached" if cfg.cache else "labels")
+    if mode == "cached" and not cfg.cache:
+        raise KdcacheError("cached-teacher mode needs --cache (or pass --teacher for a live teacher)")
+    if mode == "cached" and cfg.teacher:
+        raise KdcacheError("--teacher runs a live teacher; it cannot be combined with --mode cached")
+    if mode == "live" and not cfg.teacher:
+        raise KdcacheError("live-teacher mode needs --teacher SPEC")
+    return mode
+
+
+def resolve(ctx: ModeContext) -> Mode:
+    """The run's mode, resolved by its factory."""
+    return MODES[pick(ctx.cfg)](ctx)

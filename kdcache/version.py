@@ -1,0 +1,3 @@
+"""The version of kdcache (recorded in every cache manifest and run)."""
+
+__version__ = "0.1.0"
