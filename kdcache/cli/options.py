@@ -47,6 +47,21 @@ def workers_option(help_text: str):
                         help=help_text)
 
 
+def threads_option():
+    """--threads: the main process's torch threads (``runtime.set_threads`` picks the default)."""
+    return click.option("--threads", type=int, default=None,
+                        help="torch threads of the main process [default: the cores less one per --workers, at least "
+                             "1]: more threads than cores slows everything down.")
+
+
+def worker_timeout_option(config_cls):
+    """--worker-timeout with the default of ``config_cls``'s ``worker_timeout`` field."""
+    return click.option("--worker-timeout", type=float, default=config_default(config_cls, "worker_timeout"),
+                        show_default=True,
+                        help="Seconds to wait for a batch from the data workers; then stop with the likely cause (a "
+                             "worker that cannot ship a batch, e.g. with /dev/shm full, would otherwise stall the job).")
+
+
 def augmentation_options(what: str = ""):
     """--scale, --ratio, --flip/--no-flip, --mixup/--no-mixup, with ``views.AugSpec``'s defaults.
     ``what`` prefixes each help text (e.g. "Without a cache: "). ``augmentation(kw)`` turns the

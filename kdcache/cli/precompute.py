@@ -11,7 +11,8 @@ from ..data.views import AugSpec
 
 from ..learn.config import PrecomputeConfig
 
-from .options import RGB, augmentation, augmentation_options, config_default, workers_option
+from .options import (RGB, augmentation, augmentation_options, config_default, threads_option, worker_timeout_option,
+                      workers_option)
 
 
 @click.command()
@@ -55,12 +56,8 @@ from .options import RGB, augmentation, augmentation_options, config_default, wo
 @click.option("--batch-size", "-b", default=config_default(PrecomputeConfig, 'batch_size'), show_default=True, help="Teacher batch size.")
 @click.option("--device", default=config_default(PrecomputeConfig, 'device'), show_default=True, help="cuda, cuda:1, cpu, or auto.")
 @workers_option("DataLoader workers (each owns whole shards).")
-@click.option("--threads", type=int, default=None,
-              help="torch threads of the main process [default: the cores less one per --workers, at least 1]: "
-                   "more threads than cores slows everything down.")
-@click.option("--worker-timeout", type=float, default=config_default(PrecomputeConfig, "worker_timeout"), show_default=True,
-              help="Seconds to wait for a batch from the data workers; then stop with the likely cause (a worker "
-                   "that cannot ship a batch, e.g. with /dev/shm full, would otherwise stall the job).")
+@threads_option()
+@worker_timeout_option(PrecomputeConfig)
 @click.option("--mean", type=RGB, default=None, help="Override input mean R,G,B (default: timm config or ImageNet).")
 @click.option("--std", type=RGB, default=None, help="Override input std R,G,B.")
 @click.option("--shard-index", default=config_default(PrecomputeConfig, 'shard_index'), show_default=True, help="With --num-shard-groups: which group this process writes.")

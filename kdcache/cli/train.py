@@ -9,8 +9,10 @@ import click
 from ..learn.config import AMP_MODES, MODES, OPTIMIZERS, STUDENT_VIEWS, TrainConfig
 from ..learn.config import SD_TEACHERS
 from ..learn.losses import TAIL_MODES
+from ..learn.modes import DEFAULT_TOPK
 
-from .options import augmentation, augmentation_options, config_default, workers_option
+from .options import (augmentation, augmentation_options, config_default, threads_option, worker_timeout_option,
+                      workers_option)
 
 
 @click.command()
@@ -43,7 +45,7 @@ from .options import augmentation, augmentation_options, config_default, workers
 @click.option("--label-weight", default=config_default(TrainConfig, 'label_weight'), show_default=True, help="Weight of the cross-entropy on labels (needs cls).")
 @click.option("--res", type=int, default=None, help="Student input resolution [default: the cache's, else 224].")
 @click.option("--teacher-res", type=int, default=None, help="Live teacher resolution [default: the cache's, else --res].")
-@click.option("--topk", type=int, default=None, help="Live teacher top-k [default: the cache's k, else 10].")
+@click.option("--topk", type=int, default=None, help=f"Live teacher top-k [default: the cache's k, else {DEFAULT_TOPK}].")
 @click.option("--val-data", default=None, help="Validation shards with cls labels (top-1/top-5).")
 @click.option("--val-batch-size", type=int, default=None, help="Validation batch size [default: --batch-size].")
 @click.option("--eval-every", default=config_default(TrainConfig, 'eval_every'), show_default=True, help="Evaluate every N steps too (0: only at epoch ends).")
@@ -52,12 +54,8 @@ from .options import augmentation, augmentation_options, config_default, workers
 @click.option("--checkpoint-every", default=config_default(TrainConfig, 'checkpoint_every'), show_default=True, help="Checkpoint every N steps (and at each epoch end).")
 @click.option("--log-every", default=config_default(TrainConfig, 'log_every'), show_default=True, help="Write a metrics line every N steps.")
 @workers_option("DataLoader workers (each owns whole shards).")
-@click.option("--threads", type=int, default=None,
-              help="torch threads of the main process [default: the cores less one per --workers, at least 1]: "
-                   "more threads than cores slows everything down.")
-@click.option("--worker-timeout", type=float, default=config_default(TrainConfig, "worker_timeout"), show_default=True,
-              help="Seconds to wait for a batch from the data workers; then stop with the likely cause (a worker "
-                   "that cannot ship a batch, e.g. with /dev/shm full, would otherwise stall the job).")
+@threads_option()
+@worker_timeout_option(TrainConfig)
 @click.option("--device", default=config_default(TrainConfig, 'device'), show_default=True, help="cuda, cuda:1, cpu, or auto.")
 @click.option("--seed", default=config_default(TrainConfig, 'seed'), show_default=True, help="Seed: student init, shard order, shuffle buffer.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint (a fresh run if none).")
