@@ -314,7 +314,7 @@ def test_the_device_path_in_the_trainers_stream(dataset, tcache, monkeypatch):
     assert [b.keys for b in got] == [b.keys for b in want]
     for a, b in zip(want, got):
         assert torch.equal(a.pixels("cpu"), b.pixels("cpu")) and a.mixed() == b.mixed()
-        assert torch.equal(a.targets(NUM_CLASSES, "cpu"), b.targets(NUM_CLASSES, "cpu"))
+        assert torch.equal(a.label_targets(NUM_CLASSES, "cpu"), b.label_targets(NUM_CLASSES, "cpu"))
 
 
 def test_skip_bad_on_the_device_path(teacher_weights, tmp_path, monkeypatch):

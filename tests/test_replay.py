@@ -93,7 +93,7 @@ def test_mixed_records_render_as_precompute(dataset, cache):
     seen_mixed = 0
     for b in epoch_batches(make_stream(dataset, cache, batch_size=5), epoch):
         pix = b.pixels("cpu")
-        soft = b.targets(NUM_CLASSES, "cpu")
+        soft = b.label_targets(NUM_CLASSES, "cpu")
         for j in range(len(b)):
             name, i = b.shards[j], int(b.index[j])
             a = arrays[name]

@@ -171,7 +171,7 @@ def test_loss_equals_a_hand_computation(batch, teacher, feature_weight, base_mod
     with torch.no_grad():
         o = model(normalize(batch.pixels("cpu"), inputs.mean, inputs.std), all_exits=True)
     zs, fs = o["logits"], o["features"]
-    soft = batch.targets(NUM_CLASSES, "cpu")
+    soft = batch.label_targets(NUM_CLASSES, "cpu")
     assert soft.dim() == 2
     # the deepest exit: the base task's loss of the mode
     if base_mode == "cached":

@@ -46,7 +46,7 @@ def student():
 def test_each_task_returns_its_loss_terms(batch, student, cache, teacher_weights):
     model, inputs = student
     z = inputs.logits(model, batch.pixels("cpu"))
-    soft = batch.targets(NUM_CLASSES, "cpu")
+    soft = batch.label_targets(NUM_CLASSES, "cpu")
     ce = F.cross_entropy(z.float(), soft)
 
     out = LabelsTask(inputs, NUM_CLASSES)(model, batch)

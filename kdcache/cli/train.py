@@ -9,7 +9,7 @@ import click
 from ..learn.config import AMP_MODES, MODES, OPTIMIZERS, STUDENT_VIEWS, TrainConfig
 from ..learn.config import SD_TEACHERS
 from ..learn.losses import TAIL_MODES
-from ..learn.modes import DEFAULT_TOPK
+from ..learn.live import DEFAULT_TOPK
 
 from .options import (augmentation, augmentation_options, config_default, threads_option, worker_timeout_option,
                       workers_option)

@@ -6,6 +6,9 @@ Public entry points:
   (``kdcache.learn.kernels.sparse_kd``) or to the PyTorch reference.
 * :func:`sparse_kd_loss_reference` — the pure-PyTorch implementation (the CPU path and the
   ground truth for the kernel tests). It builds dense (B, C) tensors.
+* :class:`Targets` and :func:`kd_loss` — the library's form: a batch's teacher targets as one
+  object (top-k log-probs or sampled weights, with the tail that fits them), and the loss on them
+  (``import kdcache``; what ``kdcache train`` computes).
 
 Semantics (docs/losses.md has the long form): the teacher keeps its top-k log-probs ``l`` at T=1;
 the rest of its mass ``m = max(0, 1 - sum(exp(l)))`` is spread over the other ``C - k`` classes
@@ -21,6 +24,7 @@ the sampling temperature) and nothing outside them.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +33,8 @@ from kdcache.errors import KdcacheError
 
 __all__ = [
     "LOSS_TAILS",
+    "Targets",
+    "kd_loss",
     "LossInputError",
     "TAIL_MODES",
     "sparse_kd_loss",
@@ -363,3 +369,58 @@ class _FusedSparseKD(torch.autograd.Function):
         else:
             gz = grad * g  # a 0-dim fp32 factor: the product is rounded once, to grad's dtype
         return gz, None, None, None, None, None, None, None
+
+
+@dataclass
+class Targets:
+    """A batch's teacher targets, ready for the loss.
+
+    ``classes`` (B, k) int64 class ids and ``logprobs`` (B, k) float: the teacher's top-k
+    log-probabilities at T = 1, sorted descending (``kind="topk"``), or ``log(count / N)`` of N
+    classes drawn from the teacher (``kind="sample"``; class -1 and -inf in unused slots).
+    ``tail`` is the loss's default for them: ``"uniform"`` for top-k, ``"sampled"`` for draws.
+    ``temperature`` is the sampling temperature of drawn targets (they are unbiased at that
+    temperature only; None for top-k)."""
+
+    classes: torch.Tensor
+    logprobs: torch.Tensor
+    kind: str = "topk"
+    tail: str = "uniform"
+    temperature: float | None = None
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+    def to(self, device, non_blocking: bool = False) -> "Targets":
+        return Targets(self.classes.to(device, non_blocking=non_blocking),
+                       self.logprobs.to(device, non_blocking=non_blocking), self.kind, self.tail, self.temperature)
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    targets: Targets,
+    temperature: float = 1.0,
+    tail: str | None = None,
+    labels: torch.Tensor | None = None,
+    label_weight: float = 0.0,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``T^2 * KL(p_T || softmax(z/T)) + label_weight * CE(z, labels)`` against a batch's ``targets``
+    (:func:`sparse_kd_loss` with the targets' own tail by default): the fused Triton kernel for
+    CUDA logits when Triton imports, the PyTorch reference elsewhere; the numbers ``kdcache train``
+    computes.
+
+    Sampled targets take no tail (any ``tail`` but ``"sampled"`` is refused) and are unbiased only
+    at their sampling temperature, so ``temperature`` must equal it."""
+    if targets.kind == "sample":
+        if tail not in (None, "sampled"):
+            raise LossInputError(f"tail={tail!r} does not apply to sampled targets: they are the whole target, "
+                                 "with no tail (leave tail unset)")
+        tau = float(targets.temperature or 1.0)
+        if not math.isclose(float(temperature), tau, rel_tol=1e-9):
+            raise LossInputError(f"these targets were drawn at temperature {tau:g} and estimate the teacher without "
+                                 f"bias only there; pass temperature={tau:g} (not {temperature:g})")
+    return sparse_kd_loss(student_logits, targets.logprobs, targets.classes, temperature=temperature,
+                          tail=tail or targets.tail, labels=labels if label_weight else None,
+                          label_weight=label_weight, reduction=reduction, backend=backend)

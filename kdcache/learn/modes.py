@@ -28,11 +28,8 @@ import torch
 from ..cache.store import CacheReader
 from ..data.shards import load_class_names
 from ..errors import KdcacheError
-from ..models.teacher import load_teacher
+from .live import LiveTeacher
 from .tasks import CachedKDTask, LabelsTask, LiveKDTask, StudentInput
-
-DEFAULT_TOPK = 10  # a live teacher's k without --topk and without a cache
-
 
 @dataclass
 class ModeContext:
@@ -133,28 +130,19 @@ def cached_mode(ctx: ModeContext) -> Mode:
 
 
 def live_mode(ctx: ModeContext) -> Mode:
-    """A teacher run on the replayed views. Like precompute: the class count given, or the one the
-    cache's teacher had; with the cache's teacher spec, its normalisation (so live targets equal
-    cached ones) and its seeded random init when it had one."""
-    cfg, reader, m = ctx.cfg, ctx.reader, ctx.manifest
-    same = m is not None and m["teacher"].get("spec") == cfg.teacher
-    seed = cfg.teacher_random_init
-    if seed is None and same and cfg.teacher_weights is None:
-        seed = m["teacher"].get("random_init_seed")  # the cache's seeded random teacher
+    """A teacher run on the replayed views (``live.LiveTeacher``: like precompute's, and with the
+    cache's teacher spec, its normalisation and seeded random init, so live targets equal cached ones)."""
+    cfg, m = ctx.cfg, ctx.manifest
+    live = LiveTeacher.load(cfg.teacher, weights=cfg.teacher_weights, cache=ctx.reader, num_classes=cfg.num_classes,
+                            topk=cfg.topk, res=cfg.teacher_res or ctx.res, device=ctx.device,
+                            random_init=cfg.teacher_random_init, random_init_flag="--teacher-random-init")
     teacher_res = cfg.teacher_res or (int(m["resolution"]) if m else ctx.res)
-    teacher, info = load_teacher(cfg.teacher, ctx.device, weights=cfg.teacher_weights,
-                                 num_classes=cfg.num_classes or (reader.num_classes if reader else None),
-                                 resolution=cfg.teacher_res or ctx.res, random_init=seed, flag="--teacher-random-init")
-    C = info.num_classes
-    mean, std = (tuple(m["teacher"]["mean"]), tuple(m["teacher"]["std"])) if same else (info.mean, info.std)
-    topk = cfg.topk or (int(m["topk"]) if m else DEFAULT_TOPK)
-    if topk > C:
-        raise KdcacheError(f"--topk {topk} exceeds the teacher's {C} classes")
+    C = live.num_classes
     kd = _kd_settings(cfg, cfg.tail)
     return Mode("live", C, None if cfg.num_classes is not None else f"the live teacher has {C} classes",
-                lambda inputs: LiveKDTask(inputs, C, teacher, topk, mean, std, **kd),
+                lambda inputs: LiveKDTask(inputs, C, live, **kd),
                 teacher_res=teacher_res if teacher_res != ctx.res else None, tail=cfg.tail,
-                record={"teacher_res": teacher_res, "topk": topk,
+                record={"teacher_res": teacher_res, "topk": live.topk,
                         "targets": (m.get("targets") or {"kind": "topk"}) if m else None, "tail": cfg.tail})
 
 

@@ -63,6 +63,8 @@ from ..cache.store import CacheReader
 from ..data.render import backend_conflict, renderer_for
 from ..data.views import AugSpec, ShardViews, sample_shard_views, stable_seed
 from ..data.render import CropBatch, crop_batch
+from ..models.factory import normalize
+from .losses import Targets
 
 # ---- shard table (main process) ------------------------------------------------------------
 
@@ -203,18 +205,70 @@ def prepare_shards(
 
 @dataclass
 class Batch:
-    """Rendered records (a worker chunk or a training batch). Pixels stay uint8 until the device."""
+    """Rendered records: a worker chunk, or a training batch. Pixels stay uint8 until the device.
 
-    crops: CropBatch  # at the student's resolution (a views.DeferredCrops when decoded on the device)
+    What a training loop reads (``ReplayLoader`` binds the batch to a device and a normalisation
+    before handing it out): ``images`` (normalised float32 on the device), ``targets`` (the cache's
+    ``losses.Targets``, or None), ``labels`` (hard class ids, or None when some record has none),
+    ``label_targets(C)`` (soft labels where records are mixed), ``keys``, ``shards`` and ``views``.
+    """
+
+    crops: CropBatch  # at the student's resolution (a render.DeferredCrops when decoded on the device)
     label: torch.Tensor  # (b,) int64 own class id, -1 where the shard has no cls
     label_other: torch.Tensor  # (b,) int64 partner class id (= label where unmixed)
     index: torch.Tensor  # (b,) int64 record index in its shard
     keys: list[str]
     shards: list[str]
     view: int
-    logprobs: torch.Tensor | None = None  # (b, k) float16 cached teacher top-k
+    logprobs: torch.Tensor | None = None  # (b, k) cached teacher top-k (or sampled log-weights)
     classes: torch.Tensor | None = None  # (b, k) int64
     teacher_crops: CropBatch | None = None  # at the live teacher's resolution when it differs
+    bound: "Binding | None" = field(default=None, repr=False)  # set in the main process by ReplayLoader
+    _pixels: torch.Tensor | None = field(default=None, repr=False)
+    _images: torch.Tensor | None = field(default=None, repr=False)
+
+    # -- what a training loop reads (after ``bind``) --
+
+    def bind(self, binding: "Binding") -> "Batch":
+        """Tie the batch to a device, a normalisation and a target kind (``ReplayLoader`` does this)."""
+        self.bound, self._pixels, self._images = binding, None, None
+        return self
+
+    def _binding(self) -> "Binding":
+        if self.bound is None:
+            raise RuntimeError("this batch is not bound to a device yet; batches from ReplayLoader are")
+        return self.bound
+
+    @property
+    def images(self) -> torch.Tensor:
+        """(b, 3, R, R) float32 on the bound device: the replayed pixels, normalised (channels-last if asked)."""
+        if self._images is None:
+            b = self._binding()
+            x = normalize(self.pixels(b.device), b.mean, b.std)
+            self._images = x.contiguous(memory_format=torch.channels_last) if b.channels_last else x
+        return self._images
+
+    @property
+    def targets(self):
+        """The cache's targets for these records (``losses.Targets`` on the bound device), or None
+        without cached targets."""
+        if self.logprobs is None:
+            return None
+        b = self._binding()
+        return Targets(self.classes.to(b.device, non_blocking=True), self.logprobs.to(b.device, non_blocking=True),
+                       b.kind, b.tail, b.sample_temperature)
+
+    @property
+    def labels(self) -> torch.Tensor | None:
+        """(b,) int64 own class ids on the bound device; None when some record has no cls label."""
+        if bool((self.label < 0).any()):
+            return None
+        return self.label.to(self._binding().device, non_blocking=True)
+
+    @property
+    def views(self) -> torch.Tensor:
+        """(b,) int64: the view index each record was replayed with (the epoch's: e mod V)."""
+        return torch.full((len(self.keys),), int(self.view), dtype=torch.int64)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -238,7 +292,12 @@ class Batch:
         return self
 
     def pixels(self, device) -> torch.Tensor:
-        """Float32 pixels in [0, 1] on ``device`` (mixed as precompute mixes them)."""
+        """Float32 pixels in [0, 1] on ``device`` (mixed as precompute mixes them), not normalised."""
+        device = torch.device(device)
+        if self.bound is not None and device == self.bound.device:
+            if self._pixels is None:
+                self._pixels = self.crops.pixels(device)
+            return self._pixels
         return self.crops.pixels(device)
 
     def teacher_pixels(self, device) -> torch.Tensor | None:
@@ -248,7 +307,7 @@ class Batch:
     def mixed(self) -> bool:
         return bool((self.crops.lam < 1).any())  # λ is 1.0 wherever a record is unmixed
 
-    def targets(self, num_classes: int, device) -> torch.Tensor:
+    def label_targets(self, num_classes: int, device) -> torch.Tensor:
         """Hard labels (b,) when nothing is mixed, else soft labels λ·onehot(own) + (1−λ)·onehot(partner)."""
         a = self.label.to(device, non_blocking=True)
         if not self.mixed():
@@ -287,6 +346,19 @@ class Batch:
             teacher_crops=None if parts[0].teacher_crops is None else parts[0].teacher_crops.cat(
                 [p.teacher_crops for p in parts]),
         )
+
+
+@dataclass(frozen=True)
+class Binding:
+    """Where and how a batch's pixels and targets are handed to a training loop."""
+
+    device: torch.device
+    mean: tuple
+    std: tuple
+    channels_last: bool = False
+    kind: str = "topk"  # the cache's target kind
+    tail: str = "uniform"  # the loss's default tail for these targets
+    sample_temperature: float | None = None
 
 
 @dataclass

@@ -75,13 +75,12 @@ class SelfDistillTask:
 
     def __call__(self, model, batch: Batch) -> dict:
         dev = self.inputs.device
-        pixels = batch.pixels(dev)
-        out = self.inputs.exits(model, pixels)
+        out = self.inputs.forward_exits(model, self.inputs.images(batch))
         zs, fs = out["logits"], out["features"]
         if len(zs) != len(self.exit_names):
             raise KdcacheError(f"the student returned {len(zs)} exits, the task expects {len(self.exit_names)}")
         z_deep = zs[-1]
-        targets = self.base.teacher_targets(batch, pixels) if has_teacher_targets(self.base) else None
+        targets = self.base.teacher_targets(batch) if has_teacher_targets(self.base) else None
         terms = self.base.loss_terms(z_deep, batch, targets)
         total = terms["loss"]
         logged = {}
@@ -90,13 +89,13 @@ class SelfDistillTask:
             if bool((batch.label < 0).any()):
                 raise KdcacheError("self-distillation with --sd-alpha < 1 trains the shallow exits on the labels, but "
                                    "this batch has samples without cls; use labelled shards or --sd-alpha 1")
-            labels = batch.targets(self.num_classes, dev)
+            labels = batch.label_targets(self.num_classes, dev)
         a = self.alpha
         for name, z, f in zip(self.exit_names[:-1], zs[:-1], fs[:-1]):
             if self.teacher == "deepest":
                 distil = kl_to_deepest(z, z_deep, self.temperature)
             else:
-                lp, ids = targets
+                lp, ids = targets.logprobs, targets.classes
                 cached = sparse_kd_loss(z, lp, ids, temperature=self.temperature, tail=self.tail,
                                         backend=self.backend)
                 distil = cached if self.teacher == "cache" else 0.5 * (cached + kl_to_deepest(z, z_deep, self.temperature))

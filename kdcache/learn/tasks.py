@@ -14,8 +14,8 @@ a new task, not a branch in the loop.
 
 Each task's ``loss_terms(z, batch, targets)`` is its loss on given logits, which is how
 ``selfdistill.SelfDistillTask`` reuses the mode's loss on the deepest exit of a multi-exit student.
-A task that distils from a teacher also has ``teacher_targets(batch, pixels)`` (the top-k of the
-batch's views); that attribute, not the task's class, is what self-distillation looks for. The two
+A task that distils from a teacher also has ``teacher_targets(batch)`` (``losses.Targets`` of
+the batch's views); that attribute, not the task's class, is what self-distillation looks for. The two
 KD tasks share ``KDLoss`` and ``kd_step`` (functions, not a base class). Which task a run gets, and
 everything it needs, is decided by the mode's factory in ``modes.py``.
 """
@@ -28,10 +28,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .losses import sparse_kd_loss
 from ..models.factory import logits_of, normalize
-from .replay import Batch
-from ..models.teacher import Teacher, topk_tensors
+from ..models.teacher import Teacher
+from .live import LiveTeacher
+from .losses import Targets, sparse_kd_loss
+from .replay import Batch, Binding
 
 
 @dataclass
@@ -48,9 +49,20 @@ class StudentInput:
         return torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
 
     def logits(self, model, pixels: torch.Tensor) -> torch.Tensor:
-        x = self.prepare(pixels)
+        """The student's logits on float pixels in [0, 1] (normalised here)."""
+        return self.forward(model, self.prepare(pixels))
+
+    def forward(self, model, images: torch.Tensor) -> torch.Tensor:
+        """The student's logits on images already normalised (``batch.images``)."""
         with self.autocast():
-            return logits_of(model(x))
+            return logits_of(model(images))
+
+    def images(self, batch: Batch) -> torch.Tensor:
+        """The batch's normalised images: ``batch.images`` as ``ReplayLoader`` bound them (a batch made
+        elsewhere is bound here first, with this student's normalisation)."""
+        if batch.bound is None:
+            batch.bind(Binding(self.device, tuple(self.mean), tuple(self.std), self.channels_last))
+        return batch.images
 
     def prepare(self, pixels: torch.Tensor) -> torch.Tensor:
         """Normalised pixels in the student's memory format."""
@@ -61,10 +73,13 @@ class StudentInput:
 
     def exits(self, model, pixels: torch.Tensor) -> dict:
         """Every exit of a multi-exit student (``exits.MultiExit``, possibly wrapped in DDP or
-        torch.compile): ``{"logits": [...], "features": [...]}``, shallow to deep."""
-        x = self.prepare(pixels)
+        torch.compile) on float pixels in [0, 1]: ``{"logits": [...], "features": [...]}``, shallow to deep."""
+        return self.forward_exits(model, self.prepare(pixels))
+
+    def forward_exits(self, model, images: torch.Tensor) -> dict:
+        """``exits`` on images already normalised (``batch.images``)."""
         with self.autocast():
-            return model(x, all_exits=True)
+            return model(images, all_exits=True)
 
 
 class LabelsTask:
@@ -76,12 +91,12 @@ class LabelsTask:
         self.inputs, self.num_classes = inputs, num_classes
 
     def __call__(self, model, batch: Batch) -> dict:
-        z = self.inputs.logits(model, batch.pixels(self.inputs.device))
+        z = self.inputs.forward(model, self.inputs.images(batch))
         return self.loss_terms(z, batch)
 
     def loss_terms(self, z: torch.Tensor, batch: Batch, targets=None) -> dict:
         """The terms of these logits on this batch (``targets`` unused: labels only)."""
-        loss = F.cross_entropy(z.float(), batch.targets(self.num_classes, self.inputs.device))
+        loss = F.cross_entropy(z.float(), batch.label_targets(self.num_classes, self.inputs.device))
         return {"loss": loss, "kd": None, "ce": loss.detach()}
 
 
@@ -95,11 +110,11 @@ class KDLoss:
     label_weight: float = 0.0
     backend: str = "auto"
 
-    def terms(self, z: torch.Tensor, batch: Batch, targets, num_classes: int, device) -> dict:
-        """``{loss, kd, ce}`` of logits ``z`` against ``targets`` = (top-k log-probs, class ids)."""
-        lp, ids = targets
+    def terms(self, z: torch.Tensor, batch: Batch, targets: Targets, num_classes: int, device) -> dict:
+        """``{loss, kd, ce}`` of logits ``z`` against the batch's teacher ``targets``."""
+        lp, ids = targets.logprobs, targets.classes
         has_labels = bool((batch.label >= 0).all())
-        labels = batch.targets(num_classes, device) if has_labels else None
+        labels = batch.label_targets(num_classes, device) if has_labels else None
         # The logits go in their own dtype: the fused kernel reads bf16/fp16 and writes the gradient in it.
         loss = sparse_kd_loss(z, lp, ids, temperature=self.temperature, tail=self.tail,
                               labels=labels if self.label_weight > 0 else None, label_weight=self.label_weight,
@@ -113,11 +128,10 @@ class KDLoss:
 
 
 def kd_step(task, model, batch: Batch) -> dict:
-    """One KD step of a task with teacher targets: the student's logits on the batch's pixels,
-    against the targets ``task.teacher_targets`` gives for the very same pixels."""
-    pixels = batch.pixels(task.inputs.device)
-    z = task.inputs.logits(model, pixels)
-    return task.loss_terms(z, batch, task.teacher_targets(batch, pixels))
+    """One KD step of a task with teacher targets: the student's logits on the batch's images,
+    against the targets ``task.teacher_targets`` gives for the very same views."""
+    z = task.inputs.forward(model, task.inputs.images(batch))
+    return task.loss_terms(z, batch, task.teacher_targets(batch))
 
 
 class CachedKDTask:
@@ -130,13 +144,13 @@ class CachedKDTask:
         self.inputs, self.num_classes = inputs, num_classes
         self.kd = KDLoss(temperature, tail, label_weight, backend)
 
-    def teacher_targets(self, batch: Batch, pixels: torch.Tensor):
-        """(top-k log-probs, class ids) of the batch, from the cache, on the device."""
+    def teacher_targets(self, batch: Batch) -> Targets:
+        """The batch's targets from the cache, on the device."""
         dev = self.inputs.device
-        return batch.logprobs.to(dev, non_blocking=True), batch.classes.to(dev, non_blocking=True)
+        return Targets(batch.classes.to(dev, non_blocking=True), batch.logprobs.to(dev, non_blocking=True))
 
     def loss_terms(self, z: torch.Tensor, batch: Batch, targets) -> dict:
-        """The terms of these logits against ``targets`` (``self.teacher_targets(batch, pixels)``)."""
+        """The terms of these logits against ``targets`` (``self.teacher_targets(batch)``)."""
         return self.kd.terms(z, batch, targets, self.num_classes, self.inputs.device)
 
     def __call__(self, model, batch: Batch) -> dict:
@@ -148,16 +162,17 @@ class LiveKDTask:
 
     name = "live"
 
-    def __init__(self, inputs: StudentInput, num_classes: int, teacher: Teacher, topk: int, mean, std,
-                 temperature: float = 1.0, tail: str = "uniform", label_weight: float = 0.0, backend: str = "auto"):
+    def __init__(self, inputs: StudentInput, num_classes: int, teacher: Teacher | LiveTeacher, topk: int | None = None,
+                 mean=None, std=None, temperature: float = 1.0, tail: str = "uniform", label_weight: float = 0.0,
+                 backend: str = "auto"):
         self.inputs, self.num_classes = inputs, num_classes
         self.kd = KDLoss(temperature, tail, label_weight, backend)
-        self.teacher, self.topk, self.mean, self.std = teacher, topk, mean, std
+        self.live = teacher if isinstance(teacher, LiveTeacher) else LiveTeacher(teacher, topk, tuple(mean), tuple(std))
 
-    def teacher_targets(self, batch: Batch, pixels: torch.Tensor):
+    def teacher_targets(self, batch: Batch) -> Targets:
         """The live teacher's top-k on the batch's views (at its own resolution when that differs)."""
-        tx = batch.teacher_pixels(self.inputs.device)
-        return topk_tensors(self.teacher, pixels if tx is None else tx, self.topk, self.mean, self.std)
+        self.inputs.images(batch)  # bound, so the pixels are made once for student and teacher
+        return self.live.targets(batch)
 
     def loss_terms(self, z: torch.Tensor, batch: Batch, targets) -> dict:
         return self.kd.terms(z, batch, targets, self.num_classes, self.inputs.device)

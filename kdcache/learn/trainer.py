@@ -3,14 +3,13 @@
 Read top to bottom:
 
 1. ``TrainConfig`` holds the settings and checks them when it is made (CLI and Python API alike).
-2. ``setup(cfg)`` resolves the mode — ``cached`` (targets from ``--cache``), ``live`` (a teacher
-   run on the very views the stream replays, top-k cast exactly like precompute's), or ``labels``
-   (cross-entropy only) — and checks everything it can before the first step: cache against data
-   (shard groups, keys), class counts against the student head, labels present when needed, the
-   student spec, the validation classes. It returns a ``Run``: the model, the task
-   (``tasks.py``), the stream, the step plan and the run directory.
-3. The stream (``replay.ReplayStream``) yields the same batches for a given ``(seed, epoch)``
-   whatever happened before, so a checkpoint only has to record ``(epoch, step in epoch)``
+2. ``setup(cfg)`` lets the mode's factory (``modes.py``: ``cached``, ``live`` or ``labels``) resolve
+   what the mode needs, builds the student and the mode's task, and checks everything it can
+   before the first step: cache against data (shard groups, keys), class counts against the
+   student head, labels present when needed, the student spec, the validation classes. It
+   returns a ``Run``: the model, the task (``tasks.py``), the loader, the step plan.
+3. The loader (``loader.ReplayLoader``: the library's, so the trainer is its first user) yields the
+   same batches for a given ``(seed, epoch)`` whatever happened before, so a checkpoint only has to record ``(epoch, step in epoch)``
    (``run_state.RunState``): a resumed run skips the epoch's first batches (without rendering
    them) and continues with the same weights, optimizer state and RNG state — on CPU the final
    weights are bitwise those of an uninterrupted run.
@@ -45,7 +44,8 @@ from ..models.factory import ModelInfo
 from ..runtime import barrier, init_distributed, resolve_device, set_threads
 from . import modes
 from .config import TrainConfig
-from .replay import ReplayStream, StreamConfig, epoch_batches, prepare_shards
+from .loader import ReplayLoader
+from .replay import prepare_shards
 from .run_state import MetricsLog, Meter, RunState, atomic_json, atomic_save, restore
 from .selfdistill import SelfDistillTask
 from .student import build_student
@@ -150,7 +150,7 @@ class Run:
     model: torch.nn.Module
     task: object  # a tasks.*Task
     inputs: StudentInput
-    stream: ReplayStream
+    loader: ReplayLoader
     steps_per_epoch: list[int]
     dropped: list[int]
     val_stream: ValStream | None
@@ -199,23 +199,23 @@ def setup(cfg: TrainConfig) -> Run:
                            "views are unmixed crops, so they cannot match. Use --student-view cache, or a cache "
                            "made without --mixup")
 
-    # -- data: checks that need no decoding, then the stream --
+    # -- data: checks that need no decoding, then the loader (the library's ReplayLoader) --
     need_labels = mode.labels_needed or cfg.label_weight > 0 or (cfg.self_distill and cfg.sd_alpha < 1)
-    shards = prepare_shards(urls, reader, need_labels, rank, world, skip_bad=cfg.skip_bad, num_classes=C)
+    view_seed = cfg.seed if cfg.view_seed is None else cfg.view_seed
+    loader = ReplayLoader(
+        urls, reader, cfg.batch_size, res=res, rank=rank, world=world, workers=cfg.workers, seed=cfg.seed,
+        student_view=cfg.student_view, device=device, mean=sinfo.mean, std=sinfo.std,
+        channels_last=cfg.channels_last, labels=need_labels, targets=mode.with_targets, num_classes=C,
+        views=cfg.views, view_seed=view_seed, aug=cfg.aug, teacher_res=mode.teacher_res,
+        shuffle_buffer=cfg.shuffle_buffer, skip_bad=cfg.skip_bad, worker_timeout=cfg.worker_timeout,
+        check_digests=not cfg.allow_edited_cache, storage_options=cfg.storage_options)
+    shards = loader.shards
     val_stream = None
     if cfg.val_data:
         val_shards = prepare_shards(expand_urls(cfg.val_data), None, True, rank, world, num_classes=C)
         val_stream = ValStream(val_shards, res, cfg.val_batch_size or cfg.batch_size, rank, world, cfg.skip_bad)
-    view_seed = cfg.seed if cfg.view_seed is None else cfg.view_seed
-    stream = ReplayStream(shards, StreamConfig(
-        batch_size=cfg.batch_size, res=res, seed=cfg.seed, cache=cfg.cache, storage_options=cfg.storage_options,
-        with_targets=mode.with_targets, teacher_res=mode.teacher_res, views=cfg.views, view_seed=view_seed,
-        aug=cfg.aug, need_labels=need_labels, num_classes=C, shuffle_buffer=cfg.shuffle_buffer, rank=rank,
-        world=world, workers=cfg.workers, skip_bad=cfg.skip_bad, worker_timeout=cfg.worker_timeout,
-        check_digests=not cfg.allow_edited_cache, student_view=cfg.student_view,
-    ))
-    plans = [stream.plan(e) for e in range(cfg.epochs)]
-    V = stream.num_views
+    plans = [loader.plan(e) for e in range(cfg.epochs)]
+    V = loader.num_views
     views_reused = V is not None and cfg.epochs > V
     _setup_notes(cfg, rank, world, manifest, shards, plans, V)
 
@@ -236,7 +236,7 @@ def setup(cfg: TrainConfig) -> Run:
                              "names": model.exit_names}
     bad_keys = [f"{s.name}/{k}" for s in shards for k in s.bad]
     return Run(cfg=cfg, mode=mode.name, rank=rank, world=world, device=device, num_classes=C, student=sinfo,
-               model=model, task=task, inputs=inputs, stream=stream, steps_per_epoch=[p.steps for p in plans],
+               model=model, task=task, inputs=inputs, loader=loader, steps_per_epoch=[p.steps for p in plans],
                dropped=[p.dropped for p in plans], val_stream=val_stream,
                run_config={**asdict(cfg), "resolved": resolved}, views_reused=views_reused, bad_keys=bad_keys,
                t_setup=t_setup)
@@ -418,8 +418,8 @@ def train(cfg: TrainConfig) -> dict:
         state.record_val(evaluate(_unwrap(net), run))
         log.log({"step": state.global_step, "epoch": state.epoch, **state.last_val})
 
-    _say(run.rank, f"kdcache train: mode {run.mode}, {count(len(run.stream.shards), 'shard')}, "
-         f"{sum(s.count for s in run.stream.shards)} records, {run.num_classes} classes, {cfg.epochs} epochs x "
+    _say(run.rank, f"kdcache train: mode {run.mode}, {count(len(run.loader.shards), 'shard')}, "
+         f"{sum(s.count for s in run.loader.shards)} records, {run.num_classes} classes, {cfg.epochs} epochs x "
          f"{run.steps_per_epoch[0]} steps, device {run.device}, world {run.world}")
     bar = _progress_bar(run, state)
     setup_s = time.perf_counter() - run.t_setup
@@ -427,7 +427,8 @@ def train(cfg: TrainConfig) -> dict:
     while state.epoch < cfg.epochs and not stopped:
         epoch, steps, t_epoch = state.epoch, run.steps_per_epoch[state.epoch], time.perf_counter()
         meter.resume()
-        for batch in epoch_batches(run.stream, epoch, skip_batches=state.step_in_epoch, pin_memory=run.device.type == "cuda"):
+        run.loader.set_epoch(epoch, skip_batches=state.step_in_epoch)
+        for batch in run.loader:
             lr = lr_at(state.global_step, cfg.base_lr, cfg.warmup_steps, run.total_steps, cfg.min_lr)
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -529,7 +530,7 @@ def finish(run: Run, state: RunState, net, setup_s: float) -> dict:
         "main_cpu_ms_per_image": 1000.0 * state.train_cpu_s / max(state.images_seen / run.world, 1),
         "cache": cfg.cache, "cache_manifest_sha256": run.run_config["resolved"]["cache_manifest_sha256"],
         "cache_targets_sha256": run.run_config["resolved"]["cache_targets_sha256"],
-        "views": run.stream.num_views, "views_reused": run.views_reused,
+        "views": run.loader.num_views, "views_reused": run.views_reused,
         "student_view": run.run_config["resolved"]["student_view"],
         "records_dropped": sum(run.dropped),
         "bad_records": len(run.bad_keys), "bad_keys": run.bad_keys[:BAD_KEYS_SHOWN],
