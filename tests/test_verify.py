@@ -18,7 +18,7 @@ from PIL import Image
 
 from conftest import NUM_CLASSES, TEACHER, plain_keys, precompute_config, sharp_teacher, snapshot
 from kdcache.cli import cli
-from kdcache.tools.verify import compare_record
+from kdcache.cache.agreement import compare_record
 
 
 def run(*args):

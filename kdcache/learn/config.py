@@ -142,6 +142,10 @@ class TrainConfig:
     student_view: str = "cache"
     loss_backend: str = "auto"
     stop_after: int | None = None  # stop after this many global steps (checkpoint written, no summary)
+    # Re-run the cache's teacher on this fraction of the steps and compare with the stored targets
+    # (spotcheck.py); a disagreement stops the run (exit 1) unless spot_check_warn.
+    spot_check: float = 0.0
+    spot_check_warn: bool = False
     progress: bool = True
     storage_options: dict | None = None
     # Self-distillation (selfdistill.py, exits.py): exits after the student's stages, deep-to-shallow distillation.
@@ -178,6 +182,15 @@ class TrainConfig:
         if self.student_view == "fresh" and (self.teacher or self.mode == "live"):
             raise KdcacheError("--student-view fresh needs cached targets: a live teacher always sees the student's "
                                "own view (use --mode cached, or drop --teacher)")
+        if not 0.0 <= self.spot_check <= 1.0:
+            raise KdcacheError(f"--spot-check is the fraction of steps to check, in [0, 1]; got {self.spot_check}")
+        if self.spot_check > 0 and not (self.cache and pick_mode(self) == "cached"):
+            raise KdcacheError("--spot-check re-runs the cache's teacher against the cache's targets: it needs --cache "
+                               "in cached mode (a live teacher is checked by construction)")
+        if self.spot_check > 0 and self.student_view == "fresh":
+            raise KdcacheError("--spot-check compares the teacher on the views it saw; with --student-view fresh the "
+                               "student trains on its own crops, so there is nothing to compare. Check the cache with "
+                               "`kdcache verify` instead")
         if self.student_view == "fresh" and self.aug.mixup:
             raise KdcacheError("--student-view fresh gives the student unmixed crops of its own; drop --mixup")
         pick_mode(self)  # the flag combinations

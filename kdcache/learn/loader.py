@@ -86,7 +86,10 @@ class ReplayLoader:
         self.device = resolve_device("auto") if device is None else torch.device(device)
         self.pin_memory = self.device.type == "cuda" if pin_memory is None else pin_memory
         urls = expand_urls(data)
-        self.shards: list[ShardInfo] = prepare_shards(urls, self.reader, labels, rank, world, skip_bad=skip_bad,
+        # Ranks split the checks between them when they can talk (a process group); otherwise each checks all.
+        together = world > 1 and dist.is_available() and dist.is_initialized()
+        self.shards: list[ShardInfo] = prepare_shards(urls, self.reader, labels, rank if together else 0,
+                                                      world if together else 1, skip_bad=skip_bad,
                                                       num_classes=self.num_classes)
         with_targets = bool(targets) and self.reader is not None
         kind = self.reader.kind if self.reader is not None else "topk"

@@ -62,6 +62,10 @@ class StudentInput:
         elsewhere is bound here first, with this student's normalisation)."""
         if batch.bound is None:
             batch.bind(Binding(self.device, tuple(self.mean), tuple(self.std), self.channels_last))
+        b = batch.bound
+        if (b.device, tuple(b.mean), tuple(b.std), b.channels_last) != (
+                torch.device(self.device), tuple(self.mean), tuple(self.std), self.channels_last):
+            return self.prepare(batch.pixels(self.device))  # bound for another normalisation: not this student's
         return batch.images
 
     def prepare(self, pixels: torch.Tensor) -> torch.Tensor:

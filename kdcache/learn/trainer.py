@@ -48,6 +48,7 @@ from .loader import ReplayLoader
 from .replay import prepare_shards
 from .run_state import MetricsLog, Meter, RunState, atomic_json, atomic_save, restore
 from .selfdistill import SelfDistillTask
+from .spotcheck import SpotCheck, spot_totals
 from .student import build_student
 from .tasks import StudentInput
 from .validation import ValStream, val_logits
@@ -58,8 +59,8 @@ BAD_KEYS_SHOWN = 20  # bad records named on stderr and in summary.json (all are 
 # Settings a resumed run may change. They are recorded in config.json ("resumes": step, old and new
 # value); every other setting must stay as the run started, or the resume is refused.
 RESUME_MAY_CHANGE = ("epochs", "workers", "worker_timeout", "threads", "log_every", "eval_every", "eval_epochs",
-                     "checkpoint_every", "val_data", "val_batch_size", "stop_after", "progress", "resume", "device",
-                     "loss_backend", "compile", "storage_options")
+                     "checkpoint_every", "val_data", "val_batch_size", "stop_after", "spot_check", "spot_check_warn",
+                     "progress", "resume", "device", "loss_backend", "compile", "storage_options")
 # Of the resolved settings, these describe the machine or follow from the above: recorded, not checked.
 RESOLVED_MAY_CHANGE = ("device", "amp", "torch", "steps_per_epoch", "total_steps", "threads")
 
@@ -158,6 +159,7 @@ class Run:
     views_reused: bool
     bad_keys: list[str]
     t_setup: float
+    spot: SpotCheck | None = None  # --spot-check
 
     @property
     def total_steps(self) -> int:
@@ -199,6 +201,14 @@ def setup(cfg: TrainConfig) -> Run:
                            "views are unmixed crops, so they cannot match. Use --student-view cache, or a cache "
                            "made without --mixup")
 
+    spot = None
+    if cfg.spot_check > 0:  # the cache's own teacher, on the cache's resolution
+        spot = SpotCheck.for_cache(reader, cfg.spot_check, weights=cfg.teacher_weights, device=device, seed=cfg.seed,
+                                   strict=not cfg.spot_check_warn)
+    teacher_res = mode.teacher_res
+    if spot is not None and spot.live.res != res:
+        teacher_res = spot.live.res
+
     # -- data: checks that need no decoding, then the loader (the library's ReplayLoader) --
     need_labels = mode.labels_needed or cfg.label_weight > 0 or (cfg.self_distill and cfg.sd_alpha < 1)
     view_seed = cfg.seed if cfg.view_seed is None else cfg.view_seed
@@ -206,7 +216,7 @@ def setup(cfg: TrainConfig) -> Run:
         urls, reader, cfg.batch_size, res=res, rank=rank, world=world, workers=cfg.workers, seed=cfg.seed,
         student_view=cfg.student_view, device=device, mean=sinfo.mean, std=sinfo.std,
         channels_last=cfg.channels_last, labels=need_labels, targets=mode.with_targets, num_classes=C,
-        views=cfg.views, view_seed=view_seed, aug=cfg.aug, teacher_res=mode.teacher_res,
+        views=cfg.views, view_seed=view_seed, aug=cfg.aug, teacher_res=teacher_res,
         shuffle_buffer=cfg.shuffle_buffer, skip_bad=cfg.skip_bad, worker_timeout=cfg.worker_timeout,
         check_digests=not cfg.allow_edited_cache, storage_options=cfg.storage_options)
     shards = loader.shards
@@ -239,7 +249,7 @@ def setup(cfg: TrainConfig) -> Run:
                model=model, task=task, inputs=inputs, loader=loader, steps_per_epoch=[p.steps for p in plans],
                dropped=[p.dropped for p in plans], val_stream=val_stream,
                run_config={**asdict(cfg), "resolved": resolved}, views_reused=views_reused, bad_keys=bad_keys,
-               t_setup=t_setup)
+               t_setup=t_setup, spot=spot)
 
 
 def _place(cfg: TrainConfig):
@@ -429,6 +439,8 @@ def train(cfg: TrainConfig) -> dict:
         meter.resume()
         run.loader.set_epoch(epoch, skip_batches=state.step_in_epoch)
         for batch in run.loader:
+            if run.spot is not None and run.spot.due(epoch, state.step_in_epoch):
+                spot_step(run, batch, state, log)
             lr = lr_at(state.global_step, cfg.base_lr, cfg.warmup_steps, run.total_steps, cfg.min_lr)
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -480,6 +492,16 @@ def train(cfg: TrainConfig) -> dict:
     return finish(run, state, net, setup_s)
 
 
+def spot_step(run: Run, batch, state: RunState, log: MetricsLog) -> None:
+    """``--spot-check`` on this step's batch, before it is trained on: the figures go to the log; a
+    disagreement stops the run (``SpotCheckError``) or, with ``--spot-check-warn``, is reported."""
+    rec = run.spot.check(batch, run.world)
+    log.log({"step": state.global_step + 1, "epoch": state.epoch, **rec})
+    if rec["spot_failures"]:
+        _say(run.rank, f"warning: spot check at step {state.global_step + 1}: {count(rec['spot_failures'], 'record')} "
+             f"disagree with the cache (first: {rec.get('spot_first_failure', 'on another rank')})")
+
+
 def _wrap(run: Run):
     """The model the loop trains: DDP under torchrun, ``torch.compile`` with ``--compile``."""
     net = run.model
@@ -514,6 +536,14 @@ def already_complete(run: Run, state: RunState) -> dict:
     return finish(run, state, run.model, 0.0)
 
 
+def _logged(out: str) -> list[dict]:
+    path = os.path.join(out, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def finish(run: Run, state: RunState, net, setup_s: float) -> dict:
     """Write ``model.pt`` and ``summary.json`` (rank 0); return the summary."""
     cfg = run.cfg
@@ -535,6 +565,8 @@ def finish(run: Run, state: RunState, net, setup_s: float) -> dict:
         "records_dropped": sum(run.dropped),
         "bad_records": len(run.bad_keys), "bad_keys": run.bad_keys[:BAD_KEYS_SHOWN],
     }
+    if run.spot is not None:  # every check the run made, resumed parts included (from metrics.jsonl)
+        summary["spot_check"] = {"fraction": cfg.spot_check, **(spot_totals(_logged(cfg.out)) or {"batches": 0})}
     if cfg.self_distill:  # every exit's last validation top-1 (val_top1_exit<s>), the deepest's is final_val_top1
         summary["final_val_top1_exits"] = {k[len("val_top1_"):]: v for k, v in state.last_val.items()
                                            if k.startswith("val_top1_exit")}
