@@ -6,7 +6,11 @@ three times on the cache's views through the same replay stream:
 - ``labels``: cross-entropy on the shards' labels (``--mode labels`` with ``--cache``: the cache
   only supplies the views, so the pipeline is identical);
 - ``cached``: sparse-KD loss on the cached top-k (the teacher never runs);
-- ``live``: the teacher runs on every batch (``--teacher``), top-k taken like precompute's.
+- ``live``: the teacher runs on every batch (``--teacher``), top-k taken like precompute's;
+- ``spot``: cached KD with ``--spot-check 1`` (the cache's teacher re-run on every step and compared
+  with the stored targets). Its cost is linear in the fraction of steps checked, so the overhead of
+  ``--spot-check F`` is F x (spot - cached); the table gives it at F = 0.01, as a share of what a
+  live teacher adds (live - cached).
 
 Reported per mode:
 
@@ -119,11 +123,12 @@ def main(argv=None):
                 threads=torch.get_num_threads(),
             ))
             row = {"teacher": teacher, "precompute_images_per_s": pre["images"] * a.views / (time.perf_counter() - t0)}
-            runs: dict[str, list] = {"labels": [], "cached": [], "live": []}
-            for mode in ["labels", "cached"] * a.repeats + ["live"]:
+            runs: dict[str, list] = {"labels": [], "cached": [], "live": [], "spot": []}
+            for mode in ["labels", "cached"] * a.repeats + ["live", "spot"]:
                 run = work / f"run-{tag}-{mode}"
                 shutil.rmtree(run, ignore_errors=True)
-                kw = dict(teacher=teacher, mode="live") if mode == "live" else dict(mode=mode)
+                kw = {"live": dict(teacher=teacher, mode="live"), "spot": dict(mode="cached", spot_check=1.0)}.get(
+                    mode, dict(mode=mode))
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # views reused when epochs > V: expected here
                     s = train(TrainConfig(
@@ -142,6 +147,10 @@ def main(argv=None):
             row["cached_over_live"] = row["cached"] / row["live"]
             row["cpu_cached_over_labels"] = row["labels_cpu_ms"] / row["cached_cpu_ms"]  # as a throughput ratio
             row["cpu_cached_over_live"] = row["live_cpu_ms"] / row["cached_cpu_ms"]
+            # --spot-check 0.01: 1 % of the per-step cost of checking, against what a live teacher adds
+            row["spot_0_01_over_live_extra"] = 0.01 * (row["spot_cpu_ms"] - row["cached_cpu_ms"]) / max(
+                row["live_cpu_ms"] - row["cached_cpu_ms"], 1e-9)
+            row["spot_0_01_over_cached"] = 0.01 * (row["spot_cpu_ms"] - row["cached_cpu_ms"]) / row["cached_cpu_ms"]
             results.append(row)
             print(json.dumps(row), flush=True)
     finally:
@@ -155,13 +164,15 @@ def main(argv=None):
           f"{a.images} images in {a.shards} shards, {a.epochs} epochs, V={a.views}, k={a.topk}, workers {a.workers}, "
           f"device {a.device}, torch threads {torch.get_num_threads()}, median of {a.repeats} runs for labels/cached\n")
     print("| teacher | labels-only img/s | cached-KD img/s | live-KD img/s | cached/labels | cached/live "
-          "| main CPU ms/img labels / cached / live | CPU cached/labels | CPU cached/live |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| main CPU ms/img labels / cached / live / spot-1.0 | CPU cached/labels | CPU cached/live "
+          "| --spot-check 0.01 cost: of live's extra / of cached |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         print(f"| {r['teacher']} | {r['labels']:.0f} | {r['cached']:.0f} | {r['live']:.0f} | "
               f"{r['cached_over_labels']:.2f} | {r['cached_over_live']:.2f} | "
-              f"{r['labels_cpu_ms']:.2f} / {r['cached_cpu_ms']:.2f} / {r['live_cpu_ms']:.2f} | "
-              f"{r['cpu_cached_over_labels']:.2f} | {r['cpu_cached_over_live']:.2f} |")
+              f"{r['labels_cpu_ms']:.2f} / {r['cached_cpu_ms']:.2f} / {r['live_cpu_ms']:.2f} / {r['spot_cpu_ms']:.2f} | "
+              f"{r['cpu_cached_over_labels']:.2f} | {r['cpu_cached_over_live']:.2f} | "
+              f"{100 * r['spot_0_01_over_live_extra']:.2f} % / {100 * r['spot_0_01_over_cached']:.2f} % |")
     if a.json:
         Path(a.json).write_text(json.dumps({"machine": machine, "args": vars(a), "results": results}, indent=2))
 

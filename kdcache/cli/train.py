@@ -8,7 +8,7 @@ import click
 
 from ..learn.config import AMP_MODES, MODES, OPTIMIZERS, STUDENT_VIEWS, TrainConfig
 from ..learn.config import SD_TEACHERS
-from ..learn.losses import TAIL_MODES
+from ..learn.losses import BACKENDS as LOSS_BACKENDS, TAIL_MODES
 from ..learn.live import DEFAULT_TOPK
 
 from .options import (augmentation, augmentation_options, config_default, threads_option, worker_timeout_option,
@@ -43,6 +43,10 @@ from .options import (augmentation, augmentation_options, config_default, thread
 @click.option("--temperature", "-T", default=config_default(TrainConfig, 'temperature'), show_default=True, help="Distillation temperature.")
 @click.option("--tail", type=click.Choice(TAIL_MODES), default=config_default(TrainConfig, 'tail'), show_default=True,
               help="How the teacher's mass outside the top-k is modelled.")
+@click.option("--loss-backend", type=click.Choice(LOSS_BACKENDS), default=config_default(TrainConfig, "loss_backend"),
+              show_default=True,
+              help="The KD loss: auto (the fused Triton kernel for CUDA logits when Triton imports, else PyTorch), "
+                   "torch (the PyTorch reference everywhere), triton (the kernel; fails where it cannot run).")
 @click.option("--label-weight", default=config_default(TrainConfig, 'label_weight'), show_default=True, help="Weight of the cross-entropy on labels (needs cls).")
 @click.option("--res", type=int, default=None, help="Student input resolution [default: the cache's, else 224].")
 @click.option("--teacher-res", type=int, default=None, help="Live teacher resolution [default: the cache's, else --res].")

@@ -590,24 +590,6 @@ def mix_pixels(own: torch.Tensor, other: torch.Tensor | None, lam) -> torch.Tens
     return x.mul_(lam).add_(y.mul_(1.0 - lam))
 
 
-def render_crops(
-    image,
-    view: View,
-    size: int,
-    partner=None,
-    partner_view: View | None = None,
-    renderer=None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The uint8 crops a view needs: its own, and its partner's when mixed (else ``None``)."""
-    renderer = renderer or PIL_RENDERER
-    own = renderer.crops([(image, view)], size)[0]
-    if not view.mixed:
-        return own, None
-    if partner is None or partner_view is None:
-        raise ValueError("a mixed view needs its partner's image and view to render")
-    return own, renderer.crops([(partner, partner_view)], size)[0]
-
-
 def render(
     image,
     view: View,
@@ -616,14 +598,21 @@ def render(
     partner_view: View | None = None,
     renderer=None,
 ) -> torch.Tensor:
-    """The pixels a model sees for ``view``: float32 CHW in [0, 1], not yet normalised.
+    """The pixels a model sees for ``view``: float32 CHW in [0, 1], not yet normalised. One image at a
+    time, for code outside the stages (the public ``kdcache.render``, ``inspect --render``'s checks);
+    the stages render batches through ``crop_batch``, which gives the same pixels.
 
     For a mixed view, pass the partner record's decoded image and *its* view of the same view
     index; the result is ``λ·own + (1 − λ)·partner`` with λ = ``view.mix_lam``. ``renderer``: the
     backend (default PIL; the images must be that backend's decoded images).
     """
-    own, other = render_crops(image, view, size, partner, partner_view, renderer)
-    return mix_pixels(own, other, view.mix_lam)
+    renderer = renderer or PIL_RENDERER
+    own = renderer.crops([(image, view)], size)[0]
+    if not view.mixed:
+        return mix_pixels(own, None, None)
+    if partner is None or partner_view is None:
+        raise ValueError("a mixed view needs its partner's image and view to render")
+    return mix_pixels(own, renderer.crops([(partner, partner_view)], size)[0], view.mix_lam)
 
 
 @dataclass

@@ -140,7 +140,7 @@ class TrainConfig:
     # seeded crop each epoch, targets from the cache (independent views, or the fixed teacher with a
     # --center-crop cache).
     student_view: str = "cache"
-    loss_backend: str = "auto"
+    loss_backend: str = "auto"  # the KD loss: auto (the Triton kernel on CUDA), torch (the reference), triton
     stop_after: int | None = None  # stop after this many global steps (checkpoint written, no summary)
     # Re-run the cache's teacher on this fraction of the steps and compare with the stored targets
     # (spotcheck.py); a disagreement stops the run (exit 1) unless spot_check_warn.
@@ -161,10 +161,10 @@ class TrainConfig:
                           ("eval_epochs", 1)):
             if getattr(self, name) is not None and getattr(self, name) < low:
                 raise KdcacheError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
-        from .losses import TAIL_MODES
+        from .losses import BACKENDS as LOSS_BACKENDS, TAIL_MODES
 
         choices = (("mode", MODES), ("optimizer", OPTIMIZERS), ("amp", AMP_MODES), ("tail", TAIL_MODES),
-                   ("student_view", STUDENT_VIEWS))
+                   ("student_view", STUDENT_VIEWS), ("loss_backend", LOSS_BACKENDS))
         for name, allowed in choices:
             if getattr(self, name) not in allowed:
                 raise KdcacheError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
