@@ -72,6 +72,9 @@ from .options import (augmentation, augmentation_options, config_default, thread
 @click.option("--shuffle-buffer", default=config_default(TrainConfig, 'shuffle_buffer'), show_default=True, help="Records in each worker's shuffle buffer.")
 @click.option("--views", type=int, default=None,
               help="Without a cache: V views per image, epoch e uses view e mod V [default: a fresh view every epoch].")
+@click.option("--views-used", type=int, default=None, metavar="N",
+              help="With --cache: replay only the cache's first N views (epoch e uses view e mod N) [default: all "
+                   "V]. One cache of V views then serves a sweep over the view budget; view v does not depend on V.")
 @click.option("--view-seed", type=int, default=None, help="Seed of the views the trainer draws itself (without a cache, or with --student-view fresh) [default: --seed].")
 @augmentation_options("The trainer's own views (without a cache, or --student-view fresh): ")
 @click.option("--skip-bad", is_flag=True,

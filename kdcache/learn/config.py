@@ -140,6 +140,7 @@ class TrainConfig:
     # seeded crop each epoch, targets from the cache (independent views, or the fixed teacher with a
     # --center-crop cache).
     student_view: str = "cache"
+    views_used: int | None = None  # with a cache: replay its first N views only (epoch e: view e mod N)
     loss_backend: str = "auto"  # the KD loss: auto (the Triton kernel on CUDA), torch (the reference), triton
     stop_after: int | None = None  # stop after this many global steps (checkpoint written, no summary)
     # Re-run the cache's teacher on this fraction of the steps and compare with the stored targets
@@ -174,6 +175,11 @@ class TrainConfig:
             raise KdcacheError(f"--label-weight must be >= 0, got {self.label_weight}")
         if self.views is not None and self.views < 1:
             raise KdcacheError("--views must be at least 1")
+        if self.views_used is not None and not self.cache:
+            raise KdcacheError("--views-used picks among a cache's stored views: it needs --cache (without one, "
+                               "--views V sets how many views the trainer draws)")
+        if self.views_used is not None and self.views_used < 1:
+            raise KdcacheError(f"--views-used must be at least 1, got {self.views_used}")
         if not isinstance(self.aug, AugSpec):
             raise KdcacheError(f"aug must be a views.AugSpec, got {type(self.aug).__name__}")
         if self.student_view == "fresh" and not self.cache:

@@ -53,6 +53,8 @@ class ReplayLoader:
         workers: DataLoader worker processes (each owns whole shards). seed: shard order and shuffle.
         student_view: ``"cache"`` (the teacher's view: consistent teaching) or ``"fresh"`` (the
             student draws its own crop each epoch, the targets stay the cache's view).
+        views_used: replay only the cache's first N views (epoch e uses view e mod N), so one cache
+            serves a sweep over the view budget.
         device, mean, std, channels_last: where ``batch.images`` live and how they are normalised.
         labels: require a ``cls`` label on every record (for a loss on labels).
         targets: ship the cache's targets (False: the cache's views only).
@@ -61,7 +63,7 @@ class ReplayLoader:
 
     def __init__(self, data, cache=None, batch_size: int = 128, *, res: int | None = None,
                  rank: int | None = None, world: int | None = None, workers: int = 0, seed: int = 0,
-                 student_view: str = "cache", device=None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 student_view: str = "cache", views_used: int | None = None, device=None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                  channels_last: bool = False, labels: bool = False, targets: bool = True,
                  num_classes: int | None = None, views: int | None = None, view_seed: int | None = None,
                  aug: AugSpec | None = None, teacher_res: int | None = None, shuffle_buffer: int = 1024,
@@ -69,6 +71,8 @@ class ReplayLoader:
                  storage_options: dict | None = None, pin_memory: bool | None = None):
         if student_view not in STUDENT_VIEWS:
             raise KdcacheError(f"student_view must be one of {', '.join(STUDENT_VIEWS)}, got {student_view!r}")
+        if views_used is not None and cache is None:
+            raise KdcacheError("views_used picks among a cache's stored views; without a cache use views=")
         if student_view == "fresh" and cache is None:
             raise KdcacheError("student_view='fresh' draws the student its own crops against a cache's targets; it "
                                "needs a cache")
@@ -102,12 +106,14 @@ class ReplayLoader:
             view_seed=seed if view_seed is None else view_seed, aug=aug or AugSpec(), need_labels=labels,
             num_classes=self.num_classes, shuffle_buffer=shuffle_buffer, rank=rank, world=world, workers=workers,
             skip_bad=skip_bad, worker_timeout=worker_timeout, check_digests=check_digests, student_view=student_view,
+            views_used=views_used,
         ))
         self.epoch, self.skip_batches = 0, 0
 
     @property
     def num_views(self) -> int | None:
-        """V: the cache's views (or ``views`` without a cache; None: a fresh view every epoch)."""
+        """The views replayed: the cache's V (or ``views_used`` of them; ``views`` without a cache; None:
+        a fresh view every epoch)."""
         return self.stream.num_views
 
     @property

@@ -453,6 +453,7 @@ class StreamConfig:
     # still the cache's view e mod V (independent views; the fixed-teacher baseline with a
     # centre-crop cache).
     student_view: str = "cache"
+    views_used: int | None = None  # with a cache: replay only its first N views (epoch e: view e mod N)
     shuffle_buffer: int = 1024
     rank: int = 0
     world: int = 1
@@ -504,6 +505,11 @@ class ReplayStream(IterableDataset):
         if cfg.cache is not None:
             reader = CacheReader(cfg.cache, cfg.storage_options)
             self._cache_views = reader.views
+            if cfg.views_used is not None:
+                if not 1 <= cfg.views_used <= reader.views:
+                    raise KdcacheError(f"--views-used {cfg.views_used}: cache {reader.path} holds {reader.views} views "
+                                       f"per record; use 1..{reader.views}")
+                self._cache_views = cfg.views_used  # the first N stored views, epoch e replays e mod N
             self.renderer = renderer_for(reader.manifest.get("render"))  # the backend that made the cache
 
     # -- plan --

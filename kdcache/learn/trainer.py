@@ -214,7 +214,7 @@ def setup(cfg: TrainConfig) -> Run:
     view_seed = cfg.seed if cfg.view_seed is None else cfg.view_seed
     loader = ReplayLoader(
         urls, reader, cfg.batch_size, res=res, rank=rank, world=world, workers=cfg.workers, seed=cfg.seed,
-        student_view=cfg.student_view, device=device, mean=sinfo.mean, std=sinfo.std,
+        student_view=cfg.student_view, views_used=cfg.views_used, device=device, mean=sinfo.mean, std=sinfo.std,
         channels_last=cfg.channels_last, labels=need_labels, targets=mode.with_targets, num_classes=C,
         views=cfg.views, view_seed=view_seed, aug=cfg.aug, teacher_res=teacher_res,
         shuffle_buffer=cfg.shuffle_buffer, skip_bad=cfg.skip_bad, worker_timeout=cfg.worker_timeout,
@@ -233,7 +233,7 @@ def setup(cfg: TrainConfig) -> Run:
         "mode": mode.name, "num_classes": C, "res": res, "world_size": world, "device": str(device),
         "amp": cfg.amp if device.type == "cuda" else "none",
         "student_mean": list(sinfo.mean), "student_std": list(sinfo.std), "threads": threads,
-        "views": V, "view_seed": view_seed if reader is None else int(manifest["seed"]),
+        "views": V, "cache_views": reader.views if reader is not None else None, "view_seed": view_seed if reader is None else int(manifest["seed"]),
         "student_view": cfg.student_view if reader is not None else "own",
         "steps_per_epoch": [p.steps for p in plans], "total_steps": sum(p.steps for p in plans),
         "cache_manifest_sha256": manifest_digest(manifest) if manifest else None,
@@ -560,7 +560,7 @@ def finish(run: Run, state: RunState, net, setup_s: float) -> dict:
         "main_cpu_ms_per_image": 1000.0 * state.train_cpu_s / max(state.images_seen / run.world, 1),
         "cache": cfg.cache, "cache_manifest_sha256": run.run_config["resolved"]["cache_manifest_sha256"],
         "cache_targets_sha256": run.run_config["resolved"]["cache_targets_sha256"],
-        "views": run.loader.num_views, "views_reused": run.views_reused,
+        "views": run.loader.num_views, "views_used": cfg.views_used, "views_reused": run.views_reused,
         "student_view": run.run_config["resolved"]["student_view"],
         "records_dropped": sum(run.dropped),
         "bad_records": len(run.bad_keys), "bad_keys": run.bad_keys[:BAD_KEYS_SHOWN],
