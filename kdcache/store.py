@@ -54,10 +54,10 @@ from .claims import (  # noqa: F401  (CLAIM_* and the errors are part of the sto
 )
 from . import encoding as enc
 from .errors import KdcacheError
-from .targets import TARGET_KINDS, kind_of, log_weights
+from .targets import MAX_SAMPLES, TARGET_KINDS, kind_of, log_weights
 
 FORMAT_VERSION = 3
-MAX_COUNT = 254  # sampled targets: draws per record (stored counts are uint8, 255 is the fill value)
+MAX_COUNT = MAX_SAMPLES  # sampled targets: draws per record (stored counts are uint8, 255 is the fill value)
 # Cache formats this release reads. Version 2 is version 3's plain top-k layout without the
 # manifest's targets and encoding; version 1 differs from 2 only in the keys array (Zarr string).
 READ_VERSIONS = (1, 2, 3)

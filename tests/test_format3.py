@@ -148,6 +148,48 @@ def test_class_codes_are_exact_for_any_input():
     assert (enc.encode_classes(ordered, lists) == 0).all()
 
 
+def test_class_codes_past_65534_list_entries_widen_instead_of_wrapping():
+    """A class list longer than 65,534 entries (a teacher with that many classes and as many
+    distinct entries over an image's views) needs codes past uint16: they used to wrap."""
+    lists = np.arange(70_000, dtype=np.int32)[None]  # one image, 70,000 distinct classes
+    cls = np.array([[[69_999, 5, 65_536, 65_534, -1]]])
+    codes = enc.encode_classes(cls, lists)
+    assert codes.dtype == np.uint32 and codes[0, 0, -1] == enc.missing_code(np.uint32) == 2**32 - 2
+    assert np.array_equal(enc.decode_classes(codes, lists), cls)
+    assert enc.code_dtype(254) == np.uint8 and enc.code_dtype(255) == np.uint16
+    assert enc.code_dtype(65_534) == np.uint16 and enc.code_dtype(65_535) == np.uint32
+    assert enc.missing_code(np.uint8) == 254 and enc.missing_code(np.uint16) == 65_534  # docs/format.md
+
+
+def test_draws_refuse_more_samples_than_a_count_holds():
+    """Counts are bytes (255 is the fill value): the API refuses more than 254 draws instead of
+    wrapping (300 draws of one class used to come back as 44, 256 as no class at all)."""
+    from kdcache.store import MAX_COUNT
+    from kdcache.targets import MAX_SAMPLES
+
+    assert MAX_SAMPLES == MAX_COUNT == 254
+    onehot = np.array([0.0, -np.inf, -np.inf], np.float32)
+    for n in (255, 256, 300, 0):
+        with pytest.raises(ValueError, match=r"samples must be in 1\.\.254"):
+            draw_batch(onehot[None], ["k"], [0], 0, n)
+        with pytest.raises(ValueError, match=r"samples must be in 1\.\.254"):
+            draw_record(onehot, 0, "k", 0, n)
+    cls, cnt = draw_batch(onehot[None], ["k"], [0], 0, 254)
+    assert cls[0, 0] == 0 and cnt[0, 0] == 254 and cnt.sum() == 254
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_draws_refuse_nan_and_plus_inf_log_probs(bad):
+    """A +inf log-prob is not "probability 0", and a NaN row is not a one-hot of class 0."""
+    logp = np.log(np.array([[0.2, 0.3, 0.5], [0.5, 0.25, 0.25]], np.float32))
+    logp[1, 1] = bad
+    with pytest.raises(ValueError, match="NaN or \\+inf"):
+        draw_batch(logp, ["a", "b"], [0, 0], 0, 8)
+    with pytest.raises(ValueError, match="NaN or \\+inf"):
+        draw_record(logp[1], 0, "b", 0, 8)
+    assert draw_record(logp[0], 0, "a", 0, 8)[1].sum() == 8
+
+
 def test_compact_writer_refuses_views_the_sampler_does_not_draw(tmp_path):
     from kdcache.render import render_backend
     from kdcache.views import AugSpec, sample_shard_views
@@ -263,7 +305,7 @@ def test_a_batch_draws_what_each_record_draws_alone(monkeypatch):
     rng = np.random.default_rng(0)
     for trial in range(120):
         B, C = int(rng.integers(1, 20)), int(rng.choice([1, 2, 3, 7, 17, 100]))
-        N, T = int(rng.choice([1, 2, 9, 16, 255])), float(rng.choice([0.5, 1.0, 3.0]))
+        N, T = int(rng.choice([1, 2, 9, 16, 254])), float(rng.choice([0.5, 1.0, 3.0]))
         z = rng.normal(size=(B, C)) * rng.choice([0.1, 3.0, 30.0])
         if trial % 3 == 0:
             z = np.round(z)  # equal probabilities
