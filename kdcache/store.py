@@ -357,6 +357,15 @@ def targets_digest(groups: dict[str, list[str]]) -> str:
     return h.hexdigest()
 
 
+def nonfinite_records(logprobs, valid) -> list[tuple[int, int]]:
+    """(record, view column) of every good record (``valid``) whose top-k log-probs hold NaN or
+    +inf: values no teacher output has (-inf is a probability of 0, or float16 underflow)."""
+    lp = np.asarray(logprobs)
+    with np.errstate(invalid="ignore"):
+        hit = (np.isnan(lp) | np.isposinf(lp)).any(-1) & np.asarray(valid, dtype=bool)[:, None]
+    return [(int(i), int(j)) for i, j in np.argwhere(hit)]
+
+
 def _keys(keys_array) -> np.ndarray:
     """The keys as a plain numpy unicode array, from either format's keys array."""
     if _is_string_keys(keys_array):  # format 1: zarr returns numpy's variable-width strings
@@ -570,9 +579,11 @@ class CacheReader:
     lists mismatches without raising).
     """
 
-    def __init__(self, path: str, storage_options: dict | None = None, check_digests: bool = True):
+    def __init__(self, path: str, storage_options: dict | None = None, check_digests: bool = True,
+                 check_values: bool = True):
         self.path = str(path)
         self.check_digests = check_digests  # False: read views whose content no longer matches its digest
+        self.check_values = check_values  # False: also read top-k log-probs that are NaN or +inf (inspect)
         self.root, self.manifest = open_manifest(self.path, storage_options)
         self.format_version = int(self.manifest["format_version"])
         self.kind = kind_of(self.manifest)  # "topk" or "sample"
@@ -821,6 +832,8 @@ class CacheReader:
         d = self._decode(name, self._stored(name, view), view)
         if self.check_digests:
             self._check_digest(name, view, attrs, d, 0)
+        if self.check_values:
+            self.check_finite(name, d, [view])
         rec = ViewRecords(
             shard=name, view=view, keys=d["keys"], size=d["size"], logprobs=d["logprobs"][:, 0],
             classes=d["classes"][:, 0], box=d["box"][:, 0], flip=d["flip"][:, 0], mix_with=d["mix_with"][:, 0],
@@ -849,8 +862,14 @@ class CacheReader:
         want = self.view_digests(name)
         if want is None:
             return []
+        got = self.computed_digests(name, data)
+        return [v for v in range(self.views) if got[v] != want[v]]
+
+    def computed_digests(self, name: str, data: dict | None = None) -> list[str]:
+        """The digest of every view of a group as its data (``data``: all views decoded, default read
+        here) is now; ``view_digests`` are the ones precompute recorded."""
         d = data if data is not None else CacheReader._read_all(self, name)
-        return [v for v in range(self.views) if digest_of(self.kind, self.layout, d, v) != want[v]]
+        return [digest_of(self.kind, self.layout, d, v) for v in range(self.views)]
 
     def _check_digest(self, name: str, view: int, attrs: dict, d: dict, j: int) -> None:
         want = attrs.get(DIGEST_ATTR)
@@ -869,7 +888,32 @@ class CacheReader:
             bad = self.digest_problems(name, out)
             if bad:
                 self._check_digest(name, bad[0], self._open_shard(name)[2], out, bad[0])
+        if self.check_values:
+            self.check_finite(name, out)
         return out
+
+    def check_finite(self, name: str, d: dict | None = None, views: list[int] | None = None) -> None:
+        """Refuse (KdcacheError) top-k log-probs that are NaN or +inf in a good record of group
+        ``name`` (decoded data ``d`` of view columns ``views``; default: all read here): a cache
+        written by a kdcache that did not check its teacher's outputs. ``read_view`` and
+        ``read_shard`` call it unless ``check_values`` is off. (Sampled counts cannot show a
+        non-finite teacher: ``verify`` finds it by re-running the teacher.)"""
+        if self.kind != "topk":
+            return
+        d = d if d is not None else self._read_all(name)
+        views = views if views is not None else list(range(self.views))
+        bad = frozenset(self._open_shard(name)[2].get("bad") or {})
+        valid = np.array([str(k) not in bad for k in d["keys"]], dtype=bool)
+        hits = nonfinite_records(d["logprobs"], valid)
+        if not hits:
+            return
+        i, j = hits[0]
+        more = f" (and {len(hits) - 1} more records)" if len(hits) > 1 else ""
+        raise KdcacheError(
+            f"cache group {name!r} of {self.path}: the stored log-probs of key {str(d['keys'][i])!r} view {views[j]} "
+            f"are not finite (NaN or +inf){more}: no teacher output is. The cache was written by a kdcache that did "
+            "not check its teacher's outputs (a damaged checkpoint, float16 overflow); fix the teacher and re-run "
+            "precompute on that shard (delete the group first)")
 
     def _read_all(self, name: str) -> dict[str, np.ndarray]:
         """Every array of one shard group, all views, decoded, not checked against the digests."""
@@ -1335,6 +1379,14 @@ class CacheWriter:
             weights = counts.astype(np.float64)
         else:
             lp = np.asarray(values)
+            valid = np.array([str(k) not in bad for k in keys], dtype=bool)
+            hits = nonfinite_records(lp, valid)
+            if hits:
+                i, j = hits[0]
+                raise KdcacheError(
+                    f"write_shard({name!r}): the log-probs of key {str(keys[i])!r} view {j} hold NaN or +inf"
+                    f"{f' (and {len(hits) - 1} more records)' if len(hits) > 1 else ''}: not a teacher's output, "
+                    "nothing of the group was written")
             targets = {"logprobs": lp.astype(np.float16)}
             decoded.update(logprobs=targets["logprobs"], classes=classes)
             weights = np.exp(lp.astype(np.float64))

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from .losses import sparse_kd_loss
 from .models import logits_of, normalize
 from .replay import Batch
-from .teacher import Teacher, topk_tensors
+from .teacher import NonFiniteTeacherOutput, Teacher, topk_tensors
 
 
 @dataclass
@@ -131,4 +131,8 @@ class LiveKDTask(CachedKDTask):
 
     def targets(self, batch: Batch, pixels: torch.Tensor):
         tx = batch.teacher_pixels(self.inputs.device)
-        return topk_tensors(self.teacher, pixels if tx is None else tx, self.topk, self.mean, self.std)
+        try:
+            return topk_tensors(self.teacher, pixels if tx is None else tx, self.topk, self.mean, self.std)
+        except NonFiniteTeacherOutput as e:  # name the records; training stops before its loss turns NaN
+            raise e.at(" (live teacher)", [f"shard {s!r} key {k!r} view {batch.view}"
+                                            for s, k in zip(batch.shards, batch.keys)]) from None

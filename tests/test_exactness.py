@@ -1,0 +1,178 @@
+"""Exactness holes an independent check found (issue 20), closed end to end on real shards and
+caches through the command line: a teacher whose outputs are not finite never reaches a cache, and
+such targets in an existing cache are refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+import zarr
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import NUM_CLASSES, encode, make_image
+from kdcache.cli import cli
+from kdcache.store import CacheReader
+
+NONFINITE = "py:testmodels:nonfinite_cnn"
+TINY = "py:kdcache.zoo:tiny_cnn"
+POISON = "train1_0002"  # the solid image in shard 1: nonfinite_cnn's output there is NaN or ±inf
+
+
+def run(*args):
+    """The command line in this process: (exit code, output). A traceback fails the test."""
+    res = CliRunner().invoke(cli, [str(a) for a in args])
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        raise res.exception
+    return res.exit_code, res.output
+
+
+def error_lines(out: str) -> list[str]:
+    return [ln for ln in out.splitlines() if ln.startswith("error: ")]
+
+
+@pytest.fixture(scope="module")
+def poisoned(tmp_path_factory) -> Path:
+    """3 shards x 4 labelled images; record 2 of shard 1 is one solid colour (a PNG)."""
+    root = tmp_path_factory.mktemp("poisoned")
+    rng = np.random.default_rng(3)
+    for s in range(3):
+        with wds.TarWriter(str(root / f"train-{s:06d}.tar")) as w:
+            for i in range(4):
+                cls = int(rng.integers(NUM_CLASSES))
+                key = f"train{s}_{i:04d}"
+                im = (Image.new("RGB", (40, 30), (90, 140, 200)) if key == POISON
+                      else make_image(rng, int(rng.integers(24, 64)), int(rng.integers(24, 64)), cls))
+                w.write({"__key__": key, "png": encode(im, "png"), "cls": str(cls).encode()})
+    return root
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    from kdcache.zoo import tiny_cnn
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("w20") / "tiny.pt"
+    torch.save(tiny_cnn(NUM_CLASSES).state_dict(), path)
+    return path
+
+
+def precompute_args(data, out, weights, teacher=NONFINITE, *extra):
+    return ["precompute", "--data", data, "--teacher", teacher, "--teacher-weights", weights, "--num-classes",
+            NUM_CLASSES, "--out", out, "-V", 3, "-k", 3, "--seed", 5, "--res", 32, "-b", 4, "--workers", 0,
+            "--device", "cpu", "--no-progress", *extra]
+
+
+KINDS = {"topk": (), "compact": ("--compact",), "sample": ("--targets", "sample", "--samples", 8),
+         "sample_compact": ("--targets", "sample", "--samples", 8, "--compact")}
+
+
+# ---- 1. a teacher whose outputs are not finite -----------------------------------------------------
+
+
+@pytest.mark.parametrize("kind,value", [("topk", "nan"), ("topk", "-inf"), ("compact", "inf"), ("sample", "nan"),
+                                        ("sample", "inf"), ("sample_compact", "-inf")])
+def test_precompute_stops_at_a_teacher_whose_output_is_not_finite(poisoned, weights, tmp_path, monkeypatch,
+                                                                  kind, value):
+    """NaN / ±inf logits for the solid image of shard 1: exit 2 with one line naming the shard, the
+    key and its views and the likely cause; the shard before it is complete, shard 1 was never
+    stored (no group), nothing after it was started."""
+    monkeypatch.setenv("KD_TEST_NONFINITE", value)
+    out = tmp_path / "c.zarr"
+    code, text = run(*precompute_args(poisoned, out, weights, NONFINITE, *KINDS[kind]))
+    assert code == 2, text
+    err = error_lines(text)
+    assert len(err) == 1 and "Traceback" not in text, text
+    want = {"nan": "NaN", "inf": "+inf", "-inf": "-inf"}[value]
+    for word in ("train-000001.tar", f"key '{POISON}' view 0", f"key '{POISON}' view 1", f"logits hold {want}",
+                 "fp16", "nothing of shard group 'train-000001' was stored"):
+        assert word in err[0], (word, err[0])
+    r = CacheReader(str(out))
+    assert r.is_complete("train-000000")
+    assert "train-000001" not in r.shard_names() and "train-000002" not in r.shard_names()
+    # the same teacher on clean data is fine: the check does not refuse finite outputs
+    clean = tmp_path / "clean.zarr"
+    code, text = run(*precompute_args(poisoned / "train-000000.tar", clean, weights, NONFINITE, *KINDS[kind]))
+    assert code == 0, text
+
+
+def test_live_teacher_with_non_finite_output_stops_training(poisoned, weights, tmp_path, monkeypatch):
+    """The live teacher runs through the same check: train stops naming the records instead of
+    logging a NaN loss."""
+    monkeypatch.setenv("KD_TEST_NONFINITE", "inf")
+    code, text = run("train", "--data", poisoned, "--teacher", NONFINITE, "--teacher-weights", weights,
+                     "--num-classes", NUM_CLASSES, "--topk", 3, "--student", TINY, "--out", tmp_path / "run", "--epochs", 1,
+                     "-b", 12, "--res", 32, "--workers", 0, "--device", "cpu", "--no-progress")
+    err = error_lines(text)
+    assert code == 2 and len(err) == 1, text
+    assert "live teacher" in err[0] and f"key '{POISON}'" in err[0] and "logits hold +inf" in err[0], err[0]
+    assert not (tmp_path / "run" / "model.pt").exists()
+
+
+def _fix_digests(path: Path, name: str) -> None:
+    """Record the digests of group ``name`` as they are now, as the writer of an older kdcache did
+    for what it stored (its NaN included)."""
+    from kdcache.store import DIGEST_ATTR
+
+    r = CacheReader(str(path), check_digests=False, check_values=False)
+    g = zarr.open_group(str(path / name), mode="r+")
+    g.attrs[DIGEST_ATTR] = r.computed_digests(name)
+
+
+@pytest.mark.parametrize("kind", ["topk", "compact"])
+def test_train_and_verify_refuse_non_finite_targets_of_an_older_cache(poisoned, weights, tmp_path, kind):
+    """A cache an older kdcache wrote from a NaN teacher (simulated: a record's stored values set to
+    NaN through zarr, its digests recorded again): train and verify refuse it, exit 2, naming the
+    group, key and view; inspect flags it as impossible values, exit 2."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for s in (0, 2):  # shards without the solid image
+        (data / f"train-{s:06d}.tar").write_bytes((poisoned / f"train-{s:06d}.tar").read_bytes())
+    c = tmp_path / "c.zarr"
+    code, text = run(*precompute_args(data, c, weights, TINY, *KINDS[kind]))
+    assert code == 0, text
+    g = zarr.open_group(str(c / "train-000002"), mode="r+")
+    arr = g["logprobs" if kind == "topk" else "topk_logmass"]
+    values = arr[:]
+    values[1, 0] = np.nan  # record 1 (train2_0001), view 0: the one epoch 0 reads
+    arr[...] = values
+    _fix_digests(c, "train-000002")
+    assert CacheReader(str(c), check_values=False).digest_problems("train-000002") == []  # not an edit
+
+    code, text = run("train", "--data", data, "--cache", c, "--student", TINY, "--out", tmp_path / "run",
+                     "--epochs", 1, "-b", 4, "--workers", 0, "--device", "cpu", "--no-progress")
+    err = error_lines(text)
+    assert code == 2 and len(err) == 1, text
+    for word in ("'train-000002'", "key 'train2_0001' view 0", "not finite"):
+        assert word in err[0], (word, err[0])
+    assert not (tmp_path / "run" / "model.pt").exists()
+    code, text = run("verify", c, "--data", data, "--teacher", TINY, "--teacher-weights", weights, "-n", 4,
+                     "--device", "cpu")
+    err = error_lines(text)
+    assert code == 2 and len(err) == 1 and "key 'train2_0001' view 0" in err[0] and "not finite" in err[0], text
+    code, text = run("inspect", c)
+    assert code == 2 and "NaN or +inf" in text, text
+
+
+def test_verify_refuses_a_teacher_that_is_not_finite_on_a_sampled_cache(poisoned, weights, tmp_path, monkeypatch):
+    """A sampled cache cannot show a NaN teacher (its draws looked like a clean one-hot of class 0),
+    but verify re-runs the teacher: one that is not finite on a stored view now stops verify (exit 2)
+    naming the shard and key, instead of re-drawing the same one-hot and passing."""
+    monkeypatch.setenv("KD_TEST_NONFINITE", "1000")  # finite while the cache is made
+    c = tmp_path / "c.zarr"
+    code, text = run(*precompute_args(poisoned, c, weights, NONFINITE, *KINDS["sample"]))
+    assert code == 0, text
+    verify = ("verify", c, "--data", poisoned, "--teacher", NONFINITE, "--teacher-weights", weights, "-n", 100,
+              "--device", "cpu")
+    code, text = run(*verify)
+    assert code == 0, text
+    monkeypatch.setenv("KD_TEST_NONFINITE", "nan")
+    code, text = run(*verify)
+    err = error_lines(text)
+    assert code == 2 and len(err) == 1, text
+    assert "train-000001.tar" in err[0] and f"key '{POISON}'" in err[0] and "logits hold NaN" in err[0], err[0]
