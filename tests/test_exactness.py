@@ -52,16 +52,6 @@ def poisoned(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    from kdcache.zoo import tiny_cnn
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("w20") / "tiny.pt"
-    torch.save(tiny_cnn(NUM_CLASSES).state_dict(), path)
-    return path
-
-
 def precompute_args(data, out, weights, teacher=NONFINITE, *extra):
     return ["precompute", "--data", data, "--teacher", teacher, "--teacher-weights", weights, "--num-classes",
             NUM_CLASSES, "--out", out, "-V", 3, "-k", 3, "--seed", 5, "--res", 32, "-b", 4, "--workers", 0,
@@ -77,14 +67,14 @@ KINDS = {"topk": (), "compact": ("--compact",), "sample": ("--targets", "sample"
 
 @pytest.mark.parametrize("kind,value", [("topk", "nan"), ("topk", "-inf"), ("compact", "inf"), ("sample", "nan"),
                                         ("sample", "inf"), ("sample_compact", "-inf")])
-def test_precompute_stops_at_a_teacher_whose_output_is_not_finite(poisoned, weights, tmp_path, monkeypatch,
+def test_precompute_stops_at_a_teacher_whose_output_is_not_finite(poisoned, teacher_weights, tmp_path, monkeypatch,
                                                                   kind, value):
     """NaN / ±inf logits for the solid image of shard 1: exit 2 with one line naming the shard, the
     key and its views and the likely cause; the shard before it is complete, shard 1 was never
     stored (no group), nothing after it was started."""
     monkeypatch.setenv("KD_TEST_NONFINITE", value)
     out = tmp_path / "c.zarr"
-    code, text = run(*precompute_args(poisoned, out, weights, NONFINITE, *KINDS[kind]))
+    code, text = run(*precompute_args(poisoned, out, teacher_weights, NONFINITE, *KINDS[kind]))
     assert code == 2, text
     err = error_lines(text)
     assert len(err) == 1 and "Traceback" not in text, text
@@ -97,15 +87,15 @@ def test_precompute_stops_at_a_teacher_whose_output_is_not_finite(poisoned, weig
     assert "train-000001" not in r.shard_names() and "train-000002" not in r.shard_names()
     # the same teacher on clean data is fine: the check does not refuse finite outputs
     clean = tmp_path / "clean.zarr"
-    code, text = run(*precompute_args(poisoned / "train-000000.tar", clean, weights, NONFINITE, *KINDS[kind]))
+    code, text = run(*precompute_args(poisoned / "train-000000.tar", clean, teacher_weights, NONFINITE, *KINDS[kind]))
     assert code == 0, text
 
 
-def test_live_teacher_with_non_finite_output_stops_training(poisoned, weights, tmp_path, monkeypatch):
+def test_live_teacher_with_non_finite_output_stops_training(poisoned, teacher_weights, tmp_path, monkeypatch):
     """The live teacher runs through the same check: train stops naming the records instead of
     logging a NaN loss."""
     monkeypatch.setenv("KD_TEST_NONFINITE", "inf")
-    code, text = run("train", "--data", poisoned, "--teacher", NONFINITE, "--teacher-weights", weights,
+    code, text = run("train", "--data", poisoned, "--teacher", NONFINITE, "--teacher-weights", teacher_weights,
                      "--num-classes", NUM_CLASSES, "--topk", 3, "--student", TINY, "--out", tmp_path / "run", "--epochs", 1,
                      "-b", 12, "--res", 32, "--workers", 0, "--device", "cpu", "--no-progress")
     err = error_lines(text)
@@ -125,7 +115,7 @@ def _fix_digests(path: Path, name: str) -> None:
 
 
 @pytest.mark.parametrize("kind", ["topk", "compact"])
-def test_train_and_verify_refuse_non_finite_targets_of_an_older_cache(poisoned, weights, tmp_path, kind):
+def test_train_and_verify_refuse_non_finite_targets_of_an_older_cache(poisoned, teacher_weights, tmp_path, kind):
     """A cache an older kdcache wrote from a NaN teacher (simulated: a record's stored values set to
     NaN through zarr, its digests recorded again): train and verify refuse it, exit 2, naming the
     group, key and view; inspect flags it as impossible values, exit 2."""
@@ -134,7 +124,7 @@ def test_train_and_verify_refuse_non_finite_targets_of_an_older_cache(poisoned, 
     for s in (0, 2):  # shards without the solid image
         (data / f"train-{s:06d}.tar").write_bytes((poisoned / f"train-{s:06d}.tar").read_bytes())
     c = tmp_path / "c.zarr"
-    code, text = run(*precompute_args(data, c, weights, TINY, *KINDS[kind]))
+    code, text = run(*precompute_args(data, c, teacher_weights, TINY, *KINDS[kind]))
     assert code == 0, text
     g = zarr.open_group(str(c / "train-000002"), mode="r+")
     arr = g["logprobs" if kind == "topk" else "topk_logmass"]
@@ -151,7 +141,7 @@ def test_train_and_verify_refuse_non_finite_targets_of_an_older_cache(poisoned, 
     for word in ("'train-000002'", "key 'train2_0001' view 0", "not finite"):
         assert word in err[0], (word, err[0])
     assert not (tmp_path / "run" / "model.pt").exists()
-    code, text = run("verify", c, "--data", data, "--teacher", TINY, "--teacher-weights", weights, "-n", 4,
+    code, text = run("verify", c, "--data", data, "--teacher", TINY, "--teacher-weights", teacher_weights, "-n", 4,
                      "--device", "cpu")
     err = error_lines(text)
     assert code == 2 and len(err) == 1 and "key 'train2_0001' view 0" in err[0] and "not finite" in err[0], text
@@ -159,15 +149,15 @@ def test_train_and_verify_refuse_non_finite_targets_of_an_older_cache(poisoned, 
     assert code == 2 and "NaN or +inf" in text, text
 
 
-def test_verify_refuses_a_teacher_that_is_not_finite_on_a_sampled_cache(poisoned, weights, tmp_path, monkeypatch):
+def test_verify_refuses_a_teacher_that_is_not_finite_on_a_sampled_cache(poisoned, teacher_weights, tmp_path, monkeypatch):
     """A sampled cache cannot show a NaN teacher (its draws looked like a clean one-hot of class 0),
     but verify re-runs the teacher: one that is not finite on a stored view now stops verify (exit 2)
     naming the shard and key, instead of re-drawing the same one-hot and passing."""
     monkeypatch.setenv("KD_TEST_NONFINITE", "1000")  # finite while the cache is made
     c = tmp_path / "c.zarr"
-    code, text = run(*precompute_args(poisoned, c, weights, NONFINITE, *KINDS["sample"]))
+    code, text = run(*precompute_args(poisoned, c, teacher_weights, NONFINITE, *KINDS["sample"]))
     assert code == 0, text
-    verify = ("verify", c, "--data", poisoned, "--teacher", NONFINITE, "--teacher-weights", weights, "-n", 100,
+    verify = ("verify", c, "--data", poisoned, "--teacher", NONFINITE, "--teacher-weights", teacher_weights, "-n", 100,
               "--device", "cpu")
     code, text = run(*verify)
     assert code == 0, text
