@@ -5,6 +5,7 @@ such targets in an existing cache are refused."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -166,3 +167,122 @@ def test_verify_refuses_a_teacher_that_is_not_finite_on_a_sampled_cache(poisoned
     err = error_lines(text)
     assert code == 2 and len(err) == 1, text
     assert "train-000001.tar" in err[0] and f"key '{POISON}'" in err[0] and "logits hold NaN" in err[0], err[0]
+
+
+# ---- 2. manifest fields that decide what the stored bytes mean --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def clean_caches(poisoned, teacher_weights, tmp_path_factory):
+    """Shards 0 and 2 of the poisoned data (no solid image) and two caches of them: compact top-k,
+    and sampled (8 draws at temperature 2)."""
+    root = tmp_path_factory.mktemp("clean20")
+    data = root / "data"
+    data.mkdir()
+    for s in (0, 2):
+        (data / f"train-{s:06d}.tar").write_bytes((poisoned / f"train-{s:06d}.tar").read_bytes())
+    out = {"data": data}
+    for name, extra in (("compact", KINDS["compact"]), ("sample", KINDS["sample"] + ("--sample-temperature", 2))):
+        out[name] = root / f"{name}.zarr"
+        code, text = run(*precompute_args(data, out[name], teacher_weights, TINY, *extra))
+        assert code == 0, text
+    return out
+
+
+def edit_manifest(cache: Path, field: str, value) -> None:
+    meta = json.loads((cache / "zarr.json").read_text())
+    m = meta["attributes"]["kdcache"]
+    *path, last = field.split(".")
+    for p in path:
+        m = m.setdefault(p, {})
+    m[last] = value
+    (cache / "zarr.json").write_text(json.dumps(meta))
+
+
+def three_commands(cache, data, weights, out, temperature=None):
+    extra = ("--temperature", temperature) if temperature is not None else ()
+    return {
+        "train": run("train", "--data", data, "--cache", cache, "--student", TINY, "--out", out, "--epochs", 1,
+                     "-b", 4, "--workers", 0, "--device", "cpu", "--no-progress", *extra),
+        "inspect": run("inspect", cache),
+        "verify": run("verify", cache, "--data", data, "--teacher", TINY, "--teacher-weights", weights, "-n", 8,
+                      "--device", "cpu"),
+    }
+
+
+MANIFEST_EDITS = [  # (cache, field, edited value): every decode-relevant field (store.DECODE_FIELDS)
+    ("compact", "format_version", 2),
+    ("compact", "encoding.logprob_step", 0.125),
+    ("compact", "encoding.layout", "plain"),
+    ("compact", "encoding.classes", "other"),
+    ("compact", "topk", 2),
+    ("compact", "views", 2),
+    ("compact", "teacher.num_classes", 4),
+    ("compact", "teacher.mean", [0.5, 0.5, 0.5]),
+    ("compact", "teacher.weights_sha256", "0" * 64),
+    ("compact", "seed", 6),
+    ("compact", "augmentation.scale", [0.5, 1.0]),
+    ("compact", "augmentation.flip", False),
+    ("compact", "resolution", 64),
+    ("compact", "compute.batch_size", 8),
+    ("compact", "render.backend", "torch"),
+    ("compact", "targets.kind", "sample"),
+    ("sample", "targets.temperature", 1.0),
+    ("sample", "targets.samples", 4),
+    ("sample", "targets.kind", "topk"),
+    ("sample", "targets.version", 2),
+    ("sample", "encoding.layout", "compact"),
+]
+
+
+@pytest.mark.parametrize("which,field,value", MANIFEST_EDITS, ids=[f"{w}-{f}" for w, f, _ in MANIFEST_EDITS])
+def test_an_edited_manifest_field_is_named_by_train_inspect_and_verify(clean_caches, teacher_weights, tmp_path,
+                                                                       which, field, value):
+    """Each field that decides how stored bytes are read, edited in the root zarr.json: train,
+    inspect and verify refuse the cache on open with exit 2 and one line naming the field as an
+    edit (with the value the groups were written with), nothing is trained."""
+    c = tmp_path / "c.zarr"
+    shutil.copytree(clean_caches[which], c)
+    written = CacheReader(str(c)).manifest
+    for p in field.split("."):
+        written = (written or {}).get(p) if p != "backend" else (written or {}).get(p, "pil")
+    edit_manifest(c, field, value)
+    temperature = 2 if which == "sample" else None
+    for cmd, (code, text) in three_commands(c, clean_caches["data"], teacher_weights, tmp_path / "run",
+                                            temperature).items():
+        err = error_lines(text)
+        assert code == 2 and len(err) == 1 and "Traceback" not in text, (cmd, text)
+        assert f"manifest field {field} was edited after precompute" in err[0], (cmd, err[0])
+        assert f"written with {json.dumps(written)}" in err[0], (cmd, err[0])
+    assert not (tmp_path / "run" / "model.pt").exists()
+
+
+def test_manifest_fields_free_to_differ_are_not_edits(clean_caches, teacher_weights, tmp_path):
+    """sources, class_names, kdcache_version and the render details other than the backend may
+    change (shards move, a release reads an older cache): the cache stays usable."""
+    c = tmp_path / "c.zarr"
+    shutil.copytree(clean_caches["compact"], c)
+    for field, value in (("sources", ["/elsewhere/a.tar", "/elsewhere/b.tar"]), ("class_names", None),
+                         ("kdcache_version", "9.9.9"), ("render.pil_version", "0.0")):
+        edit_manifest(c, field, value)
+    results = three_commands(c, clean_caches["data"], teacher_weights, tmp_path / "run")
+    assert all(code == 0 for code, _ in results.values()), results
+
+
+def test_a_group_record_edited_with_the_manifest_still_fails_its_digests(clean_caches, tmp_path):
+    """The record is covered by the view digests: editing the manifest and every group's record
+    alike is an edit of the views (named by view), as an edited array is."""
+    from kdcache.store import RECORD_ATTR
+
+    c = tmp_path / "c.zarr"
+    shutil.copytree(clean_caches["compact"], c)
+    edit_manifest(c, "encoding.logprob_step", 0.125)
+    for name in ("train-000000", "train-000002"):
+        g = zarr.open_group(str(c / name), mode="r+")
+        rec = json.loads(g.attrs[RECORD_ATTR])
+        rec["encoding"]["logprob_step"] = 0.125
+        g.attrs[RECORD_ATTR] = json.dumps(rec, sort_keys=True, separators=(",", ":"))
+    r = CacheReader(str(c), check_digests=False)
+    assert r.digest_problems("train-000000") == [0, 1, 2]
+    code, text = run("inspect", c)
+    assert code == 2 and "train-000000 views [0, 1, 2] were changed after precompute" in text, text

@@ -12,7 +12,7 @@ import torch
 import zarr
 from click.testing import CliRunner
 
-from conftest import NUM_CLASSES, TEACHER, precompute_config, sharp_teacher, snapshot
+from conftest import NUM_CLASSES, TEACHER, precompute_config, sharp_teacher, snapshot, written_before_records
 from kdcache import encoding as enc
 from kdcache.cli import cli
 from kdcache.errors import KdcacheError
@@ -212,7 +212,7 @@ def test_compact_writer_refuses_views_the_sampler_does_not_draw(tmp_path):
     assert np.array_equal(d["box"], sv.box) and np.array_equal(d["classes"], rec["classes"])
 
 
-def test_compact_digest_covers_codes_and_derived_views(caches, tmp_path):
+def test_compact_digest_covers_codes_and_derived_views(caches, tmp_path, monkeypatch):
     c = tmp_path / "c.zarr"
     shutil.copytree(caches["compact"], c)
     arr = zarr.open_array(str(c / "train-000001" / "logprob_steps"), mode="r+")
@@ -224,11 +224,20 @@ def test_compact_digest_covers_codes_and_derived_views(caches, tmp_path):
     with pytest.raises(KdcacheError, match="view 1 does not match the digest"):
         r.read_view("train-000001", 1)
     assert len(r.read_view("train-000001", 0)) == 7  # the other views are intact
-    # a sampler that no longer draws the stored views is refused by name, not silently replayed
+    # a sampler that no longer draws the stored views (a later kdcache) is refused by name, not
+    # silently replayed
+    import kdcache.views
+
+    monkeypatch.setattr(kdcache.views, "SAMPLER_VERSION", 2)
+    with pytest.raises(KdcacheError, match="drawn by view sampler version 1 and this kdcache has version 2.* "
+                                           "cannot re-derive them"):
+        CacheReader(str(c)).read_view("train-000000", 0)
+    monkeypatch.undo()
+    # and a manifest edited to claim another sampler is named as an edit
     meta = json.loads((c / "zarr.json").read_text())
     meta["attributes"]["kdcache"]["augmentation"]["version"] = 99
     (c / "zarr.json").write_text(json.dumps(meta))
-    with pytest.raises(KdcacheError, match="drawn by view sampler version 99 .* cannot re-derive them"):
+    with pytest.raises(KdcacheError, match="manifest field augmentation.version was edited"):
         CacheReader(str(c)).read_view("train-000000", 0)
 
 
@@ -475,6 +484,7 @@ def test_format_2_cache_is_read_and_never_written(caches, tmp_path, dataset, sha
     encoding (and the same digests): it reads as before, and is refused for writing."""
     v2 = tmp_path / "v2.zarr"
     shutil.copytree(caches["plain"], v2)
+    written_before_records(v2)
     meta = json.loads((v2 / "zarr.json").read_text())
     m = meta["attributes"]["kdcache"]
     m.update(format_version=2, kdcache_version="0.2.0")
