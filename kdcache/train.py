@@ -40,7 +40,9 @@ from torch.utils.data import DataLoader
 from .config import MODES, TrainConfig, resolve_mode  # noqa: F401  (re-exported)
 from .errors import KdcacheError, count
 from .models import ModelInfo, create_model
-from .replay import ReplayStream, StreamConfig, ValStream, _identity, epoch_batches, prepare_shards
+from .replay import (
+    ReplayStream, StreamConfig, ValStream, _identity, check_cache_groups, epoch_batches, prepare_shards,
+)
 from .run_state import MetricsLog, Meter, RunState, atomic_json, atomic_save, restore
 from .runtime import barrier, init_distributed, raise_if_error, resolve_device, set_threads, worker_init, worker_items
 from .shards import expand_urls, load_class_names
@@ -290,6 +292,8 @@ def setup(cfg: TrainConfig) -> Run:
     # -- data: checks that need no decoding, then the stream --
     need_labels = mode == "labels" or cfg.label_weight > 0 or (cfg.self_distill and cfg.sd_alpha < 1)
     shards = prepare_shards(urls, reader, need_labels, rank, world, skip_bad=cfg.skip_bad, num_classes=num_classes)
+    if reader is not None:  # every view of every group, checked before the first step (docs/training.md)
+        check_cache_groups(reader, [s.name for s in shards], cfg.workers, rank, world, cfg.storage_options)
     val_stream = None
     if cfg.val_data:
         val_shards = prepare_shards(expand_urls(cfg.val_data), None, True, rank, world, num_classes=num_classes)

@@ -286,3 +286,29 @@ def test_a_group_record_edited_with_the_manifest_still_fails_its_digests(clean_c
     assert r.digest_problems("train-000000") == [0, 1, 2]
     code, text = run("inspect", c)
     assert code == 2 and "train-000000 views [0, 1, 2] were changed after precompute" in text, text
+
+
+# ---- 4. an edited view is found before training starts ----------------------------------------------
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_edit_in_the_last_view_stops_train_before_its_first_epoch(clean_caches, teacher_weights, tmp_path,
+                                                                     workers):
+    """V = 4, --epochs 4: view 3 is read only in epoch 4, yet its edit stops train at start-up (exit
+    2, naming the group and the view): no step, no checkpoint. With data workers the check runs
+    in that many processes."""
+    c = tmp_path / "c.zarr"
+    code, text = run(*precompute_args(clean_caches["data"], c, teacher_weights, TINY, "-V", 4))
+    assert code == 0, text
+    a = zarr.open_group(str(c / "train-000002"), mode="r+")["logprobs"]
+    values = a[:]
+    values[3, 3, 1] -= 0.5  # record 3, view 3 (written through zarr: valid chunk checksums)
+    a[...] = values
+    out = tmp_path / "run"
+    code, text = run("train", "--data", clean_caches["data"], "--cache", c, "--student", TINY, "--out", out,
+                     "--epochs", 4, "-b", 4, "--workers", workers, "--device", "cpu", "--no-progress")
+    err = error_lines(text)
+    assert code == 2 and len(err) == 1, text
+    assert "'train-000002'" in err[0] and "view 3 does not match the digest" in err[0], err[0]
+    assert not (out / "checkpoint.pt").exists() and not (out / "model.pt").exists()
+    assert "epoch" not in text.replace("--epochs", ""), text
