@@ -21,8 +21,10 @@ stored but re-derived from the seeded sampler; ``kdcache.encoding``). Whatever t
 ``CacheReader`` returns the same decoded arrays (``ARRAYS``, plus ``counts`` for sampled targets).
 
 Every per-view array is chunked one chunk per view and packed into one Zarr shard, so a shard
-group is a handful of files and an epoch reads one small chunk per array. ``docs/format.md``
-describes the semantics in full.
+group is a handful of files and an epoch reads one small chunk per array. Each group records a
+SHA-256 per view (``view_digests``) and the manifest's decode-relevant fields (``decode_record``,
+which the digests cover): a value or manifest field edited later is refused by name.
+``docs/format.md`` describes the semantics in full.
 
 Format version 2 is version 3's plain top-k layout without the manifest's ``targets`` and
 ``encoding``. Format version 1 also stored ``keys`` as a (N,) Zarr ``string`` (vlen-utf8) array,
