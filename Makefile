@@ -75,6 +75,7 @@ bench: install-dev
 	$(PY) benchmarks/train_bench.py
 	$(PY) benchmarks/storage_bench.py
 	$(PY) benchmarks/targets_bench.py
+	$(PY) benchmarks/digest_check_bench.py --mixup
 
 # The GPU suite (benchmarks/gpu_suite.py): loss, precompute data path and training throughput, written
 # as JSON + markdown to BENCH_OUT. It installs nothing, so it runs on a machine set up by hand (the

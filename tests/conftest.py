@@ -180,3 +180,21 @@ def plain_keys(keys_array) -> list[str]:
     """A shard group's keys read with plain zarr, decoded as docs/format.md says (format 2: rows of
     zero-padded UTF-8 bytes), without kdcache's reader."""
     return [bytes(row).rstrip(b"\0").decode("utf-8") for row in keys_array[:]]
+
+
+def written_before_records(path) -> None:
+    """Make a cache as kdcache wrote it before groups recorded the manifest's decode fields: no
+    RECORD_ATTR, and view digests without it."""
+    import zarr
+
+    from kdcache.cache.store import DIGEST_ATTR, RECORD_ATTR, CacheReader
+
+    names = CacheReader(str(path)).shard_names()
+    for name in names:
+        g = zarr.open_group(str(Path(path) / name), mode="r+")
+        attrs = dict(g.attrs)
+        del attrs[RECORD_ATTR]
+        g.attrs.put(attrs)
+    r = CacheReader(str(path), check_digests=False)
+    for name in names:
+        zarr.open_group(str(Path(path) / name), mode="r+").attrs[DIGEST_ATTR] = r.computed_digests(name)

@@ -12,7 +12,7 @@ import torch
 import zarr
 from click.testing import CliRunner
 
-from conftest import NUM_CLASSES, TEACHER, precompute_config, sharp_teacher, snapshot
+from conftest import NUM_CLASSES, TEACHER, precompute_config, sharp_teacher, snapshot, written_before_records
 from kdcache.cache import encoding as enc
 from kdcache.cli import cli
 from kdcache.errors import KdcacheError
@@ -148,6 +148,48 @@ def test_class_codes_are_exact_for_any_input():
     assert (enc.encode_classes(ordered, lists) == 0).all()
 
 
+def test_class_codes_past_65534_list_entries_widen_instead_of_wrapping():
+    """A class list longer than 65,534 entries (a teacher with that many classes and as many
+    distinct entries over an image's views) needs codes past uint16: they used to wrap."""
+    lists = np.arange(70_000, dtype=np.int32)[None]  # one image, 70,000 distinct classes
+    cls = np.array([[[69_999, 5, 65_536, 65_534, -1]]])
+    codes = enc.encode_classes(cls, lists)
+    assert codes.dtype == np.uint32 and codes[0, 0, -1] == enc.missing_code(np.uint32) == 2**32 - 2
+    assert np.array_equal(enc.decode_classes(codes, lists), cls)
+    assert enc.code_dtype(254) == np.uint8 and enc.code_dtype(255) == np.uint16
+    assert enc.code_dtype(65_534) == np.uint16 and enc.code_dtype(65_535) == np.uint32
+    assert enc.missing_code(np.uint8) == 254 and enc.missing_code(np.uint16) == 65_534  # docs/format.md
+
+
+def test_draws_refuse_more_samples_than_a_count_holds():
+    """Counts are bytes (255 is the fill value): the API refuses more than 254 draws instead of
+    wrapping (300 draws of one class used to come back as 44, 256 as no class at all)."""
+    from kdcache.cache.store import MAX_COUNT
+    from kdcache.cache.targets import MAX_SAMPLES
+
+    assert MAX_SAMPLES == MAX_COUNT == 254
+    onehot = np.array([0.0, -np.inf, -np.inf], np.float32)
+    for n in (255, 256, 300, 0):
+        with pytest.raises(ValueError, match=r"samples must be in 1\.\.254"):
+            draw_batch(onehot[None], ["k"], [0], 0, n)
+        with pytest.raises(ValueError, match=r"samples must be in 1\.\.254"):
+            draw_record(onehot, 0, "k", 0, n)
+    cls, cnt = draw_batch(onehot[None], ["k"], [0], 0, 254)
+    assert cls[0, 0] == 0 and cnt[0, 0] == 254 and cnt.sum() == 254
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_draws_refuse_nan_and_plus_inf_log_probs(bad):
+    """A +inf log-prob is not "probability 0", and a NaN row is not a one-hot of class 0."""
+    logp = np.log(np.array([[0.2, 0.3, 0.5], [0.5, 0.25, 0.25]], np.float32))
+    logp[1, 1] = bad
+    with pytest.raises(ValueError, match="NaN or \\+inf"):
+        draw_batch(logp, ["a", "b"], [0, 0], 0, 8)
+    with pytest.raises(ValueError, match="NaN or \\+inf"):
+        draw_record(logp[1], 0, "b", 0, 8)
+    assert draw_record(logp[0], 0, "a", 0, 8)[1].sum() == 8
+
+
 def test_compact_writer_refuses_views_the_sampler_does_not_draw(tmp_path):
     from kdcache.data.render import render_backend
     from kdcache.data.views import AugSpec, sample_shard_views
@@ -170,7 +212,7 @@ def test_compact_writer_refuses_views_the_sampler_does_not_draw(tmp_path):
     assert np.array_equal(d["box"], sv.box) and np.array_equal(d["classes"], rec["classes"])
 
 
-def test_compact_digest_covers_codes_and_derived_views(caches, tmp_path):
+def test_compact_digest_covers_codes_and_derived_views(caches, tmp_path, monkeypatch):
     c = tmp_path / "c.zarr"
     shutil.copytree(caches["compact"], c)
     arr = zarr.open_array(str(c / "train-000001" / "logprob_steps"), mode="r+")
@@ -182,11 +224,20 @@ def test_compact_digest_covers_codes_and_derived_views(caches, tmp_path):
     with pytest.raises(KdcacheError, match="view 1 does not match the digest"):
         r.read_view("train-000001", 1)
     assert len(r.read_view("train-000001", 0)) == 7  # the other views are intact
-    # a sampler that no longer draws the stored views is refused by name, not silently replayed
+    # a sampler that no longer draws the stored views (a later kdcache) is refused by name, not
+    # silently replayed
+    import kdcache.data.views
+
+    monkeypatch.setattr(kdcache.data.views, "SAMPLER_VERSION", 2)
+    with pytest.raises(KdcacheError, match="drawn by view sampler version 1 and this kdcache has version 2.* "
+                                           "cannot re-derive them"):
+        CacheReader(str(c)).read_view("train-000000", 0)
+    monkeypatch.undo()
+    # and a manifest edited to claim another sampler is named as an edit
     meta = json.loads((c / "zarr.json").read_text())
     meta["attributes"]["kdcache"]["augmentation"]["version"] = 99
     (c / "zarr.json").write_text(json.dumps(meta))
-    with pytest.raises(KdcacheError, match="drawn by view sampler version 99 .* cannot re-derive them"):
+    with pytest.raises(KdcacheError, match="manifest field augmentation.version was edited"):
         CacheReader(str(c)).read_view("train-000000", 0)
 
 
@@ -263,7 +314,7 @@ def test_a_batch_draws_what_each_record_draws_alone(monkeypatch):
     rng = np.random.default_rng(0)
     for trial in range(120):
         B, C = int(rng.integers(1, 20)), int(rng.choice([1, 2, 3, 7, 17, 100]))
-        N, T = int(rng.choice([1, 2, 9, 16, 255])), float(rng.choice([0.5, 1.0, 3.0]))
+        N, T = int(rng.choice([1, 2, 9, 16, 254])), float(rng.choice([0.5, 1.0, 3.0]))
         z = rng.normal(size=(B, C)) * rng.choice([0.1, 3.0, 30.0])
         if trial % 3 == 0:
             z = np.round(z)  # equal probabilities
@@ -433,6 +484,7 @@ def test_format_2_cache_is_read_and_never_written(caches, tmp_path, dataset, sha
     encoding (and the same digests): it reads as before, and is refused for writing."""
     v2 = tmp_path / "v2.zarr"
     shutil.copytree(caches["plain"], v2)
+    written_before_records(v2)
     meta = json.loads((v2 / "zarr.json").read_text())
     m = meta["attributes"]["kdcache"]
     m.update(format_version=2, kdcache_version="0.2.0")

@@ -17,7 +17,9 @@ import zarr
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import NUM_CLASSES, TEACHER, encode, make_image, precompute_config, sharp_teacher, with_aug
+from conftest import (
+    NUM_CLASSES, TEACHER, encode, make_image, precompute_config, sharp_teacher, with_aug, written_before_records,
+)
 from kdcache.errors import KdcacheError
 from kdcache.models.factory import create_model
 from kdcache.tools.precompute import precompute
@@ -375,6 +377,14 @@ def test_train_and_verify_refuse_a_backend_mismatch(dataset, tcache, sharp_weigh
     cfg = TrainConfig(**with_aug(dict(data=str(dataset), cache=str(c), student="py:kdcache.models.zoo:tiny_cnn",
                                       out=str(tmp_path / "run"), epochs=1, batch_size=4, res=RES, workers=0,
                                       device="cpu", progress=False)))
+    # groups that record the manifest they were written with name the edit
+    with pytest.raises(KdcacheError, match='manifest field render.backend was edited .* written with "torch"'):
+        train(cfg)
+    # groups written before they did: the backends of manifest and groups are compared
+    shutil.rmtree(c)
+    shutil.copytree(tcache, c)
+    written_before_records(c)
+    _set_manifest_render(c, **render_backend())
     with pytest.raises(KdcacheError, match="rendered with the torch backend but the cache's manifest says pil"):
         train(cfg)
     res = CliRunner().invoke(cli, ["verify", str(c), "--data", str(dataset), "--teacher", TEACHER, "--teacher-weights",
@@ -383,6 +393,7 @@ def test_train_and_verify_refuse_a_backend_mismatch(dataset, tcache, sharp_weigh
     # one group of three re-rendered with PIL: verify checks the others and reports that one as a problem
     shutil.rmtree(c)
     shutil.copytree(tcache, c)
+    written_before_records(c)  # so that the unknown backend below is the manifest's own, not an edit
     g = zarr.open_group(str(c), mode="r+")["train-000001"]
     g.attrs["render"] = render_backend()
     res = CliRunner().invoke(cli, ["verify", str(c), "--data", str(dataset), "--teacher", TEACHER, "--teacher-weights",

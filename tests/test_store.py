@@ -253,6 +253,22 @@ def test_write_shard_checks_shapes(tmp_path):
     assert not CacheReader(str(tmp_path / "c.zarr")).has_shard("s0")
 
 
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_write_shard_refuses_log_probs_no_teacher_gives(tmp_path, value):
+    """NaN or +inf top-k log-probs of a good record never reach the store (a bad record's -inf
+    placeholder and a -inf entry are fine); the group is not written at all."""
+    w = CacheWriter(str(tmp_path / "c.zarr"), _manifest())
+    rec = _records(3)
+    rec["logprobs"][2, 1, 0] = value
+    with pytest.raises(KdcacheError, match=r"key 'k2' view 1 hold NaN or \+inf: not a teacher's output"):
+        w.write_shard("s0", source="/d/s0.tar", **rec)
+    assert not CacheReader(str(tmp_path / "c.zarr")).has_shard("s0")
+    rec["logprobs"][2, 1, 0] = -1e-3
+    rec["logprobs"][1, 0, 2] = -np.inf
+    w.write_shard("s0", source="/d/s0.tar", **rec)
+    assert np.isneginf(CacheReader(str(tmp_path / "c.zarr")).read_view("s0", 0).logprobs[1, 2])
+
+
 @pytest.mark.parametrize(
     "change,expect",
     [
@@ -492,8 +508,10 @@ def test_format_1_cache_is_read_like_a_current_one(tmp_path):
     with pytest.raises(KdcacheError, match="array 'keys' is .*, expected uint8 \\(cache format 2\\)"):
         CacheReader(str(v1)).keys("s0")
     _set_root_attr(v1, lambda m: m.update(format_version=1))
+    # a current cache records the manifest it was written with: the edit is named as one
     _set_root_attr(v2, lambda m: m.update(format_version=1))
-    with pytest.raises(KdcacheError, match="array 'keys' is uint8, expected strings \\(cache format 1\\)"):
+    with pytest.raises(KdcacheError, match="manifest field format_version was edited after precompute: the "
+                                           "manifest says 1, shard group 's0' was written with 3"):
         CacheReader(str(v2)).read_view("s0", 0)
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import time
 
+import torch
+
 from kdcache.models.zoo import SmallCNN, tiny_cnn
 
 
@@ -39,3 +41,20 @@ class SlowCNN(SmallCNN):
 
 def slow_cnn(num_classes: int = 10) -> SlowCNN:
     return SlowCNN(num_classes, widths=(4, 8), blocks_per_stage=1)
+
+
+class NonFiniteCNN(SmallCNN):
+    """tiny_cnn (same state-dict keys) whose logit of class 0 is KD_TEST_NONFINITE ("nan", "inf" or
+    "-inf"; default "nan") for every input that is one flat colour (each channel constant: a solid
+    image's unmixed crop), and tiny_cnn's for every other input. A shard holding a solid image then
+    makes the teacher's output non-finite there and nowhere else."""
+
+    def forward(self, x):
+        z = super().forward(x)
+        flat = x.flatten(2).std(-1).amax(-1) < 1e-6
+        bad = float(os.environ.get("KD_TEST_NONFINITE", "nan"))
+        return torch.where(flat[:, None] & (torch.arange(z.shape[1], device=z.device) == 0), bad, z)
+
+
+def nonfinite_cnn(num_classes: int = 10) -> NonFiniteCNN:
+    return NonFiniteCNN(num_classes, widths=(4, 8), blocks_per_stage=1)

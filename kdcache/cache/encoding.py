@@ -25,7 +25,8 @@ strongly, so each image keeps ``class_list``: the distinct classes of its V·k e
 their summed probability over the views (descending; ties by class id), padded with -1. A record's
 k classes are then positions in that list, written as a Lehmer code (``class_code``): entry j is
 the position of its class among the list entries that entries 1..j−1 did not take (an entry
-without a class, -1, codes as 254: past any list). A record whose classes follow the image's order
+without a class, -1, codes as the dtype's largest value minus 1: 254, 65,534 or 4,294,967,294 for
+uint8, uint16 or uint32 codes, past any list). A record whose classes follow the image's order
 codes as all zeros, so the codes are small and compress well; the code is exact for any input.
 """
 
@@ -110,9 +111,13 @@ def pad_lists(lists: list[np.ndarray], dtype) -> np.ndarray:
 
 
 def code_dtype(width: int) -> np.dtype:
-    """uint8 while every code (< width) stays below 254 (``missing_code``; 255 is the array's fill
-    value); else uint16."""
-    return np.dtype(np.uint8) if width <= 254 else np.dtype(np.uint16)
+    """The narrowest unsigned dtype whose codes (< width) all stay below ``missing_code`` (the dtype's
+    largest value minus 1; the largest is the array's fill value): uint8 up to 254 list entries,
+    uint16 up to 65,534, uint32 beyond (a teacher with more classes and V·k entries that many)."""
+    for dt in (np.uint8, np.uint16, np.uint32):
+        if width <= int(np.iinfo(dt).max) - 1:
+            return np.dtype(dt)
+    raise ValueError(f"a class list of {width} entries is longer than any class code can address")
 
 
 def missing_code(dtype) -> int:

@@ -21,8 +21,10 @@ stored but re-derived from the seeded sampler; ``kdcache.cache.encoding``). What
 ``CacheReader`` returns the same decoded arrays (``ARRAYS``, plus ``counts`` for sampled targets).
 
 Every per-view array is chunked one chunk per view and packed into one Zarr shard, so a shard
-group is a handful of files and an epoch reads one small chunk per array. ``docs/format.md``
-describes the semantics in full.
+group is a handful of files and an epoch reads one small chunk per array. Each group records a
+SHA-256 per view (``view_digests``) and the manifest's decode-relevant fields (``decode_record``,
+which the digests cover): a value or manifest field edited later is refused by name.
+``docs/format.md`` describes the semantics in full.
 
 Format version 2 is version 3's plain top-k layout without the manifest's ``targets`` and
 ``encoding``. Format version 1 also stored ``keys`` as a (N,) Zarr ``string`` (vlen-utf8) array,
@@ -54,10 +56,10 @@ from .claims import (  # noqa: F401  (CLAIM_* and the errors are part of the sto
 )
 from . import encoding as enc
 from ..errors import KdcacheError
-from .targets import TARGET_KINDS, kind_of, log_weights
+from .targets import MAX_SAMPLES, TARGET_KINDS, kind_of, log_weights
 
 FORMAT_VERSION = 3
-MAX_COUNT = 254  # sampled targets: draws per record (stored counts are uint8, 255 is the fill value)
+MAX_COUNT = MAX_SAMPLES  # sampled targets: draws per record (stored counts are uint8, 255 is the fill value)
 # Cache formats this release reads. Version 2 is version 3's plain top-k layout without the
 # manifest's targets and encoding; version 1 differs from 2 only in the keys array (Zarr string).
 READ_VERSIONS = (1, 2, 3)
@@ -194,6 +196,93 @@ def manifest_differences(old: dict, new: dict) -> list[str]:
     return out
 
 
+# The manifest fields that decide what a group's stored bytes mean: its format, the teacher (its
+# class count types and bounds the class ids; its identity and normalisation are what verify re-runs),
+# the views' sampler (a compact group re-derives its geometry from the seed and augmentation), V,
+# k, the resolution, how the teacher ran (the batches verify re-composes), the targets (kind,
+# draws, temperature) and their encoding (layout, the log-probs' step), and the render backend
+# (which pixels a box stands for). Every group records them at creation (RECORD_ATTR, canonical
+# JSON text) and its view digests cover that text, so a manifest edited later is named on open.
+DECODE_FIELDS = ("format_version", "teacher", "augmentation", "seed", "views", "topk", "resolution", "compute",
+                 "targets", "encoding")
+RECORD_ATTR = "decode_record"
+# How many of the manifest's listed groups a reader looks at on open for a record to compare with.
+RECORD_PROBES = 4
+
+
+def decode_record(manifest: dict) -> dict:
+    """The manifest's decode-relevant fields (``DECODE_FIELDS``, and ``render.backend``) in JSON types."""
+    rec = {name: manifest.get(name) for name in DECODE_FIELDS}
+    rec["render"] = {"backend": str((manifest.get("render") or {}).get("backend", "pil"))}
+    return json.loads(json.dumps(rec))
+
+
+def decode_record_text(manifest: dict) -> str:
+    """``decode_record`` as canonical JSON text (sorted keys, no spaces, UTF-8 as is): what a group stores
+    in ``RECORD_ATTR`` and what its view digests begin with."""
+    return json.dumps(decode_record(manifest), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+_ABSENT = object()
+
+
+def _leaves(x, prefix: str = "") -> dict:
+    """A JSON value as {dotted path: leaf}; lists and scalars are leaves."""
+    if isinstance(x, dict) and x:
+        out = {}
+        for k, v in x.items():
+            out.update(_leaves(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: x}
+
+
+def record_problem(manifest: dict, attrs: dict, name: str, where: str) -> str | None:
+    """One line when group ``name`` (attributes ``attrs``) was written with other decode-relevant
+    manifest fields than ``manifest`` holds now (an edited manifest), naming the fields; None when
+    they agree or the group records none (written before records existed: not covered)."""
+    text = attrs.get(RECORD_ATTR)
+    if text is None:
+        return None
+    try:
+        stored = json.loads(text)
+        if not isinstance(stored, dict):
+            raise ValueError("not an object")
+    except (TypeError, ValueError) as e:
+        return (f"cache group {name!r} of {where}: its {RECORD_ATTR} attribute is damaged ({e}); the group's "
+                "zarr.json was edited or damaged. Restore it, or delete the group and re-run precompute")
+    a, b = _leaves(stored), _leaves(decode_record(manifest))
+    diffs = [p for p in sorted(set(a) | set(b)) if a.get(p, _ABSENT) != b.get(p, _ABSENT)]
+    # a field removed (or emptied) on one side shows as its leaves on the other: name those
+    diffs = [p for p in diffs if not any(q.startswith(p + ".") for q in diffs)]
+    if not diffs:
+        return None
+
+    def show(v):
+        return "absent" if v is _ABSENT else json.dumps(v)
+
+    first = diffs[0]
+    more = f" (and {len(diffs) - 1} more fields differ: {', '.join(diffs[1:4])}{' ...' if len(diffs) > 4 else ''})"
+    return (f"cache {where}: manifest field {first} was edited after precompute: the manifest says "
+            f"{show(b.get(first, _ABSENT))}, shard group {name!r} was written with {show(a.get(first, _ABSENT))}"
+            f"{more if len(diffs) > 1 else ''}. The stored values would be read with other parameters than they were "
+            f"written with; restore {first} to {show(a.get(first, _ABSENT))} in the cache's root zarr.json, or "
+            "re-run precompute into a new cache")
+
+
+def probe_record(root, manifest: dict, where: str) -> None:
+    """Compare the manifest with the decode record of the first of its listed groups that exists
+    (at most RECORD_PROBES looked at: one attribute read on a healthy cache); KdcacheError on an edit."""
+    for name in list(manifest.get("shards") or [])[:RECORD_PROBES]:
+        try:
+            attrs = dict(root[str(name)].attrs)
+        except Exception:  # missing, or a damaged group that its own reader will name
+            continue
+        problem = record_problem(manifest, attrs, str(name), where)
+        if problem:
+            raise KdcacheError(problem)
+        return
+
+
 def _open_root(path: str, mode: str, storage_options: dict | None):
     kw = {"storage_options": storage_options} if storage_options else {}
     return zarr.open_group(str(path), mode=mode, zarr_format=3, **kw)
@@ -301,8 +390,10 @@ def view_digest(keys, size, logprobs, classes, box, flip, mix_with, mix_lam) -> 
     return _digest(keys, size, [(logprobs, "<f2"), (classes, "<i8")], box, flip, mix_with, mix_lam)
 
 
-def _digest(keys, size, targets, box, flip, mix_with, mix_lam) -> str:
+def _digest(keys, size, targets, box, flip, mix_with, mix_lam, record: str | None = None) -> str:
     h = hashlib.sha256()
+    if record is not None:  # the group's decode record (RECORD_ATTR), then a newline
+        h.update(record.encode("utf-8") + b"\n")
     h.update("\n".join(str(k) for k in keys).encode("utf-8"))
     for arr, dtype in [(size, "<i4")] + list(targets) + [(box, "<i8"), (flip, "u1"), (mix_with, "<i4"),
                                                            (mix_lam, "<f2")]:
@@ -312,14 +403,15 @@ def _digest(keys, size, targets, box, flip, mix_with, mix_lam) -> str:
     return h.hexdigest()
 
 
-def digest_of(kind: str, layout: str, d: dict, j: int) -> str:
+def digest_of(kind: str, layout: str, d: dict, j: int, record: str | None = None) -> str:
     """The digest of view column ``j`` of decoded group data ``d`` (``CacheReader`` output, which
     for a compact group also holds the stored codes). It covers what the student is given: the
     targets as stored (the log-probs of a compact group through their codes and top-k mass, from
     which decoding is a fixed function; sampled targets through their counts), the decoded class
     ids and the geometry (re-derived for a compact group), so an edit of any stored value, or a
-    sampler that no longer draws the stored geometry, changes it. Plain top-k groups keep format
-    2's digest."""
+    sampler that no longer draws the stored geometry, changes it. ``record``: the group's decode
+    record (``RECORD_ATTR``), which the digest then covers too (groups written before it existed
+    have none). Plain top-k groups without a record keep format 2's digest."""
     if kind == "sample":
         targets = [(d["counts"][:, j], "u1"), (d["classes"][:, j], "<i8")]
     elif layout == "compact":
@@ -329,7 +421,7 @@ def digest_of(kind: str, layout: str, d: dict, j: int) -> str:
     else:
         targets = [(d["logprobs"][:, j], "<f2"), (d["classes"][:, j], "<i8")]
     return _digest(d["keys"], d["size"], targets, d["box"][:, j], d["flip"][:, j], d["mix_with"][:, j],
-                   d["mix_lam"][:, j])
+                   d["mix_lam"][:, j], record)
 
 
 def derived_views(manifest: dict, where: str, name: str, keys, size, bad, views):
@@ -355,6 +447,15 @@ def targets_digest(groups: dict[str, list[str]]) -> str:
     for name in sorted(groups):
         h.update(f"{name}:{','.join(groups[name])};".encode())
     return h.hexdigest()
+
+
+def nonfinite_records(logprobs, valid) -> list[tuple[int, int]]:
+    """(record, view column) of every good record (``valid``) whose top-k log-probs hold NaN or
+    +inf: values no teacher output has (-inf is a probability of 0, or float16 underflow)."""
+    lp = np.asarray(logprobs)
+    with np.errstate(invalid="ignore"):
+        hit = (np.isnan(lp) | np.isposinf(lp)).any(-1) & np.asarray(valid, dtype=bool)[:, None]
+    return [(int(i), int(j)) for i, j in np.argwhere(hit)]
 
 
 def _keys(keys_array) -> np.ndarray:
@@ -570,15 +671,18 @@ class CacheReader:
     lists mismatches without raising).
     """
 
-    def __init__(self, path: str, storage_options: dict | None = None, check_digests: bool = True):
+    def __init__(self, path: str, storage_options: dict | None = None, check_digests: bool = True,
+                 check_values: bool = True):
         self.path = str(path)
         self.check_digests = check_digests  # False: read views whose content no longer matches its digest
+        self.check_values = check_values  # False: also read top-k log-probs that are NaN or +inf (inspect)
         self.root, self.manifest = open_manifest(self.path, storage_options)
         self.format_version = int(self.manifest["format_version"])
         self.kind = kind_of(self.manifest)  # "topk" or "sample"
         self.layout = layout_of(self.manifest)  # "plain" or "compact"
         self.arrays = layout_arrays(self.manifest)
         self._fs = _fsspec(self.path, storage_options)
+        probe_record(self.root, self.manifest, self.path)  # an edited manifest is named before anything is read
         self._groups: set[str] = set()  # shard groups seen so far (groups are never removed)
         self._valid: dict[str, tuple[int, dict, dict]] = {}  # complete shard -> (N, arrays, attrs)
 
@@ -674,6 +778,9 @@ class CacheReader:
         if name in self._valid:
             return self._valid[name]
         attrs = self.shard_attrs(name)
+        problem = record_problem(self.manifest, attrs, name, self.path)
+        if problem:
+            raise KdcacheError(problem)
         if not attrs.get("complete", False):
             raise KdcacheError(
                 f"shard {name!r} in cache {self.path} is incomplete (precompute was interrupted); "
@@ -821,6 +928,8 @@ class CacheReader:
         d = self._decode(name, self._stored(name, view), view)
         if self.check_digests:
             self._check_digest(name, view, attrs, d, 0)
+        if self.check_values:
+            self.check_finite(name, d, [view])
         rec = ViewRecords(
             shard=name, view=view, keys=d["keys"], size=d["size"], logprobs=d["logprobs"][:, 0],
             classes=d["classes"][:, 0], box=d["box"][:, 0], flip=d["flip"][:, 0], mix_with=d["mix_with"][:, 0],
@@ -849,12 +958,19 @@ class CacheReader:
         want = self.view_digests(name)
         if want is None:
             return []
+        got = self.computed_digests(name, data)
+        return [v for v in range(self.views) if got[v] != want[v]]
+
+    def computed_digests(self, name: str, data: dict | None = None) -> list[str]:
+        """The digest of every view of a group as its data (``data``: all views decoded, default read
+        here) is now; ``view_digests`` are the ones precompute recorded."""
         d = data if data is not None else CacheReader._read_all(self, name)
-        return [v for v in range(self.views) if digest_of(self.kind, self.layout, d, v) != want[v]]
+        record = self._open_shard(name)[2].get(RECORD_ATTR)
+        return [digest_of(self.kind, self.layout, d, v, record) for v in range(self.views)]
 
     def _check_digest(self, name: str, view: int, attrs: dict, d: dict, j: int) -> None:
         want = attrs.get(DIGEST_ATTR)
-        if want is None or digest_of(self.kind, self.layout, d, j) == want[view]:
+        if want is None or digest_of(self.kind, self.layout, d, j, attrs.get(RECORD_ATTR)) == want[view]:
             return
         raise KdcacheError(
             f"cache group {name!r} of {self.path}: view {view} does not match the digest precompute recorded for it: "
@@ -869,7 +985,32 @@ class CacheReader:
             bad = self.digest_problems(name, out)
             if bad:
                 self._check_digest(name, bad[0], self._open_shard(name)[2], out, bad[0])
+        if self.check_values:
+            self.check_finite(name, out)
         return out
+
+    def check_finite(self, name: str, d: dict | None = None, views: list[int] | None = None) -> None:
+        """Refuse (KdcacheError) top-k log-probs that are NaN or +inf in a good record of group
+        ``name`` (decoded data ``d`` of view columns ``views``; default: all read here): a cache
+        written by a kdcache that did not check its teacher's outputs. ``read_view`` and
+        ``read_shard`` call it unless ``check_values`` is off. (Sampled counts cannot show a
+        non-finite teacher: ``verify`` finds it by re-running the teacher.)"""
+        if self.kind != "topk":
+            return
+        d = d if d is not None else self._read_all(name)
+        views = views if views is not None else list(range(self.views))
+        bad = frozenset(self._open_shard(name)[2].get("bad") or {})
+        valid = np.array([str(k) not in bad for k in d["keys"]], dtype=bool)
+        hits = nonfinite_records(d["logprobs"], valid)
+        if not hits:
+            return
+        i, j = hits[0]
+        more = f" (and {len(hits) - 1} more records)" if len(hits) > 1 else ""
+        raise KdcacheError(
+            f"cache group {name!r} of {self.path}: the stored log-probs of key {str(d['keys'][i])!r} view {views[j]} "
+            f"are not finite (NaN or +inf){more}: no teacher output is. The cache was written by a kdcache that did "
+            "not check its teacher's outputs (a damaged checkpoint, float16 overflow); fix the teacher and re-run "
+            "precompute on that shard (delete the group first)")
 
     def _read_all(self, name: str) -> dict[str, np.ndarray]:
         """Every array of one shard group, all views, decoded, not checked against the digests."""
@@ -976,6 +1117,7 @@ class CacheWriter:
         self._claims: dict[str, ShardClaim] = {}
         self.kind, self.layout = kind_of(manifest), layout_of(manifest)
         self.arrays = layout_arrays(manifest)
+        self.record = decode_record_text(manifest)  # every group records it (RECORD_ATTR)
         self.root = self._create_or_open()
 
     # -- creating or opening the root --
@@ -1015,7 +1157,9 @@ class CacheWriter:
                 + "\n  ".join(diffs)
                 + "\nUse a new --out path, or re-run with the cache's settings to resume it."
             )
-        return _open_root(path, "r+", self.storage_options)
+        root = _open_root(path, "r+", self.storage_options)
+        probe_record(root, old, path)  # an edited manifest: never add groups written with the edit
+        return root
 
     def _create_local(self) -> None:
         """Create the root group of a local cache atomically, unless it exists.
@@ -1306,7 +1450,7 @@ class CacheWriter:
                     "writing into this cache without claims? Re-run to redo the group"
                 )
             claim.check()
-            digests = [digest_of(self.kind, self.layout, decoded, v) for v in range(V)]
+            digests = [digest_of(self.kind, self.layout, decoded, v, self.record) for v in range(V)]
             g.attrs.update({"bad": dict(bad or {}), "render": render or self.manifest.get("render"),
                             DIGEST_ATTR: digests, "complete": True})
         finally:
@@ -1335,6 +1479,14 @@ class CacheWriter:
             weights = counts.astype(np.float64)
         else:
             lp = np.asarray(values)
+            valid = np.array([str(k) not in bad for k in keys], dtype=bool)
+            hits = nonfinite_records(lp, valid)
+            if hits:
+                i, j = hits[0]
+                raise KdcacheError(
+                    f"write_shard({name!r}): the log-probs of key {str(keys[i])!r} view {j} hold NaN or +inf"
+                    f"{f' (and {len(hits) - 1} more records)' if len(hits) > 1 else ''}: not a teacher's output, "
+                    "nothing of the group was written")
             targets = {"logprobs": lp.astype(np.float16)}
             decoded.update(logprobs=targets["logprobs"], classes=classes)
             weights = np.exp(lp.astype(np.float64))
@@ -1367,7 +1519,8 @@ class CacheWriter:
 
     def _write_arrays(self, name, source, n, data: dict) -> None:
         g = self.root.create_group(name, overwrite=True)
-        g.attrs.update({"source": source, "num_samples": n, "complete": False, EVERY_CHUNK_ATTR: True})
+        g.attrs.update({"source": source, "num_samples": n, "complete": False, EVERY_CHUNK_ATTR: True,
+                        RECORD_ATTR: self.record})
         rows = max(n, 1)
         size = data["size"]
         max_side = int(size.max()) if n else 0

@@ -24,7 +24,9 @@ from ..data.views import stable_seed
 
 TARGET_KINDS = ("topk", "sample")
 SAMPLER_VERSION = 1  # of the draw below; recorded in the manifest
-MAX_SAMPLES = 255  # counts are stored as uint8
+# The most draws per record: counts are stored as uint8, and 255 is the counts array's fill value
+# (store.MAX_COUNT is this constant).
+MAX_SAMPLES = 254
 _TWO_TO_MINUS_53 = 1.0 / 9007199254740992.0  # a double from the top 53 bits of a 64-bit output
 
 
@@ -55,11 +57,26 @@ def draw_uniforms(seed: int, key: str, view: int, samples: int) -> np.ndarray:
     return (raw >> np.uint64(11)) * _TWO_TO_MINUS_53
 
 
+def check_samples(samples: int) -> int:
+    """``samples`` as an int, refused (ValueError) outside 1..MAX_SAMPLES: a count above 254 would
+    wrap in the uint8 counts (and 255 is their fill value)."""
+    n = int(samples)
+    if not 1 <= n <= MAX_SAMPLES:
+        raise ValueError(f"samples must be in 1..{MAX_SAMPLES} (a record's counts are stored as bytes; 255 is the "
+                         f"fill value), got {samples}")
+    return n
+
+
 def sampling_cdf(logp: np.ndarray, temperature: float) -> np.ndarray:
     """Cumulative distribution (float64, classes in id order, last entry exactly 1) of
-    ``softmax(logp / temperature)`` over the last axis (one record, or a batch of rows)."""
+    ``softmax(logp / temperature)`` over the last axis (one record, or a batch of rows).
+
+    A log-prob of -inf is probability 0; NaN or +inf is not a distribution and is refused
+    (ValueError): mapped to -inf it would turn a +inf logit into "probability 0" and a NaN teacher
+    into a clean-looking one-hot target (``teacher.check_finite`` stops such a teacher earlier)."""
     a = np.asarray(logp, dtype=np.float64) / float(temperature)
-    a = np.where(np.isfinite(a), a, -np.inf)
+    if (np.isnan(a) | np.isposinf(a)).any() or np.isneginf(a).all(axis=-1).any():
+        raise ValueError("log-probs hold NaN or +inf, or a row is -inf throughout: not a distribution to draw from")
     q = np.exp(a - a.max(axis=-1, keepdims=True))
     cdf = np.cumsum(q, axis=-1)
     return cdf / cdf[..., -1:]
@@ -70,6 +87,7 @@ def draw_record(logp: np.ndarray, seed: int, key: str, view: int, samples: int, 
     """(classes, counts) of one record: distinct drawn classes sorted by count (descending), ties
     by class id, padded to ``width`` (default ``min(samples, C)``) with class -1 and count 0."""
     C = len(logp)
+    samples = check_samples(samples)
     width = slots(samples, C) if width is None else width
     u = draw_uniforms(seed, key, view, samples)
     drawn = np.minimum(np.searchsorted(sampling_cdf(logp, temperature), u, side="right"), C - 1)
@@ -92,6 +110,7 @@ def draw_batch(logp: np.ndarray, keys, views, seed: int, samples: int, temperatu
     counts (tested), with the distribution and the counting done for many rows at once."""
     logp = np.asarray(logp)
     B, C = logp.shape
+    samples = check_samples(samples)
     width = slots(samples, C)
     keys, views = list(keys), list(views)
     if len(keys) != B or len(views) != B:

@@ -90,7 +90,7 @@ from .options import (augmentation, augmentation_options, config_default, thread
                    "baseline).")
 @click.option("--allow-edited-cache", is_flag=True,
               help="Train on cache views that no longer match the digests precompute recorded (edited after "
-                   "precompute); refused otherwise.")
+                   "precompute); refused otherwise. An edited manifest field and NaN/+inf targets stay refused.")
 @click.option("--stop-after", type=int, default=None,
               help="Stop after N steps (global, counted from the start of the run) with a checkpoint and exit 0; "
                    "continue by re-running the same command with --resume instead of --stop-after.")

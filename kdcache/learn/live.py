@@ -17,7 +17,7 @@ import torch
 
 from ..cache.store import CacheReader
 from ..errors import KdcacheError
-from ..models.teacher import Teacher, load_teacher, topk_tensors
+from ..models.teacher import NonFiniteTeacherOutput, Teacher, load_teacher, topk_tensors
 from ..runtime import resolve_device
 from .losses import Targets
 
@@ -77,5 +77,9 @@ class LiveTeacher:
         tx = batch.teacher_pixels(device)
         if tx is None:
             tx = batch.pixels(device) if pixels is None else pixels
-        lp, ids = self.topk_of(tx)
+        try:
+            lp, ids = self.topk_of(tx)
+        except NonFiniteTeacherOutput as e:  # name the records; training stops before its loss turns NaN
+            raise e.at(" (live teacher)", [f"shard {s!r} key {k!r} view {batch.view}"
+                                            for s, k in zip(batch.shards, batch.keys)]) from None
         return Targets(ids.to(device), lp.to(device), "topk", "uniform", None)

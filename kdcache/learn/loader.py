@@ -25,7 +25,9 @@ from ..data.views import AugSpec
 from ..errors import KdcacheError
 from ..models.factory import IMAGENET_MEAN, IMAGENET_STD
 from ..runtime import resolve_device
-from .replay import Binding, EpochPlan, ReplayStream, ShardInfo, StreamConfig, epoch_batches, prepare_shards
+from .replay import (
+    Binding, EpochPlan, ReplayStream, ShardInfo, StreamConfig, check_cache_groups, epoch_batches, prepare_shards,
+)
 
 STUDENT_VIEWS = ("cache", "fresh")
 
@@ -95,6 +97,9 @@ class ReplayLoader:
         self.shards: list[ShardInfo] = prepare_shards(urls, self.reader, labels, rank if together else 0,
                                                       world if together else 1, skip_bad=skip_bad,
                                                       num_classes=self.num_classes)
+        if self.reader is not None:  # every view of every group read once: an edited one stops us here
+            check_cache_groups(self.reader, [s.name for s in self.shards], workers, rank if together else 0,
+                               world if together else 1, storage_options)
         with_targets = bool(targets) and self.reader is not None
         kind = self.reader.kind if self.reader is not None else "topk"
         tau = float(m["targets"].get("temperature", 1.0)) if kind == "sample" else None

@@ -162,6 +162,49 @@ def _check_one(url: str, reader: CacheReader | None, need_labels: bool, scan_loc
     return ShardInfo(url, name, int(count), {str(k): str(v) for k, v in bad.items()})
 
 
+def _check_group(path: str, storage_options: dict | None, check_digests: bool, name: str) -> str | None:
+    """``check_cache_groups``' work on one group, in a fresh reader (a pool process): the error's
+    message, or None."""
+    try:
+        CacheReader(path, storage_options, check_digests=check_digests).read_shard(name)
+    except KdcacheError as e:
+        return str(e)
+    return None
+
+
+def check_cache_groups(reader: CacheReader, names: list[str], workers: int, rank: int = 0, world: int = 1,
+                       storage_options: dict | None = None) -> None:
+    """Read every view of every cache group a run is about to use, once, before training: each view
+    against the digest precompute recorded (unless the reader skips digests: --allow-edited-cache)
+    and its targets for values no teacher gives (``CacheReader.read_shard``). An edited view then
+    stops the run before its first step, not in the epoch that reaches it. The groups are split over
+    the ranks and, with ``workers`` > 1, over that many processes (a compact cache re-derives every
+    view's geometry, the main cost: docs/training.md gives figures)."""
+    from concurrent.futures import ProcessPoolExecutor
+    from functools import partial
+
+    share = names[rank::world]
+    if workers > 1 and len(share) > 1:
+        check = partial(_check_group, reader.path, storage_options, reader.check_digests)
+        with ProcessPoolExecutor(min(workers, len(share))) as pool:
+            found = dict(zip(share, pool.map(check, share)))
+    else:
+        found = {}
+        for name in share:
+            try:
+                reader.read_shard(name)
+                found[name] = None
+            except KdcacheError as e:
+                found[name] = str(e)
+                break
+
+    def result(name):
+        if found.get(name):
+            raise KdcacheError(found[name])
+
+    gather_across_ranks(result, names, rank, world)
+
+
 def gather_across_ranks(fn, items: list, rank: int, world: int) -> list:
     """``[fn(x) for x in items]`` with the work split over ranks; errors re-raised on every rank."""
     mine = {}

@@ -209,7 +209,8 @@ def setup(cfg: TrainConfig) -> Run:
     if spot is not None and spot.live.res != res:
         teacher_res = spot.live.res
 
-    # -- data: checks that need no decoding, then the loader (the library's ReplayLoader) --
+    # -- data: checks that need no decoding, then the loader (the library's ReplayLoader: it also reads
+    # every view of every cache group once, against its digest, before the first step) --
     need_labels = mode.labels_needed or cfg.label_weight > 0 or (cfg.self_distill and cfg.sd_alpha < 1)
     view_seed = cfg.seed if cfg.view_seed is None else cfg.view_seed
     loader = ReplayLoader(

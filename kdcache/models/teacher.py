@@ -7,6 +7,8 @@
   ids; ``batch_topk`` / ``batch_logprobs`` do the same for a ``render.CropBatch`` (mixed on the
   device) and return numpy arrays (sampled targets are drawn from ``batch_logprobs``).
 - ``compute_record`` is how the teacher ran, as the manifest keeps it.
+- ``check_finite`` (inside ``logprob_tensors``, so on every path) refuses a batch whose outputs hold
+  NaN or ±inf: ``NonFiniteTeacherOutput``, which callers re-raise naming the shard, keys and views.
 
 Precompute, the live-teacher trainer and verify all run the teacher through these, so a live
 teacher's targets and a re-run in verify are computed exactly as the cache's were.
@@ -79,9 +81,55 @@ def is_random(spec: str, info: ModelInfo, build: dict) -> bool:
     return state_sha256(a.model) != state_sha256(b.model)
 
 
+# How many of the inputs with non-finite outputs an error names.
+SHOWN_RECORDS = 3
+
+
+class NonFiniteTeacherOutput(KdcacheError):
+    """The teacher's outputs hold NaN or ±inf for some inputs of a batch. Such an output is no
+    distribution: stored, a NaN becomes NaN log-probs or (drawn) a clean-looking one-hot target, and
+    a +inf logit is not "probability 0". ``rows`` are the batch rows concerned; callers that know
+    which records those are re-raise ``at(...)``."""
+
+    def __init__(self, rows: list[int], batch: int, detail: str, where: str = "", records=(), after: str = ""):
+        self.rows, self.batch, self.detail = list(rows), int(batch), detail
+        named = ", ".join(list(records)[:SHOWN_RECORDS])
+        more = f" and {len(self.rows) - SHOWN_RECORDS} more" if len(self.rows) > SHOWN_RECORDS and named else ""
+        super().__init__(
+            f"the teacher's output is not finite{where}: {detail} for {len(self.rows)} of {self.batch} inputs"
+            + (f" ({named}{more})" if named else "")
+            + ". Likely cause: a damaged or wrong checkpoint (--teacher-weights), or float16 overflow (a model "
+            "run in fp16, or with weights too large for it); check the teacher's outputs on these images, fix its "
+            "weights or run it in fp32/bf16" + (f"; {after}" if after else ""))
+
+    def at(self, where: str, records, after: str = "") -> "NonFiniteTeacherOutput":
+        """The same error naming where it happened (`` for shard X``) and the records of its rows
+        (``records[r]`` describes batch row r, e.g. ``key 'a' view 2``)."""
+        records = list(records)
+        return NonFiniteTeacherOutput(self.rows, self.batch, self.detail, where, [records[r] for r in self.rows],
+                                      after)
+
+
+def check_finite(logits: torch.Tensor, logp: torch.Tensor) -> None:
+    """Raise ``NonFiniteTeacherOutput`` unless every log-prob of every row is finite: a NaN or ±inf
+    logit (a bad checkpoint, fp16 overflow), or logits so far apart that the log-softmax overflows.
+    One device synchronisation per batch."""
+    ok = torch.isfinite(logp).all(dim=-1)
+    if bool(ok.all()):
+        return
+    rows = torch.nonzero(~ok).flatten().tolist()
+    z = logits[~ok].float()
+    kinds = [what for what, hit in (("NaN", torch.isnan(z)), ("+inf", torch.isposinf(z)), ("-inf", torch.isneginf(z)))
+             if bool(hit.any())]
+    detail = (f"its logits hold {' and '.join(kinds)}" if kinds
+              else "its log-softmax overflows to -inf (logits more than 3.4e38 apart)")
+    raise NonFiniteTeacherOutput(rows, len(ok), detail)
+
+
 def logprob_tensors(teacher: Teacher, pixels: torch.Tensor, mean=None, std=None) -> torch.Tensor:
     """The teacher's log-softmax at T=1 (B, C) in float32 on its device, for float pixels in [0, 1]
-    (B, 3, H, W). ``mean``/``std`` override the teacher's."""
+    (B, 3, H, W). ``mean``/``std`` override the teacher's. Outputs that are not finite raise
+    ``NonFiniteTeacherOutput`` (``check_finite``)."""
     device = teacher.device
     x = normalize(pixels.to(device, non_blocking=True), teacher.mean if mean is None else mean,
                   teacher.std if std is None else std)
@@ -92,7 +140,9 @@ def logprob_tensors(teacher: Teacher, pixels: torch.Tensor, mean=None, std=None)
                 logits = logits_of(teacher.model(x))
         else:
             logits = logits_of(teacher.model(x))
-        return torch.log_softmax(logits.float(), dim=-1)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        check_finite(logits, logp)
+        return logp
 
 
 def topk_tensors(teacher: Teacher, pixels: torch.Tensor, k: int, mean=None, std=None, half: bool = True):

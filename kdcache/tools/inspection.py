@@ -33,7 +33,8 @@ DISPLAY_SIZE = 256  # the rendered view is upscaled (nearest) to this many pixel
 
 def open_unchecked(cache, storage_options: dict | None) -> CacheReader:
     """A reader that shows edited views instead of refusing them (``summarize`` flags them)."""
-    return cache if isinstance(cache, CacheReader) else CacheReader(str(cache), storage_options, check_digests=False)
+    return cache if isinstance(cache, CacheReader) else CacheReader(str(cache), storage_options, check_digests=False,
+                                                                        check_values=False)
 
 
 def _class_name(names: list[str] | None, c: int) -> str | None:

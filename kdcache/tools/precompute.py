@@ -40,7 +40,7 @@ from ..runtime import (
 from ..data.shards import decode_shard, expand_urls, load_class_names, shard_name
 from ..cache.store import CLAIM_REFRESH_S, CacheWriter, encoding_record, make_manifest
 from ..cache.targets import draw_batch, slots, targets_record
-from ..models.teacher import batch_logprobs, batch_topk, compute_record, load_teacher
+from ..models.teacher import NonFiniteTeacherOutput, batch_logprobs, batch_topk, compute_record, load_teacher
 from ..data.views import ShardViews, drop_records, sample_shard_views
 from ..data.render import CropBatch, crop_batch
 from ..data.render import make_renderer
@@ -261,14 +261,20 @@ def _run(cfg: PrecomputeConfig, teacher, writer: CacheWriter, todo: list[str], c
                     bar.shard_started(item.name, p.remaining)
             else:
                 p = pending[item.name]
-                if sampled:  # N draws per record, a pure function of (seed, key, view) and the teacher
-                    logp = batch_logprobs(teacher, item.crops)
-                    ids, counts = draw_batch(logp, [p.start.keys[i] for i in item.index], item.view, cfg.seed,
-                                             cfg.samples, cfg.sample_temperature)
-                    p.counts[item.index, item.view] = counts
-                else:
-                    vals, ids = batch_topk(teacher, item.crops, cfg.topk, half=not cfg.compact)
-                    p.logprobs[item.index, item.view] = vals
+                try:
+                    if sampled:  # N draws per record, a pure function of (seed, key, view) and the teacher
+                        logp = batch_logprobs(teacher, item.crops)
+                        ids, counts = draw_batch(logp, [p.start.keys[i] for i in item.index], item.view, cfg.seed,
+                                                 cfg.samples, cfg.sample_temperature)
+                        p.counts[item.index, item.view] = counts
+                    else:
+                        vals, ids = batch_topk(teacher, item.crops, cfg.topk, half=not cfg.compact)
+                        p.logprobs[item.index, item.view] = vals
+                except NonFiniteTeacherOutput as e:  # nothing of this shard is stored
+                    raise e.at(f" for shard {p.start.url}",
+                               [f"key {p.start.keys[i]!r} view {v}" for i, v in zip(item.index, item.view)],
+                               f"nothing of shard group {item.name!r} was stored (shards finished before it are "
+                               "kept); re-run the same command once the teacher is fixed") from None
                 p.classes[item.index, item.view] = ids
                 p.remaining -= len(item.index)
                 if bar is not None:
