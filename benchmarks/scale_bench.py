@@ -96,26 +96,27 @@ def child_env(work: Path, latency_ms: float) -> tuple[dict, Path, Path]:
     return env, req, marks
 
 
-def read_requests(path: Path) -> list[tuple[float, str, int]]:
+def read_requests(path: Path) -> list[tuple[float, str, int, int]]:
+    """(time, kind, count, pid) of every request a run made."""
     if not path.exists():
         return []
     out = []
     for line in path.read_text().splitlines():
-        t, kind, n, *_ = line.split("\t")
-        out.append((float(t), kind, int(n)))
+        f = line.split("\t")
+        out.append((float(f[0]), f[1], int(f[2]), int(f[7])))
     return out
 
 
 def read_marks(path: Path) -> dict:
-    """first: the earliest first forward (time); forward_s / calls: summed over processes; rss_mb: the
+    """first: the earliest first forward (time), pid: its process; forward_s / calls: summed over processes; rss_mb: the
     largest peak RSS a process (or a DataLoader worker it waited for) reported at exit."""
-    out = {"first": None, "forward_s": 0.0, "calls": 0, "rss_mb": None}
+    out = {"first": None, "pid": None, "forward_s": 0.0, "calls": 0, "rss_mb": None}
     if not path.exists():
         return out
     for line in path.read_text().splitlines():
         f = line.split("\t")
-        if f[0] == "first_forward":
-            out["first"] = float(f[1]) if out["first"] is None else min(out["first"], float(f[1]))
+        if f[0] == "first_forward" and (out["first"] is None or float(f[1]) < out["first"]):
+            out["first"], out["pid"] = float(f[1]), int(f[2])
         elif f[0] == "forward_total":
             out["forward_s"] += float(f[1])
             out["calls"] += int(f[2])
@@ -146,10 +147,12 @@ def run_child(args: list[str], work: Path, latency_ms: float = 0.0, stop_at_firs
         raise RuntimeError(f"{' '.join(args[:1])} failed ({proc.returncode}):\n{err.decode()[-3000:]}")
     reqs, m = read_requests(req), read_marks(marks)
     rss = m["rss_mb"]
-    first = m["first"]
-    before = [r for r in reqs if first is None or r[0] <= first]
+    first, main = m["first"], m["pid"]
+    # before the first forward, in the process that runs the model (the start-up: DataLoader workers
+    # already loading the first shards count to the epoch)
+    before = [r for r in reqs if first is None or (r[0] <= first and r[3] == main)]
     kinds = {}
-    for _, kind, n in reqs:
+    for _, kind, n, _ in reqs:
         kinds[kind] = kinds.get(kind, 0) + n
     last = None
     for line in out.decode().splitlines()[::-1]:
@@ -159,8 +162,8 @@ def run_child(args: list[str], work: Path, latency_ms: float = 0.0, stop_at_firs
                 break
             except ValueError:
                 continue  # inspect --json prints one indented document, not a line
-    return {"wall_s": wall, "rss_mb": rss, "requests": sum(n for _, _, n in reqs), "kinds": kinds,
-            "requests_before_first": sum(n for _, _, n in before),
+    return {"wall_s": wall, "rss_mb": rss, "requests": sum(r[2] for r in reqs), "kinds": kinds,
+            "requests_before_first": sum(r[2] for r in before),
             "to_first_s": (first - t0) if first is not None else None, "forward_s": m["forward_s"],
             "first_to_end_s": (t0 + wall - first) if first is not None else None, "result": last}
 

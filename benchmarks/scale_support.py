@@ -7,13 +7,15 @@ cheap teacher and student, and a launcher that runs the kdcache CLI with both in
   page size), ``cat_ranges`` one read per range, ``mkdir`` none (object stores have no
   directories). Each counted call first sleeps ``KDCACHE_BENCH_LATENCY_MS`` milliseconds (default
   0): a fixed latency per request, concurrent requests waiting in parallel as they do on S3.
-  Every request appends one line ``time kind count method what path`` to the file named by
+  Every request, also one that fails (a missing key: a 404 is a request too), appends one line
+  ``time kind count method what path ok|failed pid`` to the file named by
   ``KDCACHE_BENCH_REQUESTS`` (O_APPEND: forked DataLoader workers and torchrun ranks log too).
 - ``py:scale_support:teacher`` / ``py:scale_support:student``: C = 1000 classes, a linear map of
   the image average-pooled to 2 x 2 (12 numbers), fixed weights (deterministic, so kdcache does
   not refuse the teacher as random). Each process appends ``first_forward TIME`` at the first
   forward pass on real pixels (not kdcache's all-zero probe of the class count) and
-  ``forward_total SECONDS CALLS`` at exit to ``KDCACHE_BENCH_MARKS``; the launcher adds ``peak_rss_kb`` (``ru_maxrss`` of the process and of the workers it reaped) at exit.
+  ``forward_total SECONDS CALLS`` at exit to ``KDCACHE_BENCH_MARKS``; the launcher adds
+  ``peak_rss_kb`` (``ru_maxrss`` of the process and of the workers it reaped) at exit.
 - ``python benchmarks/scale_support.py ARGS``: registers ``countfs`` and runs ``kdcache ARGS``
   (also under ``python -m torch.distributed.run``); ``python benchmarks/scale_support.py --open
   URL`` opens a cache the way every command starts (``CacheReader`` and its shard list).
@@ -51,7 +53,7 @@ _local = threading.local()
 _fd: list = [None, None]  # (pid, fd) of the request log
 
 
-def _log(kind: str, n: int, method: str, path) -> None:
+def _log(kind: str, n: int, method: str, path, outcome: str = "ok") -> None:
     name = os.environ.get(ENV_REQUESTS)
     if not name:
         return
@@ -59,7 +61,7 @@ def _log(kind: str, n: int, method: str, path) -> None:
         _fd[0], _fd[1] = os.getpid(), os.open(name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     p = str(path[0] if isinstance(path, (list, tuple)) and path else path)
     what = "meta" if p.endswith("zarr.json") else ("claim" if "/.claims" in p else "data")
-    os.write(_fd[1], f"{time.time():.6f}\t{kind}\t{n}\t{method}\t{what}\t{p}\n".encode())
+    os.write(_fd[1], f"{time.time():.6f}\t{kind}\t{n}\t{method}\t{what}\t{p}\t{outcome}\t{os.getpid()}\n".encode())
 
 
 def _counted(method: str, kind: str):
@@ -70,22 +72,23 @@ def _counted(method: str, kind: str):
         if depth:  # a call the local implementation makes inside a counted one: not a request
             return base(self, *args, **kwargs)
         _local.depth = 1
+        n, failed = 1, "ok"
         try:
             latency = float(os.environ.get(ENV_LATENCY, "0") or 0) / 1000.0
             if latency:
                 time.sleep(latency)
             out = base(self, *args, **kwargs)
-            n = 1
-            if method == "find":
+            if method in ("find", "ls", "listdir"):
                 n = max(1, -(-len(out) // PAGE))
             elif method == "cat_ranges":
                 n = len(args[0]) if args else len(kwargs.get("paths", []))
-            elif method in ("ls", "listdir"):
-                n = max(1, -(-len(out) // PAGE))
-            _log(kind, n, method, args[0] if args else kwargs.get("path", ""))
             return out
+        except Exception:
+            failed = "failed"  # a 404 is a request too
+            raise
         finally:
             _local.depth = 0
+            _log(kind, n, method, args[0] if args else kwargs.get("path", ""), failed)
 
     wrapper.__name__ = method
     return wrapper
@@ -121,8 +124,13 @@ class CountingFileSystem(LocalFileSystem):
             latency = float(os.environ.get(ENV_LATENCY, "0") or 0) / 1000.0
             if latency:
                 time.sleep(latency)
+            try:
+                f = super().open(path, mode, *args, **kwargs)
+            except Exception:
+                _log("write" if any(c in mode for c in "wax") else "read", 1, "open", path, "failed")
+                raise
             _log("write" if any(c in mode for c in "wax") else "read", 1, "open", path)
-            return super().open(path, mode, *args, **kwargs)
+            return f
         finally:
             _local.depth = 0
 
