@@ -50,15 +50,15 @@ KINDS = {
 }
 
 _local = threading.local()
-_fd: list = [None, None]  # (pid, fd) of the request log
+_fd: list = [None, None]  # ((pid, log name), fd) of the request log
 
 
 def _log(kind: str, n: int, method: str, path, outcome: str = "ok") -> None:
     name = os.environ.get(ENV_REQUESTS)
     if not name:
         return
-    if _fd[0] != os.getpid():
-        _fd[0], _fd[1] = os.getpid(), os.open(name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    if _fd[0] != (os.getpid(), name):  # a forked worker, or another log named since
+        _fd[0], _fd[1] = (os.getpid(), name), os.open(name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     p = str(path[0] if isinstance(path, (list, tuple)) and path else path)
     what = "meta" if p.endswith("zarr.json") else ("claim" if "/.claims" in p else "data")
     os.write(_fd[1], f"{time.time():.6f}\t{kind}\t{n}\t{method}\t{what}\t{p}\t{outcome}\t{os.getpid()}\n".encode())
