@@ -659,16 +659,30 @@ class CacheReader:
         return sync(listing())
 
     def has_shard(self, name: str) -> bool:
-        # Listing a large store is slow; list again only when the name is not known yet.
-        return name in self._groups or name in set(self.shard_names())
+        # A name not seen yet: open that group alone (one metadata read) rather than list every group
+        # (a read per group), so a reader that needs a few groups (a data worker) reads only those.
+        if name in self._groups:
+            return True
+        try:
+            node = self.root[name]
+        except KeyError:
+            return False
+        except Exception:  # its zarr.json does not parse: the listing copes, and shard_attrs names it
+            return name in set(self.shard_names())
+        if not isinstance(node, zarr.Group):
+            return False
+        self._groups.add(name)
+        if node.attrs.get("complete", False):
+            self._complete_nodes[name] = node
+        return True
 
     def shard_attrs(self, name: str) -> dict:
         if name in self._valid:
             return dict(self._valid[name][2])
-        if name in self._complete_nodes:
-            return dict(self._complete_nodes[name].attrs)
-        if not self.has_shard(name):
+        if name not in self._complete_nodes and not self.has_shard(name):
             raise KdcacheError(f"cache {self.path} has no shard group {name!r} (run precompute on that shard)")
+        if name in self._complete_nodes:  # (has_shard keeps a complete group it opened)
+            return dict(self._complete_nodes[name].attrs)
         try:
             return dict(self.root[name].attrs)
         except Exception as e:
@@ -679,6 +693,8 @@ class CacheReader:
             return True
         if not self.has_shard(name):
             return False
+        if name in self._complete_nodes:  # has_shard just opened it
+            return True
         try:
             return bool(dict(self.root[name].attrs).get("complete", False))
         except ValueError:  # its zarr.json does not parse: it cannot say complete (precompute redoes it)

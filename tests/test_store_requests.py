@@ -76,6 +76,22 @@ def test_reading_every_group_lists_the_cache_once_and_reads_group_metadata_once(
     assert group_meta == {f"{n}/zarr.json": 1 for n in names}  # once each, by the shard listing
 
 
+def test_reading_one_group_reads_only_that_group(ten_groups, counted, tmp_path):
+    """A data worker's reader needs the groups of its shards only: no listing of the root, no other
+    group's metadata."""
+    from kdcache.store import CacheReader
+
+    url = _copy(ten_groups / "cache.zarr", tmp_path / "c.zarr")
+    r = CacheReader(url)
+    assert len(r.read_view("train-000007", 1)) == 2
+    assert not r.has_shard("train-000099") and r.has_shard("train-000003")
+    reqs = counted(tmp_path / "c.zarr")
+    assert [p for m, p, _ in reqs if m in ("ls", "find") and p == ""] == []  # the root is never listed
+    groups = {p.split("/")[0] for m, p, _ in reqs if p.count("/") == 1 and p.endswith("zarr.json")}
+    assert groups == {"train-000007", "train-000099", "train-000003"}
+    assert sum(1 for m, p, _ in reqs if p == "train-000007/zarr.json") == 1
+
+
 def test_a_missing_chunk_is_found_through_the_shared_listing(ten_groups, tmp_path):
     from kdcache.errors import KdcacheError
     from kdcache.store import CacheReader
