@@ -294,7 +294,7 @@ def plot(results: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     series = {
-        "time (s)": [("precompute µs/record", lambda r: r["precompute"]["per_record_us"] * 1e-6),
+        "time (s)": [("precompute, per record beyond the teacher", lambda r: r["precompute"]["per_record_us"] * 1e-6),
                      ("resume to first forward", lambda r: r["resume"]["to_first_s"]),
                      ("open", lambda r: r["open"]["wall_s"]), ("train start-up", lambda r: r["train"]["to_first_s"]),
                      ("epoch", lambda r: r["train"]["epoch_s"]), ("inspect", lambda r: r["inspect"]["wall_s"]),
@@ -335,7 +335,7 @@ def plot(results: list[dict], path: str) -> None:
                 ax.legend(fontsize=7)
     fig.suptitle("kdcache at scale (V = 16, C = 1000, top-10; countfs request counting)")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=70)
     plt.close(fig)
 
 
