@@ -11,13 +11,15 @@ storage counts requests; ``scale_support`` explains what counts as one request):
 - ``resume``: the full command on that half-finished cache: time and requests until the teacher's
   first forward (finding what is left), then it finishes the cache;
 - ``open``: ``CacheReader`` and its shard list, as every command starts;
-- ``train`` one epoch (cached KD, 1 worker, batch 256): start-up until the student's first forward,
-  and the epoch (``train_time_s``, the student's forward passes reported apart);
+- ``train`` one epoch (cached KD, 1 worker, batch 256): start-up (the trainer's process until the
+  student's first forward, and its requests until then), and the epoch (``train_time_s``; the
+  student's forward time is in the JSON);
 - ``inspect`` (the summary, ``--json``) and ``verify --samples 64``.
 
 Every process reports its peak RSS at exit (``ru_maxrss``, its own and its reaped workers'). The
 teacher and the student are ``scale_support``'s linear maps of 2 x 2-pooled pixels (C = 1000,
-top-10): their forward passes cost next to nothing, so what is measured is kdcache's own cost. Torch runs one thread per process.
+top-10): their forward passes cost next to nothing, so what is measured is kdcache's own cost.
+Torch runs one thread per process.
 
 With ``--latency-ms L`` (default 20) the read paths (open, resume until the first forward, train
 start-up, inspect, verify) are run again with L ms added to every request, where the counted
@@ -34,7 +36,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import math
 import os
 import shutil
 import signal
