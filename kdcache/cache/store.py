@@ -636,6 +636,20 @@ def _list_files(root, path: str, name: str, fs=None) -> dict[str, int | None]:
     return {key[len(base) + 1 :]: None for key in sync(listing())}
 
 
+def _list_all_groups(fs, base: str) -> dict[str, dict[str, int | None]]:
+    """Every file of a remote cache, by group (``{group: {key relative to it: size}}``), from one
+    recursive listing: on object storage about one list request per 1000 files, where listing
+    each group on its own costs one request per group."""
+    prefix = f"{base.rstrip('/')}/"
+    out: dict[str, dict[str, int | None]] = {}
+    for p, info in fs.find(base.rstrip("/"), detail=True).items():
+        rel = p[len(prefix):] if p.startswith(prefix) else p.split(prefix.lstrip("/"), 1)[-1]
+        group, _, key = rel.partition("/")
+        if key:
+            out.setdefault(group, {})[key] = info.get("size")
+    return out
+
+
 def _fsspec(path: str, storage_options: dict | None):
     """(filesystem, root path) of a remote cache, for listings with sizes; None when unavailable."""
     if _is_local(path):
@@ -685,6 +699,11 @@ class CacheReader:
         probe_record(self.root, self.manifest, self.path)  # an edited manifest is named before anything is read
         self._groups: set[str] = set()  # shard groups seen so far (groups are never removed)
         self._valid: dict[str, tuple[int, dict, dict]] = {}  # complete shard -> (N, arrays, attrs)
+        # Complete groups as the shard listing read them (their metadata is read there anyway, and a
+        # complete group never changes): shard_attrs, is_complete and the first read reuse them.
+        self._complete_nodes: dict = {}
+        self._listed_groups = 0  # groups whose files were listed (remote: the second lists them all)
+        self._all_files: dict[str, dict[str, int | None]] | None = None
 
     @property
     def views(self) -> int:
@@ -721,7 +740,9 @@ class CacheReader:
             # zarr warns about anything in the root that is not a node: `.claims/` is kdcache's own
             warnings.filterwarnings("ignore", message=r"Object at \..* is not recognized as a component")
             try:
-                self._groups = set(self.root.group_keys())
+                nodes = dict(self.root.groups())
+                self._groups = set(nodes)
+                self._complete_nodes.update({n: g for n, g in nodes.items() if g.attrs.get("complete", False)})
             except Exception:  # a group whose zarr.json does not parse: list without reading them,
                 self._groups = set(self._child_nodes())  # and let shard_attrs name the damaged one
         return sorted(self._groups)
@@ -742,24 +763,42 @@ class CacheReader:
         return sync(listing())
 
     def has_shard(self, name: str) -> bool:
-        # Listing a large store is slow; list again only when the name is not known yet.
-        return name in self._groups or name in set(self.shard_names())
+        # A name not seen yet: open that group alone (one metadata read) rather than list every group
+        # (a read per group), so a reader that needs a few groups (a data worker) reads only those.
+        if name in self._groups:
+            return True
+        try:
+            node = self.root[name]
+        except KeyError:
+            return False
+        except Exception:  # its zarr.json does not parse: the listing copes, and shard_attrs names it
+            return name in set(self.shard_names())
+        if not isinstance(node, zarr.Group):
+            return False
+        self._groups.add(name)
+        if node.attrs.get("complete", False):
+            self._complete_nodes[name] = node
+        return True
 
     def shard_attrs(self, name: str) -> dict:
         if name in self._valid:
             return dict(self._valid[name][2])
-        if not self.has_shard(name):
+        if name not in self._complete_nodes and not self.has_shard(name):
             raise KdcacheError(f"cache {self.path} has no shard group {name!r} (run precompute on that shard)")
+        if name in self._complete_nodes:  # (has_shard keeps a complete group it opened)
+            return dict(self._complete_nodes[name].attrs)
         try:
             return dict(self.root[name].attrs)
         except Exception as e:
             raise _damaged(f"the metadata of cache group {name!r} in {self.path}", e) from None
 
     def is_complete(self, name: str) -> bool:
-        if name in self._valid:
+        if name in self._valid or name in self._complete_nodes:
             return True
         if not self.has_shard(name):
             return False
+        if name in self._complete_nodes:  # has_shard just opened it
+            return True
         try:
             return bool(dict(self.root[name].attrs).get("complete", False))
         except ValueError:  # its zarr.json does not parse: it cannot say complete (precompute redoes it)
@@ -787,7 +826,7 @@ class CacheReader:
                 "re-run the same `kdcache precompute` command to finish it"
             )
         try:
-            g = self.root[name]
+            g = self._complete_nodes[name] if name in self._complete_nodes else self.root[name]
             present = dict(g.arrays())
         except Exception as e:
             raise _damaged(f"the arrays' metadata of cache group {name!r} in {self.path}", e) from None
@@ -830,10 +869,13 @@ class CacheReader:
             if a in present and a in names and np.dtype(present[a].dtype) != np.dtype(dt):
                 raise KdcacheError(f"shard {name!r} array {a!r} is {present[a].dtype}, expected {np.dtype(dt)}")
         try:
-            files = _list_files(self.root, self.path, name, self._fs)
+            files, shared = self._group_files(name)
+            lost = missing_data(present, files, n, k, attrs, names)
+            if lost is not None and shared:  # the cache's listing may predate the group: list it alone
+                files = _list_files(self.root, self.path, name, self._fs)
+                lost = missing_data(present, files, n, k, attrs, names)
         except Exception as e:
             raise _damaged(f"the file listing of cache group {name!r} in {self.path}", e) from None
-        lost = missing_data(present, files, n, k, attrs, names)
         if lost is None and not attrs.get(EVERY_CHUNK_ATTR):  # an older group: no checksums
             read_head = _head_reader(self.path, name, self._fs)
             if read_head is not None:
@@ -853,7 +895,31 @@ class CacheReader:
                 "re-run precompute on that shard after deleting the group, or restore it"
             )
         self._valid[name] = (n, {a: present[a] for a in names}, attrs)
+        if self._all_files is not None:
+            self._all_files.pop(name, None)  # checked: its part of the listing is not needed again
         return self._valid[name]
+
+    def _group_files(self, name: str) -> tuple[dict[str, int | None], bool]:
+        """(every file of group ``name`` with its size, whether it comes from the listing of the whole
+        cache). A remote cache lists its first group on its own and, from the second on, takes one
+        listing of every group (``_list_all_groups``): checking all groups of a cache then costs
+        about one list request per 1000 files instead of one per group. A group missing from that
+        listing (written since) is listed on its own."""
+        self._listed_groups += 1
+        if self._fs is not None and self._listed_groups >= 2:
+            if self._all_files is None:
+                self._all_files = _list_all_groups(*self._fs)
+            if name in self._all_files:
+                return self._all_files[name], True
+        return _list_files(self.root, self.path, name, self._fs), False
+
+    def group_nbytes(self, name: str) -> int | None:
+        """Bytes stored under one group (every chunk and metadata file), from the same listing the
+        completeness check uses; None where the store lists names without sizes."""
+        files, _ = self._group_files(name)
+        if any(size is None for size in files.values()):
+            return None
+        return int(sum(files.values()))
 
     def _read(self, name: str, aname: str, fn):
         """Run one array read; a decode or I/O error becomes a KdcacheError naming the array."""
@@ -1021,11 +1087,15 @@ class CacheReader:
         return int(sum(g[a].nbytes_stored() for a in g.array_keys()))
 
     def nbytes_raw(self, name: str) -> int:
-        """Uncompressed bytes of a shard group's arrays (format 1 string keys: their UTF-8 bytes)."""
-        g = self.root[name]
+        """Uncompressed bytes of a shard group's arrays (format 1 string keys: their UTF-8 bytes).
+        A group already read uses the array handles its check opened (no metadata read again)."""
+        if name in self._valid:
+            arrays = self._valid[name][1]
+        else:
+            g = self.root[name]
+            arrays = {a: g[a] for a in g.array_keys()}
         total = 0
-        for a in g.array_keys():
-            arr = g[a]
+        for a, arr in arrays.items():
             if a == "keys" and _is_string_keys(arr):
                 total += int(sum(len(str(k).encode()) for k in arr[:]))
             else:

@@ -121,6 +121,9 @@ def reconstructed_entropy(logprobs: np.ndarray, num_classes: int) -> np.ndarray:
 
 def _bytes_under(reader: CacheReader, name: str) -> int:
     """Bytes stored under one shard group (every chunk and metadata document), any store."""
+    listed = reader.group_nbytes(name)  # sizes from a listing: no request per file
+    if listed is not None:
+        return listed
     group = reader.root[name]
     try:
         from zarr.core.sync import sync
