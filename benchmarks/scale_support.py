@@ -203,7 +203,7 @@ def student(num_classes: int = 1000) -> PooledLinear:
 
 def open_cache(url: str) -> None:
     """Open a cache as every command starts: the reader (manifest) and its shard groups."""
-    from kdcache.store import CacheReader
+    from kdcache.cache.store import CacheReader
 
     r = CacheReader(url)
     print(len(r.shard_names()))

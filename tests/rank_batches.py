@@ -1,7 +1,7 @@
 """Runs ``kdcache ARGS`` and records the batches the training loop consumes, one JSON line per batch
 (epoch, view, and the shard, key and top-1 cached class of every record) in
 ``$KD_TEST_BATCHES/rank<RANK>.jsonl``. For the many-rank tests: launched by ``torch.distributed.run``
-as a script, it observes ``kdcache.train``'s own batches (the real stream, loader and loop) without
+as a script, it observes the batches ``kdcache train``'s ReplayLoader hands the loop (the real stream, loader and loop) without
 changing them."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import json
 import os
 import sys
 
-import kdcache.train as train_module
+import kdcache.learn.loader as loader_module
 from kdcache.cli import cli
 
-_epoch_batches = train_module.epoch_batches
+_epoch_batches = loader_module.epoch_batches
 
 
 def recorded_batches(stream, epoch, *args, **kwargs):
@@ -27,7 +27,7 @@ def recorded_batches(stream, epoch, *args, **kwargs):
             yield batch
 
 
-train_module.epoch_batches = recorded_batches
+loader_module.epoch_batches = recorded_batches
 
 if __name__ == "__main__":
     cli(args=sys.argv[1:], prog_name="kdcache")

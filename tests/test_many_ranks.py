@@ -5,7 +5,7 @@
   view, with the cached targets of that view), every rank running the same number of steps.
 
 The batches a rank consumes are recorded by ``tests/rank_batches.py``, which wraps
-``kdcache.train.epoch_batches`` and otherwise runs the CLI unchanged.
+``kdcache.learn.trainer.epoch_batches`` and otherwise runs the CLI unchanged.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def ranks_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def one_rank_cache(ranks_data, teacher_weights, tmp_path_factory) -> Path:
-    from kdcache.precompute import precompute
+    from kdcache.tools.precompute import precompute
 
     out = tmp_path_factory.mktemp("one") / "cache.zarr"
     summary = precompute(precompute_config(ranks_data, out, teacher_weights, views=VIEWS))
@@ -91,13 +91,13 @@ def _read_batches(path: Path) -> dict[int, list[dict]]:
 
 
 def test_four_rank_ddp_epochs_see_every_record_once(ranks_data, one_rank_cache, tmp_path):
-    from kdcache.store import CacheReader
+    from kdcache.cache.store import CacheReader
 
     batches_dir, run = tmp_path / "batches", tmp_path / "run"
     batches_dir.mkdir()
     epochs = 2
     cmd = _torchrun(TESTS / "rank_batches.py", "train", "--data", ranks_data, "--cache", one_rank_cache, "--student",
-                    "py:kdcache.zoo:tiny_cnn", "--out", run, "--epochs", epochs, "--batch-size", 3, "--workers", 1,
+                    "py:kdcache.models.zoo:tiny_cnn", "--out", run, "--epochs", epochs, "--batch-size", 3, "--workers", 1,
                     "--threads", 1, "--device", "cpu", "--no-progress")
     proc = subprocess.run(cmd, env={**_env(), "KD_TEST_BATCHES": str(batches_dir)}, capture_output=True, text=True,
                           timeout=300)
