@@ -17,7 +17,8 @@ resolution (``replay.ValStream``, as the trainer's evaluation does) and reports:
 - with ``sweep``: the accuracy/compute curve over a grid of shared thresholds (and the given
   per-exit ones), and a PNG of it.
 
-A plain single-exit run reports its one exit (compute 1.0). The early-exit decisions are simulated
+A plain single-exit run reports its one exit (compute 1.0); ``thresholds`` and ``sweep`` are refused
+for it (there is nothing to leave early from). The early-exit decisions are simulated
 from one pass of every exit over the data (the accuracy and the shares are exactly those of a real
 early-exit forward; the compute is counted, not timed).
 """
@@ -85,7 +86,7 @@ def load_student(run_dir: str, device: str | torch.device = "cpu"):
     """The run's student, weights loaded, in eval mode: ``(model, config)``; a ``exits.MultiExit``
     for a self-distilled run, else the plain model."""
     from .exits import MultiExit
-    from .models import create_model
+    from .models import create_model, torch_load
 
     cfg = _read_run(run_dir)
     weights = os.path.join(run_dir, "model.pt")
@@ -105,8 +106,8 @@ def load_student(run_dir: str, device: str | torch.device = "cpu"):
     model = info.model
     if cfg.get("self_distill"):
         model = MultiExit(model, cfg.get("sd_exits", "all"), resolution=res, num_classes=num_classes)
+    state = torch_load(weights, "weights file")
     try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
     except Exception as e:
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -165,6 +166,12 @@ def evaluate_run(run_dir: str, val_data, thresholds=None, sweep: bool = False, b
     model, cfg = load_student(run_dir, device)
     res = int(cfg["resolved"]["res"])
     multi = is_multi_exit(model)
+    if not multi and (sweep or thresholds is not None):
+        given = " and ".join(f for f, on in (("--thresholds", thresholds is not None), ("--sweep", sweep)) if on)
+        raise KdcacheError(
+            f"{given}: {run_dir} is a single-exit run (trained without --self-distill), where every image leaves at "
+            "its one exit, so there is no early exit to tune; evaluate it without them, or train with --self-distill "
+            "for a multi-exit student")
     names = model.exit_names if multi else ["exit"]
     stages = model.exit_stages + [len(model.stage_modules)] if multi else [None]
     costs = exit_costs(model.cost_profile(res) if multi else plain_cost_profile(model, res))
