@@ -91,3 +91,53 @@ def test_rerun_reuses_finished_stages(demo_run):
         assert f"{stage}: already done in an earlier run, reusing it" in result.output
     after = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("summary.json")}
     assert before == after  # no run was redone
+
+
+def _printed_command(output: str, words: tuple[str, ...]) -> list[str]:
+    """The arguments of the command the demo printed that starts with ``kdcache`` and ``words``
+    (continuation lines joined, the executable's path dropped)."""
+    import shlex
+
+    lines = output.replace("\\\n", " ").splitlines()
+    for line in lines:
+        if not line.split() or not line.split()[0].endswith("kdcache"):
+            continue
+        args = shlex.split(line)
+        if len(args) > len(words) and args[0].endswith("kdcache") and tuple(args[1:1 + len(words)]) == words:
+            return args[1:]
+    raise AssertionError(f"no `kdcache {' '.join(words)}` command in the demo's output:\n{output}")
+
+
+def test_the_printed_train_command_reproduces_the_demo(demo_run, monkeypatch):
+    """The train command the demo prints (built from the settings its own student ran with) gives
+    the demo's figure. The quick demo keeps the test short; a printed command that dropped a setting
+    (batch size, learning rate, warm-up, epochs, workers, crops) trains another schedule and lands
+    elsewhere even at two epochs, and the full demo builds its command the same way."""
+    out, output = demo_run
+    args = _printed_command(output, ("train",))
+    assert args[args.index("--out") + 1].endswith("runs/my-student")
+    for flag, value in (("--batch-size", "64"), ("--lr", "0.003"), ("--warmup-steps", "20"), ("--epochs", "2")):
+        assert args[args.index(flag) + 1] == value, args
+    monkeypatch.chdir(out.parent)  # the printed paths are relative to where the demo ran
+    res = CliRunner().invoke(cli, args + ["--no-progress"])
+    assert res.exit_code == 0, res.output
+    mine = json.loads(res.stdout.strip().splitlines()[-1])
+    demo = json.loads((out / "runs" / "student-kd" / "summary.json").read_text())
+    assert mine["mode"] == demo["mode"] == "cached" and mine["steps"] == demo["steps"]
+    assert abs(mine["final_val_top1"] - demo["final_val_top1"]) <= 0.01
+
+
+def test_quick_says_it_is_a_smoke_run(demo_run):
+    _, output = demo_run
+    assert "note: --quick is a smoke run, not a result" in output
+
+
+def test_the_printed_render_command_writes_into_the_demo_folder(demo_run, monkeypatch):
+    out, output = demo_run
+    args = next(_printed_command(line, ("inspect",)) for line in output.splitlines() if "--render" in line)
+    monkeypatch.chdir(out.parent)
+    before = set(out.parent.iterdir())
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    assert set(out.parent.iterdir()) == before  # nothing new where the demo ran
+    assert (out / "record.png").exists()

@@ -123,17 +123,28 @@ def test_evaluate_reports_every_exit_and_sweeps(sd_run, dataset, tmp_path):
 
 def test_evaluate_a_plain_run_has_one_exit(plain_run, dataset):
     out, summary = plain_run
-    res = CliRunner().invoke(cli, ["evaluate", str(out), "--val-data", str(dataset), "--json", "--device", "cpu",
-                                   "--sweep"])
+    res = CliRunner().invoke(cli, ["evaluate", str(out), "--val-data", str(dataset), "--json", "--device", "cpu"])
     assert res.exit_code == 0, res.output
     rep = json.loads(res.stdout)
     assert not rep["self_distill"] and len(rep["exits"]) == 1
     assert rep["exits"][0]["top1"] == pytest.approx(summary["final_val_top1"], abs=1e-12)
     assert rep["exits"][0]["compute_alone"] == 1.0 and rep["early_exit"]["compute"] == 1.0
     assert rep["early_exit"]["share"] == [1.0] and rep["ensemble"]["top1"] == rep["exits"][0]["top1"]
-    assert (out / "early_exit.png").exists() and rep["plot"] == str(out / "early_exit.png")
     text = CliRunner().invoke(cli, ["evaluate", str(out), "--val-data", str(dataset), "--device", "cpu"])
     assert text.exit_code == 0 and "single exit" in text.output and "early exit" in text.output, text.output
+
+
+@pytest.mark.parametrize("flags", [["--sweep"], ["--thresholds", "0.5"], ["--sweep", "--thresholds", "0.5,0.6"]])
+def test_early_exit_flags_on_a_single_exit_run_are_refused(flags, plain_run, dataset):
+    """A plain run has nothing to leave early from: --sweep printed rows of threshold nan and
+    --thresholds was ignored without a word. One line, exit 2, and nothing written."""
+    out, _ = plain_run
+    res = CliRunner().invoke(cli, ["evaluate", str(out), "--val-data", str(dataset), "--device", "cpu", *flags])
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "single-exit run" in lines[0], res.stderr
+    assert "--self-distill" in lines[0] and ("--sweep" in flags) == ("--sweep" in lines[0])
+    assert not (out / "early_exit.png").exists()
 
 
 def test_evaluate_errors_exit_2(sd_run, dataset, tmp_path):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -11,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import zarr
@@ -18,7 +21,7 @@ from click.testing import CliRunner
 
 from conftest import NUM_CLASSES, TEACHER, precompute_config, with_aug, write_dataset, write_imagefolder
 from kdcache.cli import cli
-from kdcache.errors import count
+from kdcache.errors import KdcacheError, count
 from kdcache.learn.trainer import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -356,3 +359,290 @@ def test_an_interrupt_python_swallowed_still_ends_the_run(flags, presses, by_tim
         assert seconds >= grace_s  # the timer starts after the signal is sent, so the run took at least that
     else:
         assert seconds < grace_s  # it did not wait for the timer
+
+
+# ==== the second hour (issue 21): what a new user still tripped over ==========================================
+
+
+def one_error(res, *needles) -> str:
+    """The command failed as docs/cli.md promises: exit code 2 and one `error:` line on stderr naming
+    each of ``needles``; no traceback."""
+    assert res.exit_code == 2, (res.exit_code, res.output, res.exception)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    for needle in needles:
+        assert str(needle) in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def precompute_args(data, out, weights, *extra):
+    return ["precompute", "--data", data, "--teacher", TEACHER, "--num-classes", NUM_CLASSES, "--out", out, "-V", 2,
+            "-k", 3, "--res", 32, "-b", 8, "--workers", 0, "--device", "cpu", "--no-progress",
+            *(["--teacher-weights", weights] if weights is not None else []), *extra]
+
+
+def train_args(data, out, *extra):
+    """Labels only, at 32 px: no note precedes an error."""
+    return ["train", "--data", data, "--student", STUDENT, "--out", out, "--res", 32, "--epochs", 1, "-b", 4,
+            "--workers", 0, "--device", "cpu", "--no-progress", *extra]
+
+
+def _unwritable(tmp_path: Path, kind: str) -> Path:
+    if kind == "under a file":
+        (tmp_path / "a-file").write_text("not a folder")
+        return tmp_path / "a-file" / "out"
+    if kind == "proc":
+        return Path("/proc/kdcache-no-such-place/out")
+    ro = tmp_path / "read-only"
+    ro.mkdir()
+    ro.chmod(0o555)
+    return ro / "out"
+
+
+@pytest.mark.parametrize("kind", ["under a file", "proc", "read-only folder"])
+def test_an_unwritable_output_is_one_line_naming_it(kind, dataset, cache, teacher_weights, tmp_path):
+    """1. precompute --out, train --out and inspect --render on a path nobody can write."""
+    if kind == "read-only folder" and os.geteuid() == 0:
+        pytest.skip("root writes into a read-only folder")
+    bad = _unwritable(tmp_path, kind)
+    line = one_error(run(*precompute_args(dataset, bad / "c.zarr", teacher_weights)), f"--out {bad / 'c.zarr'}")
+    assert "Traceback" not in line
+    one_error(run(*train_args(dataset, bad / "run")), f"--out {bad / 'run'}")
+    key = run("inspect", cache, "--keys", "--shard", "train-000000").stdout.split()[1]
+    one_error(run("inspect", cache, "--shard", "train-000000", "--key", key, "--render", bad / "r.png", "--data", dataset),
+              f"--render {bad / 'r.png'}")
+    if kind == "under a file":
+        assert (tmp_path / "a-file").read_text() == "not a folder"
+        assert "Not a directory" in line  # the system's reason
+
+
+def test_weights_that_are_not_valid_safetensors_are_named(dataset, tmp_path):
+    """1. A .safetensors file that is not one, as teacher or as student weights."""
+    bad = tmp_path / "w.safetensors"
+    bad.write_bytes(np.random.default_rng(0).bytes(1000))
+    one_error(run(*precompute_args(dataset, tmp_path / "c.zarr", bad)), f"weights file {bad}", "not a valid .safetensors")
+    assert not (tmp_path / "c.zarr").exists()
+    one_error(run(*train_args(dataset, tmp_path / "run", "--student-weights", bad)), f"{bad}", "not a valid .safetensors")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (("--lr", "-1"), "--lr must be > 0, got -1.0"),
+    (("--optimizer", "sgd", "--momentum", "-0.5"), "--momentum must be in [0, 1), got -0.5"),
+    (("--min-lr", "5", "--lr", "1e-3"), "--min-lr 5 is above the peak learning rate 0.001"),
+    (("--weight-decay", "-1"), "--weight-decay must be >= 0"),
+    (("--warmup-steps", "-5"), "--warmup-steps must be at least 0"),
+    (("--lr", "nan"), "--lr must be > 0, got nan"),
+])
+def test_train_refuses_senseless_numbers_before_making_the_run_folder(flags, needle, dataset, tmp_path):
+    """1 and 2. Optimiser values torch would reject (after config.json was written) or, worse, accept."""
+    one_error(run(*train_args(dataset, tmp_path / "run", *flags)), needle)
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_numeric_setting_is_checked_in_the_config():
+    """2. One table per config, checked when it is made: the CLI and the Python API alike."""
+    from kdcache.learn.config import PRECOMPUTE_NUMBERS, TRAIN_NUMBERS, PrecomputeConfig
+
+    bad = {"at least 0": -1, "at least 1": 0, "at least 8": 7, "> 0": 0.0, ">= 0": -0.5, "in [0, 1]": 1.5,
+           "in [0, 1)": 1.0}
+    base = dict(data="d", student="s", out="o")
+    for name, (want, _) in TRAIN_NUMBERS:
+        with pytest.raises(KdcacheError, match=re.escape(f"--{name.replace('_', '-')} must be {want}")):
+            TrainConfig(**base, **{name: bad[want]})
+        with pytest.raises(KdcacheError, match=re.escape(f"--{name.replace('_', '-')} must be {want}")):
+            TrainConfig(**base, **{name: float("nan")})
+    for name, (want, _) in PRECOMPUTE_NUMBERS:
+        with pytest.raises(KdcacheError, match=re.escape(f"--{name.replace('_', '-')} must be {want}")):
+            PrecomputeConfig(data="d", teacher="t", out="o", **{name: bad[want]})
+    fields = {f.name for f in dataclasses.fields(TrainConfig) if f.type in ("int", "float", "int | None", "float | None")}
+    seeds = {"seed", "view_seed", "teacher_random_init"}
+    assert fields - seeds == {name for name, _ in TRAIN_NUMBERS}  # every number has its rule
+    pfields = {f.name for f in dataclasses.fields(PrecomputeConfig) if f.type in ("int", "float", "int | None")}
+    assert pfields - {"seed", "random_init", "samples", "shard_index", "num_shard_groups"} == \
+        {name for name, _ in PRECOMPUTE_NUMBERS}  # (samples and the shard split have their own checks)
+    with pytest.raises(KdcacheError, match="--std values divide the pixels"):
+        PrecomputeConfig(data="d", teacher="t", out="o", std=(0.2, 0.0, 0.2))
+    with pytest.raises(KdcacheError, match="--lr must be > 0, got '0.1'"):
+        TrainConfig(**base, lr="0.1")
+    assert TrainConfig(**base, min_lr=1e-3, lr=1e-3).min_lr == 1e-3  # a constant rate is fine
+    with pytest.raises(KdcacheError, match=r"--min-lr 0.5 is above the peak learning rate 0.1 \(the sgd default\)"):
+        TrainConfig(**base, optimizer="sgd", min_lr=0.5)
+
+
+def test_precompute_checks_its_data_before_making_the_cache(dataset, teacher_weights, tmp_path):
+    """4. A text file as --data: refused before the cache exists, so the corrected command works."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a shard\n")
+    out = tmp_path / "c.zarr"
+    one_error(run(*precompute_args(notes, out, teacher_weights)), f"cannot read shard {notes}", "not a readable tar")
+    assert not out.exists()
+    res = run(*precompute_args(dataset, out, teacher_weights))
+    assert res.exit_code == 0, res.output
+    # A run that failed after the cache was made (a sample without an image, found while decoding)
+    # leaves a cache with no shard group: the refusal of other settings says it may simply be deleted.
+    from conftest import write_tar
+
+    data = tmp_path / "noimage"
+    write_tar(data / "s-0.tar", [("a.txt", b"hello"), ("a.cls", b"1")])
+    out2 = tmp_path / "c2.zarr"
+    one_error(run(*precompute_args(data, out2, teacher_weights)), "has no image")
+    res = run(*precompute_args(dataset, out2, teacher_weights))
+    assert res.exit_code == 2 and "It holds no shard group yet" in res.stderr and f"delete {out2}" in res.stderr
+
+
+@pytest.mark.parametrize("content", ["random", "text", "zip", "objects"])
+def test_a_file_that_is_no_state_dict_gets_one_line(content, dataset, tmp_path):
+    """5. Teacher weights, student weights and a run's checkpoint that torch.load cannot read safely:
+    one line naming the file, and never the advice to pass weights_only=False (that runs pickled code)."""
+    import argparse
+    import zipfile
+
+    bad = tmp_path / "bad.pt"
+    if content == "random":
+        bad.write_bytes(np.random.default_rng(1).bytes(1000))
+    elif content == "text":
+        bad.write_text("epoch 3, loss 0.1\n")
+    elif content == "zip":
+        with zipfile.ZipFile(bad, "w") as z:
+            z.writestr("notes", "not torch")
+    else:
+        torch.save({"state_dict": {}, "args": argparse.Namespace(lr=0.1)}, bad)
+    what = ("is a PyTorch file that holds Python objects besides tensors" if content == "objects"
+            else "is not a PyTorch state dict or checkpoint")
+    for res in (run(*precompute_args(dataset, tmp_path / "c.zarr", bad)),
+                run(*train_args(dataset, tmp_path / "run", "--student-weights", bad))):
+        line = one_error(res, f"weights file {bad} {what}")
+        assert "weights_only" not in line
+    # a run whose checkpoint.pt is damaged
+    out = tmp_path / "stopped"
+    assert run(*train_args(dataset, out, "--stop-after", 2)).exit_code == 0
+    shutil.copy(bad, out / "checkpoint.pt")
+    line = one_error(run(*train_args(dataset, out, "--resume")), f"checkpoint {out / 'checkpoint.pt'} {what}")
+    assert "weights_only" not in line
+
+
+def test_verify_shows_a_bar_over_its_samples_and_reports_its_seed(cache, dataset, teacher_weights):
+    """6 and 7. verify was silent for a minute, and reported `seed None`."""
+    args = ["verify", cache, "--data", dataset, "--teacher", TEACHER, "--teacher-weights", teacher_weights, "--device",
+            "cpu", "--samples", 40, "--seed", 5]
+    res = run(*args, "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["seed"] == 5
+    assert "verify" in res.stderr and "40/40" in res.stderr and "sample" in res.stderr  # the bar, on stderr
+    res = run(*args, "--no-progress")
+    assert res.exit_code == 0 and "(seed 5)" in res.stdout and res.stderr == ""
+    res = run(*args[:-2], "--seed", -1)
+    one_error(res, "--seed must be at least 0")
+
+
+def test_precompute_notes_an_upscale_and_says_what_it_does_before_the_bar(dataset, teacher_weights, tmp_path, capsys):
+    """6. Images of 24-63 px rendered at 128 px: one note; at 32 px: none. The start line comes first."""
+    from kdcache.tools.precompute import precompute
+
+    precompute(precompute_config(dataset, tmp_path / "big.zarr", teacher_weights, res=128, views=1, progress=True))
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "--res 128" in notes[0] and "upscaled at least" in notes[0], err
+    assert err.index("kdcache precompute: 3 of 3 shards to write") < err.index("precompute: ")  # then the bar
+    precompute(precompute_config(dataset, tmp_path / "fit.zarr", teacher_weights, progress=False))
+    assert "note:" not in capsys.readouterr().err
+
+
+def test_the_resume_refusal_names_the_settings_the_code_lets_change(dataset, cache, tmp_path):
+    """9. The list in the message is made from the list the check uses, and docs/cli.md agrees."""
+    from kdcache.cli.train import train as train_command
+    from kdcache.learn.trainer import API_ONLY, RESUME_MAY_CHANGE, resume_may_change
+
+    out = tmp_path / "run"
+    train(config(dataset, out, cache=str(cache), epochs=2, stop_after=2))
+    with pytest.raises(KdcacheError) as ei:
+        train(config(dataset, out, cache=str(cache), epochs=2, resume=True, lr=0.5))
+    listed = str(ei.value).split("Only ")[1].split(" may change")[0]
+    assert listed == resume_may_change()
+    flags = listed.split(" (and ")[0].split(", ")
+    assert listed.endswith(f"(and {', '.join(API_ONLY)} in the Python API)") and "storage_options" in API_ONLY
+    assert {"--device", "--compile", "--threads", "--loss-backend", "--spot-check"} <= set(flags) and not {"--progress", "--resume"} & set(flags)
+    options = {o for p in train_command.params for o in p.opts}
+    assert set(flags) <= options and len(flags) == len(RESUME_MAY_CHANGE) - len(API_ONLY)
+    docs = " ".join((ROOT / "docs" / "cli.md").read_text().split())
+    bullet = docs[docs.index("- **Resume:** `--resume` continues"):].split("- **", 2)[1]
+    assert all(f"`{name}`" in bullet for name in flags + list(API_ONLY)), bullet
+
+
+def test_a_copied_run_folder_resumes(dataset, cache, tmp_path):
+    """10. The folder's path is where the run lives, not one of its settings."""
+    base = dict(cache=str(cache), epochs=2)
+    train(config(dataset, tmp_path / "a", stop_after=3, **base))
+    moved = tmp_path / "elsewhere" / "b"
+    shutil.copytree(tmp_path / "a", moved)
+    s = train(config(dataset, moved, resume=True, **base))
+    assert s["steps"] == 12
+    resumed = json.loads((moved / "config.json").read_text())
+    assert resumed["out"] == str(moved) and resumed["resumes"][0]["changes"]["out"] == [str(tmp_path / "a"), str(moved)]
+    whole = train(config(dataset, tmp_path / "whole", **base))  # the same weights as a run never stopped or moved
+    a, b = (torch.load(p / "model.pt", weights_only=True) for p in (moved, tmp_path / "whole"))
+    assert whole["steps"] == 12 and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_closed_pipe_ends_quietly_with_0(cache):
+    """10. `kdcache inspect --keys ... | head`: the reader goes away; kdcache stops as Unix tools do."""
+    r, w = os.pipe()
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.Popen([sys.executable, "-m", "kdcache", "inspect", str(cache), "--keys"], stdout=w,
+                         stderr=subprocess.PIPE, env=env)
+    os.close(w)
+    os.close(r)  # nobody reads: the first line kdcache writes meets a closed pipe
+    err = p.communicate(timeout=300)[1].decode()
+    assert p.returncode == 0 and err == "", (p.returncode, err)
+
+
+def test_a_deleted_array_description_is_one_line_without_zarr_warnings(cache, tmp_path):
+    """10. zarr warned twice about the folder before kdcache named the missing array (a real process:
+    pytest would catch the warnings itself)."""
+    c = tmp_path / "c.zarr"
+    shutil.copytree(cache, c)
+    (c / "train-000001" / "logprobs" / "zarr.json").unlink()
+    res = subprocess.run([sys.executable, "-m", "kdcache", "inspect", str(c)], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.strip().splitlines() == [
+        f"error: shard 'train-000001' in cache {c} lacks arrays ['logprobs']; re-run precompute on it"]
+
+
+def test_render_makes_the_folder_it_is_given(cache, dataset, tmp_path):
+    """10. `inspect --render DIR/NAME.png` (README's example) writes where it is told, folders included."""
+    key = run("inspect", cache, "--keys", "--shard", "train-000002").stdout.split()[1]
+    png = tmp_path / "views" / f"{key}.png"
+    res = run("inspect", cache, "--key", key, "--render", png, "--data", dataset)
+    assert res.exit_code == 0, res.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    readme = (ROOT / "README.md").read_text()
+    assert "--render record.png" not in readme and "--render views/SOMEKEY.png" in readme
+
+
+def test_the_editable_install_prints_no_setuptools_banner(tmp_path):
+    """10. `pip install -e .` printed setuptools' `!!` / `****` banner about the editable layout. The
+    editable wheel is built here the way pip has setuptools build it (PEP 660's build_editable, with the
+    environment's setuptools, as `make` installs without build isolation) into a scratch folder:
+    nothing is installed, so the test environment stays as it is (a real `pip install -e --prefix`
+    would uninstall the environment's own kdcache first)."""
+    pytest.importorskip("setuptools")
+    build = "import sys; from setuptools import build_meta; print(build_meta.build_editable(sys.argv[1]))"
+    res = subprocess.run([sys.executable, "-c", build, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / res.stdout.split()[-1]).exists()
+    assert "!!" not in res.stderr and "*****" not in res.stderr, res.stderr[-3000:]
+
+
+def test_the_docs_quote_the_demo_and_its_times_as_they_are():
+    """9. docs/study.md quoted other demo figures than the README; the README's times held on an idle
+    machine only and did not say so."""
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    study = " ".join((ROOT / "docs" / "study.md").read_text().split())
+    figures = re.search(r"\(one run: ([\d.]+) % and ([\d.]+) %, best epochs", readme)
+    quoted = re.search(r"the README's demo figures \(one run: ([\d.]+) % and ([\d.]+) %\)", study)
+    assert figures and quoted and quoted.groups() == figures.groups()
+    times = readme[readme.index("`make test` takes"):].split(". ")[0]
+    assert re.search(r"\d+ to \d+ minutes", times) and "load average" in times, times

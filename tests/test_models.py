@@ -120,7 +120,7 @@ def test_weights_errors(tmp_path, ref_model):
     with pytest.raises(KdcacheError, match=r"weights file .*missing\.pt does not exist"):
         load_state_dict(str(tmp_path / "missing.pt"))
     (tmp_path / "junk.pt").write_bytes(b"definitely not a torch file")
-    with pytest.raises(KdcacheError, match=r"cannot read weights file .*junk\.pt"):
+    with pytest.raises(KdcacheError, match=r"weights file .*junk\.pt is not a PyTorch state dict or checkpoint"):
         create_model(TEACHER, num_classes=NUM_CLASSES, weights=str(tmp_path / "junk.pt"))
     torch.save([1, 2, 3], tmp_path / "list.pt")
     with pytest.raises(KdcacheError, match="holds a list, not a state dict"):

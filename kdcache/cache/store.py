@@ -288,6 +288,14 @@ def _open_root(path: str, mode: str, storage_options: dict | None):
     return zarr.open_group(str(path), mode=mode, zarr_format=3, **kw)
 
 
+def _arrays_of(group) -> dict:
+    """A group's arrays by name. A folder without its zarr.json is no array: zarr warns about it, and
+    kdcache names it as missing instead (one error line, no warning first)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Object at .* is not recognized as a component")
+        return dict(group.arrays())
+
+
 def _is_local(path: str) -> bool:
     return "://" not in str(path) or str(path).startswith("file://")
 
@@ -826,8 +834,7 @@ class CacheReader:
                 "re-run the same `kdcache precompute` command to finish it"
             )
         try:
-            g = self._complete_nodes[name] if name in self._complete_nodes else self.root[name]
-            present = dict(g.arrays())
+            present = _arrays_of(self._complete_nodes[name] if name in self._complete_nodes else self.root[name])
         except Exception as e:
             raise _damaged(f"the arrays' metadata of cache group {name!r} in {self.path}", e) from None
         names = self.arrays
@@ -1208,7 +1215,7 @@ class CacheWriter:
                 except FileExistsError:
                     self._repair_remote_root()
         try:
-            _, old = open_manifest(path, self.storage_options)
+            root, old = open_manifest(path, self.storage_options)
         except KdcacheError as e:
             raise KdcacheError(f"refusing to write into {path}: {e}. Choose an empty or new --out path.") from None
         if old.get("format_version") != FORMAT_VERSION:
@@ -1222,10 +1229,18 @@ class CacheWriter:
             )
         diffs = manifest_differences(old, self.manifest)
         if diffs:
+            with warnings.catch_warnings():  # `.claims/` is kdcache's own, not a zarr node
+                warnings.filterwarnings("ignore", message=r"Object at \..* is not recognized as a component")
+                try:
+                    started = any(True for _ in root.group_keys())
+                except Exception:  # noqa: BLE001 - a damaged group is still a started cache
+                    started = True
+            advice = ("Use a new --out path, or re-run with the cache's settings to resume it." if started else
+                      f"It holds no shard group yet (an earlier run stopped before its first): delete {path} and "
+                      "re-run, or use a new --out path.")
             raise KdcacheError(
                 f"the cache at {path} was made with other settings; refusing to mix them:\n  "
-                + "\n  ".join(diffs)
-                + "\nUse a new --out path, or re-run with the cache's settings to resume it."
+                + "\n  ".join(diffs) + "\n" + advice
             )
         root = _open_root(path, "r+", self.storage_options)
         probe_record(root, old, path)  # an edited manifest: never add groups written with the edit
@@ -1508,7 +1523,7 @@ class CacheWriter:
                 raise
             g = self.root[name]
             # Only with every array's data on disk, and the claim still ours, does the group count as done.
-            arrays = dict(g.arrays())
+            arrays = _arrays_of(g)
             files = _list_files(self.root, self.path, name, self._fs)
             extra = sorted(set(arrays) - set(self.arrays))
             lost = missing_data(arrays, files, n, k, {EVERY_CHUNK_ATTR: True}, self.arrays)

@@ -142,6 +142,16 @@ def _quiet_unraisable(unraisable) -> None:
     generator) may raise in their finalisers; that is noise once the command said it was interrupted."""
 
 
+def _stdout_to_devnull() -> None:
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (captured output): nothing to redirect
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
 class KdcacheGroup(click.Group):
     """The ``kdcache`` group: sub-commands loaded on first use; ``KdcacheError`` becomes one
     message and its exit code; a full disk, a quota or a file-size limit one clean message (exit
@@ -189,6 +199,11 @@ class KdcacheGroup(click.Group):
                 click.echo(_interrupted_line(name), err=True)
             sys.unraisablehook = _quiet_unraisable
             sys.exit(130)
+        except BrokenPipeError:
+            # The reader of stdout went away (`kdcache inspect ... | head`): stop quietly, with 0, as
+            # Unix tools do. Output still buffered goes to /dev/null, so the exit does not fail on it.
+            _stdout_to_devnull()
+            sys.exit(0)
         except Exception as e:
             full = storage_full(e)
             if full is None:

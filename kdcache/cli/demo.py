@@ -12,7 +12,9 @@ from .options import workers_option
 @click.command()
 @click.option("--out", default="kdcache-demo", show_default=True, type=click.Path(file_okay=False),
               help="Where every artifact goes (shards, cache, runs, curves.png). Re-running reuses finished stages.")
-@click.option("--quick", is_flag=True, help="A small version that finishes in about a minute on a 2-core CPU.")
+@click.option("--quick", is_flag=True,
+              help="A smoke run that finishes in about a minute on a 2-core CPU: it shows that every stage works; "
+                   "its accuracies are too small a run to mean anything.")
 @click.option("--device", default="auto", show_default=True, help="cuda, cpu, or auto (a GPU when one is present).")
 @workers_option("DataLoader workers per stage.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")

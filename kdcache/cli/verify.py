@@ -30,9 +30,10 @@ from .inspect import parse_storage_options, storage_options_option
 @click.option("--allow-teacher-mismatch", is_flag=True,
               help="Only warn (do not fail) when the teacher spec or weights hash differ from the cache's.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (fields in docs/cli.md) instead of text.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
 @storage_options_option
 def verify(cache, data, teacher, teacher_weights, num_classes, pretrained, samples, device, seed, batch_size, atol,
-           allow_teacher_mismatch, as_json, storage_options):
+           allow_teacher_mismatch, as_json, no_progress, storage_options):
     """Re-run the teacher on randomly chosen replayed views of CACHE and compare with what is stored.
 
     \b
@@ -50,6 +51,7 @@ def verify(cache, data, teacher, teacher_weights, num_classes, pretrained, sampl
         samples=samples,
         device=device, seed=seed, batch_size=batch_size, atol=atol,
         allow_teacher_mismatch=allow_teacher_mismatch, storage_options=parse_storage_options(storage_options),
+        progress=not no_progress,
     )
     click.echo(json.dumps(out, indent=2) if as_json else api.format_verify(out))
     sys.exit(0 if out["ok"] else 1)

@@ -79,6 +79,25 @@ def expand_urls(pattern: str | Iterable[str]) -> list[str]:
     return urls
 
 
+def check_shards_open(urls: list[str]) -> None:
+    """Each local shard opens as a tar archive (its first header reads), so that a file that is not a
+    shard (a text file given as --data, say) is named before a command creates anything. Cheap: one
+    header per shard; what lies further in is checked as the shard is read. Remote shards are
+    checked when they stream."""
+    for url in urls:
+        if is_remote(url):
+            continue
+        try:
+            mode = {"gzip": "r:gz", "bz2": "r:bz2", "xz": "r:xz"}.get(compression(url), "r:")
+            with tarfile.open(url, mode):
+                pass
+        except Exception as e:  # noqa: BLE001 - mapped to a message, or raised as it is
+            mapped = _read_error(url, e)
+            if mapped is e:
+                raise
+            raise KdcacheError(f"{mapped}; --data takes WebDataset .tar shards") from None
+
+
 def shard_name(url: str) -> str:
     """The shard's stem: ``/data/train-000003.tar`` → ``train-000003``. Names the cache group."""
     base = url.rstrip("/").rsplit("/", 1)[-1]

@@ -6,6 +6,8 @@ and the CLI takes its flags' defaults from these fields (``cli.options.config_de
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 
 from ..errors import KdcacheError
@@ -19,6 +21,53 @@ MODES = ("auto", *MODE_FACTORIES)  # auto: live with --teacher, cached with --ca
 OPTIMIZERS = ("adamw", "sgd")
 AMP_MODES = ("bf16", "fp16", "none")
 STUDENT_VIEWS = ("cache", "fresh")
+
+
+# ---- numeric settings: one table per config, checked when the config is made ----------------------
+# A rule is (what the error says, the test). The tests are written so that NaN fails every one.
+
+
+def at_least(low: int):
+    return f"at least {low}", lambda v: v >= low
+
+
+POSITIVE = "> 0", lambda v: 0 < v < math.inf
+NON_NEGATIVE = ">= 0", lambda v: 0 <= v < math.inf
+UNIT = "in [0, 1]", lambda v: 0 <= v <= 1
+BELOW_ONE = "in [0, 1)", lambda v: 0 <= v < 1
+
+PRECOMPUTE_NUMBERS = (
+    ("views", at_least(1)), ("topk", at_least(1)), ("batch_size", at_least(1)), ("res", at_least(8)),
+    ("workers", at_least(0)), ("threads", at_least(1)), ("num_classes", at_least(1)),
+    ("worker_timeout", POSITIVE), ("sample_temperature", POSITIVE),
+)
+TRAIN_NUMBERS = (
+    ("epochs", at_least(1)), ("batch_size", at_least(1)), ("lr", POSITIVE), ("min_lr", NON_NEGATIVE),
+    ("weight_decay", NON_NEGATIVE), ("momentum", BELOW_ONE), ("warmup_steps", at_least(0)),
+    ("temperature", POSITIVE), ("label_weight", NON_NEGATIVE), ("grad_clip", POSITIVE),
+    ("res", at_least(8)), ("teacher_res", at_least(8)), ("topk", at_least(1)), ("num_classes", at_least(1)),
+    ("val_batch_size", at_least(1)), ("eval_every", at_least(0)), ("eval_epochs", at_least(1)),
+    ("checkpoint_every", at_least(0)), ("log_every", at_least(1)), ("workers", at_least(0)),
+    ("worker_timeout", POSITIVE), ("threads", at_least(1)), ("shuffle_buffer", at_least(0)), ("views", at_least(1)),
+    ("stop_after", at_least(1)), ("sd_alpha", UNIT), ("sd_temperature", POSITIVE), ("sd_feature_weight", NON_NEGATIVE),
+    ("views_used", at_least(1)), ("spot_check", UNIT),
+)
+# Seeds: any integer (each is hashed or given to torch as it is).
+SEEDS = {"precompute": ("seed", "random_init"), "train": ("seed", "view_seed", "teacher_random_init")}
+
+
+def check_numbers(cfg, rules, seeds=()) -> None:
+    """Every numeric setting of ``cfg`` against its rule (``None``: not given, left to a default)."""
+    for name, (want, ok) in rules:
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not ok(value):
+            raise KdcacheError(f"--{name.replace('_', '-')} must be {want}, got {value!r}")
+    for name in seeds:
+        value = getattr(cfg, name)
+        if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool)):
+            raise KdcacheError(f"--{name.replace('_', '-')} must be an integer, got {value!r}")
 
 
 @dataclass
@@ -63,16 +112,19 @@ class PrecomputeConfig:
 
         if self.targets not in TARGET_KINDS:
             raise KdcacheError(f"--targets must be one of {', '.join(TARGET_KINDS)}, got {self.targets!r}")
+        check_numbers(self, PRECOMPUTE_NUMBERS, SEEDS["precompute"])
         if not 1 <= self.samples <= MAX_COUNT:
             raise KdcacheError(f"--samples must be in 1..{MAX_COUNT} (counts are stored as bytes), got {self.samples}")
-        if not (self.sample_temperature > 0 and self.sample_temperature < float("inf")):
-            raise KdcacheError(f"--sample-temperature must be > 0, got {self.sample_temperature}")
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if values is not None and (len(values) != 3 or not all(isinstance(v, numbers.Real) and math.isfinite(v)
+                                                                   for v in values)):
+                raise KdcacheError(f"--{name} takes three numbers R,G,B, got {values!r}")
+        if self.std is not None and min(self.std) <= 0:
+            raise KdcacheError(f"--std values divide the pixels: each must be > 0, got {tuple(self.std)}")
 
         if self.render not in RENDER_BACKENDS:
             raise KdcacheError(f"--render must be one of {', '.join(RENDER_BACKENDS)}, got {self.render!r}")
-        for name, low in (("views", 1), ("topk", 1), ("batch_size", 1), ("res", 8), ("workers", 0)):
-            if getattr(self, name) < low:
-                raise KdcacheError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
         if not isinstance(self.aug, AugSpec):
             raise KdcacheError(f"aug must be a views.AugSpec, got {type(self.aug).__name__}")
         if self.aug.name == "center_crop" and self.views != 1:
@@ -158,10 +210,11 @@ class TrainConfig:
     sd_teacher: str = "deepest"  # deepest | cache | both: what the shallow exits distil from
 
     def __post_init__(self):
-        for name, low in (("epochs", 1), ("batch_size", 1), ("res", 8), ("workers", 0), ("log_every", 1),
-                          ("eval_epochs", 1)):
-            if getattr(self, name) is not None and getattr(self, name) < low:
-                raise KdcacheError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
+        check_numbers(self, TRAIN_NUMBERS, SEEDS["train"])
+        if self.min_lr > self.base_lr:
+            raise KdcacheError(f"--min-lr {self.min_lr:g} is above the peak learning rate {self.base_lr:g}"
+                               f"{'' if self.lr is not None else f' (the {self.optimizer} default)'}: the cosine ends at "
+                               "--min-lr, so the rate would rise; give a --min-lr at most --lr")
         from .losses import BACKENDS as LOSS_BACKENDS, TAIL_MODES
 
         choices = (("mode", MODES), ("optimizer", OPTIMIZERS), ("amp", AMP_MODES), ("tail", TAIL_MODES),
@@ -169,17 +222,9 @@ class TrainConfig:
         for name, allowed in choices:
             if getattr(self, name) not in allowed:
                 raise KdcacheError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        if not self.temperature > 0:
-            raise KdcacheError(f"--temperature must be > 0, got {self.temperature}")
-        if self.label_weight < 0:
-            raise KdcacheError(f"--label-weight must be >= 0, got {self.label_weight}")
-        if self.views is not None and self.views < 1:
-            raise KdcacheError("--views must be at least 1")
         if self.views_used is not None and not self.cache:
             raise KdcacheError("--views-used picks among a cache's stored views: it needs --cache (without one, "
                                "--views V sets how many views the trainer draws)")
-        if self.views_used is not None and self.views_used < 1:
-            raise KdcacheError(f"--views-used must be at least 1, got {self.views_used}")
         if not isinstance(self.aug, AugSpec):
             raise KdcacheError(f"aug must be a views.AugSpec, got {type(self.aug).__name__}")
         if self.student_view == "fresh" and not self.cache:
@@ -188,8 +233,6 @@ class TrainConfig:
         if self.student_view == "fresh" and (self.teacher or self.mode == "live"):
             raise KdcacheError("--student-view fresh needs cached targets: a live teacher always sees the student's "
                                "own view (use --mode cached, or drop --teacher)")
-        if not 0.0 <= self.spot_check <= 1.0:
-            raise KdcacheError(f"--spot-check is the fraction of steps to check, in [0, 1]; got {self.spot_check}")
         if self.spot_check > 0 and not (self.cache and pick_mode(self) == "cached"):
             raise KdcacheError("--spot-check re-runs the cache's teacher against the cache's targets: it needs --cache "
                                "in cached mode (a live teacher is checked by construction)")
@@ -213,12 +256,6 @@ SD_TEACHERS = ("deepest", "cache", "both")
 def check_self_distill(cfg: TrainConfig) -> None:
     """The self-distillation settings; ``sd_exits`` becomes ``"all"`` or a sorted list of stage numbers
     (whether those stages exist is checked when the student is built)."""
-    if not 0.0 <= cfg.sd_alpha <= 1.0:
-        raise KdcacheError(f"--sd-alpha must lie in [0, 1], got {cfg.sd_alpha}")
-    if not cfg.sd_temperature > 0:
-        raise KdcacheError(f"--sd-temperature must be > 0, got {cfg.sd_temperature}")
-    if not cfg.sd_feature_weight >= 0:
-        raise KdcacheError(f"--sd-feature-weight must be >= 0, got {cfg.sd_feature_weight}")
     if cfg.sd_teacher not in SD_TEACHERS:
         raise KdcacheError(f"--sd-teacher must be one of {', '.join(SD_TEACHERS)}, got {cfg.sd_teacher!r}")
     exits = cfg.sd_exits

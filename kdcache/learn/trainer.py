@@ -38,9 +38,9 @@ import torch.distributed as dist
 from ..cache.store import CacheReader
 from ..data.render import render_mismatch
 from ..data.shards import expand_urls
-from ..errors import KdcacheError, count
+from ..errors import KdcacheError, count, writing
 from ..models.exits import is_multi_exit
-from ..models.factory import ModelInfo
+from ..models.factory import ModelInfo, torch_load
 from ..runtime import barrier, init_distributed, resolve_device, set_threads
 from . import modes
 from .config import TrainConfig
@@ -57,10 +57,16 @@ CHECKPOINT = "checkpoint.pt"
 DEFAULT_RES = 224  # the student's resolution without --res and without a cache
 BAD_KEYS_SHOWN = 20  # bad records named on stderr and in summary.json (all are counted)
 # Settings a resumed run may change. They are recorded in config.json ("resumes": step, old and new
-# value); every other setting must stay as the run started, or the resume is refused.
+# value); every other setting must stay as the run started, or the resume is refused. The refusal
+# names them (``resume_may_change``), and docs/cli.md lists the same flags.
 RESUME_MAY_CHANGE = ("epochs", "workers", "worker_timeout", "threads", "log_every", "eval_every", "eval_epochs",
                      "checkpoint_every", "val_data", "val_batch_size", "stop_after", "spot_check", "spot_check_warn",
-                     "progress", "resume", "device", "loss_backend", "compile", "storage_options")
+                     "device", "loss_backend", "compile", "storage_options")
+API_ONLY = ("storage_options",)  # settings of TrainConfig that `kdcache train` has no flag for
+# Not settings of the run, so free to change too (and recorded): where its folder is (a run may be
+# copied or moved), whether a bar is shown, and --resume itself. ``cache`` may name another path when
+# the cache there is the run's (the same manifest and targets digests, checked in the resolved settings).
+RESUME_NOT_SETTINGS = ("out", "progress", "resume")
 # Of the resolved settings, these describe the machine or follow from the above: recorded, not checked.
 RESOLVED_MAY_CHANGE = ("device", "amp", "torch", "steps_per_epoch", "total_steps", "threads")
 
@@ -293,10 +299,7 @@ def open_run_dir(run: Run) -> dict | None:
     if os.path.exists(path):
         if not cfg.resume:
             raise KdcacheError(f"{cfg.out} already holds a run ({CHECKPOINT}); pass --resume to continue it or choose a new --out")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise KdcacheError(f"cannot read checkpoint {path}: {e}") from None
+        ckpt = torch_load(path, "checkpoint")
         changes = resume_changes(ckpt["config"], run.run_config)
         for k, (a, b) in changes.items():
             if k in ("workers", "epochs"):
@@ -307,9 +310,10 @@ def open_run_dir(run: Run) -> dict | None:
             history.append({"step": int(ckpt["global_step"]), "changes": {k: list(v) for k, v in changes.items()}})
         run.run_config["resumes"] = history
     if run.rank == 0:
-        os.makedirs(cfg.out, exist_ok=True)
-        clean_run_dir(cfg.out, fresh=ckpt is None)
-        atomic_json(run.run_config, os.path.join(cfg.out, "config.json"))
+        with writing(cfg.out, "--out"):
+            os.makedirs(cfg.out, exist_ok=True)
+            clean_run_dir(cfg.out, fresh=ckpt is None)
+            atomic_json(run.run_config, os.path.join(cfg.out, "config.json"))
     barrier(run.world)
     return ckpt
 
@@ -341,14 +345,16 @@ def resume_changes(old: dict, new: dict) -> dict:
         return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 
     a, b = _comparable(old), _comparable(new)
+    ra, rb = old.get("resolved", {}), new.get("resolved", {})
+    same_cache = all(ra.get(d) is not None and ra.get(d) == rb.get(d)
+                     for d in ("cache_manifest_sha256", "cache_targets_sha256"))
     allowed, refused = {}, []
     for k in sorted(set(b) - {"resolved", "resumes"}):
         if not same(a.get(k), b.get(k)):
-            if k in RESUME_MAY_CHANGE:
+            if k in RESUME_MAY_CHANGE or k in RESUME_NOT_SETTINGS or (k == "cache" and same_cache):
                 allowed[k] = (a.get(k), b.get(k))
             else:
                 refused.append(f"{k}: the run has {a.get(k)!r}, this command {b.get(k)!r}")
-    ra, rb = old.get("resolved", {}), new.get("resolved", {})
     for k in sorted(rb):
         if k in ra and not same(ra[k], rb[k]):
             if k in RESOLVED_MAY_CHANGE:
@@ -359,8 +365,15 @@ def resume_changes(old: dict, new: dict) -> dict:
         raise KdcacheError(
             "cannot resume: this command's settings differ from the run's, and a resumed run must train as it "
             "started:\n  " + "\n  ".join(refused) + "\nResume with the run's settings (config.json), or start a "
-            f"new run in another --out. Only {', '.join(RESUME_MAY_CHANGE[:-4])} may change on resume.")
+            f"new run in another --out. Only {resume_may_change()} may change on resume.")
     return allowed
+
+
+def resume_may_change() -> str:
+    """The settings a resume may change, as the refusal names them: flags, then the Python API's fields."""
+    flags = ", ".join(f"--{name.replace('_', '-')}" for name in RESUME_MAY_CHANGE if name not in API_ONLY)
+    api = ", ".join(name for name in RESUME_MAY_CHANGE if name in API_ONLY)
+    return f"{flags} (and {api} in the Python API)" if api else flags
 
 
 # ---- evaluation ------------------------------------------------------------------------------
@@ -406,8 +419,8 @@ def train(cfg: TrainConfig) -> dict:
     step ran); ``resume=True`` continues it.
     """
     run = setup(cfg)
+    opt = make_optimizer(run.model, cfg)  # before the run folder: a run that cannot start leaves nothing
     ckpt = open_run_dir(run)
-    opt = make_optimizer(run.model, cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=run.inputs.amp_dtype == torch.float16)
     state = RunState()
     if ckpt is not None:

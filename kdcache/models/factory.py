@@ -199,11 +199,12 @@ def load_state_dict(path: str) -> dict[str, torch.Tensor]:
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        return load_file(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise KdcacheError(f"cannot read weights file {path} as a torch state dict: {e}") from None
+        try:
+            return load_file(path)
+        except Exception as e:
+            detail = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+            raise KdcacheError(f"weights file {path} is not a valid .safetensors file ({detail})") from None
+    obj = torch_load(path, "weights file")
     for wrapper in ("state_dict", "model", "model_state_dict", "module"):
         if isinstance(obj, dict) and wrapper in obj and isinstance(obj[wrapper], dict):
             obj = obj[wrapper]
@@ -211,6 +212,25 @@ def load_state_dict(path: str) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict):
         raise KdcacheError(f"weights file {path} holds a {type(obj).__name__}, not a state dict")
     return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in obj.items()}
+
+
+def torch_load(path: str, what: str):
+    """``torch.load`` of a file the user named, tensors only (``weights_only``: unpickling anything else
+    can run code, so kdcache never does). A file it cannot read gives one line naming ``what`` and
+    the file."""
+    import pickle
+    import zipfile
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        if isinstance(e, pickle.UnpicklingError) and zipfile.is_zipfile(path):
+            raise KdcacheError(
+                f"{what} {path} is a PyTorch file that holds Python objects besides tensors, which kdcache does not "
+                "load (unpickling them can run code); save the model's state_dict() with torch.save, or "
+                "a .safetensors file") from None
+        raise KdcacheError(f"{what} {path} is not a PyTorch state dict or checkpoint: torch.load cannot read it "
+                           "(expected a file written by torch.save, or a .safetensors file)") from None
 
 
 def load_weights(model: nn.Module, path: str) -> None:

@@ -192,11 +192,8 @@ def run_demo(out: str | Path = "kdcache-demo", quick: bool = False, device: str 
 
     kd_epochs = plan.student_epochs
     _say(f"4/5 students: {STUDENT} for {kd_epochs} epochs, from the cache and from labels")
-    stages.run(
-        "student-kd", _finished(runs / "student-kd"),
-        lambda: train(_train_config(plan, out, "student-kd", STUDENT, kd_epochs, device, workers, progress,
-                                    cache=str(cache))),
-    )
+    kd = _train_config(plan, out, "student-kd", STUDENT, kd_epochs, device, workers, progress, cache=str(cache))
+    stages.run("student-kd", _finished(runs / "student-kd"), lambda: train(kd))
     stages.run(
         "student-labels", _finished(runs / "student-labels"),
         # Same views (mixup included) from the same cache, cross-entropy on the (mixed) labels only.
@@ -207,10 +204,17 @@ def run_demo(out: str | Path = "kdcache-demo", quick: bool = False, device: str 
     _say("5/5 report")
     report = build_report(out, summary)
     click.echo(format_report(report))
+    if quick:
+        click.echo(QUICK_NOTE)
     curves = plot_curves(out, {"cached KD": runs / "student-kd", "labels only": runs / "student-labels"})
     click.echo(f"\nvalidation curves: {curves}")
-    click.echo(next_steps(out))
+    click.echo(next_steps(out, kd, pc))
     return report
+
+
+QUICK_NOTE = (f"\nnote: --quick is a smoke run, not a result: {QUICK.images} images and {QUICK.student_epochs} student "
+              "epochs show that every stage works, but the accuracies above are noise (distillation may land below "
+              "labels). Run `kdcache demo` without --quick for figures that mean something.")
 
 
 def build_report(out: Path, cache_summary: dict) -> dict:
@@ -271,7 +275,62 @@ def kdcache_command() -> tuple[str, str]:
     return exe, how
 
 
-def next_steps(out: Path) -> str:
+def train_flags(cfg, always=("workers",)) -> list[str]:
+    """The `kdcache train` arguments that make ``cfg`` (a TrainConfig): every setting that differs from
+    its default, and those in ``always`` (the data workers decide the batch order, so a command
+    printed for another machine must carry them). ``--resume`` is left out: a printed command starts
+    its own run."""
+    import dataclasses
+
+    from ..data.views import AugSpec
+
+    args: list[str] = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if f.name == "resume" or (value == default and f.name not in always):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "aug":
+            base = AugSpec()
+            for part in ("scale", "ratio"):
+                if getattr(value, part) != getattr(base, part):
+                    args += [f"--{part}", ",".join(repr(float(x)) for x in getattr(value, part))]
+            for part in ("flip", "mixup"):
+                if getattr(value, part) != getattr(base, part):
+                    args.append(f"--{'' if getattr(value, part) else 'no-'}{part}")
+        elif f.name == "progress":
+            args.append("--no-progress")
+        elif isinstance(value, bool):
+            args.append(flag)
+        elif isinstance(value, (list, tuple)):
+            args += [flag, ",".join(str(x) for x in value)]
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+def shell_lines(words: list[str], indent: str = "  ", width: int = 100) -> str:
+    """A command for the shell, quoted, broken with backslashes before a flag when a line gets long."""
+    import shlex
+
+    lines, line = [], indent
+    for i, word in enumerate(words):
+        piece = shlex.quote(word)
+        starts_flag = word.startswith("--") and i > 1
+        if starts_flag and len(line) + len(piece) + 20 > width:
+            lines.append(line + " \\")
+            line = indent + "    "
+        line += ("" if line.endswith(" ") else " ") + piece
+    return "\n".join(lines + [line])
+
+
+def next_steps(out: Path, kd_cfg=None, pc_cfg=None) -> str:
+    """What the demo prints at its end: commands on its own files. The train command is the demo's
+    cached-KD student (``kd_cfg``, the TrainConfig the demo ran) into a new run folder, so it
+    reproduces the demo's figure; verify runs on the device the cache was made on (``pc_cfg``)."""
+    import dataclasses
+
     from ..cache.store import CacheReader
 
     rel = os.path.relpath(out)
@@ -280,13 +339,22 @@ def next_steps(out: Path) -> str:
     shard = reader.shard_names()[0]
     key = str(reader.keys(shard)[0])
     kd, how = kdcache_command()
-    return f"""
+    device = getattr(pc_cfg, "device", "auto")
+    verify = [kd, "verify", f"{rel}/cache.zarr", "--data", f"{rel}/data/train", "--teacher", TEACHER,
+              "--teacher-weights", f"{rel}/runs/teacher/model.pt", "--num-classes", "10"]
+    verify += ["--device", device] if device != "auto" else []
+    text = f"""
 Everything is in {rel}/. Explore it with the other commands:
 {how}  {kd} inspect {rel}/cache.zarr
   {kd} inspect {rel}/cache.zarr --shard {shard} --key {key} --view 1
-  {kd} inspect {rel}/cache.zarr --shard {shard} --key {key} --render record.png --data {rel}/data/train
-  {kd} verify {rel}/cache.zarr --data {rel}/data/train --teacher {TEACHER} \\
-      --teacher-weights {rel}/runs/teacher/model.pt --num-classes 10
-  {kd} train --data {rel}/data/train --cache {rel}/cache.zarr --student {STUDENT} --num-classes 10 \\
-      --epochs 4 --out {rel}/runs/my-student --val-data {rel}/data/val
+  {kd} inspect {rel}/cache.zarr --shard {shard} --key {key} --render {rel}/record.png --data {rel}/data/train
+{shell_lines(verify)}
 """
+    if kd_cfg is not None:
+        mine = dataclasses.replace(
+            kd_cfg, data=f"{rel}/data/train", cache=f"{rel}/cache.zarr", val_data=f"{rel}/data/val",
+            out=f"{rel}/runs/my-student", progress=True)
+        text += ("The cached-KD student again, with the demo's settings, into a run of its own (add --mode labels for "
+                 "the labels-only one; change one flag at a time to see what it does):\n"
+                 f"{shell_lines([kd, 'train', *train_flags(mine)])}\n")
+    return text

@@ -17,7 +17,8 @@ resolution (``validation.val_logits``, the trainer's own evaluation loop) and re
 - with ``sweep``: the accuracy/compute curve over a grid of shared thresholds (and the given
   per-exit ones), and a PNG of it.
 
-A plain single-exit run reports its one exit (compute 1.0). The early-exit decisions are simulated
+A plain single-exit run reports its one exit (compute 1.0); ``thresholds`` and ``sweep`` are refused
+for it (there is nothing to leave early from). The early-exit decisions are simulated
 from one pass of every exit over the data (the accuracy and the shares are exactly those of a real
 early-exit forward; the compute is counted, not timed).
 """
@@ -37,7 +38,7 @@ from ..learn.student import build_student
 from ..learn.tasks import StudentInput
 from ..learn.validation import ValStream, val_logits
 from ..models.exits import exit_costs, is_multi_exit, plain_cost_profile
-from ..models.factory import normalization
+from ..models.factory import normalization, torch_load
 from ..runtime import resolve_device
 
 SWEEP_GRID = tuple(sorted({round(0.05 * i, 2) for i in range(21)} | {0.975, 0.99, 0.995, 0.999, 1.01}))
@@ -103,8 +104,8 @@ def load_student(run_dir: str, device: str | torch.device = "cpu"):
     num_classes, res = int(r["num_classes"]), int(r["res"])
     _, model = build_student(cfg["student"], num_classes, res, classes_from=f"{run_dir}/config.json says {num_classes}",
                              exits=cfg.get("sd_exits", "all") if cfg.get("self_distill") else None)
+    state = torch_load(weights, "weights file")
     try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
     except Exception as e:
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -144,6 +145,12 @@ def evaluate_run(run_dir: str, val_data, thresholds=None, sweep: bool = False, b
     model, cfg = load_student(run_dir, device)
     res = int(cfg["resolved"]["res"])
     multi = is_multi_exit(model)
+    if not multi and (sweep or thresholds is not None):
+        given = " and ".join(f for f, on in (("--thresholds", thresholds is not None), ("--sweep", sweep)) if on)
+        raise KdcacheError(
+            f"{given}: {run_dir} is a single-exit run (trained without --self-distill), where every image leaves at "
+            "its one exit, so there is no early exit to tune; evaluate it without them, or train with --self-distill "
+            "for a multi-exit student")
     names = model.exit_names if multi else ["exit"]
     stages = model.exit_stages + [len(model.stage_modules)] if multi else [None]
     costs = exit_costs(model.cost_profile(res) if multi else plain_cost_profile(model, res))

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 from collections import Counter
 
 import numpy as np
 
-from ..errors import KdcacheError, count, size_text
+from ..errors import KdcacheError, count, size_text, writing
 from ..cache.store import CacheReader
 
 # Version of the JSON layout produced by summarize / record_info / verify. Bump on renames.
@@ -499,7 +500,11 @@ def render_record(
         ax.set_title(f"teacher top-{len(v['topk'])} (mass {v['topk_mass']:.3f})", fontsize=9)
     fig.suptitle(f"{shard} / {key} / view {view}", fontsize=10)
     fig.subplots_adjust(left=0.02, right=0.98, bottom=0.14, top=0.82, wspace=0.35)
-    fig.savefig(out, dpi=DPI, format="png")
+    with writing(out, "--render"):
+        folder = os.path.dirname(os.path.abspath(out))
+        if not os.path.lexists(folder):  # a missing folder is made; a file in the way is named by savefig
+            os.makedirs(folder)
+        fig.savefig(out, dpi=DPI, format="png")
     result = dict(info)
     result.update(png=str(out), warnings=warnings, width=int(FIGSIZE[0] * DPI), height=int(FIGSIZE[1] * DPI))
     return result

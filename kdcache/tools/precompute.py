@@ -24,6 +24,7 @@ batches on the device (``device_batches``).
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 
@@ -32,12 +33,12 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..learn.config import PrecomputeConfig
-from ..errors import KdcacheError
+from ..errors import KdcacheError, writing
 from ..runtime import (
     barrier, guarded, init_distributed, raise_if_error, resolve_device, set_threads, unbatched, worker_init,
     worker_items, worker_share,
 )
-from ..data.shards import decode_shard, expand_urls, load_class_names, shard_name
+from ..data.shards import check_shards_open, decode_shard, expand_urls, load_class_names, shard_name
 from ..cache.store import CLAIM_REFRESH_S, CacheWriter, encoding_record, make_manifest
 from ..cache.targets import draw_batch, slots, targets_record
 from ..models.teacher import NonFiniteTeacherOutput, batch_logprobs, batch_topk, compute_record, load_teacher
@@ -173,9 +174,46 @@ class _Pending:
 
 
 
+UPSCALE_NOTED = 2.0  # a teacher resolution this many times the images' short side gets a note
+SIZE_PROBE = 32  # images of the first shard whose sizes are read for it (headers only)
+
+
+def upscale_note(url: str, res: int) -> str | None:
+    """A ``note:`` when ``--res`` renders the teacher's views far larger than the images are: the
+    median short side of the first images of the shard ``url`` (local shards only; their headers,
+    no pixels decoded) against ``res``. None when the sizes are fine or cannot be read cheaply (a
+    bad image is reported where it is decoded, not here)."""
+    import io
+
+    from PIL import Image
+
+    from ..data.shards import is_remote, iter_samples
+
+    if is_remote(url):
+        return None
+    sides = []
+    try:
+        for sample in iter_samples(url):
+            with Image.open(io.BytesIO(sample.image)) as im:
+                sides.append(min(im.size))
+            if len(sides) == SIZE_PROBE:
+                break
+    except Exception:  # noqa: BLE001 - the note is a courtesy; decoding reports real problems
+        return None
+    if not sides:
+        return None
+    short = float(np.median(sides))
+    if res <= UPSCALE_NOTED * short:
+        return None
+    return (f"note: --res {res} renders the teacher's views at {res} px from images of about {short:.0f} px (median "
+            f"short side of the first {len(sides)} in {shard_name(url)}): every view is upscaled at least "
+            f"{res / short:.1f}x; pass a --res nearer the images' size unless the teacher needs {res} px")
+
+
 def precompute(cfg: PrecomputeConfig) -> dict:
     """Run the teacher stage. Returns a summary (shards written and skipped, records, images/s)."""
     urls = expand_urls(cfg.data)
+    check_shards_open(urls)  # before anything is made: a failed start leaves no cache behind
     rank, world, _ = init_distributed(cfg.device)
     device = resolve_device(cfg.device)
     threads = set_threads(cfg.threads, cfg.workers)
@@ -198,23 +236,26 @@ def precompute(cfg: PrecomputeConfig) -> dict:
         encoding=encoding_record("compact" if cfg.compact else "plain", cfg.targets),
     )
     # Rank 0 creates the store; the others open it once it exists.
-    writer = CacheWriter(cfg.out, manifest, cfg.storage_options) if rank == 0 else None
+    with writing(cfg.out, "--out"):
+        writer = CacheWriter(cfg.out, manifest, cfg.storage_options) if rank == 0 else None
     barrier(world)
-    writer = writer or CacheWriter(cfg.out, manifest, cfg.storage_options)
+    with writing(cfg.out, "--out"):
+        writer = writer or CacheWriter(cfg.out, manifest, cfg.storage_options)
 
     mine = my_shards(urls, cfg.shard_index, cfg.num_shard_groups, rank, world)
     # Claim every unfinished group before any work: a group another live writer holds is left to it.
     claims, elsewhere = {}, []
     try:
-        for u in mine:
-            name = shard_name(u)
-            if writer.is_complete(name):
-                continue
-            c = writer.claim(name)
-            if c is None and not writer.is_complete(name):
-                elsewhere.append(name)
-            elif c is not None:
-                claims[name] = c
+        with writing(cfg.out, "--out"):  # an existing cache on a read-only file system fails here
+            for u in mine:
+                name = shard_name(u)
+                if writer.is_complete(name):
+                    continue
+                c = writer.claim(name)
+                if c is None and not writer.is_complete(name):
+                    elsewhere.append(name)
+                elif c is not None:
+                    claims[name] = c
         todo = [u for u in mine if shard_name(u) in claims]
         summary = {
             "cache": cfg.out, "shards_total": len(urls), "shards_mine": len(mine),
@@ -222,6 +263,14 @@ def precompute(cfg: PrecomputeConfig) -> dict:
             "shards_held_elsewhere": sorted(elsewhere), "images": 0, "records": 0, "bad": 0, "seconds": 0.0,
             "images_per_s": 0.0, "threads": threads, "workers": cfg.workers,
         }
+        if todo and rank == 0:
+            note = upscale_note(todo[0], cfg.res)
+            if note:
+                print(note, file=sys.stderr, flush=True)
+            if cfg.progress:
+                print(f"kdcache precompute: {len(todo)} of {len(mine)} shards to write, {cfg.views} views per image at "
+                      f"{cfg.res} px, teacher {cfg.teacher} on {device} in batches of {cfg.batch_size}; the bar moves "
+                      "once the first shard is decoded and its first batch has run", file=sys.stderr, flush=True)
         if todo:
             _run(cfg, teacher, writer, todo, claims, summary, rank, renderer)
     finally:
@@ -329,11 +378,14 @@ class _Progress:
         first = 0 if is_remote(todo[0]) else len(scan_keys(todo[0])[0]) * views
         self.estimate = first  # records per shard, until shards report theirs
         self.bar = tqdm(total=first * self.shards or None, unit="view", desc="precompute", dynamic_ncols=True)
+        self.bar.set_postfix_str("decoding the first shard")
 
     def shard_started(self, name: str, records: int) -> None:
         self.known[name] = records
         self.estimate = sum(self.known.values()) / len(self.known)
         self.bar.total = round(sum(self.known.values()) + self.estimate * (self.shards - len(self.known)))
+        if self.bar.n == 0:
+            self.bar.set_postfix_str(f"{name} decoded, the teacher's first batch is running", refresh=False)
         self.bar.refresh()
 
     def views_done(self, n: int, shards_written: int) -> None:

@@ -334,7 +334,8 @@ def verify(
     """Re-run the teacher on ``samples`` randomly chosen (record, view) pairs and compare.
 
     ``ok`` is True when nothing disagrees and nothing is missing (docs/cli.md lists the fields).
-    ``batch_size`` is only used for format-1 caches, which did not record precompute's.
+    ``batch_size`` is only used for format-1 caches, which did not record precompute's. ``progress``:
+    True shows a bar over the sampled records on stderr; a function is called with each batch's count.
     """
     from ..runtime import resolve_device
     from ..models.teacher import load_teacher
@@ -342,6 +343,8 @@ def verify(
 
     if samples < 1:
         raise KdcacheError("--samples must be at least 1")
+    if not 0 <= seed:
+        raise KdcacheError(f"--seed must be at least 0, got {seed}")
     if batch_size < 1:
         raise KdcacheError("--batch-size must be at least 1")
     reader = open_unchecked(cache, storage_options)
@@ -384,11 +387,11 @@ def verify(
 
     # Build the teacher only once the inputs are known to be usable.
     mt = man["teacher"]
-    seed = mt.get("random_init_seed") if teacher_weights is None and not pretrained else None
+    init_seed = mt.get("random_init_seed") if teacher_weights is None and not pretrained else None
     try:
         t, tinfo = load_teacher(teacher, dev, num_classes=C, weights=teacher_weights, pretrained=pretrained,
                                 mean=mt.get("mean"), std=mt.get("std"), resolution=int(man["resolution"]),
-                                random_init=seed)
+                                random_init=init_seed)
     except KdcacheError as e:
         if "has random weights" not in str(e):
             raise
@@ -396,19 +399,29 @@ def verify(
             f"{e}. This cache records no teacher weights file and no random-init seed, so its teacher cannot be "
             "rebuilt and verify cannot check it; precompute a new cache with --teacher-weights (or --random-init "
             "SEED)") from None
-    if seed is not None:
+    if init_seed is not None:
         from ..models.factory import state_sha256
 
         ident["teacher"]["state_matches"] = state_sha256(t.model) == mt.get("state_sha256")
         if not ident["teacher"]["state_matches"]:
-            problems.append(f"the teacher rebuilt with the cache's random-init seed {seed} has other parameters than "
+            problems.append(f"the teacher rebuilt with the cache's random-init seed {init_seed} has other parameters than "
                             "the one that made the cache (another torch or model version?)")
     tally = Tally()
     by_shard: dict[str, list[Pick]] = {}
     for p in picks:
         by_shard.setdefault(p.shard, []).append(p)
-    for name, plist in by_shard.items():
-        check_shard(reader, name, urls[name], plist, t, tally, atol, rtol, batch_size, progress)
+    bar = None
+    if progress is True:  # the bar over the sampled records, as precompute and train show theirs
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(picks), unit="sample", desc="verify", dynamic_ncols=True)
+        progress = bar.update
+    try:
+        for name, plist in by_shard.items():
+            check_shard(reader, name, urls[name], plist, t, tally, atol, rtol, batch_size, progress or None)
+    finally:
+        if bar is not None:
+            bar.close()
 
     fails = sorted(tally.failures.values(), key=lambda e: (e["shard"], e["index"], e["view"]))
     hints = [f"{h}; then verify again" for h in [render_mismatch(man.get("render"))] if h and fails]
