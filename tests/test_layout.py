@@ -83,6 +83,14 @@ def test_no_import_cycle_inside_the_package():
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
 
 
+def test_every_import_inside_the_package_names_a_module_that_exists():
+    # a relative import that climbs to the wrong level fails only when its function first runs
+    mods = set(graph())
+    bad = [f"{m}:{line} imports {t}, which is no module of the package" for m, edges in graph().items()
+           for t, _, line in edges if t not in mods]
+    assert not bad, "\n".join(bad)
+
+
 def test_no_private_name_is_imported_from_another_module():
     bad = [f"{m}:{line} takes {n} from {t}" for m, edges in graph().items() for t, names, line in edges
            for n in names if n.startswith("_") and not n.startswith("__") and t != m]
