@@ -22,7 +22,8 @@ from kdcache.learn.replay import epoch_batches
 from kdcache.learn.signals import SIGNALS, cache_stats
 from kdcache.learn.trainer import setup
 
-from test_train import STUDENT, base_args, config
+from test_inspect import documented_fields, resolve
+from test_train import base_args, config
 
 C = NUM_CLASSES
 DERIVED = [s for s in SIGNALS if s != "full"]
@@ -199,6 +200,10 @@ def test_inspect_relations_heatmap_and_json(plain_cache, dataset, tmp_path):
     assert d["layout"] == "heatmap" and d["epsilon"] == s.epsilon and d["png"] == str(png)
     np.testing.assert_allclose(np.array(d["relations"]), s.relations)
     assert sorted(d["order"]) == list(range(C))
+    fields = documented_fields("inspect --json: relations")
+    assert len(fields) > 10
+    for f in fields:
+        resolve(d, f)
     from PIL import Image
 
     assert Image.open(png).size[0] > 500

@@ -148,7 +148,7 @@ def signal_mode(ctx: ModeContext) -> Mode:
     signal = DerivedSignal(cfg.kd_signal, stats)
     ctx.say(f"kd-signal {cfg.kd_signal}: over {stats.records} cached views of {stats.images} images, the teacher's mean "
             f"probability off the true class is epsilon = {stats.epsilon:.4f}")
-    kd, C = _kd_settings(cfg, DERIVED_TAIL), mode.num_classes
+    kd, C = {**_kd_settings(cfg, DERIVED_TAIL), "backend": signal.backend(cfg.loss_backend)}, mode.num_classes
     return replace(mode, make_task=lambda inputs: CachedKDTask(inputs, C, signal=signal, **kd), tail=DERIVED_TAIL,
                    labels_needed=True, record={**mode.record, "kd_signal": signal.record},
                    artifacts=signal.artifacts(ctx.reader.class_names or load_class_names(ctx.urls)))

@@ -228,6 +228,11 @@ class DerivedSignal:
         self.log_keep = math.log(keep) if keep > 0 else -math.inf
         self._log_rel: dict = {}
 
+    def backend(self, requested: str) -> str:
+        """The loss backend: a dense target (relations, k = C) gains nothing from the fused kernel,
+        so ``auto`` takes the PyTorch reference for it; sparse ones follow ``requested``."""
+        return "torch" if requested == "auto" and self.signal.target == "relations" else requested
+
     def log_relations(self, device) -> torch.Tensor:
         key = str(device)
         if key not in self._log_rel:
