@@ -250,3 +250,15 @@ def test_inspect_relations_refusals(plain_cache, cache, dataset, tmp_path):
     code, text = run_cli("inspect", cache, "--relations", tmp_path / "x.png", "--data", dataset)
     assert code == 2 and "--mixup" in text and "Traceback" not in text
     assert not (tmp_path / "x.png").exists()
+
+
+def test_a_derived_signal_resumes(plain_cache, dataset, tmp_path):
+    """The statistics are recomputed on --resume and must equal the run's: the same cache gives the same ε."""
+    out = tmp_path / "run"
+    args = ["train", *base_args(dataset, out, plain_cache), "--epochs", 2, "--kd-signal", "relations+reweight"]
+    code, text = run_cli(*args, "--stop-after", 3)
+    assert code == 0 and (out / "checkpoint.pt").exists() and not (out / "summary.json").exists(), text
+    code, text = run_cli(*args, "--resume")
+    assert code == 0, text
+    summary = json.loads(text.strip().splitlines()[-1])
+    assert summary["steps"] == 12 and summary["kd_signal"]["name"] == "relations+reweight"

@@ -270,8 +270,11 @@ class DerivedSignal:
 
 def relations_summary(s: CacheStats, class_names: list[str] | None, top: int) -> dict:
     """ε, the entry counts and the most confused pairs of a ``CacheStats`` (JSON-ready)."""
+    if class_names is not None and len(class_names) != s.num_classes:
+        class_names = None  # names of other classes than the cache's teacher's
+
     def nm(c):
-        return class_names[c] if class_names is not None and c < len(class_names) else str(c)
+        return class_names[c] if class_names is not None else str(c)
 
     return {"num_classes": s.num_classes, "epsilon": s.epsilon, "mean_true_prob": s.mean_true_prob,
             "entries": s.records, "images": s.images, "tail": s.tail, "shards": s.shards,

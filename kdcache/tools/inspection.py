@@ -599,13 +599,13 @@ def _draw_heatmap(d: dict, table: np.ndarray, out: str) -> None:
                 ax.text(j, i, f"{v:.0f}" if v >= 9.5 else (f"{v:.1f}" if v >= 0.05 else "0"), ha="center",
                         va="center", fontsize=7, color="black" if m[i, j] > 0.1 else "white")
     ax.set_xlabel("class the teacher gives probability to")
-    ax.set_ylabel("true class of the records (views averaged)")
+    ax.set_ylabel("true class of the records (views averaged in the row)")
     cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
     cb.set_label("mean teacher probability (log scale)")
-    ax.set_title(f"Class relations: the teacher's mean distribution per true class\n"
-                 f"{d['entries']} views of {d['images']} images, ε = {d['epsilon']:.3f} off the true class; "
-                 f"order: {d['order_method'].split(',')[0].split(' (')[0]}"
-                 + ("; cells in %" if C <= 20 else ""), fontsize=10)
+    ax.set_title(f"Class relations: the teacher's mean distribution per true class"
+                 + (" (cells in %)" if C <= 20 else "") + "\n"
+                 f"ε = {d['epsilon']:.3f} off the true class, {d['entries']} views of {d['images']} images\n"
+                 f"classes ordered by {d['order_method'].split(',')[0].split(' (')[0]}", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=DPI, format="png")
 
@@ -625,6 +625,9 @@ def _draw_pairs(d: dict, table: np.ndarray, out: str) -> None:
             label="p(a) on records of b")
     ax.set_yticks(y, [f"{i + 1}. {p['a_name']}  ↔  {p['b_name']}" for i, p in enumerate(pairs)], fontsize=8)
     ax.invert_yaxis()
+    for i, p in enumerate(pairs):
+        ax.text(100 * (p["p_b_on_a"] + p["p_a_on_b"]), i, f"  mean {100 * p['mean']:.2f} %", va="center", fontsize=7)
+    ax.set_xlim(0, 1.3 * max([200 * p["mean"] for p in pairs] + [1e-9]))
     ax.set_xlabel("mean teacher probability (%), both directions stacked")
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(axis="x", alpha=0.3)
@@ -640,7 +643,8 @@ def format_relations(d: dict) -> str:
     lines = [f"class relations of {d['cache']}: {d['entries']} views of {d['images']} images, "
              f"{d['num_classes']} classes, tail {d['tail']}",
              f"epsilon (mean teacher probability off the true class): {d['epsilon']:.4f}",
-             f"class order ({d['order_method']}): {' '.join(_class_label(d, c) for c in d['order'])}",
+             f"class order ({d['order_method']}): {' '.join(_class_label(d, c) for c in d['order'])}"
+             if d["layout"] == "heatmap" else f"{d['num_classes']} classes: the most confused pairs instead of a heatmap",
              "", "rank  class a  class b  p(b) on a  p(a) on b  mean"]
     for i, p in enumerate(d["confused_pairs"]):
         lines.append(f"{i + 1:>4}  {p['a_name']:>7}  {p['b_name']:>7}  {p['p_b_on_a']:9.4f}  {p['p_a_on_b']:9.4f}  "
