@@ -113,7 +113,8 @@ def report(a, out: Path, results: list[dict], teacher: dict, signals: dict, meta
                 f"({sum(x > 0 for x in d)}/{len(d)})" if d else "—")
         share = (f"{100 * statistics.mean(d) / gain_full:.0f} %" if d and gain_full else "—")
         lines.append(f"| {arm} | **{ds.mean_std(xs)}** ({', '.join(f'{100 * x:.1f}' for x in xs)}) | {gain} | {share} |")
-    lines += ["", f"Machine: {meta['machine']}; wall time {meta['wall_s'] / 60:.1f} min."]
+    lines += ["", f"Machine: {meta['machine']}; wall time {meta['wall_s'] / 60:.1f} min (this invocation: finished runs "
+              f"are reused); the runs' training time summed: {sum(r['train_s'] for r in results) / 60:.1f} min."]
     text = "\n".join(lines)
     (out / "table.md").write_text(text + "\n")
     return text
