@@ -301,15 +301,21 @@ def plot(a, out: Path, results: list[dict], sweep: list[dict]) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> dict:
-    a = parse(argv)
+def prepare_setting(a) -> tuple[Path, str, str, dict]:
+    """The study's folder, the student's subset, the teacher's weights and accuracy (made or reused)."""
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    full, subset, val = prepare_data(a, out)
+    _, subset, _ = prepare_data(a, out)
     weights = train_teacher(a, out)
     teacher = teacher_accuracy(a, weights)
     print(f"teacher: {teacher}", flush=True)
+    return out, subset, weights, teacher
+
+
+def main(argv=None) -> dict:
+    a = parse(argv)
+    t0 = time.perf_counter()
+    out, subset, weights, teacher = prepare_setting(a)
     caches = {kind: make_cache(a, out, weights, subset, kind, 1 if kind == "center" else a.views)[0]
               for kind in ("center", "views", "mixup")}
     jobs = []

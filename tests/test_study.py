@@ -49,3 +49,30 @@ def test_targets_study_quick(tmp_path):
     table = (out / "table.md").read_text()
     assert all(arm in table for arm in targets_study.arms(2)) and f"sampled, N = {res['samples']}" in table
     assert (out / "reliability.png").stat().st_size > 1000
+
+
+def test_decompose_study_quick(tmp_path):
+    """The decomposition study's smoke run: every arm trains on its signal, the derived arms record the
+    cache's ε, and the table, plot and relations picture exist."""
+    decompose_study = study("decompose_study")
+    out = tmp_path / "decompose"
+    res = decompose_study.main(["--out", str(out), "--quick"])
+    arms = [r["arm"] for r in res["results"]]
+    assert arms == list(decompose_study.DEFAULT_ARMS)
+    assert all(0.0 <= r["val_top1"] <= 1.0 and r["curve"] for r in res["results"])
+    eps = res["signals"]["epsilon"]
+    assert 0.0 < eps < 1.0
+    for arm, spec in decompose_study.ARMS.items():
+        if arm not in arms:
+            continue
+        summary = json.loads((out / "runs" / f"{arm.replace(' ', '_').replace('+', '-')}-s0" / "summary.json").read_text())
+        got = summary["kd_signal"]
+        if spec.get("mode") == "labels":
+            assert got is None
+        else:
+            assert got["name"] == spec.get("kd_signal", "full")
+            if "kd_signal" in spec:
+                assert got["epsilon"] == eps
+    table = (out / "table.md").read_text()
+    assert all(f"| {arm} |" in table for arm in arms) and "share of full KD's gain" in table
+    assert (out / "decompose.png").stat().st_size > 1000 and (out / "relations.png").stat().st_size > 1000

@@ -6,6 +6,7 @@ import json
 
 import click
 
+from ..learn.losses import TAIL_MODES
 
 
 
@@ -39,10 +40,18 @@ def parse_storage_options(text: str | None) -> dict | None:
 @click.option("--render", "render_out", type=click.Path(dir_okay=False), default=None,
               help="Write a PNG of the record's view (needs --shard, --key and --data).")
 @click.option("--data", default=None, help="The data shards (pattern, glob or folder); needed by --render.")
-@click.option("--top", default=10, show_default=True, help="How many of the most frequent top-1 classes to list.")
+@click.option("--top", default=None, type=int,
+              help="How many of the most frequent top-1 classes to list [10]; with --relations, how many of the most "
+                   "confused class pairs [20].")
+@click.option("--relations", "relations_out", type=click.Path(dir_okay=False), default=None,
+              help="Write a PNG of the class relations: the teacher's mean distribution per true class (labels from "
+                   "--data's cls), as a heatmap with related classes side by side, or for more than 100 classes the "
+                   "most confused pairs ranked. With --json, the numbers.")
+@click.option("--tail", type=click.Choice(TAIL_MODES), default="uniform", show_default=True,
+              help="With --relations: how each record's mass outside its top-k is spread (as train --tail).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (fields in docs/cli.md) instead of text.")
 @storage_options_option
-def inspect(cache, shard, key, list_keys, view, render_out, data, top, as_json, storage_options):
+def inspect(cache, shard, key, list_keys, view, render_out, data, top, relations_out, tail, as_json, storage_options):
     """Summarise the cache CACHE (a path or an fsspec URL), or show one record.
 
     \b
@@ -50,6 +59,7 @@ def inspect(cache, shard, key, list_keys, view, render_out, data, top, as_json, 
     kdcache inspect cache.zarr --keys --shard train-000003      the keys of one shard
     kdcache inspect cache.zarr --shard train-000003 --key k42   one record, all views
     kdcache inspect cache.zarr --shard S --key K --view 2 --render v.png --data data/train
+    kdcache inspect cache.zarr --relations rel.png --data data/train  class relations
 
     Never writes to the cache.
     """
@@ -57,6 +67,14 @@ def inspect(cache, shard, key, list_keys, view, render_out, data, top, as_json, 
     from ..errors import KdcacheError
 
     opts = parse_storage_options(storage_options)
+    if relations_out is not None:
+        if data is None:
+            raise KdcacheError("--relations needs --data: the shards the cache was made from, for their cls labels")
+        if shard is not None or key is not None or list_keys or render_out is not None:
+            raise KdcacheError("--relations summarises the whole cache: it does not take --shard, --key, --keys or --render")
+        out = api.relations(cache, data, relations_out, tail=tail, top=20 if top is None else top, storage_options=opts)
+        click.echo(json.dumps(out, indent=2) if as_json else api.format_relations(out))
+        return
     if list_keys:
         found = api.list_keys(cache, shard, storage_options=opts)
         if as_json:
@@ -89,7 +107,7 @@ def inspect(cache, shard, key, list_keys, view, render_out, data, top, as_json, 
         out = api.record_info(cache, shard, key, view, storage_options=opts)
         click.echo(json.dumps(out, indent=2) if as_json else api.format_record(out))
         return
-    out = api.summarize(cache, storage_options=opts, top=top)
+    out = api.summarize(cache, storage_options=opts, top=10 if top is None else top)
     click.echo(json.dumps(out, indent=2) if as_json else api.format_summary(out))
     damaged = [f"shard {e['shard']} views {e['views']} were changed after precompute" for e in out["totals"]["edited"]]
     damaged += [f"shard {e['shard']} has {e['records']} records with {e['what']}" for e in out["totals"]["impossible"]]

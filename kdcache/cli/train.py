@@ -8,8 +8,9 @@ import click
 
 from ..learn.config import AMP_MODES, MODES, OPTIMIZERS, STUDENT_VIEWS, TrainConfig
 from ..learn.config import SD_TEACHERS
-from ..learn.losses import BACKENDS as LOSS_BACKENDS, TAIL_MODES
 from ..learn.live import DEFAULT_TOPK
+from ..learn.losses import BACKENDS as LOSS_BACKENDS, TAIL_MODES
+from ..learn.signals import SIGNALS
 
 from .options import (augmentation, augmentation_options, config_default, threads_option, worker_timeout_option,
                       workers_option)
@@ -47,6 +48,13 @@ from .options import (augmentation, augmentation_options, config_default, thread
               show_default=True,
               help="The KD loss: auto (the fused Triton kernel for CUDA logits when Triton imports, else PyTorch), "
                    "torch (the PyTorch reference everywhere), triton (the kernel; fails where it cannot run).")
+@click.option("--kd-signal", type=click.Choice(tuple(SIGNALS)), default=config_default(TrainConfig, "kd_signal"),
+              show_default=True,
+              help="Cached mode: what the student learns from the cache. full: the stored targets. Derived from them "
+                   "and the shards' cls labels (docs/losses.md): smoothing (the label smoothed by the teacher's mean "
+                   "mass off the true class), relations (the teacher's mean distribution of the record's class), "
+                   "reweight (the label, each record weighted by the teacher's true-class probability), and the "
+                   "combinations. Not with --mixup caches.")
 @click.option("--label-weight", default=config_default(TrainConfig, 'label_weight'), show_default=True, help="Weight of the cross-entropy on labels (needs cls).")
 @click.option("--res", type=int, default=None, help="Student input resolution [default: the cache's, else 224].")
 @click.option("--teacher-res", type=int, default=None, help="Live teacher resolution [default: the cache's, else --res].")

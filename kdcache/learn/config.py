@@ -15,6 +15,7 @@ from ..runtime import default_workers
 from ..data.views import AugSpec
 from .modes import MODES as MODE_FACTORIES
 from .modes import pick as pick_mode
+from .signals import check_signal
 
 MODES = ("auto", *MODE_FACTORIES)  # auto: live with --teacher, cached with --cache, else labels
 
@@ -160,6 +161,9 @@ class TrainConfig:
     temperature: float = 1.0
     tail: str = "uniform"
     label_weight: float = 0.0
+    # Cached mode: what the student learns from the cache (signals.SIGNALS): the stored targets ("full"), or a
+    # signal derived from them and the labels (smoothing, relations, reweight, ...), docs/losses.md.
+    kd_signal: str = "full"
     res: int | None = None  # default: the cache's resolution, else 224
     teacher_res: int | None = None  # live: default the cache's resolution, else the student's
     topk: int | None = None  # live: default the cache's k, else 10
@@ -242,7 +246,7 @@ class TrainConfig:
                                "`kdcache verify` instead")
         if self.student_view == "fresh" and self.aug.mixup:
             raise KdcacheError("--student-view fresh gives the student unmixed crops of its own; drop --mixup")
-        pick_mode(self)  # the flag combinations
+        check_signal(self, pick_mode(self))  # the flag combinations
         check_self_distill(self)
 
     @property

@@ -9,7 +9,8 @@ trainer's ``setup`` calls the factory and never asks which mode it runs.
 
 - ``labels``  cross-entropy on the shards' labels (``tasks.LabelsTask``);
 - ``cached``  sparse KD against the cache's targets (``tasks.CachedKDTask``): top-k, or sampled
-              targets (their own tail, at their sampling temperature);
+              targets (their own tail, at their sampling temperature), or a signal derived from
+              them (``--kd-signal``, ``signals.py``: ``signal_mode`` wraps ``cached_mode``);
 - ``live``    the same loss against a teacher run on the replayed views (``tasks.LiveKDTask``).
 
 Adding a mode is one factory here and one line in ``MODES``; ``auto`` picks among these three from
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -29,6 +30,7 @@ from ..cache.store import CacheReader
 from ..data.shards import load_class_names
 from ..errors import KdcacheError
 from .live import LiveTeacher
+from .signals import DERIVED_TAIL, DerivedSignal, cache_stats
 from .tasks import CachedKDTask, LabelsTask, LiveKDTask, StudentInput
 
 @dataclass
@@ -64,6 +66,7 @@ class Mode:
     labels_needed: bool = False  # the mode itself trains on labels
     tail: str | None = None  # the KD loss's tail (None: no KD term)
     record: dict = field(default_factory=dict)  # what the run records about its teacher (config.json "resolved")
+    artifacts: dict = field(default_factory=dict)  # files for the run directory: name -> array (.npy) or dict (.json)
 
 
 def _cache_record(ctx: ModeContext) -> dict:
@@ -129,6 +132,25 @@ def cached_mode(ctx: ModeContext) -> Mode:
                 record={**_cache_record(ctx), "tail": tail})
 
 
+def signal_mode(ctx: ModeContext) -> Mode:
+    """Cached KD with the signal ``--kd-signal`` names (``signals.py``): ``full`` is ``cached_mode``
+    itself; a derived signal takes the cache's statistics over the run's shards (one pass, made
+    here, before the student), trains on targets made of the labels and those statistics with the
+    ``uniform`` tail, and leaves the relation table in the run directory."""
+    mode = cached_mode(ctx)
+    cfg = ctx.cfg
+    if cfg.kd_signal == "full":
+        return replace(mode, record={**mode.record, "kd_signal": {"name": "full"}})
+    stats = cache_stats(ctx.reader, ctx.urls, mode.tail, what=f"--kd-signal {cfg.kd_signal}")
+    signal = DerivedSignal(cfg.kd_signal, stats)
+    ctx.say(f"kd-signal {cfg.kd_signal}: over {stats.records} cached views of {stats.images} images, the teacher's mean "
+            f"probability off the true class is epsilon = {stats.epsilon:.4f}")
+    kd, C = {**_kd_settings(cfg, DERIVED_TAIL), "backend": signal.backend(cfg.loss_backend)}, mode.num_classes
+    return replace(mode, make_task=lambda inputs: CachedKDTask(inputs, C, signal=signal, **kd), tail=DERIVED_TAIL,
+                   labels_needed=True, record={**mode.record, "kd_signal": signal.record},
+                   artifacts=signal.artifacts(ctx.reader.class_names or load_class_names(ctx.urls)))
+
+
 def live_mode(ctx: ModeContext) -> Mode:
     """A teacher run on the replayed views (``live.LiveTeacher``: like precompute's, and with the
     cache's teacher spec, its normalisation and seeded random init, so live targets equal cached ones)."""
@@ -146,7 +168,7 @@ def live_mode(ctx: ModeContext) -> Mode:
                         "targets": (m.get("targets") or {"kind": "topk"}) if m else None, "tail": cfg.tail})
 
 
-MODES: dict[str, Callable[[ModeContext], Mode]] = {"cached": cached_mode, "live": live_mode, "labels": labels_mode}
+MODES: dict[str, Callable[[ModeContext], Mode]] = {"cached": signal_mode, "live": live_mode, "labels": labels_mode}
 
 
 def pick(cfg) -> str:

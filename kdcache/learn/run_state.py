@@ -20,6 +20,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -35,6 +36,14 @@ def atomic_json(obj, path: str) -> None:
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=True)
             f.write("\n")
+
+    _atomic(path, write)
+
+
+def atomic_npy(arr, path: str) -> None:
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to the temporary name
+            np.save(f, arr)
 
     _atomic(path, write)
 

@@ -8,7 +8,9 @@ a new task, not a branch in the loop.
 - ``LabelsTask``    cross-entropy on the shards' labels (soft labels λ·own + (1−λ)·partner for
                     mixed records).
 - ``CachedKDTask``  the sparse KD loss (``losses.sparse_kd_loss``) against the top-k stored in
-                    the cache, plus ``label_weight``·CE.
+                    the cache, plus ``label_weight``·CE; or, with a ``signals.DerivedSignal``,
+                    against a target derived from the labels and the cache's statistics, each
+                    row weighted where the signal says so (``train --kd-signal``).
 - ``LiveKDTask``    the same loss against a teacher run on the very views the batch replays,
                     its top-k cast exactly as precompute casts it (``teacher.topk_tensors``).
 
@@ -114,15 +116,25 @@ class KDLoss:
     label_weight: float = 0.0
     backend: str = "auto"
 
-    def terms(self, z: torch.Tensor, batch: Batch, targets: Targets, num_classes: int, device) -> dict:
-        """``{loss, kd, ce}`` of logits ``z`` against the batch's teacher ``targets``."""
+    def terms(self, z: torch.Tensor, batch: Batch, targets: Targets, num_classes: int, device,
+              weights: torch.Tensor | None = None) -> dict:
+        """``{loss, kd, ce}`` of logits ``z`` against the batch's teacher ``targets``. ``weights`` (B,):
+        each row's KD term is multiplied by its weight before the batch mean (the ``label_weight``·CE
+        term is not weighted)."""
         lp, ids = targets.logprobs, targets.classes
         has_labels = bool((batch.label >= 0).all())
         labels = batch.label_targets(num_classes, device) if has_labels else None
         # The logits go in their own dtype: the fused kernel reads bf16/fp16 and writes the gradient in it.
-        loss = sparse_kd_loss(z, lp, ids, temperature=self.temperature, tail=self.tail,
-                              labels=labels if self.label_weight > 0 else None, label_weight=self.label_weight,
-                              backend=self.backend)
+        if weights is None:
+            loss = sparse_kd_loss(z, lp, ids, temperature=self.temperature, tail=self.tail,
+                                  labels=labels if self.label_weight > 0 else None, label_weight=self.label_weight,
+                                  backend=self.backend)
+        else:
+            rows = sparse_kd_loss(z, lp, ids, temperature=self.temperature, tail=self.tail, reduction="none",
+                                  backend=self.backend)
+            loss = (weights * rows).mean()
+            if self.label_weight > 0:
+                loss = loss + self.label_weight * F.cross_entropy(z.float(), labels)
         ce = None
         if labels is not None:  # for the log only: the student's CE on the labels
             with torch.no_grad():
@@ -139,23 +151,29 @@ def kd_step(task, model, batch: Batch) -> dict:
 
 
 class CachedKDTask:
-    """Sparse KD against the cached top-k (plus ``label_weight``·CE)."""
+    """Sparse KD against the cached top-k (plus ``label_weight``·CE), or against the targets and
+    weights of a signal derived from the cache (``signal``: a ``signals.DerivedSignal``)."""
 
     name = "cached"
 
     def __init__(self, inputs: StudentInput, num_classes: int, temperature: float = 1.0, tail: str = "uniform",
-                 label_weight: float = 0.0, backend: str = "auto"):
+                 label_weight: float = 0.0, backend: str = "auto", signal=None):
         self.inputs, self.num_classes = inputs, num_classes
         self.kd = KDLoss(temperature, tail, label_weight, backend)
+        self.signal = signal
 
     def teacher_targets(self, batch: Batch) -> Targets:
-        """The batch's targets from the cache, on the device."""
+        """The batch's targets from the cache (or the signal's, derived from it), on the device."""
         dev = self.inputs.device
+        if self.signal is not None:
+            lp, ids = self.signal.targets(batch, dev)
+            return Targets(ids, lp)
         return Targets(batch.classes.to(dev, non_blocking=True), batch.logprobs.to(dev, non_blocking=True))
 
     def loss_terms(self, z: torch.Tensor, batch: Batch, targets) -> dict:
         """The terms of these logits against ``targets`` (``self.teacher_targets(batch)``)."""
-        return self.kd.terms(z, batch, targets, self.num_classes, self.inputs.device)
+        weights = self.signal.weights(batch, self.inputs.device) if self.signal is not None else None
+        return self.kd.terms(z, batch, targets, self.num_classes, self.inputs.device, weights)
 
     def __call__(self, model, batch: Batch) -> dict:
         return kd_step(self, model, batch)

@@ -30,7 +30,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -46,7 +46,7 @@ from . import modes
 from .config import TrainConfig
 from .loader import ReplayLoader
 from .replay import prepare_shards
-from .run_state import MetricsLog, Meter, RunState, atomic_json, atomic_save, restore
+from .run_state import MetricsLog, Meter, RunState, atomic_json, atomic_npy, atomic_save, restore
 from .selfdistill import SelfDistillTask
 from .spotcheck import SpotCheck, spot_totals
 from .student import build_student
@@ -166,6 +166,7 @@ class Run:
     bad_keys: list[str]
     t_setup: float
     spot: SpotCheck | None = None  # --spot-check
+    artifacts: dict = field(default_factory=dict)  # the mode's files for the run directory (Mode.artifacts)
 
     @property
     def total_steps(self) -> int:
@@ -256,7 +257,7 @@ def setup(cfg: TrainConfig) -> Run:
                model=model, task=task, inputs=inputs, loader=loader, steps_per_epoch=[p.steps for p in plans],
                dropped=[p.dropped for p in plans], val_stream=val_stream,
                run_config={**asdict(cfg), "resolved": resolved}, views_reused=views_reused, bad_keys=bad_keys,
-               t_setup=t_setup, spot=spot)
+               t_setup=t_setup, spot=spot, artifacts=mode.artifacts)
 
 
 def _place(cfg: TrainConfig):
@@ -314,6 +315,8 @@ def open_run_dir(run: Run) -> dict | None:
             os.makedirs(cfg.out, exist_ok=True)
             clean_run_dir(cfg.out, fresh=ckpt is None)
             atomic_json(run.run_config, os.path.join(cfg.out, "config.json"))
+            for name, obj in run.artifacts.items():
+                (atomic_json if isinstance(obj, dict) else atomic_npy)(obj, os.path.join(cfg.out, name))
     barrier(run.world)
     return ckpt
 
@@ -575,6 +578,7 @@ def finish(run: Run, state: RunState, net, setup_s: float) -> dict:
         "cache": cfg.cache, "cache_manifest_sha256": run.run_config["resolved"]["cache_manifest_sha256"],
         "cache_targets_sha256": run.run_config["resolved"]["cache_targets_sha256"],
         "views": run.loader.num_views, "views_used": cfg.views_used, "views_reused": run.views_reused,
+        "kd_signal": run.run_config["resolved"].get("kd_signal"),
         "student_view": run.run_config["resolved"]["student_view"],
         "records_dropped": sum(run.dropped),
         "bad_records": len(run.bad_keys), "bad_keys": run.bad_keys[:BAD_KEYS_SHOWN],

@@ -6,6 +6,8 @@ nothing is ever written into it. A cache may be a local path or an fsspec URL.
 - ``summarize``      manifest, per-shard table and totals (records, bytes, top-k mass, entropy, top-1).
 - ``record_info``    one record: per view its box, flip, mixup partner and λ, and the teacher's top-k.
 - ``render_record``  a PNG: source image with the crop box, the rendered (mixed) view, the top-k bars.
+- ``relations``      the class-relation table (mean teacher distribution per true class, labels from
+                     the data shards) as a heatmap, or the most confused class pairs for many classes.
 
 Each returns a plain dict (JSON-ready, field names documented in ``docs/cli.md``); the
 ``format_*`` functions turn those dicts into the text the CLI prints.
@@ -508,6 +510,157 @@ def render_record(
     result = dict(info)
     result.update(png=str(out), warnings=warnings, width=int(FIGSIZE[0] * DPI), height=int(FIGSIZE[1] * DPI))
     return result
+
+
+# ---- class relations ---------------------------------------------------------------------------
+
+HEATMAP_MAX_CLASSES = 100  # beyond this many classes the picture is the ranked table of confused pairs
+
+
+def related_order(relations: np.ndarray, entries: np.ndarray) -> tuple[list[int], str]:
+    """An order of the classes that puts related ones side by side, and how it was found.
+
+    Similarity of two classes = the teacher's mean probability of each on the other's records,
+    averaged over both directions (the diagonal left out). With scipy: average-linkage clustering
+    on distance = max similarity − similarity, leaves in optimal order. Without: a greedy chain that
+    starts at the most confused pair and always appends the unplaced class most confused with
+    the chain's last one. Classes without records go last, in index order."""
+    C = len(relations)
+    seen = [c for c in range(C) if entries[c] > 0]
+    unseen = [c for c in range(C) if entries[c] == 0]
+    if len(seen) < 3:
+        return seen + unseen, "index"
+    sim = (relations + relations.T)[np.ix_(seen, seen)] / 2
+    np.fill_diagonal(sim, 0.0)
+    try:
+        from scipy.cluster.hierarchy import leaves_list, linkage, optimal_leaf_ordering
+        from scipy.spatial.distance import squareform
+    except ImportError:
+        rest = set(range(len(seen)))
+        a, b = np.unravel_index(np.argmax(sim), sim.shape)
+        chain = [int(a), int(b)]
+        rest -= set(chain)
+        while rest:
+            nxt = max(sorted(rest), key=lambda j: sim[chain[-1], j])
+            chain.append(nxt)
+            rest.remove(nxt)
+        return [seen[i] for i in chain] + unseen, "greedy chain (scipy not installed)"
+    dist = sim.max() - sim
+    np.fill_diagonal(dist, 0.0)
+    condensed = squareform(dist, checks=False)
+    tree = optimal_leaf_ordering(linkage(condensed, method="average"), condensed)
+    return [seen[int(i)] for i in leaves_list(tree)] + unseen, "average-linkage clustering, optimal leaf order (scipy)"
+
+
+def relations(cache, data, out: str | None = None, tail: str = "uniform", top: int = 20,
+              storage_options: dict | None = None) -> dict:
+    """The class-relation table of a cache over the data shards ``data`` (their ``cls`` labels), the
+    numbers ``train --kd-signal relations`` trains on (``signals.cache_stats``), and a PNG at ``out``:
+    the table as a heatmap with related classes side by side (C <= HEATMAP_MAX_CLASSES), else the
+    ``top`` most confused class pairs as a ranked bar table."""
+    from ..data.shards import expand_urls, load_class_names
+    from ..learn.signals import cache_stats, relations_summary
+
+    reader = open_unchecked(cache, storage_options)
+    urls = expand_urls(data)
+    if reader.kind == "sample" and tail != "uniform":
+        raise KdcacheError(f"--tail does not apply to cache {reader.path}: it holds sampled targets, taken as they are")
+    stats = cache_stats(reader, urls, "sampled" if reader.kind == "sample" else tail, what="--relations")
+    names = reader.class_names or load_class_names(urls)
+    out_d = relations_summary(stats, names, top)
+    order, how = related_order(stats.relations, stats.class_entries)
+    out_d.update(schema=JSON_SCHEMA, cache=reader.path, order=order, order_method=how,
+                 layout="heatmap" if stats.num_classes <= HEATMAP_MAX_CLASSES else "pairs",
+                 relations=stats.relations.tolist() if stats.num_classes <= HEATMAP_MAX_CLASSES else None, png=None)
+    if out is not None:
+        (_draw_heatmap if out_d["layout"] == "heatmap" else _draw_pairs)(out_d, stats.relations, out)
+        out_d["png"] = str(out)
+    return out_d
+
+
+def _class_label(d: dict, c: int) -> str:
+    names = d["class_names"]
+    return str(names[c]) if names is not None and c < len(names) else str(c)
+
+
+def _draw_heatmap(d: dict, table: np.ndarray, out: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import LogNorm
+    from matplotlib.figure import Figure
+
+    order = d["order"]
+    C = len(order)
+    m = table[np.ix_(order, order)]
+    side = min(14.0, max(6.0, 0.32 * C + 3.0))
+    fig = Figure(figsize=(side + 1.5, side), dpi=DPI)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    floor = max(float(m[m > 0].min()) if (m > 0).any() else 1e-6, 1e-6)
+    im = ax.imshow(np.maximum(m, floor), cmap="viridis", norm=LogNorm(vmin=floor, vmax=1.0), interpolation="nearest")
+    labels = [_class_label(d, c) for c in order]
+    fs = 9 if C <= 20 else (7 if C <= 50 else 5)
+    ax.set_xticks(range(C), labels, rotation=90, fontsize=fs)
+    ax.set_yticks(range(C), [f"{lab} ({d['class_entries'][c]})" for lab, c in zip(labels, order)], fontsize=fs)
+    if C <= 20:  # the values themselves, in percent
+        for i in range(C):
+            for j in range(C):
+                v = 100 * m[i, j]
+                ax.text(j, i, f"{v:.0f}" if v >= 9.5 else (f"{v:.1f}" if v >= 0.05 else "0"), ha="center",
+                        va="center", fontsize=7, color="black" if m[i, j] > 0.1 else "white")
+    ax.set_xlabel("class the teacher gives probability to")
+    ax.set_ylabel("true class of the records (views averaged in the row)")
+    cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+    cb.set_label("mean teacher probability (log scale)")
+    ax.set_title(f"Class relations: the teacher's mean distribution per true class"
+                 + (" (cells in %)" if C <= 20 else "") + "\n"
+                 f"ε = {d['epsilon']:.3f} off the true class, {d['entries']} views of {d['images']} images\n"
+                 f"classes ordered by {d['order_method'].split(',')[0].split(' (')[0]}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=DPI, format="png")
+
+
+def _draw_pairs(d: dict, table: np.ndarray, out: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    pairs = d["confused_pairs"]
+    n = max(1, len(pairs))
+    fig = Figure(figsize=(10, 1.5 + 0.32 * n), dpi=DPI)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    y = np.arange(len(pairs))
+    ax.barh(y, [100 * p["p_b_on_a"] for p in pairs], color="tab:blue", label="p(b) on records of a")
+    ax.barh(y, [100 * p["p_a_on_b"] for p in pairs], left=[100 * p["p_b_on_a"] for p in pairs], color="tab:orange",
+            label="p(a) on records of b")
+    ax.set_yticks(y, [f"{i + 1}. {p['a_name']}  ↔  {p['b_name']}" for i, p in enumerate(pairs)], fontsize=8)
+    ax.invert_yaxis()
+    for i, p in enumerate(pairs):
+        ax.text(100 * (p["p_b_on_a"] + p["p_a_on_b"]), i, f"  mean {100 * p['mean']:.2f} %", va="center", fontsize=7)
+    ax.set_xlim(0, 1.3 * max([200 * p["mean"] for p in pairs] + [1e-9]))
+    ax.set_xlabel("mean teacher probability (%), both directions stacked")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title(f"The {len(pairs)} most confused class pairs of {d['num_classes']} classes (too many for a heatmap)\n"
+                 f"{d['entries']} views of {d['images']} images, ε = {d['epsilon']:.3f} off the true class",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=DPI, format="png")
+
+
+def format_relations(d: dict) -> str:
+    """The text ``kdcache inspect CACHE --relations`` prints."""
+    lines = [f"class relations of {d['cache']}: {d['entries']} views of {d['images']} images, "
+             f"{d['num_classes']} classes, tail {d['tail']}",
+             f"epsilon (mean teacher probability off the true class): {d['epsilon']:.4f}",
+             f"class order ({d['order_method']}): {' '.join(_class_label(d, c) for c in d['order'])}"
+             if d["layout"] == "heatmap" else f"{d['num_classes']} classes: the most confused pairs instead of a heatmap",
+             "", "rank  class a  class b  p(b) on a  p(a) on b  mean"]
+    for i, p in enumerate(d["confused_pairs"]):
+        lines.append(f"{i + 1:>4}  {p['a_name']:>7}  {p['b_name']:>7}  {p['p_b_on_a']:9.4f}  {p['p_a_on_b']:9.4f}  "
+                     f"{p['mean']:.4f}")
+    if d["png"]:
+        lines += ["", f"wrote {d['png']} ({'heatmap' if d['layout'] == 'heatmap' else 'ranked confused pairs'})"]
+    return "\n".join(lines)
 
 
 # ---- text --------------------------------------------------------------------------------------
