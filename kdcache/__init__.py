@@ -42,7 +42,9 @@ _API = {
     "render": "kdcache.data.render",
     "create_model": "kdcache.models.factory",
     "KdcacheError": "kdcache.errors",
-    "PrecomputeConfig": "kdcache.learn.config",
+    "PrecomputeConfig": "kdcache.tools.config",
+    "VerifyConfig": "kdcache.tools.config",
+    "EvaluateConfig": "kdcache.tools.config",
     "TrainConfig": "kdcache.learn.config",
     "precompute": "kdcache.tools.precompute",
     "train": "kdcache.learn.trainer",
@@ -68,7 +70,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from .data.render import render
     from .data.views import AugSpec, View
     from .errors import KdcacheError
-    from .learn.config import PrecomputeConfig, TrainConfig
+    from .learn.config import TrainConfig
+    from .tools.config import EvaluateConfig, PrecomputeConfig, VerifyConfig
     from .learn.live import LiveTeacher
     from .learn.loader import ReplayLoader
     from .learn.losses import Targets, kd_loss, sparse_kd_loss

@@ -442,7 +442,8 @@ def test_train_refuses_senseless_numbers_before_making_the_run_folder(flags, nee
 
 def test_every_numeric_setting_is_checked_in_the_config():
     """2. One table per config, checked when it is made: the CLI and the Python API alike."""
-    from kdcache.learn.config import PRECOMPUTE_NUMBERS, TRAIN_NUMBERS, PrecomputeConfig
+    from kdcache.learn.config import TRAIN_NUMBERS
+    from kdcache.tools.config import PRECOMPUTE_NUMBERS, PrecomputeConfig
 
     bad = {"at least 0": -1, "at least 1": 0, "at least 8": 7, "> 0": 0.0, ">= 0": -0.5, "in [0, 1]": 1.5,
            "in [0, 1)": 1.0}

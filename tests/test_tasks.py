@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import NUM_CLASSES, TEACHER
-from kdcache.learn.config import PrecomputeConfig, TrainConfig
+from kdcache.learn.config import TrainConfig
+from kdcache.tools.config import PrecomputeConfig
 from kdcache.learn.losses import sparse_kd_loss
 from kdcache.models.factory import create_model
 from kdcache.learn.replay import ReplayStream, StreamConfig, epoch_batches, prepare_shards

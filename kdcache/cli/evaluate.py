@@ -6,6 +6,8 @@ import json
 
 import click
 
+from ..tools.config import EvaluateConfig
+from .options import config_default, workers_option
 
 
 class FloatList(click.ParamType):
@@ -33,9 +35,11 @@ class FloatList(click.ParamType):
                    "(RUN_DIR/early_exit.png, or --plot).")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Where --sweep writes its PNG.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON (fields in docs/cli.md).")
-@click.option("--batch-size", "-b", default=128, show_default=True, help="Evaluation batch size.")
-@click.option("--workers", "-j", default=0, show_default=True, help="DataLoader workers decoding the shards.")
-@click.option("--device", default="auto", show_default=True, help="cuda, cuda:1, cpu, or auto.")
+@click.option("--batch-size", "-b", default=config_default(EvaluateConfig, "batch_size"), show_default=True,
+              help="Evaluation batch size.")
+@workers_option("DataLoader workers decoding the shards.")
+@click.option("--device", default=config_default(EvaluateConfig, "device"), show_default=True,
+              help="cuda, cuda:1, cpu, or auto.")
 def evaluate(run_dir, val_data, thresholds, sweep, plot, as_json, batch_size, workers, device):
     """Evaluate the student of RUN_DIR (a finished `kdcache train` run) on --val-data.
 
@@ -48,10 +52,7 @@ def evaluate(run_dir, val_data, thresholds, sweep, plot, as_json, batch_size, wo
     A run without --self-distill has one exit (compute 1.0).
     """
     from ..tools import evaluate as api
-    from ..errors import KdcacheError
 
-    if batch_size < 1 or workers < 0:
-        raise KdcacheError("--batch-size must be at least 1 and --workers at least 0")
     report = api.evaluate_run(run_dir, val_data, thresholds=list(thresholds) if thresholds else None, sweep=sweep,
                               batch_size=batch_size, device=device, workers=workers, plot=plot)
     click.echo(json.dumps(report, indent=2) if as_json else api.format_report(report))

@@ -9,7 +9,7 @@ import click
 from ..errors import KdcacheError, count
 from ..data.views import AugSpec
 
-from ..learn.config import PrecomputeConfig
+from ..tools.config import PrecomputeConfig
 
 from .options import (RGB, augmentation, augmentation_options, config_default, threads_option, worker_timeout_option,
                       workers_option)

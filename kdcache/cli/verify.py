@@ -8,7 +8,9 @@ import sys
 import click
 
 
+from ..tools.config import VerifyConfig
 from .inspect import parse_storage_options, storage_options_option
+from .options import config_default
 
 
 @click.command()
@@ -18,13 +20,13 @@ from .inspect import parse_storage_options, storage_options_option
 @click.option("--teacher-weights", type=click.Path(), default=None, help="Teacher weights file, as given to precompute.")
 @click.option("--num-classes", type=int, default=None, help="Teacher class count (default: the cache's).")
 @click.option("--pretrained", is_flag=True, help="As for precompute: let timm/torchvision fetch their weights.")
-@click.option("--samples", "-n", default=64, show_default=True, help="(record, view) pairs to re-run.")
-@click.option("--device", default="auto", show_default=True, help="cuda, cuda:1, cpu, or auto.")
-@click.option("--seed", default=0, show_default=True, help="Seed for choosing the sampled records.")
-@click.option("--batch-size", "-b", default=64, show_default=True,
+@click.option("--samples", "-n", default=config_default(VerifyConfig, "samples"), show_default=True, help="(record, view) pairs to re-run.")
+@click.option("--device", default=config_default(VerifyConfig, "device"), show_default=True, help="cuda, cuda:1, cpu, or auto.")
+@click.option("--seed", default=config_default(VerifyConfig, "seed"), show_default=True, help="Seed for choosing the sampled records.")
+@click.option("--batch-size", "-b", default=config_default(VerifyConfig, "batch_size"), show_default=True,
               help="Teacher batch size for format-1 caches; newer caches record precompute's, and verify reruns "
                    "exactly those batches.")
-@click.option("--atol", default=1e-4, show_default=True,
+@click.option("--atol", default=config_default(VerifyConfig, "atol"), show_default=True,
               help="Absolute log-prob tolerance, on top of one float16 step (2^-10 x |stored|). The tail mass "
                    "outside the top-k is checked too.")
 @click.option("--allow-teacher-mismatch", is_flag=True,

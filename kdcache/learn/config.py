@@ -1,7 +1,8 @@
-"""What each stage is asked to do: ``PrecomputeConfig`` and ``TrainConfig``.
+"""What training is asked to do: ``TrainConfig``, and the checks every command's config shares.
 
-Both check their values when they are made, so the Python API and the CLI share one validation,
-and the CLI takes its flags' defaults from these fields (``cli.options.config_default``).
+A config checks its values when it is made, so the Python API and the CLI share one validation,
+and the CLI takes its flags' defaults from the fields (``cli.options.config_default``). The tools'
+configs (precompute, verify, evaluate) are in ``tools/config.py``.
 """
 
 from __future__ import annotations
@@ -37,11 +38,6 @@ NON_NEGATIVE = ">= 0", lambda v: 0 <= v < math.inf
 UNIT = "in [0, 1]", lambda v: 0 <= v <= 1
 BELOW_ONE = "in [0, 1)", lambda v: 0 <= v < 1
 
-PRECOMPUTE_NUMBERS = (
-    ("views", at_least(1)), ("topk", at_least(1)), ("batch_size", at_least(1)), ("res", at_least(8)),
-    ("workers", at_least(0)), ("threads", at_least(1)), ("num_classes", at_least(1)),
-    ("worker_timeout", POSITIVE), ("sample_temperature", POSITIVE),
-)
 TRAIN_NUMBERS = (
     ("epochs", at_least(1)), ("batch_size", at_least(1)), ("lr", POSITIVE), ("min_lr", NON_NEGATIVE),
     ("weight_decay", NON_NEGATIVE), ("momentum", BELOW_ONE), ("warmup_steps", at_least(0)),
@@ -54,7 +50,8 @@ TRAIN_NUMBERS = (
     ("views_used", at_least(1)), ("spot_check", UNIT),
 )
 # Seeds: any integer (each is hashed or given to torch as it is).
-SEEDS = {"precompute": ("seed", "random_init"), "train": ("seed", "view_seed", "teacher_random_init")}
+SEEDS = {"precompute": ("seed", "random_init"), "train": ("seed", "view_seed", "teacher_random_init"),
+         "verify": ("seed",)}
 
 
 def check_numbers(cfg, rules, seeds=()) -> None:
@@ -69,71 +66,6 @@ def check_numbers(cfg, rules, seeds=()) -> None:
         value = getattr(cfg, name)
         if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool)):
             raise KdcacheError(f"--{name.replace('_', '-')} must be an integer, got {value!r}")
-
-
-@dataclass
-class PrecomputeConfig:
-    """Everything ``precompute`` needs; checked when it is made (the CLI and the Python API alike)."""
-
-    data: str | list[str]
-    teacher: str
-    out: str
-    teacher_weights: str | None = None
-    pretrained: bool = False
-    random_init: int | None = None  # a seeded random teacher, on purpose (benchmarks, tests)
-    num_classes: int | None = None
-    views: int = 10
-    topk: int = 10
-    seed: int = 0
-    res: int = 224
-    aug: AugSpec = field(default_factory=AugSpec)
-    batch_size: int = 256
-    device: str = "auto"
-    workers: int = field(default_factory=default_workers)
-    worker_timeout: float = 600.0  # seconds to wait for a batch from the data workers before giving up
-    threads: int | None = None  # torch threads of the main process; default: the cores the workers leave
-    mean: tuple | None = None
-    std: tuple | None = None
-    shard_index: int = 0
-    num_shard_groups: int = 1
-    skip_bad: bool = False
-    progress: bool = True
-    storage_options: dict | None = None
-    render: str = "pil"  # render backend (views.RENDER_BACKENDS): pil, or torch (decodes and crops on the device)
-    # What the cache keeps of the teacher (targets.py): its top-k, or N classes drawn from its distribution.
-    targets: str = "topk"
-    samples: int = 12  # --targets sample: draws per record
-    sample_temperature: float = 1.0  # --targets sample: the draws are from softmax(logits / this)
-    compact: bool = False  # the compact layout (encoding.py): quantised log-probs, class lists, derived views
-
-    def __post_init__(self):
-        from ..data.render import RENDER_BACKENDS
-        from ..cache.store import MAX_COUNT
-        from ..cache.targets import TARGET_KINDS
-
-        if self.targets not in TARGET_KINDS:
-            raise KdcacheError(f"--targets must be one of {', '.join(TARGET_KINDS)}, got {self.targets!r}")
-        check_numbers(self, PRECOMPUTE_NUMBERS, SEEDS["precompute"])
-        if not 1 <= self.samples <= MAX_COUNT:
-            raise KdcacheError(f"--samples must be in 1..{MAX_COUNT} (counts are stored as bytes), got {self.samples}")
-        for name in ("mean", "std"):
-            values = getattr(self, name)
-            if values is not None and (len(values) != 3 or not all(isinstance(v, numbers.Real) and math.isfinite(v)
-                                                                   for v in values)):
-                raise KdcacheError(f"--{name} takes three numbers R,G,B, got {values!r}")
-        if self.std is not None and min(self.std) <= 0:
-            raise KdcacheError(f"--std values divide the pixels: each must be > 0, got {tuple(self.std)}")
-
-        if self.render not in RENDER_BACKENDS:
-            raise KdcacheError(f"--render must be one of {', '.join(RENDER_BACKENDS)}, got {self.render!r}")
-        if not isinstance(self.aug, AugSpec):
-            raise KdcacheError(f"aug must be a views.AugSpec, got {type(self.aug).__name__}")
-        if self.aug.name == "center_crop" and self.views != 1:
-            raise KdcacheError(f"--center-crop gives every image one view, the centre crop; pass --views 1 (not "
-                               f"{self.views}: the others would be copies)")
-        if self.num_shard_groups < 1 or not 0 <= self.shard_index < self.num_shard_groups:
-            raise KdcacheError(f"--shard-index must be in [0, --num-shard-groups); got {self.shard_index} of "
-                               f"{self.num_shard_groups}")
 
 
 @dataclass

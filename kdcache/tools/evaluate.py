@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from ..data.shards import expand_urls
 from ..errors import KdcacheError
+from .config import EvaluateConfig
 from ..learn.replay import prepare_shards
 from ..learn.student import build_student
 from ..learn.tasks import StudentInput
@@ -138,11 +139,14 @@ def collect(model, cfg: dict, val_data, batch_size: int = 128, workers: int = 0,
     return torch.cat(confs), torch.cat(rights), torch.cat(ens)
 
 
-def evaluate_run(run_dir: str, val_data, thresholds=None, sweep: bool = False, batch_size: int = 128,
-                 device: str = "auto", workers: int = 0, plot: str | None = None) -> dict:
-    """The report of ``kdcache evaluate`` (module doc); with ``sweep`` also ``sweep`` (a list of
-    points) and ``plot`` (the PNG's path, default ``RUN_DIR/early_exit.png``)."""
-    model, cfg = load_student(run_dir, device)
+def evaluate_run(run_dir: str, val_data, **options) -> dict:
+    """The report of ``kdcache evaluate`` (module doc). ``options`` are ``EvaluateConfig``'s fields
+    (thresholds, sweep, plot, batch_size, workers, device; their defaults are there); with ``sweep``
+    the report also holds ``sweep`` (a list of points) and ``plot`` (the PNG's path, default
+    ``RUN_DIR/early_exit.png``)."""
+    ec = EvaluateConfig(run_dir, val_data, **options)
+    thresholds, sweep, plot = ec.thresholds, ec.sweep, ec.plot
+    model, cfg = load_student(run_dir, ec.device)
     res = int(cfg["resolved"]["res"])
     multi = is_multi_exit(model)
     if not multi and (sweep or thresholds is not None):
@@ -157,7 +161,7 @@ def evaluate_run(run_dir: str, val_data, thresholds=None, sweep: bool = False, b
     full = costs["full"]
     if thresholds is None:
         thresholds = [DEFAULT_THRESHOLD] * (len(names) - 1)
-    conf, correct, ens = collect(model, cfg, val_data, batch_size=batch_size, workers=workers)
+    conf, correct, ens = collect(model, cfg, val_data, batch_size=ec.batch_size, workers=ec.workers)
     E = len(names)
     ee = early_exit(conf, correct, thresholds, costs["cumulative"], full)
     report = {

@@ -147,8 +147,7 @@ def summarize(cache, storage_options: dict | None = None, top: int = 10) -> dict
     """Manifest, per-shard table and totals over the complete shards (see docs/cli.md)."""
     reader = open_unchecked(cache, storage_options)
     man = reader.manifest
-    names = reader.class_names
-    C, V, k = reader.num_classes, reader.views, reader.topk
+    C, V = reader.num_classes, reader.views
     present = reader.shard_names()
     listed = list(man.get("shards") or [])
     order = listed + [s for s in present if s not in set(listed)]
@@ -208,22 +207,33 @@ def summarize(cache, storage_options: dict | None = None, top: int = 10) -> dict
         shards.append(row)
 
     most = sorted(top1.items(), key=lambda t: (-t[1], t[0]))[: max(0, top)]
+    sums = dict(samples=n_samples, bad=n_bad, records=n_records, bytes=total_bytes, raw=total_raw, mass=mass_sum,
+                entropy=ent_sum, distinct=distinct_sum)
+    return summary_report(reader, order, shards, bad_list, complete_names, incomplete, missing, edited_views,
+                          impossible, sums, most)
+
+
+def summary_report(reader: CacheReader, order, shards, bad_list, complete_names, incomplete, missing, edited_views,
+                   impossible, sums: dict, most) -> dict:
+    """``summarize``'s report (docs/cli.md, ``inspect --json``) from its per-shard rows and sums."""
+    man, names, C, n_records = reader.manifest, reader.class_names, reader.num_classes, sums["records"]
+    sampled = reader.kind == "sample"
     totals = {
         "complete_only": True,
         "shards_total": len(order),
         "shards_complete": len(complete_names),
         "shards_incomplete": incomplete,
         "shards_missing": missing,
-        "samples": n_samples,
-        "bad_samples": n_bad,
+        "samples": sums["samples"],
+        "bad_samples": sums["bad"],
         "records": n_records,
-        "bytes": total_bytes,
-        "raw_bytes": total_raw,
-        "bytes_per_record": total_bytes / n_records if n_records else None,
-        "compression_ratio": total_raw / total_bytes if total_bytes else None,
-        "mean_topk_mass": mass_sum / n_records if n_records and not sampled else None,
-        "mean_entropy": ent_sum / n_records if n_records and not sampled else None,
-        "mean_distinct_classes": distinct_sum / n_records if n_records and sampled else None,
+        "bytes": sums["bytes"],
+        "raw_bytes": sums["raw"],
+        "bytes_per_record": sums["bytes"] / n_records if n_records else None,
+        "compression_ratio": sums["raw"] / sums["bytes"] if sums["bytes"] else None,
+        "mean_topk_mass": sums["mass"] / n_records if n_records and not sampled else None,
+        "mean_entropy": sums["entropy"] / n_records if n_records and not sampled else None,
+        "mean_distinct_classes": sums["distinct"] / n_records if n_records and sampled else None,
         "max_entropy": math.log(C),
         "top1": [
             {"class": int(c), "name": _class_name(names, int(c)), "count": int(n), "fraction": n / n_records}
@@ -240,8 +250,8 @@ def summarize(cache, storage_options: dict | None = None, top: int = 10) -> dict
         "teacher": man.get("teacher"),
         "num_classes": C,
         "class_names": names,
-        "views": V,
-        "topk": k,
+        "views": reader.views,
+        "topk": reader.topk,
         "targets": man.get("targets") or {"kind": "topk"},
         "encoding": man.get("encoding") or {"layout": "plain"},
         "seed": man.get("seed"),
@@ -402,6 +412,27 @@ def load_images(url: str, want: set[str], renderer=None) -> dict:
     return out
 
 
+def _draw_targets(ax, info: dict, v: dict) -> None:
+    """The record's targets as bars: the teacher's top-k and the rest as one grey bar (or the draws)."""
+    labels = [t["name"] or str(t["class"]) for t in v["topk"]]
+    probs = [t["prob"] for t in v["topk"]]
+    if info["num_classes"] > len(probs):
+        labels.append(count(info["num_classes"] - len(probs), "other"))
+        probs.append(v["tail_mass"] or 0.0)
+    ypos = np.arange(len(probs))
+    colors = ["tab:blue"] * len(v["topk"]) + ["tab:gray"] * (len(probs) - len(v["topk"]))
+    ax.barh(ypos, probs, color=colors)
+    ax.set_yticks(ypos, labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    if v["topk_mass"] is None:  # sampled targets: the weights count / N
+        ax.set_xlabel("target weight (draws / N)")
+        ax.set_title(f"teacher sampled: {len(v['topk'])} classes drawn", fontsize=9)
+    else:
+        ax.set_xlabel("teacher probability")
+        ax.set_title(f"teacher top-{len(v['topk'])} (mass {v['topk_mass']:.3f})", fontsize=9)
+
+
 def render_record(
     cache, shard: str, key: str, data, out: str, view: int = 0, storage_options: dict | None = None
 ) -> dict:
@@ -482,24 +513,7 @@ def render_record(
     axes[2].set_yticks([])
     axes[2].set_title(f"view {view} at {res}px" + (f", mixed λ={v['mix_lam']:.3f}" if v["mixed"] else ""), fontsize=9)
 
-    ax = axes[3]
-    labels = [t["name"] or str(t["class"]) for t in v["topk"]]
-    probs = [t["prob"] for t in v["topk"]]
-    if info["num_classes"] > len(probs):
-        labels.append(count(info["num_classes"] - len(probs), "other"))
-        probs.append(v["tail_mass"] or 0.0)
-    ypos = np.arange(len(probs))
-    colors = ["tab:blue"] * len(v["topk"]) + ["tab:gray"] * (len(probs) - len(v["topk"]))
-    ax.barh(ypos, probs, color=colors)
-    ax.set_yticks(ypos, labels, fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlim(0, 1)
-    if v["topk_mass"] is None:  # sampled targets: the weights count / N
-        ax.set_xlabel("target weight (draws / N)")
-        ax.set_title(f"teacher sampled: {len(v['topk'])} classes drawn", fontsize=9)
-    else:
-        ax.set_xlabel("teacher probability")
-        ax.set_title(f"teacher top-{len(v['topk'])} (mass {v['topk_mass']:.3f})", fontsize=9)
+    _draw_targets(axes[3], info, v)
     fig.suptitle(f"{shard} / {key} / view {view}", fontsize=10)
     fig.subplots_adjust(left=0.02, right=0.98, bottom=0.14, top=0.82, wspace=0.35)
     with writing(out, "--render"):

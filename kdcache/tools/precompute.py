@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from ..learn.config import PrecomputeConfig
+from .config import PrecomputeConfig
 from ..errors import KdcacheError, writing
 from ..runtime import (
     barrier, guarded, init_distributed, raise_if_error, resolve_device, set_threads, unbatched, worker_init,

@@ -42,8 +42,9 @@ import numpy as np
 
 from ..errors import KdcacheError, size_text
 from .inspection import JSON_SCHEMA, json_float, open_unchecked, valid_records, load_images, shard_urls
-from ..cache.agreement import ATOL, RTOL, compare_record
+from ..cache.agreement import compare_record
 from ..cache.store import CacheReader
+from .config import VerifyConfig
 
 
 @dataclass
@@ -192,29 +193,21 @@ def check_shard(reader: CacheReader, name: str, url: str, picks: list[Pick], tea
     """Keys, sizes, geometry and teacher outputs of the picks of one shard (see the module doc)."""
     import torch
 
-    from .precompute import render_batch, teacher_batches
+    from .precompute import render_batch
     from ..cache.targets import check_draws
     from ..models.teacher import NonFiniteTeacherOutput, batch_logprobs, batch_topk
-    from ..data.views import SAMPLER_VERSION, AugSpec, ShardViews, sample_shard_views
+    from ..data.views import ShardViews
     from ..data.render import image_hw, renderer_for
 
     man = reader.manifest
-    V, res = reader.views, int(man["resolution"])
+    res = int(man["resolution"])
     sd = reader.read_shard(name)
     keys, n = sd["keys"], len(sd["keys"])
     valid = valid_records(keys, sd["size"], dict(reader.shard_attrs(name).get("bad") or {}))
     stored = ShardViews(sd["box"], sd["flip"], sd["mix_with"], sd["mix_lam"])
 
-    # Which teacher batches to run: the ones precompute ran (when the cache says how), else the picks.
     batch_size = (man.get("compute") or {}).get("batch_size")
-    if batch_size:
-        plan = teacher_batches(valid, V, int(batch_size))
-        where = {(int(i), int(v)): b for b, pairs in enumerate(plan) for i, v in pairs}
-        wanted = sorted({where[(p.index, p.view)] for p in picks})
-        batches = [plan[b] for b in wanted]
-    else:
-        pairs = np.array([(p.index, p.view) for p in picks], dtype=np.int64).reshape(-1, 2)
-        batches = [pairs[i : i + fallback_batch] for i in range(0, len(pairs), fallback_batch)]
+    batches = batches_to_run(man, valid, picks, fallback_batch)
     picked = {(p.index, p.view): p for p in picks}
 
     # Rows to decode: every record of those batches and its mixup partner.
@@ -245,27 +238,7 @@ def check_shard(reader: CacheReader, name: str, url: str, picks: list[Pick], tea
         # other records of the batch run exactly as precompute ran them.
         images[i] = renderer.blank(h, w) if i in unusable else im
 
-    aug = AugSpec.from_dict(man["augmentation"])
-    drawn = None
-    if aug.version == SAMPLER_VERSION:
-        drawn = sample_shard_views(int(man["seed"]), name, keys, np.asarray(sd["size"]), V, aug, valid=valid)
-    for p in picks:
-        key = str(keys[p.index])
-        if drawn is not None:
-            tally.geometry_checked += 1
-            got, want = stored.view(p.index, p.view), drawn.view(p.index, p.view)
-            if got == want:
-                tally.geometry_match += 1
-            else:
-                tally.fail(p, key, f"geometry: stored box {got.box} flip {got.flip} mix_with {got.mix_with} "
-                                   f"λ {got.mix_lam:.4f}, the seeded sampler draws box {want.box} flip {want.flip} "
-                                   f"mix_with {want.mix_with} λ {want.mix_lam:.4f}")
-        j = int(stored.mix_with[p.index, p.view])
-        if j >= n:
-            tally.fail(p, key, f"mixup partner index {j} is outside the shard's {n} records")
-        for i in [p.index] + ([j] if 0 <= j < n else []):
-            if i in unusable:
-                tally.fail(p, key, ("" if i == p.index else "mixup partner: ") + unusable[i])
+    check_geometry(man, name, sd, stored, valid, picks, unusable, tally)
 
     C = teacher.num_classes
     sampled = reader.kind == "sample"
@@ -311,51 +284,74 @@ def check_shard(reader: CacheReader, name: str, url: str, picks: list[Pick], tea
             progress(sum((i, v) in picked for i, v in pairs.tolist()))
 
 
+def batches_to_run(man: dict, valid, picks: list[Pick], fallback_batch: int) -> list:
+    """Which teacher batches to run: the ones precompute ran (when the cache says how), else the
+    picks cut into batches of ``fallback_batch``. Each is an (n, 2) array of (record, view)."""
+    from .precompute import teacher_batches
+
+    batch_size = (man.get("compute") or {}).get("batch_size")
+    if batch_size:
+        plan = teacher_batches(valid, int(man["views"]), int(batch_size))
+        where = {(int(i), int(v)): b for b, pairs in enumerate(plan) for i, v in pairs}
+        return [plan[b] for b in sorted({where[(p.index, p.view)] for p in picks})]
+    pairs = np.array([(p.index, p.view) for p in picks], dtype=np.int64).reshape(-1, 2)
+    return [pairs[i : i + fallback_batch] for i in range(0, len(pairs), fallback_batch)]
+
+
+def check_geometry(man: dict, name: str, sd: dict, stored, valid, picks: list[Pick], unusable: dict[int, str],
+                   tally: Tally) -> None:
+    """Each pick's stored view against the one the seeded sampler draws (when this kdcache has the
+    cache's sampler), its partner inside the shard, and its images usable."""
+    from ..data.views import SAMPLER_VERSION, AugSpec, sample_shard_views
+
+    keys, n = sd["keys"], len(sd["keys"])
+    aug = AugSpec.from_dict(man["augmentation"])
+    drawn = None
+    if aug.version == SAMPLER_VERSION:
+        drawn = sample_shard_views(int(man["seed"]), name, keys, np.asarray(sd["size"]), int(man["views"]), aug,
+                                   valid=valid)
+    for p in picks:
+        key = str(keys[p.index])
+        if drawn is not None:
+            tally.geometry_checked += 1
+            got, want = stored.view(p.index, p.view), drawn.view(p.index, p.view)
+            if got == want:
+                tally.geometry_match += 1
+            else:
+                tally.fail(p, key, f"geometry: stored box {got.box} flip {got.flip} mix_with {got.mix_with} "
+                                   f"λ {got.mix_lam:.4f}, the seeded sampler draws box {want.box} flip {want.flip} "
+                                   f"mix_with {want.mix_with} λ {want.mix_lam:.4f}")
+        j = int(stored.mix_with[p.index, p.view])
+        if j >= n:
+            tally.fail(p, key, f"mixup partner index {j} is outside the shard's {n} records")
+        for i in [p.index] + ([j] if 0 <= j < n else []):
+            if i in unusable:
+                tally.fail(p, key, ("" if i == p.index else "mixup partner: ") + unusable[i])
+
+
 # ---- the whole check ---------------------------------------------------------------------------
 
 
-def verify(
-    cache,
-    data,
-    teacher: str,
-    teacher_weights: str | None = None,
-    num_classes: int | None = None,
-    pretrained: bool = False,
-    samples: int = 64,
-    device: str = "auto",
-    seed: int = 0,
-    batch_size: int = 64,
-    atol: float = ATOL,
-    rtol: float = RTOL,
-    allow_teacher_mismatch: bool = False,
-    storage_options: dict | None = None,
-    progress=None,
-) -> dict:
+def verify(cache, data, teacher: str, **options) -> dict:
     """Re-run the teacher on ``samples`` randomly chosen (record, view) pairs and compare.
 
-    ``ok`` is True when nothing disagrees and nothing is missing (docs/cli.md lists the fields).
-    ``batch_size`` is only used for format-1 caches, which did not record precompute's. ``progress``:
-    True shows a bar over the sampled records on stderr; a function is called with each batch's count.
+    ``options`` are ``VerifyConfig``'s fields (samples, device, seed, batch_size, atol, rtol,
+    teacher_weights, ...; their defaults are there). ``ok`` is True when nothing disagrees and nothing
+    is missing (docs/cli.md lists the fields). ``batch_size`` is only used for format-1 caches, which
+    did not record precompute's. ``progress``: True shows a bar over the sampled records on stderr; a
+    function is called with each batch's count.
     """
     from ..runtime import resolve_device
-    from ..models.teacher import load_teacher
-    from ..data.render import render_mismatch
 
-    if samples < 1:
-        raise KdcacheError("--samples must be at least 1")
-    if not 0 <= seed:
-        raise KdcacheError(f"--seed must be at least 0, got {seed}")
-    if batch_size < 1:
-        raise KdcacheError("--batch-size must be at least 1")
-    reader = open_unchecked(cache, storage_options)
+    cfg = VerifyConfig(cache, data, teacher, **options)
+    reader = open_unchecked(cfg.cache, cfg.storage_options)
     man = reader.manifest
-    C = reader.num_classes
-    if num_classes is not None and num_classes != C:
-        raise KdcacheError(f"--num-classes {num_classes} disagrees with the cache, whose teacher has {C} classes")
-    urls = shard_urls(data)
-    dev = resolve_device(device)
-
-    ident, problems, warnings = identity(man, teacher, teacher_weights, dev.type, allow_teacher_mismatch)
+    if cfg.num_classes is not None and cfg.num_classes != reader.num_classes:
+        raise KdcacheError(f"--num-classes {cfg.num_classes} disagrees with the cache, whose teacher has "
+                           f"{reader.num_classes} classes")
+    urls = shard_urls(cfg.data)
+    dev = resolve_device(cfg.device)
+    ident, problems, warnings = identity(man, cfg.teacher, cfg.teacher_weights, dev.type, cfg.allow_teacher_mismatch)
     names, more_problems, more_warnings = coverage(reader, urls)
     problems += more_problems
     warnings += more_warnings
@@ -363,35 +359,71 @@ def verify(
         raise KdcacheError(mixed[0] + (f" ({len(mixed) - 1} more groups alike)" if len(mixed) > 1 else ""))
     if not names:
         raise KdcacheError(
-            f"no complete cache shard of {reader.path} is in the data {data!r}: "
+            f"no complete cache shard of {reader.path} is in the data {cfg.data!r}: "
             f"cache shards {reader.shard_names()[:5]}, data shards {sorted(urls)[:5]}"
         )
-    edited = {}
+    problems += edited_groups(reader, names)
+    picks, population = sample(reader, names, cfg.samples, cfg.seed)
+    warnings += format_warnings(man, cfg.batch_size)
+    teacher_model = rebuild_teacher(cfg, man, dev, ident, problems)  # only once the inputs are known usable
+    tally = Tally()
+    by_shard: dict[str, list[Pick]] = {}
+    for p in picks:
+        by_shard.setdefault(p.shard, []).append(p)
+    progress, bar = cfg.progress, None
+    if progress is True:  # the bar over the sampled records, as precompute and train show theirs
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(picks), unit="sample", desc="verify", dynamic_ncols=True)
+        progress = bar.update
+    try:
+        for name, plist in by_shard.items():
+            check_shard(reader, name, urls[name], plist, teacher_model, tally, cfg.atol, cfg.rtol, cfg.batch_size,
+                        progress or None)
+    finally:
+        if bar is not None:
+            bar.close()
+    return report(cfg, reader, names, picks, population, by_shard, ident, tally, warnings, problems)
+
+
+def edited_groups(reader: CacheReader, names: list[str]) -> list[str]:
+    """One problem line per group whose views no longer match their digests (edited or damaged
+    after precompute). Targets no teacher output has (NaN, +inf) left by an older kdcache are
+    refused outright (exit 2)."""
+    problems = []
     for name in names:
         data = reader.read_shard(name)  # not checked: this reader reports edits instead of refusing them
         if views := reader.digest_problems(name, data):
-            edited[name] = views
-        else:  # targets no teacher output has (NaN, +inf), left by an older kdcache: refused, exit 2
+            problems.append(f"shard group {name!r}: views {views} no longer match the digests precompute recorded: "
+                            "the cache was edited or damaged after precompute")
+        else:
             reader.check_finite(name, data)
-    for name, views in edited.items():
-        problems.append(f"shard group {name!r}: views {views} no longer match the digests precompute recorded: the "
-                        "cache was edited or damaged after precompute")
-    digests_checked = sum(reader.view_digests(n) is not None for n in names)
-    picks, population = sample(reader, names, samples, seed)
+    return problems
+
+
+def format_warnings(man: dict, batch_size: int) -> list[str]:
+    """What a cache of an older format cannot promise verify."""
+    warnings = []
     if (man.get("augmentation") or {}).get("version") != _sampler_version():
         warnings.append(f"the cache's views were drawn by sampler version {man['augmentation'].get('version')}, "
                         f"this kdcache has {_sampler_version()}; stored geometry is replayed but not re-drawn")
     if not (man.get("compute") or {}).get("batch_size"):
         warnings.append("the cache does not record precompute's teacher batches (format 1); the picks run in "
                         f"batches of --batch-size {batch_size}, so the last bits may differ")
+    return warnings
 
-    # Build the teacher only once the inputs are known to be usable.
+
+def rebuild_teacher(cfg: VerifyConfig, man: dict, dev, ident: dict, problems: list[str]):
+    """The cache's teacher, built as precompute built it (its normalisation and resolution; its
+    seeded random init when it had one, then checked parameter for parameter)."""
+    from ..models.teacher import load_teacher
+
     mt = man["teacher"]
-    init_seed = mt.get("random_init_seed") if teacher_weights is None and not pretrained else None
+    init_seed = mt.get("random_init_seed") if cfg.teacher_weights is None and not cfg.pretrained else None
     try:
-        t, tinfo = load_teacher(teacher, dev, num_classes=C, weights=teacher_weights, pretrained=pretrained,
-                                mean=mt.get("mean"), std=mt.get("std"), resolution=int(man["resolution"]),
-                                random_init=init_seed)
+        t, _ = load_teacher(cfg.teacher, dev, num_classes=int(mt["num_classes"]), weights=cfg.teacher_weights,
+                            pretrained=cfg.pretrained, mean=mt.get("mean"), std=mt.get("std"),
+                            resolution=int(man["resolution"]), random_init=init_seed)
     except KdcacheError as e:
         if "has random weights" not in str(e):
             raise
@@ -404,42 +436,34 @@ def verify(
 
         ident["teacher"]["state_matches"] = state_sha256(t.model) == mt.get("state_sha256")
         if not ident["teacher"]["state_matches"]:
-            problems.append(f"the teacher rebuilt with the cache's random-init seed {init_seed} has other parameters than "
-                            "the one that made the cache (another torch or model version?)")
-    tally = Tally()
-    by_shard: dict[str, list[Pick]] = {}
-    for p in picks:
-        by_shard.setdefault(p.shard, []).append(p)
-    bar = None
-    if progress is True:  # the bar over the sampled records, as precompute and train show theirs
-        from tqdm.auto import tqdm
+            problems.append(f"the teacher rebuilt with the cache's random-init seed {init_seed} has other parameters "
+                            "than the one that made the cache (another torch or model version?)")
+    return t
 
-        bar = tqdm(total=len(picks), unit="sample", desc="verify", dynamic_ncols=True)
-        progress = bar.update
-    try:
-        for name, plist in by_shard.items():
-            check_shard(reader, name, urls[name], plist, t, tally, atol, rtol, batch_size, progress or None)
-    finally:
-        if bar is not None:
-            bar.close()
 
+def report(cfg: VerifyConfig, reader: CacheReader, names, picks, population, by_shard, ident, tally: Tally,
+           warnings: list[str], problems: list[str]) -> dict:
+    """verify's report (docs/cli.md, ``verify --json``)."""
+    from ..data.render import render_mismatch
+
+    man = reader.manifest
     fails = sorted(tally.failures.values(), key=lambda e: (e["shard"], e["index"], e["view"]))
     hints = [f"{h}; then verify again" for h in [render_mismatch(man.get("render"))] if h and fails]
     n_cmp = tally.compared
+    topk, drawn = n_cmp and reader.kind == "topk", n_cmp and reader.kind == "sample"
     return {
         "schema": JSON_SCHEMA,
         "ok": not fails and not problems,
         "cache": reader.path,
-        "data": data if isinstance(data, str) else list(data),
-        "seed": seed,
-        "samples_requested": samples,
+        "data": cfg.data if isinstance(cfg.data, str) else list(cfg.data),
+        "seed": cfg.seed,
+        "samples_requested": cfg.samples,
         "samples_checked": len(picks),
         "population": population,
         "shards_checked": sorted(by_shard),
-        "tolerance": {"atol": atol, "rtol": rtol,
-                      "logprob_step": reader.logprob_step},
+        "tolerance": {"atol": cfg.atol, "rtol": cfg.rtol, "logprob_step": reader.logprob_step},
         "exact_batches": bool((man.get("compute") or {}).get("batch_size")),
-        "groups_digest_checked": digests_checked,
+        "groups_digest_checked": sum(reader.view_digests(n) is not None for n in names),
         **ident,
         "keys_checked": tally.keys_checked,
         "keys_found": tally.keys_found,
@@ -447,14 +471,14 @@ def verify(
         "geometry_checked": tally.geometry_checked,
         "geometry_match": tally.geometry_match,
         "compared": n_cmp,
-        "top1_agreement": tally.top1_exact / n_cmp if n_cmp and reader.kind == "topk" else None,
-        "topk_set_agreement": tally.topk_exact / n_cmp if n_cmp and reader.kind == "topk" else None,
-        "max_abs_delta_logprob": json_float(tally.max_delta) if n_cmp and reader.kind == "topk" else None,
-        "max_abs_delta_tail_mass": json_float(tally.max_tail_delta) if n_cmp and reader.kind == "topk" else None,
+        "top1_agreement": tally.top1_exact / n_cmp if topk else None,
+        "topk_set_agreement": tally.topk_exact / n_cmp if topk else None,
+        "max_abs_delta_logprob": json_float(tally.max_delta) if topk else None,
+        "max_abs_delta_tail_mass": json_float(tally.max_tail_delta) if topk else None,
         "targets": man.get("targets") or {"kind": "topk"},
         "encoding": man.get("encoding") or {"layout": "plain"},
-        "draws_exact": tally.draws_exact / n_cmp if n_cmp and reader.kind == "sample" else None,
-        "max_cdf_gap": tally.max_cdf_gap if n_cmp and reader.kind == "sample" else None,
+        "draws_exact": tally.draws_exact / n_cmp if drawn else None,
+        "max_cdf_gap": tally.max_cdf_gap if drawn else None,
         "warnings": warnings,
         "problems": problems,
         "hints": hints,
