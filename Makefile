@@ -18,7 +18,7 @@ TORCH_LOCK ?= torch==2.14.1 torchvision==0.29.1
 TRITON_ALSO ?= 3.9.0
 PYTEST_ARGS ?=
 
-.PHONY: install install-dev demo demo-quick test test-all test-kernel-triton bench bench-gpu lock clean
+.PHONY: install install-dev demo demo-quick test test-all test-kernel-triton bench bench-scale bench-gpu lock clean
 
 # The build tools come from the lock too, and packages are built without pip's build isolation,
 # which would fetch the newest setuptools instead of the locked one.
@@ -76,6 +76,12 @@ bench: install-dev
 	$(PY) benchmarks/storage_bench.py
 	$(PY) benchmarks/targets_bench.py
 	$(PY) benchmarks/digest_check_bench.py --mixup
+
+# How costs grow with records and shards, and the storage requests each step makes (docs/benchmarks.md,
+# "Scale"); SCALE_ARGS='--quick' for a minute's check, the default sweep takes about half an hour here.
+SCALE_ARGS ?=
+bench-scale: install-dev
+	$(PY) benchmarks/scale_bench.py $(SCALE_ARGS)
 
 # The GPU suite (benchmarks/gpu_suite.py): loss, precompute data path and training throughput, written
 # as JSON + markdown to BENCH_OUT. It installs nothing, so it runs on a machine set up by hand (the
