@@ -290,3 +290,18 @@ def test_resume_finds_what_is_left_from_the_index(indexed, teacher_weights, coun
     assert a.shard_names() == b.shard_names()
     for n in b.shard_names():
         assert (a.read_view(n, 0).logprobs == b.read_view(n, 0).logprobs).all()
+
+
+def test_a_data_worker_with_the_index_reads_no_group_metadata(indexed, counted):
+    """A data worker's reader (ReplayStream._open_reader loads the index) reads a group's views with
+    no zarr.json of that group or its arrays: only the index, the file listing and the data."""
+    from kdcache.cache.store import CacheReader
+
+    data, out = indexed[SHARDS]
+    _restart_log()
+    r = CacheReader(f"countfs://{out}")
+    assert r.load_index() == SHARDS
+    for name in ("train-000004", "train-000006"):
+        assert len(r.read_view(name, 1)) == 2
+    meta = [p for m, p, _ in counted(out) if p.endswith("zarr.json")]
+    assert meta == ["zarr.json", "train-000000/zarr.json"], meta  # the manifest and the open's probe only

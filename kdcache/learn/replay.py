@@ -608,6 +608,7 @@ class ReplayStream(IterableDataset):
     def _open_reader(self):
         if self._reader is None and self.cfg.cache is not None:
             self._reader = CacheReader(self.cfg.cache, self.cfg.storage_options, check_digests=self.cfg.check_digests)
+            self._reader.load_index()  # remote: its groups' metadata from the index, not a read per group
         return self._reader
 
     def _load(self, info: ShardInfo, view: int, epoch: int = 0) -> _Shard:

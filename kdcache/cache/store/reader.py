@@ -51,6 +51,11 @@ class CacheReader:
     is checked against the digest precompute recorded (``view_digest``), so an edited value is an
     error naming the group and view (``check_digests=False`` reads it anyway; ``digest_problems``
     lists mismatches without raising).
+
+    On a remote cache written by this kdcache, ``load_index`` (called by the shard listing, train
+    start-up and data workers) reads the index of complete groups (``index.py``): the groups it
+    records need no request of their own until their data is read, and an entry is checked against
+    the file listing before that (docs/format.md, "The index of complete groups").
     """
 
     def __init__(self, path: str, storage_options: dict | None = None, check_digests: bool = True,

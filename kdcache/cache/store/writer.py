@@ -124,6 +124,7 @@ class CacheWriter:
         # groups the index and one listing of the cache found complete when first asked (resume).
         self._index_token, self._index_seq, self._index_groups = uuid.uuid4().hex, 0, {}
         self._indexed_done: set[str] | None = None
+        self._listed: set[str] | None = None  # the groups that listing found (None: no index, no listing)
 
     # -- creating or opening the root --
 
@@ -304,6 +305,7 @@ class CacheWriter:
             found = read_index(*self._fs)
             listing = list_all_groups(*self._fs) if found else {}
             self._indexed_done = {n for n, e in found.items() if entry_matches(e, listing.get(n, {}))}
+            self._listed = set(listing) if found else None
         return name in self._indexed_done
 
     def _record_complete(self, name: str, attrs: dict, arrays: dict, files: dict) -> None:
@@ -326,7 +328,11 @@ class CacheWriter:
     def is_complete(self, name: str) -> bool:
         """Marked complete *and* every array's data files are there: one read of the group's
         attributes and one listing of its files (the arrays' metadata is not read; CacheReader
-        checks every chunk key exactly when it first reads the group)."""
+        checks every chunk key exactly when it first reads the group). On a remote cache with an
+        index, a group absent from the listing taken with it is not complete without a request of
+        its own (claim and write_shard still look at the group itself before writing it)."""
+        if not self._indexed_complete(name) and self._listed is not None and name not in self._listed:
+            return False
         done, lost = self._group_state(name)
         return done and lost is None
 
