@@ -22,6 +22,7 @@ from conftest import precompute_config, write_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import scale_support  # noqa: E402  (registers countfs://)
+from kdcache.cache.store.index import INDEX_DIR  # noqa: E402
 
 SHARDS = 10
 
@@ -208,14 +209,16 @@ def test_index_open_and_start_up_requests_do_not_grow_with_shards(indexed, count
     assert per[3 * SHARDS][1] - per[SHARDS][1] == 2 * SHARDS * arrays, per
 
 
-def test_index_segments_hold_every_complete_group(indexed):
-    from kdcache.cache.store.index import INDEX_DIR
-
-    data, out = indexed[SHARDS]
+def _index_entries(out: Path) -> dict:
     entries = {}
     for seg in (out / INDEX_DIR).iterdir():
-        doc = json.loads(seg.read_text())
-        entries.update(doc["groups"])
+        entries.update(json.loads(seg.read_text())["groups"])
+    return entries
+
+
+def test_index_segments_hold_every_complete_group(indexed):
+    data, out = indexed[SHARDS]
+    entries = _index_entries(out)
     assert sorted(entries) == [f"train-{i:06d}" for i in range(SHARDS)]
     for name, e in entries.items():
         assert e["attrs"] == json.loads((out / name / "zarr.json").read_text())["attributes"]
@@ -227,7 +230,6 @@ def test_index_segments_hold_every_complete_group(indexed):
 def test_index_absent_or_stale_falls_back_and_damage_is_named(indexed, tmp_path):
     from kdcache.errors import KdcacheError
     from kdcache.cache.store import CacheReader
-    from kdcache.cache.store.index import INDEX_DIR
 
     data, src = indexed[SHARDS]
     ref = CacheReader(f"countfs://{src}")
@@ -288,6 +290,10 @@ def test_resume_finds_what_is_left_from_the_index(indexed, teacher_weights, coun
     assert [p for m, p, _ in reqs if m == "find" and p == ""] == [""]  # one listing of the whole cache
     a, b = CacheReader(f"countfs://{out}"), CacheReader(str(ref))
     assert a.shard_names() == b.shard_names()
+    # two writers, two segments; together they say what one writer's segment says (which writer wrote
+    # a group is all that differs: the index is rank-independent as a union)
+    assert len(list((out / INDEX_DIR).iterdir())) == 2
+    assert _index_entries(out) == _index_entries(ref)
     for n in b.shard_names():
         assert (a.read_view(n, 0).logprobs == b.read_view(n, 0).logprobs).all()
 
