@@ -321,7 +321,7 @@ class CacheWriter:
         seg = f"{base.rstrip('/')}/{INDEX_DIR}/{self._index_token}-{self._index_seq}.json"
         try:
             fs.pipe_file(seg, segment_bytes(self._index_groups))
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 - any store's error (not all are OSError): the group stays complete
             warnings.warn(f"kdcache: could not write the index segment {seg} ({e}); readers read group {name!r} "
                           "without it")
 
