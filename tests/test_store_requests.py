@@ -9,6 +9,8 @@ found, and a group written after the listing is still read.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import sys
 from collections import Counter
@@ -20,6 +22,7 @@ from conftest import precompute_config, write_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import scale_support  # noqa: E402  (registers countfs://)
+from kdcache.cache.store.index import INDEX_DIR  # noqa: E402
 
 SHARDS = 10
 
@@ -142,3 +145,177 @@ def test_inspect_sizes_groups_from_the_listing(ten_groups, counted, tmp_path):
     # per group: its arrays' metadata (a listing and one read each) and its data, nothing read twice
     arrays = 8
     assert methods["cat_file"] <= 2 + SHARDS * (1 + 2 * arrays)  # + the decode-record probe on open
+
+
+# ---- the index of complete groups (kdcache/cache/store/index.py) -----------------------------------
+
+
+def _remote_cache(root: Path, teacher_weights, shards: int) -> tuple[Path, str]:
+    """A cache written straight to countfs:// (so its writer keeps the index), and its data."""
+    from kdcache.tools.precompute import precompute
+
+    data, out = root / f"train{shards}", root / f"cache{shards}.zarr"
+    if not out.exists():
+        write_dataset(data, shards=shards, per_shard=2, seed=4)
+        precompute(precompute_config(data, f"countfs://{out}", teacher_weights, views=2, topk=2))
+    return data, out
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory, teacher_weights):
+    root = tmp_path_factory.mktemp("idx")
+    return {n: _remote_cache(root, teacher_weights, n) for n in (SHARDS, 3 * SHARDS)}
+
+
+def _restart_log() -> None:
+    """Empty the request log (truncated, not removed: the logger keeps its file open)."""
+    open(os.environ[scale_support.ENV_REQUESTS], "w").close()
+
+
+def _start_up(out: Path, data: Path) -> int:
+    """Open a cache and run train's start-up checks on it (shard list, prepare_shards,
+    check_cache_groups); the number of groups checked."""
+    from kdcache.learn.replay import check_cache_groups, prepare_shards
+    from kdcache.cache.store import CacheReader
+
+    r = CacheReader(f"countfs://{out}")
+    names = [n for n in r.shard_names() if r.is_complete(n)]
+    urls = sorted(str(p) for p in data.glob("*.tar"))
+    assert [Path(u).stem for u in urls] == names
+    shards = prepare_shards(urls, r, False, scan_local=False)
+    check_cache_groups(r, [s.name for s in shards], workers=1)
+    return len(shards)
+
+
+def test_index_open_and_start_up_requests_do_not_grow_with_shards(indexed, counted, tmp_path):
+    """Metadata requests (reads of zarr.json, listings, heads) of open + train start-up are the same
+    for 10 and 30 groups: the index and one recursive listing replace several requests per group.
+    What remains per group is its data (check_cache_groups reads every view against its digest)."""
+    per = {}
+    for shards, (data, out) in indexed.items():
+        _restart_log()
+        assert _start_up(out, data) == shards
+        reqs = counted(out)
+        meta = [(m, p) for m, p, _ in reqs if p.endswith("zarr.json") or m in ("ls", "find", "info", "exists")]
+        data_reads = [p for m, p, _ in reqs if not p.endswith("zarr.json") and m == "cat_file"]
+        # the manifest, the first group's decode record (the open's probe), the index, the root's names,
+        # the first group's files, then every group's files in one listing: no zarr.json read per group
+        assert meta == [("cat_file", "zarr.json"), ("cat_file", "train-000000/zarr.json"), ("ls", ".index"),
+                        ("ls", ""), ("find", "train-000000"), ("find", "")], meta
+        per[shards] = (len(meta), len(data_reads))
+    assert per[SHARDS][0] == per[3 * SHARDS][0], per
+    # every group's data is still read (the digest check): one read per array per group, nothing more
+    arrays = 8
+    assert per[3 * SHARDS][1] - per[SHARDS][1] == 2 * SHARDS * arrays, per
+
+
+def _index_entries(out: Path) -> dict:
+    entries = {}
+    for seg in (out / INDEX_DIR).iterdir():
+        entries.update(json.loads(seg.read_text())["groups"])
+    return entries
+
+
+def test_index_segments_hold_every_complete_group(indexed):
+    data, out = indexed[SHARDS]
+    entries = _index_entries(out)
+    assert sorted(entries) == [f"train-{i:06d}" for i in range(SHARDS)]
+    for name, e in entries.items():
+        assert e["attrs"] == json.loads((out / name / "zarr.json").read_text())["attributes"]
+        assert e["attrs"]["complete"] is True
+        for key, size in e["files"].items():
+            assert (out / name / key).stat().st_size == size
+
+
+def test_index_absent_or_stale_falls_back_and_damage_is_named(indexed, tmp_path):
+    from kdcache.errors import KdcacheError
+    from kdcache.cache.store import CacheReader
+
+    data, src = indexed[SHARDS]
+    ref = CacheReader(f"countfs://{src}")
+    want = {n: ref.read_view(n, 1).classes for n in ref.shard_names()}
+    # no index: read as before, the same values
+    plain = tmp_path / "plain.zarr"
+    shutil.copytree(src, plain)
+    shutil.rmtree(plain / INDEX_DIR)
+    r = CacheReader(f"countfs://{plain}")
+    assert r.load_index() == 0 and sorted(r.shard_names()) == sorted(want)
+    assert all((r.read_view(n, 1).classes == c).all() for n, c in want.items())
+    # a segment cut short (a writer killed mid-put on a store without atomic puts): skipped, read as stored
+    cut = tmp_path / "cut.zarr"
+    shutil.copytree(src, cut)
+    for seg in (cut / INDEX_DIR).iterdir():
+        seg.write_bytes(seg.read_bytes()[:100])
+    r = CacheReader(f"countfs://{cut}")
+    assert r.load_index() == 0 and sorted(r.shard_names()) == sorted(want)
+    assert all(r.is_complete(n) and (r.read_view(n, 1).classes == c).all() for n, c in want.items())
+    # an entry whose group lost a chunk, and one whose group was deleted: named on read, never read as fill
+    bad = tmp_path / "bad.zarr"
+    shutil.copytree(src, bad)
+    shutil.rmtree(bad / "train-000005" / "logprobs" / "c")
+    shutil.rmtree(bad / "train-000007")
+    r = CacheReader(f"countfs://{bad}")
+    assert r.load_index() == SHARDS
+    names = r.shard_names()
+    assert "train-000007" not in names and r.is_complete("train-000005")
+    for n in names[:5]:
+        assert (r.read_view(n, 1).classes == want[n]).all()
+    with pytest.raises(KdcacheError, match=r"train-000005.*'logprobs'.*chunk file"):
+        r.check_shard("train-000005")
+    with pytest.raises(KdcacheError, match=r"no shard group 'train-000007'"):
+        r.check_shard("train-000007")
+    # a group redone as incomplete behind its entry (a killed rewrite): the entry is not believed
+    redo = tmp_path / "redo.zarr"
+    shutil.copytree(src, redo)
+    meta = redo / "train-000003" / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["attributes"]["complete"] = False
+    meta.write_text(json.dumps(doc))
+    shutil.rmtree(redo / "train-000003" / "box" / "c")
+    r = CacheReader(f"countfs://{redo}")
+    r.load_index()
+    with pytest.raises(KdcacheError, match=r"train-000003.*incomplete"):
+        r.check_shard("train-000003")
+
+
+def test_resume_finds_what_is_left_from_the_index(indexed, teacher_weights, counted, tmp_path):
+    """A resumed precompute asks nothing of a group the index records complete (one listing of the
+    index, its segments, one recursive listing), and finishes the cache equal to a one-run cache."""
+    from kdcache.tools.precompute import precompute
+    from kdcache.cache.store import CacheReader
+
+    data, ref = indexed[SHARDS]
+    out = tmp_path / "half.zarr"
+    precompute(precompute_config(data, f"countfs://{out}", teacher_weights, views=2, topk=2, shard_index=0,
+                                 num_shard_groups=2))
+    _restart_log()
+    precompute(precompute_config(data, f"countfs://{out}", teacher_weights, views=2, topk=2))
+    reqs = counted(out)
+    done = {f"train-{i:06d}" for i in range(0, SHARDS, 2)}
+    touched = [(m, p) for m, p, _ in reqs if p.split("/")[0] in done]
+    # only the open's decode-record probe of the first group (O(1)): nothing per complete group
+    assert touched == [("cat_file", "train-000000/zarr.json")], touched
+    assert [p for m, p, _ in reqs if m == "find" and p == ""] == [""]  # one listing of the whole cache
+    a, b = CacheReader(f"countfs://{out}"), CacheReader(str(ref))
+    assert a.shard_names() == b.shard_names()
+    # two writers, two segments; together they say what one writer's segment says (which writer wrote
+    # a group is all that differs: the index is rank-independent as a union)
+    assert len(list((out / INDEX_DIR).iterdir())) == 2
+    assert _index_entries(out) == _index_entries(ref)
+    for n in b.shard_names():
+        assert (a.read_view(n, 0).logprobs == b.read_view(n, 0).logprobs).all()
+
+
+def test_a_data_worker_with_the_index_reads_no_group_metadata(indexed, counted):
+    """A data worker's reader (ReplayStream._open_reader loads the index) reads a group's views with
+    no zarr.json of that group or its arrays: only the index, the file listing and the data."""
+    from kdcache.cache.store import CacheReader
+
+    data, out = indexed[SHARDS]
+    _restart_log()
+    r = CacheReader(f"countfs://{out}")
+    assert r.load_index() == SHARDS
+    for name in ("train-000004", "train-000006"):
+        assert len(r.read_view(name, 1)) == 2
+    meta = [p for m, p, _ in counted(out) if p.endswith("zarr.json")]
+    assert meta == ["zarr.json", "train-000000/zarr.json"], meta  # the manifest and the open's probe only

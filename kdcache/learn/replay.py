@@ -239,6 +239,8 @@ def prepare_shards(
     over ranks) to find the undecodable ones, which go into ``ShardInfo.bad`` and are not counted.
     With a cache the bad records are the cache's (``bad`` attribute) either way.
     """
+    if reader is not None:
+        reader.load_index()  # a remote cache's index of complete groups: no request per group below
     return gather_across_ranks(lambda u: _check_one(u, reader, need_labels, scan_local, skip_bad, num_classes), urls,
                                rank, world)
 
@@ -606,6 +608,7 @@ class ReplayStream(IterableDataset):
     def _open_reader(self):
         if self._reader is None and self.cfg.cache is not None:
             self._reader = CacheReader(self.cfg.cache, self.cfg.storage_options, check_digests=self.cfg.check_digests)
+            self._reader.load_index()  # remote: its groups' metadata from the index, not a read per group
         return self._reader
 
     def _load(self, info: ShardInfo, view: int, epoch: int = 0) -> _Shard:

@@ -16,6 +16,7 @@ from .integrity import (
     blosc_cut, damaged_error, EVERY_CHUNK_ATTR, filesystem_of, head_reader, list_all_groups, list_files,
     missing_data, nonfinite_records,
 )
+from .index import entry_matches, open_arrays, read_index
 from .layouts import decode_group, is_string_keys, read_keys
 from .manifest import arrays_of, layout_arrays, layout_of, open_manifest
 from .records import probe_record, RECORD_ATTR, record_problem
@@ -50,6 +51,11 @@ class CacheReader:
     is checked against the digest precompute recorded (``view_digest``), so an edited value is an
     error naming the group and view (``check_digests=False`` reads it anyway; ``digest_problems``
     lists mismatches without raising).
+
+    On a remote cache written by this kdcache, ``load_index`` (called by the shard listing, train
+    start-up and data workers) reads the index of complete groups (``index.py``): the groups it
+    records need no request of their own until their data is read, and an entry is checked against
+    the file listing before that (docs/format.md, "The index of complete groups").
     """
 
     def __init__(self, path: str, storage_options: dict | None = None, check_digests: bool = True,
@@ -71,6 +77,8 @@ class CacheReader:
         self._complete_nodes: dict = {}
         self._listed_groups = 0  # groups whose files were listed (remote: the second lists them all)
         self._all_files: dict[str, dict[str, int | None]] | None = None
+        self._index: dict[str, dict] = {}  # complete groups from the index (index.py): group -> entry
+        self._index_read = False
 
     @property
     def views(self) -> int:
@@ -101,8 +109,48 @@ class CacheReader:
     def class_names(self) -> list[str] | None:
         return self.manifest.get("class_names")
 
+    def load_index(self) -> int:
+        """Read the index of complete groups of a remote cache, once (a listing of ``.index/`` and a
+        read per segment); from then on the shard list, ``is_complete``, ``shard_attrs`` and the first
+        read of an indexed group need no request of their own for it (``_open_shard`` checks the
+        entry against the file listing it takes anyway). Returns the number of indexed groups."""
+        if not self._index_read and self._fs is not None:
+            self._index_read = True
+            self._index = read_index(*self._fs)
+        return len(self._index)
+
+    def _indexed_names(self) -> list[str] | None:
+        """The shard list from the index and one listing of the root (names only), the groups
+        not in the index opened one by one; None without an index."""
+        if not self.load_index():
+            return None
+        fs, base = self._fs
+        found = {str(e["name"]).rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(base, detail=True)
+                 if e.get("type") == "directory"}
+        names = set()
+        for n in sorted(found):
+            if n.startswith("."):
+                continue
+            if n not in self._index:  # not indexed (incomplete, or written without the index): open it
+                try:
+                    node = self.root[n]
+                except KeyError:
+                    continue
+                except Exception:  # its zarr.json does not parse: listed, and shard_attrs names it
+                    node = None
+                if node is not None and not isinstance(node, zarr.Group):
+                    continue
+                if node is not None and node.attrs.get("complete", False):
+                    self._complete_nodes[n] = node
+            names.add(n)
+        self._groups |= names
+        return sorted(names)
+
     def shard_names(self) -> list[str]:
         """Shard groups present in the store (complete or not), sorted."""
+        indexed = self._indexed_names()
+        if indexed is not None:
+            return indexed
         with warnings.catch_warnings():
             # zarr warns about anything in the root that is not a node: `.claims/` is kdcache's own
             warnings.filterwarnings("ignore", message=r"Object at \..* is not recognized as a component")
@@ -132,7 +180,7 @@ class CacheReader:
     def has_shard(self, name: str) -> bool:
         # A name not seen yet: open that group alone (one metadata read) rather than list every group
         # (a read per group), so a reader that needs a few groups (a data worker) reads only those.
-        if name in self._groups:
+        if name in self._groups or name in self._index:
             return True
         try:
             node = self.root[name]
@@ -150,6 +198,8 @@ class CacheReader:
     def shard_attrs(self, name: str) -> dict:
         if name in self._valid:
             return dict(self._valid[name][2])
+        if name in self._index:
+            return dict(self._index[name]["attrs"])
         if name not in self._complete_nodes and not self.has_shard(name):
             raise KdcacheError(f"cache {self.path} has no shard group {name!r} (run precompute on that shard)")
         if name in self._complete_nodes:  # (has_shard keeps a complete group it opened)
@@ -160,7 +210,7 @@ class CacheReader:
             raise damaged_error(f"the metadata of cache group {name!r} in {self.path}", e) from None
 
     def is_complete(self, name: str) -> bool:
-        if name in self._valid or name in self._complete_nodes:
+        if name in self._valid or name in self._complete_nodes or name in self._index:
             return True
         if not self.has_shard(name):
             return False
@@ -183,6 +233,12 @@ class CacheReader:
     def _open_shard(self, name: str) -> tuple[int, dict, dict]:
         if name in self._valid:
             return self._valid[name]
+        listed = None
+        if name in self._index:  # believed only while the files it records are listed at their sizes
+            listed = self._group_files(name)
+            if not entry_matches(self._index[name], listed[0]):
+                del self._index[name]  # stale (the group was redone, damaged or deleted): read it as stored
+        entry = self._index.get(name)
         attrs = self.shard_attrs(name)
         problem = record_problem(self.manifest, attrs, name, self.path)
         if problem:
@@ -193,7 +249,10 @@ class CacheReader:
                 "re-run the same `kdcache precompute` command to finish it"
             )
         try:
-            present = arrays_of(self._complete_nodes[name] if name in self._complete_nodes else self.root[name])
+            if entry is not None:
+                present = open_arrays(self.root, name, entry)
+            else:
+                present = arrays_of(self._complete_nodes[name] if name in self._complete_nodes else self.root[name])
         except Exception as e:
             raise damaged_error(f"the arrays' metadata of cache group {name!r} in {self.path}", e) from None
         names = self.arrays
@@ -235,7 +294,7 @@ class CacheReader:
             if a in present and a in names and np.dtype(present[a].dtype) != np.dtype(dt):
                 raise KdcacheError(f"shard {name!r} array {a!r} is {present[a].dtype}, expected {np.dtype(dt)}")
         try:
-            files, shared = self._group_files(name)
+            files, shared = listed if listed is not None else self._group_files(name)
             lost = missing_data(present, files, n, k, attrs, names)
             if lost is not None and shared:  # the cache's listing may predate the group: list it alone
                 files = list_files(self.root, self.path, name, self._fs)

@@ -23,6 +23,7 @@ from .integrity import (
     box_fill, damaged_error, EVERY_CHUNK_ATTR, filesystem_of, FILL_VALUES, list_files, missing_data,
     missing_data_quick,
 )
+from .index import group_entry, INDEX_DIR, read_index, entry_matches, segment_bytes, SEGMENT_GROUPS
 from .layouts import (
     CLASS_LIST_CODEC, CODES_CODEC, CRC_CODEC, encode_group, encode_keys, FLOAT_CODEC, INT_CODEC, LOGMASS_CODEC,
 )
@@ -119,6 +120,11 @@ class CacheWriter:
         self.arrays = layout_arrays(manifest)
         self.record = decode_record_text(manifest)  # every group records it (RECORD_ATTR)
         self.root = self._create_or_open()
+        # The index of complete groups (index.py), remote caches only: this writer's segment, and the
+        # groups the index and one listing of the cache found complete when first asked (resume).
+        self._index_token, self._index_seq, self._index_groups = uuid.uuid4().hex, 0, {}
+        self._indexed_done: set[str] | None = None
+        self._listed: set[str] | None = None  # the groups that listing found (None: no index, no listing)
 
     # -- creating or opening the root --
 
@@ -267,6 +273,8 @@ class CacheWriter:
 
     def _group_state(self, name: str) -> tuple[bool, tuple[str, str] | None]:
         """(marked complete, (array, what is missing) or None). Not marked: (False, None)."""
+        if self._indexed_complete(name):
+            return True, None
         try:
             attrs = dict(self.root[name].attrs)
         except KeyError:
@@ -284,10 +292,47 @@ class CacheWriter:
         return True, missing_data_quick(files, int(attrs.get("num_samples", -1)), int(self.manifest["topk"]), attrs,
                                         self.arrays)
 
+    def _indexed_complete(self, name: str) -> bool:
+        """Whether the index (remote caches) records ``name`` complete with every recorded file still
+        there at its size: on the first call, one listing of ``.index/``, one read per segment and
+        one recursive listing of the cache, then no request per group (what a resumed precompute
+        asks of every group). A group without such an entry is asked the way it always was."""
+        if self.local or self._fs is None:
+            return False
+        if self._indexed_done is None:
+            from .integrity import list_all_groups
+
+            found = read_index(*self._fs)
+            listing = list_all_groups(*self._fs) if found else {}
+            self._indexed_done = {n for n, e in found.items() if entry_matches(e, listing.get(n, {}))}
+            self._listed = set(listing) if found else None
+        return name in self._indexed_done
+
+    def _record_complete(self, name: str, attrs: dict, arrays: dict, files: dict) -> None:
+        """Put this writer's index segment again with group ``name`` in it (called only after the
+        group's ``complete: true`` is stored). One put; a new segment every SEGMENT_GROUPS groups.
+        A failed put loses nothing: readers read that group without the index."""
+        if self.local or self._fs is None:
+            return
+        if len(self._index_groups) >= SEGMENT_GROUPS:
+            self._index_seq, self._index_groups = self._index_seq + 1, {}
+        self._index_groups[name] = group_entry(attrs, arrays, files)
+        fs, base = self._fs
+        seg = f"{base.rstrip('/')}/{INDEX_DIR}/{self._index_token}-{self._index_seq}.json"
+        try:
+            fs.pipe_file(seg, segment_bytes(self._index_groups))
+        except Exception as e:  # noqa: BLE001 - any store's error (not all are OSError): the group stays complete
+            warnings.warn(f"kdcache: could not write the index segment {seg} ({e}); readers read group {name!r} "
+                          "without it")
+
     def is_complete(self, name: str) -> bool:
         """Marked complete *and* every array's data files are there: one read of the group's
         attributes and one listing of its files (the arrays' metadata is not read; CacheReader
-        checks every chunk key exactly when it first reads the group)."""
+        checks every chunk key exactly when it first reads the group). On a remote cache with an
+        index, a group absent from the listing taken with it is not complete without a request of
+        its own (claim and write_shard still look at the group itself before writing it)."""
+        if not self._indexed_complete(name) and self._listed is not None and name not in self._listed:
+            return False
         done, lost = self._group_state(name)
         return done and lost is None
 
@@ -459,16 +504,22 @@ class CacheWriter:
                 )
             claim.check()
             digests = [digest_of(self.kind, self.layout, decoded, v, self.record) for v in range(V)]
-            g.attrs.update({"bad": dict(bad or {}), "render": render or self.manifest.get("render"),
-                            DIGEST_ATTR: digests, "complete": True})
+            done_attrs = {"bad": dict(bad or {}), "render": render or self.manifest.get("render"),
+                          DIGEST_ATTR: digests, "complete": True}
+            g.attrs.update(done_attrs)
+            self._record_complete(name, {**self._first_attrs(source, n), **done_attrs}, arrays, files)
         finally:
             claim.release()
             self._claims.pop(name, None)
 
+    def _first_attrs(self, source: str, n: int) -> dict:
+        """A group's attributes as it is created (``complete`` false)."""
+        return {"source": source, "num_samples": n, "complete": False, EVERY_CHUNK_ATTR: True,
+                RECORD_ATTR: self.record}
+
     def _write_arrays(self, name, source, n, data: dict) -> None:
         g = self.root.create_group(name, overwrite=True)
-        g.attrs.update({"source": source, "num_samples": n, "complete": False, EVERY_CHUNK_ATTR: True,
-                        RECORD_ATTR: self.record})
+        g.attrs.update(self._first_attrs(source, n))
         rows = max(n, 1)
         size = data["size"]
         max_side = int(size.max()) if n else 0
