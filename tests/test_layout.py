@@ -128,3 +128,26 @@ def test_the_checks_see_a_cycle_and_an_upward_import(tmp_path, monkeypatch):
         test_no_private_name_is_imported_from_another_module()
     with pytest.raises(AssertionError, match="a stage above it"):
         test_imports_point_down_the_stages()
+
+
+MAX_LINES = 100  # a function longer than a screen and a half is several ideas; kernels are the exception
+
+
+def long_functions(root=None) -> list[str]:
+    root = root or PKG
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        if "kernels" in path.parts:
+            continue  # a Triton kernel is one launch: splitting it costs registers and readability alike
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_LINES:
+                    out.append(f"{path.relative_to(root.parent)}:{node.lineno} {node.name} ({n} lines)")
+    return out
+
+
+def test_no_function_outside_the_kernels_is_longer_than_100_lines(tmp_path):
+    assert not long_functions(), "\n".join(long_functions())
+    (tmp_path / "long.py").write_text("def f():\n" + "    x = 1\n" * 120)
+    assert long_functions(tmp_path) == [f"{tmp_path.name}/long.py:1 f (121 lines)"]

@@ -453,28 +453,9 @@ class CacheWriter:
             if tuple(np.shape(arr)) != shape:
                 raise ValueError(f"write_shard({name!r}): {a} has shape {np.shape(arr)}, expected {shape}")
         key_rows = encode_keys(keys)  # refuses a key that cannot round-trip, before touching the store
-        stored, decoded = encode_group(self.manifest, self.path, name, keys, np.asarray(size), np.asarray(classes), given[need], box, flip,
-                                       mix_with, mix_lam, bad or {})
-        if claim is None:
-            claim = self.claim(name)
-            if claim is None:
-                done, _ = self._group_state(name)
-                if done:  # a ShardClaimedError too: another writer finished it, nothing to do
-                    raise ShardClaimedError(
-                        f"shard group {name!r} in cache {self.path} is already complete; kdcache never "
-                        "overwrites a complete group"
-                    )
-                raise ShardClaimedError(
-                    f"shard group {name!r} in cache {self.path} is claimed by another writer "
-                    f"({describe_holder(self.holder(name))}); it is left to that writer"
-                )
-        elif claim.name != name:
-            raise KdcacheError(f"write_shard({name!r}): the claim is for group {claim.name!r}, not {name!r}")
-        elif claim.exclusive != self.local or (
-            claim.exclusive
-            and os.path.abspath(claim.path) != os.path.abspath(os.path.join(self._dir, CLAIMS_DIR, name))
-        ):
-            raise KdcacheError(f"write_shard({name!r}): the claim is not one of this cache ({self.path})")
+        stored, decoded = encode_group(self.manifest, self.path, name, keys, np.asarray(size), np.asarray(classes),
+                                       given[need], box, flip, mix_with, mix_lam, bad or {})
+        claim = self._claim_for_write(name, claim)
         try:
             claim.check()
             done, _ = self._group_state(name)
@@ -511,6 +492,31 @@ class CacheWriter:
         finally:
             claim.release()
             self._claims.pop(name, None)
+
+    def _claim_for_write(self, name: str, claim: ShardClaim | None) -> ShardClaim:
+        """The claim ``write_shard`` writes group ``name`` under: the one given (checked to be this
+        group's, of this cache), or one taken here; ShardClaimedError when another writer has it."""
+        if claim is None:
+            claim = self.claim(name)
+            if claim is None:
+                done, _ = self._group_state(name)
+                if done:  # a ShardClaimedError too: another writer finished it, nothing to do
+                    raise ShardClaimedError(
+                        f"shard group {name!r} in cache {self.path} is already complete; kdcache never "
+                        "overwrites a complete group"
+                    )
+                raise ShardClaimedError(
+                    f"shard group {name!r} in cache {self.path} is claimed by another writer "
+                    f"({describe_holder(self.holder(name))}); it is left to that writer"
+                )
+        elif claim.name != name:
+            raise KdcacheError(f"write_shard({name!r}): the claim is for group {claim.name!r}, not {name!r}")
+        elif claim.exclusive != self.local or (
+            claim.exclusive
+            and os.path.abspath(claim.path) != os.path.abspath(os.path.join(self._dir, CLAIMS_DIR, name))
+        ):
+            raise KdcacheError(f"write_shard({name!r}): the claim is not one of this cache ({self.path})")
+        return claim
 
     def _first_attrs(self, source: str, n: int) -> dict:
         """A group's attributes as it is created (``complete`` false)."""
