@@ -48,10 +48,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 ARMS = {
     "plain, labels": dict(mode="labels", self_distill=False),
-    "independent, labels": dict(mode="labels", self_distill=True, sd_alpha=0.0),
+    "independent, labels": dict(mode="labels", self_distill={"alpha": 0.0}),
     "self-distilled, labels": dict(mode="labels", self_distill=True),
     "plain, cached KD": dict(self_distill=False),
-    "independent, cached KD": dict(self_distill=True, sd_alpha=0.0),
+    "independent, cached KD": dict(self_distill={"alpha": 0.0}),
     "self-distilled, cached KD": dict(self_distill=True),
 }
 QUICK_ARMS = ("plain, cached KD", "independent, labels", "self-distilled, cached KD")

@@ -46,6 +46,7 @@ _API = {
     "VerifyConfig": "kdcache.tools.config",
     "EvaluateConfig": "kdcache.tools.config",
     "TrainConfig": "kdcache.learn.config",
+    "SelfDistillConfig": "kdcache.learn.config",
     "precompute": "kdcache.tools.precompute",
     "train": "kdcache.learn.trainer",
 }
@@ -70,7 +71,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from .data.render import render
     from .data.views import AugSpec, View
     from .errors import KdcacheError
-    from .learn.config import TrainConfig
+    from .learn.config import SelfDistillConfig, TrainConfig
     from .tools.config import EvaluateConfig, PrecomputeConfig, VerifyConfig
     from .learn.live import LiveTeacher
     from .learn.loader import ReplayLoader

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from conftest import NUM_CLASSES
 from kdcache.cli import cli
-from kdcache.learn.config import TrainConfig
+from kdcache.learn.config import SelfDistillConfig, TrainConfig
 from kdcache.errors import KdcacheError
 from kdcache.models.exits import MultiExit, backbone_state_dict, stage_names
 from kdcache.models.factory import create_model, normalize
@@ -99,16 +99,48 @@ def test_exits_choice_state_dict_and_errors():
 
 
 def test_config_checks_the_self_distillation_flags(dataset, cache):
-    base = dict(data=str(dataset), student=STUDENT, out="x", self_distill=True)
-    assert TrainConfig(**base, sd_exits="2,1").sd_exits == [1, 2]
-    assert TrainConfig(**base).sd_exits == "all"
-    for bad, match in ((dict(sd_alpha=1.5), "--sd-alpha"), (dict(sd_temperature=0), "--sd-temperature"),
-                       (dict(sd_feature_weight=-1), "--sd-feature-weight"), (dict(sd_exits="a,b"), "--sd-exits"),
-                       (dict(sd_exits="0"), "--sd-exits"), (dict(sd_teacher="x"), "--sd-teacher"),
-                       (dict(sd_teacher="cache"), "needs\\s+a cache"), (dict(sd_teacher="both"), "needs\\s+a cache")):
+    base = dict(data=str(dataset), student=STUDENT, out="x")
+
+    def sd(**settings):
+        return TrainConfig(**base, self_distill=settings).self_distill
+
+    assert sd(exits="2,1").exits == [1, 2]
+    assert sd().exits == "all" and TrainConfig(**base, self_distill=True).self_distill == SelfDistillConfig()
+    assert TrainConfig(**base).self_distill is None and TrainConfig(**base, self_distill=False).self_distill is None
+    for bad, match in ((dict(alpha=1.5), "--sd-alpha"), (dict(temperature=0), "--sd-temperature"),
+                       (dict(feature_weight=-1), "--sd-feature-weight"), (dict(exits="a,b"), "--sd-exits"),
+                       (dict(exits="0"), "--sd-exits"), (dict(teacher="x"), "--sd-teacher"),
+                       (dict(teacher="cache"), "needs\\s+a cache"), (dict(teacher="both"), "needs\\s+a cache"),
+                       (dict(alhpa=0.5), "no setting alhpa")):
         with pytest.raises(KdcacheError, match=match):
-            TrainConfig(**base, **bad)
-    TrainConfig(**base, cache=str(cache), sd_teacher="both")  # fine with a cache
+            sd(**bad)
+    TrainConfig(**base, cache=str(cache), self_distill=SelfDistillConfig(teacher="both"))  # fine with a cache
+
+
+def test_sd_flags_without_self_distill_are_refused(dataset, tmp_path):
+    """An --sd-* flag without --self-distill would change nothing: a usage error (exit 2) naming it."""
+    r = CliRunner().invoke(cli, ["train", "--data", str(dataset), "--student", STUDENT, "--out", str(tmp_path / "r"),
+                                 "--sd-alpha", "0.5", "--sd-exits", "1"])
+    assert r.exit_code == 2 and "--sd-alpha, --sd-exits set self-distillation, which is off" in r.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_run_of_flat_sd_fields_still_reads_and_resumes():
+    """config.json of runs before the self-distillation group was nested: "self_distill": true and sd_*
+    fields. evaluate and resume read them as the same group."""
+    from dataclasses import asdict
+
+    from kdcache.learn.config import run_self_distill
+    from kdcache.learn.trainer import resume_changes
+
+    old = {"self_distill": True, "sd_alpha": 0.5, "sd_temperature": 3.0, "sd_feature_weight": 0.0,
+           "sd_exits": [1], "sd_teacher": "deepest", "resolved": {}}
+    assert run_self_distill(old) == SelfDistillConfig(alpha=0.5, exits=[1])
+    assert run_self_distill({"self_distill": False, "sd_alpha": 0.3}) is None
+    same = {"self_distill": asdict(SelfDistillConfig(alpha=0.5, exits=[1])), "resolved": {}}
+    assert resume_changes(old, same) == {}
+    with pytest.raises(KdcacheError, match="self_distill: the run has"):
+        resume_changes(old, {"self_distill": asdict(SelfDistillConfig(alpha=0.4, exits=[1])), "resolved": {}})
 
 
 def test_meter_averages_extra_terms():
@@ -222,7 +254,8 @@ def test_live_teacher_stands_in_for_the_cache(dataset, cache, teacher_weights, t
     from kdcache.learn.trainer import train
 
     common = dict(data=str(dataset), cache=str(cache), student=STUDENT, epochs=1, batch_size=4, res=RES,
-                  workers=0, device="cpu", progress=False, self_distill=True, sd_teacher="both", label_weight=0.2)
+                  workers=0, device="cpu", progress=False, self_distill=SelfDistillConfig(teacher="both"),
+                  label_weight=0.2)
     train(TrainConfig(**with_aug(dict(common, out=str(tmp_path / "cached")))))
     train(TrainConfig(**with_aug(dict(common, out=str(tmp_path / "live"), teacher=TEACHER,
                                       teacher_weights=str(teacher_weights)))))
@@ -268,7 +301,8 @@ def test_cli_self_distill_resumes_bitwise_and_evaluates(dataset, cache, tmp_path
     assert len(vals) == 2 and all({"val_top1_exit1", "val_top1_exit2", "val_top1_exit3"} <= set(l) for l in vals)
     assert vals[-1]["val_top1_exit3"] == vals[-1]["val_top1"]
     cfg = json.loads((tmp_path / "cut" / "config.json").read_text())
-    assert cfg["self_distill"] and cfg["sd_exits"] == "all" and cfg["sd_teacher"] == "both"
+    assert cfg["self_distill"] == {"alpha": 0.3, "temperature": 3.0, "feature_weight": 0.1, "exits": "all",
+                                   "teacher": "both"}
     assert cfg["resolved"]["exits"]["names"] == ["exit1", "exit2", "exit3"]
     assert resumed["final_val_top1_exits"] == {k[len("val_top1_"):]: v for k, v in vals[-1].items()
                                                if k.startswith("val_top1_exit")}

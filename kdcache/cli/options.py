@@ -92,3 +92,54 @@ def augmentation(kw: dict):
 
     return AugSpec(scale=tuple(kw.pop("scale")), ratio=tuple(kw.pop("ratio")), flip=kw.pop("flip"),
                    mixup=kw.pop("mixup"))
+
+
+# --sd-* flag -> (SelfDistillConfig field, type, help); the defaults come from SelfDistillConfig.
+SD_FLAGS = (
+    ("alpha", float, "weight of a shallow exit's distillation term; 1 - alpha weights its CE on labels."),
+    ("temperature", float, "temperature of the shallow exits' distillation."),
+    ("feature_weight", float, "weight of the L2 hint between each exit's feature and the deepest one (0 = off)."),
+    ("exits", str, "which stages get an exit: 'all' (every stage but the last) or stage numbers from 1, e.g. 1,2."),
+    ("teacher", None, "what the shallow exits distil from: the deepest exit, the cached (or live) teacher's top-k, "
+                      "or both averaged."),
+)
+
+
+def self_distill_options():
+    """--self-distill and the --sd-* flags of its settings (``learn.config.SelfDistillConfig``);
+    ``self_distill(kw)`` turns them into the config's group."""
+    from ..learn.config import SD_TEACHERS, SelfDistillConfig
+
+    def deco(f):
+        options = [click.option(
+            "--self-distill", is_flag=True,
+            help="Self-distillation: classifier exits after the student's stages (attention, bottleneck, linear), "
+                 "trained from the deepest exit (docs/training.md). The deepest exit is the student's own head and "
+                 "gets the mode's loss; model.pt holds the whole multi-exit network.")]
+        for name, kind, text in SD_FLAGS:
+            default = config_default(SelfDistillConfig, name)
+            options.append(click.option(
+                f"--sd-{name.replace('_', '-')}", type=click.Choice(SD_TEACHERS) if name == "teacher" else kind,
+                default=None, show_default=str(default), help=f"With --self-distill: {text}"))
+        for opt in reversed(options):
+            f = opt(f)
+        return f
+
+    return deco
+
+
+def self_distill(kw: dict):
+    """Pop --self-distill and the --sd-* flags from a command's keyword arguments; return the
+    SelfDistillConfig, or None without --self-distill (an --sd-* flag without it is an error: it
+    would change nothing)."""
+    from ..learn.config import SelfDistillConfig
+
+    given = {name: kw.pop(f"sd_{name}") for name, _, _ in SD_FLAGS}
+    given = {name: v for name, v in given.items() if v is not None}
+    if not kw.pop("self_distill"):
+        if given:
+            flags = ", ".join(f"--sd-{name.replace('_', '-')}" for name in given)
+            raise click.UsageError(f"{flags} set{'s' if len(given) == 1 else ''} self-distillation, which is off: "
+                                   "add --self-distill, or drop the flag")
+        return None
+    return SelfDistillConfig(**given)

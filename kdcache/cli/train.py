@@ -7,13 +7,12 @@ import json
 import click
 
 from ..learn.config import AMP_MODES, MODES, OPTIMIZERS, STUDENT_VIEWS, TrainConfig
-from ..learn.config import SD_TEACHERS
 from ..learn.live import DEFAULT_TOPK
 from ..learn.losses import BACKENDS as LOSS_BACKENDS, TAIL_MODES
 from ..learn.signals import SIGNALS
 
-from .options import (augmentation, augmentation_options, config_default, threads_option, worker_timeout_option,
-                      workers_option)
+from .options import (augmentation, augmentation_options, config_default, self_distill, self_distill_options,
+                      threads_option, worker_timeout_option, workers_option)
 
 
 @click.command()
@@ -111,24 +110,7 @@ from .options import (augmentation, augmentation_options, config_default, thread
                    "live teacher.")
 @click.option("--spot-check-warn", is_flag=True,
               help="With --spot-check: count and report disagreements instead of stopping.")
-@click.option("--self-distill", is_flag=True,
-              help="Self-distillation: classifier exits after the student's stages (attention, bottleneck, "
-                   "linear), trained from the deepest exit (docs/training.md). The deepest exit is the student's own "
-                   "head and gets the mode's loss; model.pt holds the whole multi-exit network.")
-@click.option("--sd-alpha", type=float, default=config_default(TrainConfig, "sd_alpha"), show_default=True,
-              help="Self-distillation: weight of a shallow exit's distillation term; 1 - alpha weights its CE on labels.")
-@click.option("--sd-temperature", type=float, default=config_default(TrainConfig, "sd_temperature"), show_default=True,
-              help="Self-distillation: temperature of the shallow exits' distillation.")
-@click.option("--sd-feature-weight", type=float, default=config_default(TrainConfig, "sd_feature_weight"),
-              show_default=True, help="Self-distillation: weight of the L2 hint between each exit's feature and the "
-                                      "deepest one (0 = off).")
-@click.option("--sd-exits", default=config_default(TrainConfig, "sd_exits"), show_default=True,
-              help="Self-distillation: which stages get an exit: 'all' (every stage but the last) or stage numbers "
-                   "from 1, e.g. 1,2.")
-@click.option("--sd-teacher", type=click.Choice(SD_TEACHERS), default=config_default(TrainConfig, "sd_teacher"),
-              show_default=True,
-              help="Self-distillation: what the shallow exits distil from: the deepest exit, the cached (or live) "
-                   "teacher's top-k, or both averaged.")
+@self_distill_options()
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def train(**kw):
     """Train a student on the exact views a cache was made on.
@@ -147,7 +129,7 @@ def train(**kw):
 
     kw["compile"] = kw.pop("compile_")
     kw["progress"] = not kw.pop("no_progress")
-    s = run(TrainConfig(aug=augmentation(kw), **kw))
+    s = run(TrainConfig(aug=augmentation(kw), self_distill=self_distill(kw), **kw))
     if "stopped_at" in s:  # a planned stop (--stop-after): not an error
         click.echo(
             f"train ({s['mode']}): stopped after step {s['stopped_at']} of {s['total_steps']} (--stop-after "

@@ -46,22 +46,23 @@ TRAIN_NUMBERS = (
     ("val_batch_size", at_least(1)), ("eval_every", at_least(0)), ("eval_epochs", at_least(1)),
     ("checkpoint_every", at_least(0)), ("log_every", at_least(1)), ("workers", at_least(0)),
     ("worker_timeout", POSITIVE), ("threads", at_least(1)), ("shuffle_buffer", at_least(0)), ("views", at_least(1)),
-    ("stop_after", at_least(1)), ("sd_alpha", UNIT), ("sd_temperature", POSITIVE), ("sd_feature_weight", NON_NEGATIVE),
-    ("views_used", at_least(1)), ("spot_check", UNIT),
+    ("stop_after", at_least(1)), ("views_used", at_least(1)), ("spot_check", UNIT),
 )
+SELF_DISTILL_NUMBERS = (("alpha", UNIT), ("temperature", POSITIVE), ("feature_weight", NON_NEGATIVE))
 # Seeds: any integer (each is hashed or given to torch as it is).
 SEEDS = {"precompute": ("seed", "random_init"), "train": ("seed", "view_seed", "teacher_random_init"),
          "verify": ("seed",)}
 
 
-def check_numbers(cfg, rules, seeds=()) -> None:
-    """Every numeric setting of ``cfg`` against its rule (``None``: not given, left to a default)."""
+def check_numbers(cfg, rules, seeds=(), flag_prefix: str = "") -> None:
+    """Every numeric setting of ``cfg`` against its rule (``None``: not given, left to a default). The
+    error names the flag: ``--`` + ``flag_prefix`` + the field's name with dashes."""
     for name, (want, ok) in rules:
         value = getattr(cfg, name)
         if value is None:
             continue
         if not isinstance(value, numbers.Real) or isinstance(value, bool) or not ok(value):
-            raise KdcacheError(f"--{name.replace('_', '-')} must be {want}, got {value!r}")
+            raise KdcacheError(f"--{flag_prefix}{name.replace('_', '-')} must be {want}, got {value!r}")
     for name in seeds:
         value = getattr(cfg, name)
         if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool)):
@@ -137,13 +138,9 @@ class TrainConfig:
     spot_check_warn: bool = False
     progress: bool = True
     storage_options: dict | None = None
-    # Self-distillation (selfdistill.py, exits.py): exits after the student's stages, deep-to-shallow distillation.
-    self_distill: bool = False
-    sd_alpha: float = 0.3  # weight of the distillation term of a shallow exit; 1 − α goes to its CE on the labels
-    sd_temperature: float = 3.0
-    sd_feature_weight: float = 0.0  # weight of the hint loss (exit feature vs the deepest, L2); 0 = off
-    sd_exits: str | list = "all"  # "all" (after every stage but the last) or stage numbers, 1-based: "1,2" / [1, 2]
-    sd_teacher: str = "deepest"  # deepest | cache | both: what the shallow exits distil from
+    # Self-distillation (selfdistill.py, exits.py): exits after the student's stages, deep-to-shallow
+    # distillation. None: off; a SelfDistillConfig (True: its defaults; a dict: its fields, as config.json holds it).
+    self_distill: SelfDistillConfig | bool | dict | None = None
 
     def __post_init__(self):
         check_numbers(self, TRAIN_NUMBERS, SEEDS["train"])
@@ -179,7 +176,11 @@ class TrainConfig:
         if self.student_view == "fresh" and self.aug.mixup:
             raise KdcacheError("--student-view fresh gives the student unmixed crops of its own; drop --mixup")
         check_signal(self, pick_mode(self))  # the flag combinations
-        check_self_distill(self)
+        self.self_distill = self_distill_config(self.self_distill)
+        if self.self_distill is not None and self.self_distill.teacher != "deepest" and pick_mode(self) == "labels":
+            raise KdcacheError(f"--sd-teacher {self.self_distill.teacher} distils the shallow exits from the teacher's "
+                               "top-k: it needs a cache (--cache, cached mode) or a live --teacher; without one use "
+                               "--sd-teacher deepest")
 
     @property
     def base_lr(self) -> float:
@@ -189,27 +190,71 @@ class TrainConfig:
 SD_TEACHERS = ("deepest", "cache", "both")
 
 
-def check_self_distill(cfg: TrainConfig) -> None:
-    """The self-distillation settings; ``sd_exits`` becomes ``"all"`` or a sorted list of stage numbers
-    (whether those stages exist is checked when the student is built)."""
-    if cfg.sd_teacher not in SD_TEACHERS:
-        raise KdcacheError(f"--sd-teacher must be one of {', '.join(SD_TEACHERS)}, got {cfg.sd_teacher!r}")
-    exits = cfg.sd_exits
+@dataclass
+class SelfDistillConfig:
+    """The self-distillation group of ``TrainConfig`` (``--self-distill`` and the ``--sd-*`` flags);
+    checked when it is made. ``exits`` becomes ``"all"`` or a sorted list of stage numbers (whether
+    those stages exist is checked when the student is built)."""
+
+    alpha: float = 0.3  # weight of a shallow exit's distillation term; 1 − α goes to its CE on the labels
+    temperature: float = 3.0
+    feature_weight: float = 0.0  # weight of the hint loss (exit feature vs the deepest, L2); 0 = off
+    exits: str | list = "all"  # "all" (after every stage but the last) or stage numbers, 1-based: "1,2" / [1, 2]
+    teacher: str = "deepest"  # deepest | cache | both: what the shallow exits distil from
+
+    def __post_init__(self):
+        check_numbers(self, SELF_DISTILL_NUMBERS, flag_prefix="sd-")
+        if self.teacher not in SD_TEACHERS:
+            raise KdcacheError(f"--sd-teacher must be one of {', '.join(SD_TEACHERS)}, got {self.teacher!r}")
+        self.exits = exit_stages(self.exits)
+
+
+def exit_stages(exits) -> str | list[int]:
+    """``--sd-exits`` as ``"all"`` or a sorted list of distinct stage numbers from 1."""
+    given = exits
     if isinstance(exits, str) and exits.strip().lower() != "all":
         try:
             exits = [int(x) for x in exits.split(",") if x.strip()]
         except ValueError:
-            raise KdcacheError(f"--sd-exits must be 'all' or stage numbers like 1,2; got {cfg.sd_exits!r}") from None
+            raise KdcacheError(f"--sd-exits must be 'all' or stage numbers like 1,2; got {given!r}") from None
     if isinstance(exits, str):
-        exits = "all"
-    else:
-        try:
-            exits = sorted({int(x) for x in exits})
-        except (TypeError, ValueError):
-            raise KdcacheError(f"--sd-exits must be 'all' or stage numbers like 1,2; got {cfg.sd_exits!r}") from None
-        if not exits or min(exits) < 1:
-            raise KdcacheError(f"--sd-exits takes stage numbers from 1 (after the first stage); got {cfg.sd_exits!r}")
-    cfg.sd_exits = exits
-    if cfg.self_distill and cfg.sd_teacher != "deepest" and pick_mode(cfg) == "labels":
-        raise KdcacheError(f"--sd-teacher {cfg.sd_teacher} distils the shallow exits from the teacher's top-k: it needs "
-                           "a cache (--cache, cached mode) or a live --teacher; without one use --sd-teacher deepest")
+        return "all"
+    try:
+        exits = sorted({int(x) for x in exits})
+    except (TypeError, ValueError):
+        raise KdcacheError(f"--sd-exits must be 'all' or stage numbers like 1,2; got {given!r}") from None
+    if not exits or min(exits) < 1:
+        raise KdcacheError(f"--sd-exits takes stage numbers from 1 (after the first stage); got {given!r}")
+    return exits
+
+
+SD_LEGACY_FIELDS = {"sd_alpha": "alpha", "sd_temperature": "temperature", "sd_feature_weight": "feature_weight",
+                    "sd_exits": "exits", "sd_teacher": "teacher"}
+
+
+def self_distill_config(value) -> SelfDistillConfig | None:
+    """``TrainConfig.self_distill`` from what a user or a config.json gives: None or False (off), True (the
+    defaults), a SelfDistillConfig, or a dict of its fields."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return SelfDistillConfig()
+    if isinstance(value, SelfDistillConfig):
+        return value
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - set(SelfDistillConfig.__dataclass_fields__))
+        if unknown:
+            raise KdcacheError(f"self_distill has no setting {', '.join(unknown)}; its settings are "
+                               f"{', '.join(SelfDistillConfig.__dataclass_fields__)}")
+        return SelfDistillConfig(**value)
+    raise KdcacheError(f"self_distill takes a SelfDistillConfig, a dict of its settings, True or None; got "
+                       f"{type(value).__name__}")
+
+
+def run_self_distill(config: dict) -> SelfDistillConfig | None:
+    """A run's self-distillation settings from its config.json: the nested group, or the flat ``sd_*``
+    fields kdcache wrote before 2026-12-04 next to ``"self_distill": true``."""
+    value = config.get("self_distill")
+    if value is True and any(k in config for k in SD_LEGACY_FIELDS):
+        value = {SD_LEGACY_FIELDS[k]: config[k] for k in SD_LEGACY_FIELDS if k in config}
+    return self_distill_config(value)

@@ -43,7 +43,7 @@ from ..models.exits import is_multi_exit
 from ..models.factory import ModelInfo, torch_load
 from ..runtime import barrier, init_distributed, resolve_device, set_threads
 from . import modes
-from .config import TrainConfig
+from .config import SD_LEGACY_FIELDS, TrainConfig, run_self_distill
 from .loader import ReplayLoader
 from .replay import prepare_shards
 from .run_state import MetricsLog, Meter, RunState, atomic_json, atomic_npy, atomic_save, restore
@@ -192,17 +192,18 @@ def setup(cfg: TrainConfig) -> Run:
 
     torch.manual_seed(cfg.seed)
     sinfo, model = build_student(cfg.student, C, res, cfg.student_weights, mode.classes_from,
-                                 exits=cfg.sd_exits if cfg.self_distill else None)
+                                 exits=cfg.self_distill.exits if cfg.self_distill else None)
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if device.type == "cuda" else None
     inputs = StudentInput(sinfo.mean, sinfo.std, device, cfg.channels_last, amp_dtype)
     task = mode.make_task(inputs)
-    if cfg.self_distill:  # the mode's loss on the deepest exit, deep-to-shallow distillation on the others
-        task = SelfDistillTask(task, model.exit_names, alpha=cfg.sd_alpha, temperature=cfg.sd_temperature,
-                               feature_weight=cfg.sd_feature_weight, teacher=cfg.sd_teacher,
-                               tail=mode.tail or cfg.tail, backend=cfg.loss_backend)
+    sd = cfg.self_distill
+    if sd:  # the mode's loss on the deepest exit, deep-to-shallow distillation on the others
+        task = SelfDistillTask(task, model.exit_names, alpha=sd.alpha, temperature=sd.temperature,
+                               feature_weight=sd.feature_weight, teacher=sd.teacher, tail=mode.tail or cfg.tail,
+                               backend=cfg.loss_backend)
     if cfg.student_view == "fresh" and manifest["augmentation"].get("mixup"):
         raise KdcacheError(f"cache {cfg.cache} holds targets of mixed images (precompute --mixup); fresh student "
                            "views are unmixed crops, so they cannot match. Use --student-view cache, or a cache "
@@ -218,7 +219,7 @@ def setup(cfg: TrainConfig) -> Run:
 
     # -- data: checks that need no decoding, then the loader (the library's ReplayLoader: it also reads
     # every view of every cache group once, against its digest, before the first step) --
-    need_labels = mode.labels_needed or cfg.label_weight > 0 or (cfg.self_distill and cfg.sd_alpha < 1)
+    need_labels = mode.labels_needed or cfg.label_weight > 0 or (sd is not None and sd.alpha < 1)
     view_seed = cfg.seed if cfg.view_seed is None else cfg.view_seed
     loader = ReplayLoader(
         urls, reader, cfg.batch_size, res=res, rank=rank, world=world, workers=cfg.workers, seed=cfg.seed,
@@ -335,6 +336,10 @@ def clean_run_dir(out: str, fresh: bool) -> None:
 def _comparable(config: dict) -> dict:
     """A run's settings with those older kdcache releases did not record filled in as they ran."""
     flat = {**asdict(TrainConfig(data="", student="", out="")), **config}
+    sd = run_self_distill(config)  # before the group was nested: "self_distill": true and sd_* fields
+    flat["self_distill"] = asdict(sd) if sd is not None else None
+    for name in SD_LEGACY_FIELDS:
+        flat.pop(name, None)
     if "aug" not in config and "scale" in config:  # before the augmentation was one field
         flat["aug"] = {"scale": list(config["scale"]), "ratio": list(config["ratio"]), "flip": config["flip"],
                        "mixup": config["mixup"], "name": "inception_crop", "version": 1}

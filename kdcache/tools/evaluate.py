@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from ..data.shards import expand_urls
 from ..errors import KdcacheError
 from .config import EvaluateConfig
+from ..learn.config import run_self_distill
 from ..learn.replay import prepare_shards
 from ..learn.student import build_student
 from ..learn.tasks import StudentInput
@@ -103,8 +104,9 @@ def load_student(run_dir: str, device: str | torch.device = "cpu"):
         raise KdcacheError(f"{run_dir} has no model.pt{more}")
     r = cfg["resolved"]
     num_classes, res = int(r["num_classes"]), int(r["res"])
+    sd = run_self_distill(cfg)
     _, model = build_student(cfg["student"], num_classes, res, classes_from=f"{run_dir}/config.json says {num_classes}",
-                             exits=cfg.get("sd_exits", "all") if cfg.get("self_distill") else None)
+                             exits=sd.exits if sd is not None else None)
     state = torch_load(weights, "weights file")
     try:
         model.load_state_dict(state)
