@@ -120,7 +120,7 @@ def self_distill_options():
             default = config_default(SelfDistillConfig, name)
             options.append(click.option(
                 f"--sd-{name.replace('_', '-')}", type=click.Choice(SD_TEACHERS) if name == "teacher" else kind,
-                default=None, show_default=str(default), help=f"With --self-distill: {text}"))
+                default=default, show_default=True, help=f"With --self-distill: {text}"))
         for opt in reversed(options):
             f = opt(f)
         return f
@@ -132,14 +132,18 @@ def self_distill(kw: dict):
     """Pop --self-distill and the --sd-* flags from a command's keyword arguments; return the
     SelfDistillConfig, or None without --self-distill (an --sd-* flag without it is an error: it
     would change nothing)."""
+    from click.core import ParameterSource
+
     from ..learn.config import SelfDistillConfig
 
-    given = {name: kw.pop(f"sd_{name}") for name, _, _ in SD_FLAGS}
-    given = {name: v for name, v in given.items() if v is not None}
+    ctx = click.get_current_context()
+    values = {name: kw.pop(f"sd_{name}") for name, _, _ in SD_FLAGS}
+    given = {name: v for name, v in values.items()
+             if ctx.get_parameter_source(f"sd_{name}") not in (ParameterSource.DEFAULT, None)}
     if not kw.pop("self_distill"):
         if given:
             flags = ", ".join(f"--sd-{name.replace('_', '-')}" for name in given)
             raise click.UsageError(f"{flags} set{'s' if len(given) == 1 else ''} self-distillation, which is off: "
                                    "add --self-distill, or drop the flag")
         return None
-    return SelfDistillConfig(**given)
+    return SelfDistillConfig(**values)
