@@ -7,28 +7,8 @@ import json
 import click
 
 from ..learn.losses import TAIL_MODES
-
-
-
-def storage_options_option(f):
-    return click.option(
-        "--storage-options", default=None, metavar="JSON",
-        help='fsspec options for a remote cache URL, as JSON (e.g. \'{"anon": true}\').',
-    )(f)
-
-
-def parse_storage_options(text: str | None) -> dict | None:
-    from ..errors import KdcacheError
-
-    if not text:
-        return None
-    try:
-        opts = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise KdcacheError(f"--storage-options is not valid JSON: {e}") from None
-    if not isinstance(opts, dict):
-        raise KdcacheError("--storage-options must be a JSON object")
-    return opts
+from .options import parse_storage_options, storage_options_option
+from ..tools.inspection import RELATIONS_TAIL, RELATIONS_TOP, SUMMARY_TOP
 
 
 @click.command()
@@ -41,13 +21,13 @@ def parse_storage_options(text: str | None) -> dict | None:
               help="Write a PNG of the record's view (needs --shard, --key and --data).")
 @click.option("--data", default=None, help="The data shards (pattern, glob or folder); needed by --render.")
 @click.option("--top", default=None, type=int,
-              help="How many of the most frequent top-1 classes to list [10]; with --relations, how many of the most "
-                   "confused class pairs [20].")
+              help=f"How many of the most frequent top-1 classes to list [{SUMMARY_TOP}]; with --relations, how many "
+                   f"of the most confused class pairs [{RELATIONS_TOP}].")
 @click.option("--relations", "relations_out", type=click.Path(dir_okay=False), default=None,
               help="Write a PNG of the class relations: the teacher's mean distribution per true class (labels from "
                    "--data's cls), as a heatmap with related classes side by side, or for more than 100 classes the "
                    "most confused pairs ranked. With --json, the numbers.")
-@click.option("--tail", type=click.Choice(TAIL_MODES), default="uniform", show_default=True,
+@click.option("--tail", type=click.Choice(TAIL_MODES), default=RELATIONS_TAIL, show_default=True,
               help="With --relations: how each record's mass outside its top-k is spread (as train --tail).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (fields in docs/cli.md) instead of text.")
 @storage_options_option
@@ -72,7 +52,8 @@ def inspect(cache, shard, key, list_keys, view, render_out, data, top, relations
             raise KdcacheError("--relations needs --data: the shards the cache was made from, for their cls labels")
         if shard is not None or key is not None or list_keys or render_out is not None:
             raise KdcacheError("--relations summarises the whole cache: it does not take --shard, --key, --keys or --render")
-        out = api.relations(cache, data, relations_out, tail=tail, top=20 if top is None else top, storage_options=opts)
+        out = api.relations(cache, data, relations_out, tail=tail, top=RELATIONS_TOP if top is None else top,
+                            storage_options=opts)
         click.echo(json.dumps(out, indent=2) if as_json else api.format_relations(out))
         return
     if list_keys:
@@ -107,7 +88,7 @@ def inspect(cache, shard, key, list_keys, view, render_out, data, top, relations
         out = api.record_info(cache, shard, key, view, storage_options=opts)
         click.echo(json.dumps(out, indent=2) if as_json else api.format_record(out))
         return
-    out = api.summarize(cache, storage_options=opts, top=10 if top is None else top)
+    out = api.summarize(cache, storage_options=opts, top=SUMMARY_TOP if top is None else top)
     click.echo(json.dumps(out, indent=2) if as_json else api.format_summary(out))
     damaged = [f"shard {e['shard']} views {e['views']} were changed after precompute" for e in out["totals"]["edited"]]
     damaged += [f"shard {e['shard']} has {e['records']} records with {e['what']}" for e in out["totals"]["impossible"]]

@@ -147,3 +147,24 @@ def self_distill(kw: dict):
                                    "add --self-distill, or drop the flag")
         return None
     return SelfDistillConfig(**values)
+
+
+def storage_options_option(f):
+    return click.option(
+        "--storage-options", default=None, metavar="JSON",
+        help='fsspec options for a remote cache URL, as JSON (e.g. \'{"anon": true}\').',
+    )(f)
+
+
+def parse_storage_options(text: str | None) -> dict | None:
+    from ..errors import KdcacheError
+
+    if not text:
+        return None
+    try:
+        opts = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise KdcacheError(f"--storage-options is not valid JSON: {e}") from None
+    if not isinstance(opts, dict):
+        raise KdcacheError("--storage-options must be a JSON object")
+    return opts

@@ -9,7 +9,7 @@ import click
 
 
 from ..tools.config import VerifyConfig
-from .inspect import parse_storage_options, storage_options_option
+from .options import parse_storage_options, storage_options_option
 from .options import config_default
 
 

@@ -143,7 +143,12 @@ def valid_records(keys: np.ndarray, size: np.ndarray, bad: dict) -> np.ndarray:
     return np.array([k not in bad_keys for k in keys], dtype=bool) & (size[:, 0] >= 0)
 
 
-def summarize(cache, storage_options: dict | None = None, top: int = 10) -> dict:
+SUMMARY_TOP = 10  # the most frequent top-1 classes a summary lists
+RELATIONS_TOP = 20  # the most confused class pairs relations() lists
+RELATIONS_TAIL = "uniform"  # how relations() spreads each record's mass outside its top-k
+
+
+def summarize(cache, storage_options: dict | None = None, top: int = SUMMARY_TOP) -> dict:
     """Manifest, per-shard table and totals over the complete shards (see docs/cli.md)."""
     reader = open_unchecked(cache, storage_options)
     man = reader.manifest
@@ -566,7 +571,7 @@ def related_order(relations: np.ndarray, entries: np.ndarray) -> tuple[list[int]
     return [seen[int(i)] for i in leaves_list(tree)] + unseen, "average-linkage clustering, optimal leaf order (scipy)"
 
 
-def relations(cache, data, out: str | None = None, tail: str = "uniform", top: int = 20,
+def relations(cache, data, out: str | None = None, tail: str = RELATIONS_TAIL, top: int = RELATIONS_TOP,
               storage_options: dict | None = None) -> dict:
     """The class-relation table of a cache over the data shards ``data`` (their ``cls`` labels), the
     numbers ``train --kd-signal relations`` trains on (``signals.cache_stats``), and a PNG at ``out``:
