@@ -280,8 +280,8 @@ def loss_section(cfg, device, deadline, out) -> None:
 
     for row in rows:
         ref = row.get("reference_loss")
-        for name in ("naive", "compiled", "triton"):
-            if ref is not None and f"{name}_loss" in row:
+        for name in ("naive", "reference", "compiled", "triton"):
+            if ref is not None and f"{name}_loss" in row and name != "reference":
                 row[f"{name}_vs_reference"] = abs(row[f"{name}_loss"] - ref) / max(abs(ref), 1e-12)
             if f"{name}_ms" in row and "triton_ms" in row and name != "triton":
                 row[f"triton_speedup_vs_{name}"] = row[f"{name}_ms"] / row["triton_ms"]
@@ -472,8 +472,9 @@ def markdown(res: dict) -> str:
                   + ", ".join(f"{v:.0f}" for v in s.get("teacher_only_views_per_s", [])) + " views/s.", "",
                   "| precompute | img/s | views/s | teacher only views/s | ratio (goal ≥ 0.9) |", "|---|---:|---:|---:|---:|"]
         for r in s.get("rows", []):
-            lines.append(f"| {r['what']} | {r['images_per_s']:.1f} | {r['views_per_s']:.1f} | "
-                         f"{r['teacher_only_views_per_s']:.1f} | **{r['ratio']:.2f}** |")
+            # A section cut short leaves rows without the teacher-only figure: '-' where a number is missing.
+            lines.append(f"| {r['what']} | {_f(r.get('images_per_s'), '.1f')} | {_f(r.get('views_per_s'), '.1f')} | "
+                         f"{_f(r.get('teacher_only_views_per_s'), '.1f')} | **{_f(r.get('ratio'))}** |")
         rd = s.get("render_diff")
         if rd:
             lines += ["", f"Backends against each other, {rd['crops']} crops of {rd['images']} images at {rd['res']} px "

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -32,6 +34,9 @@ def test_quick_cpu_suite_writes_every_section(tmp_path):
         assert row["naive_ms"] > 0 and row["reference_ms"] > 0 and row["triton_ms"] > 0, row
         # the naive dense losses and the kernel agree with the reference (every tail, sampled targets too)
         assert row["naive_vs_reference"] < 1e-4 and row["triton_vs_reference"] < 1e-4, row
+        # the table's ×naive and ×ref columns have their ratios (×ref was once never computed)
+        assert row["triton_speedup_vs_reference"] == pytest.approx(row["reference_ms"] / row["triton_ms"]), row
+        assert row["triton_speedup_vs_naive"] == pytest.approx(row["naive_ms"] / row["triton_ms"]), row
     assert any("compiled" in s["what"] and "CPU" in s["why"] for s in loss["skipped"])
 
     pre = r["sections"]["precompute"]
@@ -51,3 +56,19 @@ def test_quick_cpu_suite_writes_every_section(tmp_path):
     for heading in ("## Sparse-KD loss", "## Precompute data path", "## Training throughput", "## Skipped"):
         assert heading in md
     assert "CPU smoke figures, not GPU performance" in md
+
+
+def test_a_section_cut_short_still_renders(tmp_path):
+    """A precompute row without its teacher-only figure (the section stopped after it) prints '-'
+    instead of breaking the report (the first GPU run lost its markdown that way)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_suite
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    res = {"environment": {"device": "cuda", "torch": "x", "python": "3", "cpu_count": 1}, "quick": False,
+           "budget_s": 1, "seconds": 1, "date": "d",
+           "sections": {"precompute": {"rows": [{"what": "--render pil", "images_per_s": 644.2, "views_per_s": 2576.7}],
+                                       "settings": {}, "error": "Traceback ..."}}}
+    md = gpu_suite.markdown(res)
+    assert "| --render pil | 644.2 | 2576.7 | - | **-** |" in md

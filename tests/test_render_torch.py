@@ -452,3 +452,15 @@ def test_pil_caches_still_say_pil(cache):
     assert renderer_for(m) is PIL_RENDERER
     legacy = {k: v for k, v in m.items() if k != "backend"}
     assert renderer_for(legacy) is PIL_RENDERER and render_mismatch(legacy) is None
+
+
+def test_cuda_without_an_index_is_the_current_cuda_device(monkeypatch):
+    """`--device cuda` names the current CUDA device: an image nvJPEG decoded on cuda:0 is on it (on
+    the first GPU run, `cuda` vs `cuda:0` stopped every `--render torch` precompute)."""
+    from kdcache.data.render import _same_device
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert _same_device(torch.device("cuda:0"), torch.device("cuda"))
+    assert _same_device("cuda", "cuda:0") and _same_device("cuda", "cuda")
+    assert not _same_device("cuda:1", "cuda") and not _same_device("cuda:0", "cuda:1")
+    assert not _same_device("cpu", "cuda") and _same_device("cpu", "cpu")

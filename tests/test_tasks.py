@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import NUM_CLASSES, TEACHER
-from kdcache.learn.config import TrainConfig
+from kdcache.learn.config import SelfDistillConfig, TrainConfig
 from kdcache.tools.config import PrecomputeConfig
 from kdcache.learn.losses import sparse_kd_loss
 from kdcache.models.factory import create_model
@@ -154,9 +154,15 @@ def test_cli_defaults_are_the_configs_defaults(command, config):
         got = opts[f.name]
         if f.name == "progress":  # the flag is --no-progress
             continue
+        if f.name == "self_distill":  # a switch: off on the command line is no group (None) in the config
+            assert got is False and want is None, (command, got, want)
+            continue
         assert got == want, (command, f.name, got, want)
         checked += 1
     assert checked >= 8
+    if config is TrainConfig:  # the --sd-* flags default to SelfDistillConfig's fields
+        for f in dataclasses.fields(SelfDistillConfig):
+            assert opts[f"sd_{f.name}"] == f.default, (f.name, opts[f"sd_{f.name}"], f.default)
     # the augmentation flags are AugSpec's
     from kdcache.data.views import AugSpec
 

@@ -267,6 +267,8 @@ def _place(cfg: TrainConfig):
     device = resolve_device(cfg.device)
     if world > 1 and device.type == "cuda" and device.index is None:
         device = torch.device(f"cuda:{local}")
+    if device.type == "cuda" and device.index is None:  # set_device and device checks want an index
+        device = torch.device("cuda", torch.cuda.current_device())
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return rank, world, device, set_threads(cfg.threads, cfg.workers)
