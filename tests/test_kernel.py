@@ -239,14 +239,25 @@ def test_no_gradient_buffer_without_requires_grad():
     assert grad is None and torch.isfinite(rows).all()
 
 
-def test_backward_twice_with_retain_graph():
+def test_the_gradient_buffer_is_scaled_in_place_once():
+    """Backward hands the kernel's own buffer back (no second (B, C) tensor); a second backward
+    through the same forward is refused, naming the way out, instead of returning a spent buffer."""
     z, lp, ids = make_case(2, 100, 3, torch.float32, seed=14)
     z.requires_grad_()
     loss = sparse_kd_loss(z, lp, ids, backend="triton")
-    loss.backward(retain_graph=True)
-    g1 = z.grad.clone()
-    loss.backward()
-    torch.testing.assert_close(z.grad, 2 * g1)
+    (g,) = torch.autograd.grad(loss * 1.5, z, retain_graph=True)
+    zr = z.detach().clone().requires_grad_()
+    (gr,) = torch.autograd.grad(sparse_kd_loss_reference(zr, lp, ids) * 1.5, zr)
+    torch.testing.assert_close(g, gr, rtol=1e-4, atol=1e-7)
+    with pytest.raises(RuntimeError, match="one backward pass per forward.*backend='reference'"):
+        torch.autograd.grad(loss, z)
+    # the reference path keeps autograd's usual behaviour
+    zr.grad = None
+    ref = sparse_kd_loss(zr, lp, ids, backend="torch")
+    ref.backward(retain_graph=True)
+    g1 = zr.grad.clone()
+    ref.backward()
+    torch.testing.assert_close(zr.grad, 2 * g1)
 
 
 def test_forced_triton_rejects_float64():

@@ -361,14 +361,22 @@ class _FusedSparseKD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        # The gradient is scaled in place: the kernel's (B, C) buffer becomes the logits' gradient,
+        # so the loss holds no second logits-sized tensor at its peak (the first GPU run measured two).
+        # That spends the saved buffer, so a second backward through the same graph is refused.
+        if getattr(ctx, "spent", False):
+            raise RuntimeError("sparse_kd_loss (backend='triton') supports one backward pass per forward: its "
+                               "gradient buffer is scaled in place; use backend='reference' to backpropagate "
+                               "twice (retain_graph=True)")
+        ctx.spent = True
         (grad,) = ctx.saved_tensors
         if ctx.post_scale != 1.0:
             g = g * ctx.post_scale
         if ctx.reduction == "none":
-            gz = grad * g.to(grad.dtype)[:, None]  # keeps the product in the stored dtype
+            grad.mul_(g.to(grad.dtype)[:, None])  # keeps the product in the stored dtype
         else:
-            gz = grad * g  # a 0-dim fp32 factor: the product is rounded once, to grad's dtype
-        return gz, None, None, None, None, None, None, None
+            grad.mul_(g)  # a 0-dim fp32 factor: the product is rounded once, to grad's dtype
+        return grad, None, None, None, None, None, None, None
 
 
 @dataclass
