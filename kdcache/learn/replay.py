@@ -165,8 +165,13 @@ def _check_one(url: str, reader: CacheReader | None, need_labels: bool, scan_loc
 def _check_group(path: str, storage_options: dict | None, check_digests: bool, name: str) -> str | None:
     """``check_cache_groups``' work on one group, in a fresh reader (a pool process): the error's
     message, or None."""
+    return _check_in(CacheReader(path, storage_options, check_digests=check_digests), name)
+
+
+def _check_in(reader: CacheReader, name: str) -> str | None:
+    """Read group ``name`` whole through ``reader`` (digests and values checked): the error's message, or None."""
     try:
-        CacheReader(path, storage_options, check_digests=check_digests).read_shard(name)
+        reader.read_shard(name)
     except KdcacheError as e:
         return str(e)
     return None
@@ -184,7 +189,14 @@ def check_cache_groups(reader: CacheReader, names: list[str], workers: int, rank
     from functools import partial
 
     share = names[rank::world]
-    if workers > 1 and len(share) > 1:
+    if reader.is_remote and len(share) > 1:  # waiting on requests, not the CPU: threads, all in this reader
+        from concurrent.futures import ThreadPoolExecutor
+
+        for name in share:
+            reader.check_shard(name)  # metadata, in order (from the index: no request of its own)
+        with ThreadPoolExecutor(min(REMOTE_READS_AT_ONCE, len(share))) as pool:
+            found = dict(zip(share, pool.map(partial(_check_in, reader), share)))
+    elif workers > 1 and len(share) > 1:
         check = partial(_check_group, reader.path, storage_options, reader.check_digests)
         with ProcessPoolExecutor(min(workers, len(share))) as pool:
             found = dict(zip(share, pool.map(check, share)))
@@ -205,16 +217,41 @@ def check_cache_groups(reader: CacheReader, names: list[str], workers: int, rank
     gather_across_ranks(result, names, rank, world)
 
 
-def gather_across_ranks(fn, items: list, rank: int, world: int) -> list:
-    """``[fn(x) for x in items]`` with the work split over ranks; errors re-raised on every rank."""
+# Groups of a remote cache read at once at start-up (threads: each waits on its requests). On object
+# storage every request waits tens of milliseconds, so one group after another made the start-up
+# check of 100 shards take 55 s at 20 ms per request (docs/benchmarks.md, "Scale").
+REMOTE_READS_AT_ONCE = 16
+
+
+def gather_across_ranks(fn, items: list, rank: int, world: int, threads: int = 1) -> list:
+    """``[fn(x) for x in items]`` with the work split over ranks (and, with ``threads`` > 1, over that
+    many threads of this process, for work that waits on storage); errors re-raised on every rank
+    (the first item's error in order wins)."""
     mine = {}
     err = None
-    for i in range(rank, len(items), world):
-        try:
-            mine[i] = fn(items[i])
-        except KdcacheError as e:
-            err = str(e)
-            break
+    share = list(range(rank, len(items), world))
+    if threads > 1 and len(share) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(i):
+            try:
+                return fn(items[i]), None
+            except KdcacheError as e:
+                return None, str(e)
+
+        with ThreadPoolExecutor(min(threads, len(share))) as pool:
+            for i, (value, e) in zip(share, pool.map(one, share)):
+                if e is not None:
+                    err = e
+                    break
+                mine[i] = value
+    else:
+        for i in share:
+            try:
+                mine[i] = fn(items[i])
+            except KdcacheError as e:
+                err = str(e)
+                break
     if world > 1:
         parts = [None] * world
         dist.all_gather_object(parts, (mine, err))
@@ -239,10 +276,12 @@ def prepare_shards(
     over ranks) to find the undecodable ones, which go into ``ShardInfo.bad`` and are not counted.
     With a cache the bad records are the cache's (``bad`` attribute) either way.
     """
+    threads = 1
     if reader is not None:
         reader.load_index()  # a remote cache's index of complete groups: no request per group below
+        threads = REMOTE_READS_AT_ONCE if reader.is_remote else 1  # each shard's keys: one read that waits
     return gather_across_ranks(lambda u: _check_one(u, reader, need_labels, scan_local, skip_bad, num_classes), urls,
-                               rank, world)
+                               rank, world, threads)
 
 
 # ---- what workers ship ------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -79,6 +80,7 @@ class CacheReader:
         self._all_files: dict[str, dict[str, int | None]] | None = None
         self._index: dict[str, dict] = {}  # complete groups from the index (index.py): group -> entry
         self._index_read = False
+        self._listing_lock = threading.Lock()  # groups may be read from several threads (train start-up)
 
     @property
     def views(self) -> int:
@@ -104,6 +106,11 @@ class CacheReader:
     def samples(self) -> int | None:
         """N, the draws per record of a sampled cache (None for top-k)."""
         return int(self.manifest["targets"]["samples"]) if self.kind == "sample" else None
+
+    @property
+    def is_remote(self) -> bool:
+        """Whether the cache is behind an fsspec URL (each request may wait on the network)."""
+        return self._fs is not None
 
     @property
     def class_names(self) -> list[str] | None:
@@ -330,10 +337,11 @@ class CacheReader:
         listing of every group (``list_all_groups``): checking all groups of a cache then costs
         about one list request per 1000 files instead of one per group. A group missing from that
         listing (written since) is listed on its own."""
-        self._listed_groups += 1
-        if self._fs is not None and self._listed_groups >= 2:
-            if self._all_files is None:
+        with self._listing_lock:  # one listing of the whole cache, whichever thread asks first
+            self._listed_groups += 1
+            if self._fs is not None and self._listed_groups >= 2 and self._all_files is None:
                 self._all_files = list_all_groups(*self._fs)
+        if self._all_files is not None:
             if name in self._all_files:
                 return self._all_files[name], True
         return list_files(self.root, self.path, name, self._fs), False
