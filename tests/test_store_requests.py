@@ -227,9 +227,9 @@ def test_start_up_reads_remote_groups_at_once(indexed, counted, monkeypatch):
     assert close >= len(ends) // 2, (close, len(ends))
     threaded = len(ends)
     monkeypatch.setenv(scale_support.ENV_LATENCY, "0")
-    import kdcache.learn.replay as replay
+    import kdcache.cache.store.reader as store_reader
 
-    monkeypatch.setattr(replay, "REMOTE_READS_AT_ONCE", 1)  # one at a time: the same data reads
+    monkeypatch.setattr(store_reader, "REMOTE_READS_AT_ONCE", 1)  # one at a time: the same data reads
     _restart_log()
     assert _start_up(out, data) == 3 * SHARDS
     assert sum(line.split("\t")[4] == "data" for line in log.read_text().splitlines()) == threaded
@@ -345,3 +345,66 @@ def test_a_data_worker_with_the_index_reads_no_group_metadata(indexed, counted):
         assert len(r.read_view(name, 1)) == 2
     meta = [p for m, p, _ in counted(out) if p.endswith("zarr.json")]
     assert meta == ["zarr.json", "train-000000/zarr.json"], meta  # the manifest and the open's probe only
+
+
+def test_read_ahead_keeps_order_bounds_the_threads_and_raises_in_turn(indexed):
+    """``CacheReader.read_ahead``: results in the names' order; on a remote cache several calls run
+    at once but never more than asked; an error surfaces when its name's turn comes (the names
+    before it are all delivered); a local cache runs one call at a time, in order."""
+    import threading
+    import time
+
+    from kdcache.cache.store import CacheReader
+    from kdcache.errors import KdcacheError
+
+    data, out = indexed[3 * SHARDS]
+    state = {"now": 0, "most": 0}
+    lock = threading.Lock()
+
+    def slow(name):
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+        time.sleep(0.02)
+        with lock:
+            state["now"] -= 1
+        if name == "bad":
+            raise KdcacheError("bad group")
+        return name.upper()
+
+    r = CacheReader(f"countfs://{out}")
+    names = [f"g{i}" for i in range(20)]
+    assert list(r.read_ahead(names, slow, at_once=4)) == [n.upper() for n in names]
+    assert 1 < state["most"] <= 4, state
+    got = []
+    with pytest.raises(KdcacheError, match="bad group"):
+        for x in r.read_ahead(names[:5] + ["bad"] + names[5:], slow, at_once=4):
+            got.append(x)
+    assert got == [n.upper() for n in names[:5]]
+    state["most"] = 0
+    local = CacheReader(str(out))
+    assert list(local.read_ahead(names, slow)) == [n.upper() for n in names] and state["most"] == 1
+
+
+def test_a_data_worker_reads_a_remote_caches_views_ahead(indexed, counted, monkeypatch):
+    """An epoch's stream reads its shards' views ahead on a remote cache (waiting together, as train
+    start-up does): with a fixed latency per request, many data reads end within half a latency of
+    the previous one, which one group after another cannot do."""
+    from kdcache.learn.replay import ReplayStream, StreamConfig, prepare_shards
+    from kdcache.cache.store import CacheReader
+
+    latency_ms = 30
+    data, out = indexed[3 * SHARDS]
+    url = f"countfs://{out}"
+    urls = sorted(str(p) for p in data.glob("*.tar"))
+    shards = prepare_shards(urls, CacheReader(url), False, scan_local=False)
+    stream = ReplayStream(shards, StreamConfig(cache=url, batch_size=4, res=16, seed=0, with_targets=True))
+    monkeypatch.setenv(scale_support.ENV_LATENCY, str(latency_ms))
+    log = Path(os.environ[scale_support.ENV_REQUESTS])
+    _restart_log()
+    records = sum(len(b) for b in stream if hasattr(b, "keys"))
+    assert records == sum(s.count for s in shards)
+    ends = sorted(float(line.split("\t")[0]) for line in log.read_text().splitlines()
+                  if line.split("\t")[4] == "data")
+    close = sum(b - a < latency_ms / 2000 for a, b in zip(ends, ends[1:]))
+    assert close >= len(ends) // 2, (close, len(ends))

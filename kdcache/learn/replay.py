@@ -60,6 +60,7 @@ from ..errors import BadImageError, KdcacheError, size_text
 from ..runtime import guarded, raise_if_error, unbatched, worker_init, worker_items, worker_share
 from ..data.shards import decode_image, decode_shard, is_remote, iter_samples, scan_keys, scan_labels, shard_name
 from ..cache.store import CacheReader
+from ..cache.store.reader import reads_at_once
 from ..data.render import backend_conflict, renderer_for
 from ..data.views import AugSpec, ShardViews, sample_shard_views, stable_seed
 from ..data.render import CropBatch, crop_batch
@@ -190,12 +191,9 @@ def check_cache_groups(reader: CacheReader, names: list[str], workers: int, rank
 
     share = names[rank::world]
     if reader.is_remote and len(share) > 1:  # waiting on requests, not the CPU: threads, all in this reader
-        from concurrent.futures import ThreadPoolExecutor
-
         for name in share:
             reader.check_shard(name)  # metadata, in order (from the index: no request of its own)
-        with ThreadPoolExecutor(min(REMOTE_READS_AT_ONCE, len(share))) as pool:
-            found = dict(zip(share, pool.map(partial(_check_in, reader), share)))
+        found = dict(zip(share, reader.read_ahead(share, partial(_check_in, reader))))
     elif workers > 1 and len(share) > 1:
         check = partial(_check_group, reader.path, storage_options, reader.check_digests)
         with ProcessPoolExecutor(min(workers, len(share))) as pool:
@@ -215,12 +213,6 @@ def check_cache_groups(reader: CacheReader, names: list[str], workers: int, rank
             raise KdcacheError(found[name])
 
     gather_across_ranks(result, names, rank, world)
-
-
-# Groups of a remote cache read at once at start-up (threads: each waits on its requests). On object
-# storage every request waits tens of milliseconds, so one group after another made the start-up
-# check of 100 shards take 55 s at 20 ms per request (docs/benchmarks.md, "Scale").
-REMOTE_READS_AT_ONCE = 16
 
 
 def gather_across_ranks(fn, items: list, rank: int, world: int, threads: int = 1) -> list:
@@ -279,7 +271,7 @@ def prepare_shards(
     threads = 1
     if reader is not None:
         reader.load_index()  # a remote cache's index of complete groups: no request per group below
-        threads = REMOTE_READS_AT_ONCE if reader.is_remote else 1  # each shard's keys: one read that waits
+        threads = reads_at_once() if reader.is_remote else 1  # each shard's keys: one read that waits
     return gather_across_ranks(lambda u: _check_one(u, reader, need_labels, scan_local, skip_bad, num_classes), urls,
                                rank, world, threads)
 
@@ -650,14 +642,16 @@ class ReplayStream(IterableDataset):
             self._reader.load_index()  # remote: its groups' metadata from the index, not a read per group
         return self._reader
 
-    def _load(self, info: ShardInfo, view: int, epoch: int = 0) -> _Shard:
+    def _load(self, info: ShardInfo, view: int, epoch: int = 0, rec=None) -> _Shard:
+        """One shard's records for this epoch: its images decoded, and (with a cache) its view ``view``
+        (``rec``, when read ahead by the caller) checked against them."""
         cfg = self.cfg
         reader = self._open_reader()
         d = decode_shard(info.url, skip_bad=reader is not None or cfg.skip_bad, renderer=self.renderer)
         keys, sizes, images, bad_decode, labels = d.keys, d.sizes, d.images, d.bad, d.labels
         n = len(keys)
         if reader is not None:
-            rec = reader.read_view(info.name, view)
+            rec = rec if rec is not None else reader.read_view(info.name, view)
             ckeys = [str(k) for k in rec.keys]
             if keys != ckeys:
                 raise _key_mismatch(info.url, info.name, reader.path, keys, ckeys)
@@ -720,8 +714,13 @@ class ReplayStream(IterableDataset):
         rng = np.random.Generator(np.random.PCG64(stable_seed("shuffle", cfg.seed, plan.epoch, cfg.rank, wid)))
         size = max(0, int(cfg.shuffle_buffer))
         buf: list = []
-        for si in plan.worker_shards[wid]:
-            shard = self._load(self.shards[si], plan.view, plan.epoch)
+        infos = [self.shards[si] for si in plan.worker_shards[wid]]
+        reader = self._open_reader()
+        # A remote cache's views are read ahead (their requests wait together); the images in turn.
+        views = (reader.read_ahead([s.name for s in infos], lambda name: reader.read_view(name, plan.view))
+                 if reader is not None else (None for _ in infos))
+        for info, rec in zip(infos, views):
+            shard = self._load(info, plan.view, plan.epoch, rec)
             for i in rng.permutation(shard.usable):
                 if len(buf) < size:
                     buf.append((shard, int(i)))

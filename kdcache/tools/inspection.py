@@ -153,9 +153,11 @@ def summarize(cache, storage_options: dict | None = None, top: int = SUMMARY_TOP
     reader = open_unchecked(cache, storage_options)
     man = reader.manifest
     C, V = reader.num_classes, reader.views
-    present = reader.shard_names()
+    names = reader.shard_names()
+    present = set(names)
     listed = list(man.get("shards") or [])
-    order = listed + [s for s in present if s not in set(listed)]
+    in_manifest = set(listed)
+    order = listed + [s for s in names if s not in in_manifest]
 
     shards, bad_list = [], []
     n_samples = n_bad = n_records = total_bytes = total_raw = 0
@@ -163,6 +165,10 @@ def summarize(cache, storage_options: dict | None = None, top: int = SUMMARY_TOP
     sampled = reader.kind == "sample"
     top1 = Counter()
     complete_names, incomplete, missing, edited_views, impossible = [], [], [], [], []
+    # the complete groups' data, read ahead on a remote cache (validates arrays, shapes and dtypes)
+    attrs_of = {n: reader.shard_attrs(n) for n in order if n in present}
+    readable = [n for n in order if n in attrs_of and attrs_of[n].get("complete", False)]
+    datas = reader.read_ahead(readable, reader.read_shard)
     for name in order:
         row = {"name": name, "status": "missing", "complete": False, "samples": None, "bad": None,
                "records": None, "bytes": 0, "raw_bytes": None, "source": None, "render": None}
@@ -170,7 +176,7 @@ def summarize(cache, storage_options: dict | None = None, top: int = SUMMARY_TOP
             missing.append(name)
             shards.append(row)
             continue
-        attrs = reader.shard_attrs(name)
+        attrs = attrs_of[name]
         row["source"] = attrs.get("source")
         row["render"] = attrs.get("render")
         row["samples"] = int(attrs["num_samples"]) if "num_samples" in attrs else None
@@ -180,7 +186,7 @@ def summarize(cache, storage_options: dict | None = None, top: int = SUMMARY_TOP
             incomplete.append(name)
             shards.append(row)
             continue
-        data = reader.read_shard(name)  # validates arrays, shapes and dtypes
+        data = next(datas)
         edited = reader.digest_problems(name, data)
         if edited:
             edited_views.append({"shard": name, "views": edited})

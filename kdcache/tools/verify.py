@@ -164,8 +164,7 @@ def sample(reader: CacheReader, names: list[str], samples: int, seed: int) -> tu
     """``samples`` (shard, record, view) picks, uniform over the usable records. Returns (picks, population)."""
     V = reader.views
     pool, counts, rows = [], [], {}
-    for name in names:
-        keys, size = reader.keys(name), reader.sizes(name)
+    for name, (keys, size) in zip(names, reader.read_ahead(names, lambda n: (reader.keys(n), reader.sizes(n)))):
         valid = np.flatnonzero(valid_records(keys, size, dict(reader.shard_attrs(name).get("bad") or {})))
         if len(valid):
             pool.append(name)
@@ -391,8 +390,8 @@ def edited_groups(reader: CacheReader, names: list[str]) -> list[str]:
     after precompute). Targets no teacher output has (NaN, +inf) left by an older kdcache are
     refused outright (exit 2)."""
     problems = []
-    for name in names:
-        data = reader.read_shard(name)  # not checked: this reader reports edits instead of refusing them
+    # not checked: this reader reports edits instead of refusing them
+    for name, data in zip(names, reader.read_ahead(names, reader.read_shard)):
         if views := reader.digest_problems(name, data):
             problems.append(f"shard group {name!r}: views {views} no longer match the digests precompute recorded: "
                             "the cache was edited or damaged after precompute")
