@@ -408,3 +408,17 @@ def test_a_data_worker_reads_a_remote_caches_views_ahead(indexed, counted, monke
                   if line.split("\t")[4] == "data")
     close = sum(b - a < latency_ms / 2000 for a, b in zip(ends, ends[1:]))
     assert close >= len(ends) // 2, (close, len(ends))
+
+
+def test_inspect_lists_the_cache_once_while_reading_ahead(indexed, counted):
+    """inspect's summary reads a remote cache's groups ahead; their sizes still come from the one
+    listing of the whole cache (taken before reading drops a checked group's part of it), so no
+    group is listed on its own but the first."""
+    from kdcache.tools.inspection import summarize
+
+    data, out = indexed[3 * SHARDS]
+    _restart_log()
+    s = summarize(f"countfs://{out}")
+    assert s["totals"]["bytes"] > 0 and len([r for r in s["shards"] if r["complete"]]) == 3 * SHARDS
+    finds = [p for m, p, _ in counted(out) if m == "find"]
+    assert sorted(finds) == ["", "train-000000"], finds

@@ -167,6 +167,7 @@ def summarize(cache, storage_options: dict | None = None, top: int = SUMMARY_TOP
     complete_names, incomplete, missing, edited_views, impossible = [], [], [], [], []
     # the complete groups' data, read ahead on a remote cache (validates arrays, shapes and dtypes)
     attrs_of = {n: reader.shard_attrs(n) for n in order if n in present}
+    bytes_of = {n: _bytes_under(reader, n) for n in attrs_of}  # from the listing, before reading drops its entries
     readable = [n for n in order if n in attrs_of and attrs_of[n].get("complete", False)]
     datas = reader.read_ahead(readable, reader.read_shard)
     for name in order:
@@ -180,7 +181,7 @@ def summarize(cache, storage_options: dict | None = None, top: int = SUMMARY_TOP
         row["source"] = attrs.get("source")
         row["render"] = attrs.get("render")
         row["samples"] = int(attrs["num_samples"]) if "num_samples" in attrs else None
-        row["bytes"] = _bytes_under(reader, name)
+        row["bytes"] = bytes_of[name]
         if not attrs.get("complete", False):
             row["status"] = "incomplete"
             incomplete.append(name)
