@@ -128,18 +128,22 @@ def encode_group(manifest: dict, where: str, name, keys, size, classes, values, 
                 f"write_shard({name!r}): the given {a} differs from the views the seeded sampler draws for this "
                 "cache's seed and augmentation; a compact cache does not store its views, it re-derives them, so "
                 "it can only hold the sampler's views")
-    lists = enc.image_class_lists(classes, weights)
-    class_list = enc.pad_lists(lists, cdt)
-    codes = enc.encode_classes(classes, class_list)
-    stored = {"size": np.asarray(size), "class_list": class_list, "class_code": codes}
+    stored = {"size": np.asarray(size)}
     if kind == "sample":
         stored["counts"] = targets["counts"]
     else:
-        steps, logmass = enc.quantise_logprobs(lp, float(manifest["encoding"]["logprob_step"]))
+        step = float(manifest["encoding"]["logprob_step"])
+        steps, logmass = enc.quantise_logprobs(lp, step)
         if lp.shape[-1] > 1:
             stored["logprob_steps"] = steps
         stored["topk_logmass"] = logmass
         decoded.update(logprob_steps=steps, topk_logmass=logmass)
+        # the lists are ordered by what a reader decodes, so a group re-encoded from its decoded
+        # views (grown to more views, growth.py) gets the lists a one-go run would
+        weights = np.exp(enc.dequantise_logprobs(steps, logmass, step).astype(np.float64))
+    class_list = enc.pad_lists(enc.image_class_lists(classes, weights), cdt)
+    codes = enc.encode_classes(classes, class_list)
+    stored.update(class_list=class_list, class_code=codes)
     decoded["classes"] = enc.decode_classes(codes, class_list)
     if not np.array_equal(classes, decoded["classes"]):
         raise KdcacheError(f"write_shard({name!r}): the class codes do not decode to the classes (a bug)")
@@ -164,7 +168,7 @@ def decode_group(manifest: dict, where: str, name: str, st: dict, view: int | No
                 steps = np.zeros(codes.shape[:2] + (0,), np.uint8)
             d["logprobs"] = enc.dequantise_logprobs(steps, st["topk_logmass"], logprob_step).astype(np.float32)
         sv = derived_views(manifest, where, name, d["keys"], d["size"], bad,
-                           list(range(int(manifest["views"]))) if view is None else [view])
+                           list(range(codes.shape[1])) if view is None else [view])
         max_side = int(np.asarray(d["size"]).max()) if len(d["keys"]) else 0
         d.update(box=sv.box.astype(box_dtype(max_side)), flip=sv.flip, mix_with=sv.mix_with, mix_lam=sv.mix_lam)
     if kind_of(manifest) == "sample":

@@ -112,10 +112,10 @@ def layout_arrays(manifest: dict) -> tuple[str, ...]:
     return ("keys", "size", "class_list", "class_code", "counts")
 
 
-def manifest_differences(old: dict, new: dict) -> list[str]:
-    """Human-readable lines for each matched field where two manifests disagree."""
+def manifest_differences(old: dict, new: dict, fields: tuple[str, ...] = MATCHED_FIELDS) -> list[str]:
+    """Human-readable lines for each of ``fields`` where two manifests disagree (and the render backend)."""
     out = []
-    for name in MATCHED_FIELDS:
+    for name in fields:
         a, b = old.get(name), new.get(name)
         if name == "compute" and old.get("format_version") == 1:
             continue  # format 1 did not record it (and a format-1 cache is never written to again)

@@ -27,11 +27,14 @@ from .index import group_entry, INDEX_DIR, read_index, entry_matches, segment_by
 from .layouts import (
     CLASS_LIST_CODEC, CODES_CODEC, CRC_CODEC, encode_group, encode_keys, FLOAT_CODEC, INT_CODEC, LOGMASS_CODEC,
 )
+from .growth import (
+    finished_manifest, group_views, grown_manifest, growing_from, older_groups, older_groups_error, shrink_error,
+)
 from .manifest import (
     arrays_of, box_dtype, class_dtype, FORMAT_VERSION, is_local, KEYS_ATTRS, layout_arrays, layout_of,
-    manifest_differences, open_manifest, open_root,
+    manifest_differences, MATCHED_FIELDS, open_manifest, open_root,
 )
-from .records import decode_record_text, probe_record, RECORD_ATTR
+from .records import decode_record_text, probe_record, RECORD_ATTR, VIEWS_ATTR
 
 
 # ---- root creation -----------------------------------------------------------------------------
@@ -119,6 +122,7 @@ class CacheWriter:
         self.kind, self.layout = kind_of(manifest), layout_of(manifest)
         self.arrays = layout_arrays(manifest)
         self.record = decode_record_text(manifest)  # every group records it (RECORD_ATTR)
+        self.growing: int | None = None  # V_old while the cache's views are being grown (growth.py)
         self.root = self._create_or_open()
         # The index of complete groups (index.py), remote caches only: this writer's segment, and the
         # groups the index and one listing of the cache found complete when first asked (resume).
@@ -156,7 +160,7 @@ class CacheWriter:
                 f"with the kdcache release that started it{f' ({made_by})' if made_by else ''}, or precompute "
                 "into a new --out path. The cache stays readable for train, inspect and verify."
             )
-        diffs = manifest_differences(old, self.manifest)
+        diffs = manifest_differences(old, self.manifest, tuple(f for f in MATCHED_FIELDS if f != "views"))
         if diffs:
             with warnings.catch_warnings():  # `.claims/` is kdcache's own, not a zarr node
                 warnings.filterwarnings("ignore", message=r"Object at \..* is not recognized as a component")
@@ -173,7 +177,48 @@ class CacheWriter:
             )
         root = open_root(path, "r+", self.storage_options)
         probe_record(root, old, path)  # an edited manifest: never add groups written with the edit
+        return self._grow_if_asked(root, old)
+
+    def _grow_if_asked(self, root, old: dict):
+        """The opened root, its manifest made a growing one when this run asks for more views than
+        the cache holds (refused for fewer, and for a cache with groups written before groups
+        recorded their own V). One atomic write of the root's metadata."""
+        have, want = int(old["views"]), int(self.manifest["views"])
+        if want < have:
+            raise shrink_error(self.path, have, want)
+        stored = old
+        if want > have:
+            with warnings.catch_warnings():  # `.claims/` is kdcache's own, not a zarr node
+                warnings.filterwarnings("ignore", message=r"Object at \..* is not recognized as a component")
+                attrs = {n: dict(g.attrs) for n, g in root.groups()}
+            older = older_groups(attrs)
+            if older:
+                raise older_groups_error(self.path, older)
+            stored = grown_manifest(old, self.manifest)
+            root.attrs.update({"kdcache": stored})
+        self.growing = growing_from(stored)
         return root
+
+    def stored_views(self, name: str) -> int:
+        """V of group ``name`` if it is complete (fewer than this run's V when it is to grow), else 0."""
+        try:
+            attrs = dict(self.root[name].attrs)
+        except (KeyError, ValueError):
+            return 0
+        return group_views(attrs, self.manifest) if attrs.get("complete", False) else 0
+
+    def finish_growth(self) -> bool:
+        """End a growth once every listed group holds this run's V: the manifest's ``growing`` is
+        removed in one atomic write of the root's metadata. True when this call ended it."""
+        if self.growing is None or not all(self.is_complete(str(n)) for n in self.manifest["shards"]):
+            return False
+        root = open_root(self.path, "r+", self.storage_options)
+        stored = dict(root.attrs["kdcache"])
+        if int(stored["views"]) != int(self.manifest["views"]) or growing_from(stored) is None:
+            return False  # another run grows it further, or has ended it
+        root.attrs.update({"kdcache": finished_manifest(stored)})
+        self.growing = None
+        return True
 
     def _create_local(self) -> None:
         """Create the root group of a local cache atomically, unless it exists.
@@ -283,8 +328,8 @@ class CacheWriter:
             return False, None  # it cannot say complete, so it is redone
         except OSError as e:
             raise damaged_error(f"the metadata of cache group {name!r} in {self.path}", e) from None
-        if not attrs.get("complete", False):
-            return False, None
+        if not attrs.get("complete", False) or group_views(attrs, self.manifest) < int(self.manifest["views"]):
+            return False, None  # (a complete group with fewer views is to be grown: rewritten whole)
         try:
             files = list_files(self.root, self.path, name, self._fs)
         except Exception as e:
@@ -304,7 +349,9 @@ class CacheWriter:
 
             found = read_index(*self._fs)
             listing = list_all_groups(*self._fs) if found else {}
-            self._indexed_done = {n for n, e in found.items() if entry_matches(e, listing.get(n, {}))}
+            V = int(self.manifest["views"])
+            self._indexed_done = {n for n, e in found.items() if entry_matches(e, listing.get(n, {}))
+                                  and group_views(e["attrs"], self.manifest) >= V}
             self._listed = set(listing) if found else None
         return name in self._indexed_done
 
@@ -455,6 +502,7 @@ class CacheWriter:
         key_rows = encode_keys(keys)  # refuses a key that cannot round-trip, before touching the store
         stored, decoded = encode_group(self.manifest, self.path, name, keys, np.asarray(size), np.asarray(classes),
                                        given[need], box, flip, mix_with, mix_lam, bad or {})
+        digests = [digest_of(self.kind, self.layout, decoded, v, self.record) for v in range(V)]
         claim = self._claim_for_write(name, claim)
         try:
             claim.check()
@@ -464,6 +512,7 @@ class CacheWriter:
                     f"shard group {name!r} in cache {self.path} is already complete; kdcache never overwrites "
                     "a complete group"
                 )
+            self._check_kept_views(name, digests)
             try:
                 self._write_arrays(name, source, n, {"keys": key_rows, **stored})
             except OSError as e:  # a full disk, a quota: the CLI names the place it happened
@@ -484,7 +533,6 @@ class CacheWriter:
                     "writing into this cache without claims? Re-run to redo the group"
                 )
             claim.check()
-            digests = [digest_of(self.kind, self.layout, decoded, v, self.record) for v in range(V)]
             done_attrs = {"bad": dict(bad or {}), "render": render or self.manifest.get("render"),
                           DIGEST_ATTR: digests, "complete": True}
             g.attrs.update(done_attrs)
@@ -492,6 +540,21 @@ class CacheWriter:
         finally:
             claim.release()
             self._claims.pop(name, None)
+
+    def _check_kept_views(self, name: str, digests: list[str]) -> None:
+        """A complete group about to be grown (fewer views than this run's) must get its stored views
+        back unchanged: their recorded digests must equal the new data's, else nothing is written."""
+        try:
+            attrs = dict(self.root[name].attrs)
+        except (KeyError, ValueError):
+            return
+        kept = list(attrs.get(DIGEST_ATTR) or []) if attrs.get("complete", False) else []
+        changed = [v for v, d in enumerate(kept) if d != digests[v]]
+        if changed:
+            raise KdcacheError(
+                f"growing cache group {name!r} in {self.path} would change its stored views {changed[:5]}: the "
+                "shard's images or keys, or the teacher's outputs, are not those the group was written with. Nothing "
+                "was written; the group keeps its views. Check the data and the teacher, or precompute into a new --out")
 
     def _claim_for_write(self, name: str, claim: ShardClaim | None) -> ShardClaim:
         """The claim ``write_shard`` writes group ``name`` under: the one given (checked to be this
@@ -521,7 +584,7 @@ class CacheWriter:
     def _first_attrs(self, source: str, n: int) -> dict:
         """A group's attributes as it is created (``complete`` false)."""
         return {"source": source, "num_samples": n, "complete": False, EVERY_CHUNK_ATTR: True,
-                RECORD_ATTR: self.record}
+                RECORD_ATTR: self.record, VIEWS_ATTR: int(self.manifest["views"])}
 
     def _write_arrays(self, name, source, n, data: dict) -> None:
         g = self.root.create_group(name, overwrite=True)
