@@ -581,12 +581,24 @@ class CacheWriter:
             raise KdcacheError(f"write_shard({name!r}): the claim is not one of this cache ({self.path})")
         return claim
 
+    def _uncomplete(self, name: str) -> None:
+        """Mark a complete group (one being grown to more views) incomplete before anything of it is
+        removed: replacing a group deletes its files one by one, and a kill in the middle must leave
+        a group that says incomplete (redone by the next run), never a complete one missing arrays."""
+        try:
+            g = self.root[name]
+            if g.attrs.get("complete", False):
+                g.attrs.update({"complete": False})
+        except (KeyError, ValueError):  # no group, or a zarr.json that does not parse: not complete
+            pass
+
     def _first_attrs(self, source: str, n: int) -> dict:
         """A group's attributes as it is created (``complete`` false)."""
         return {"source": source, "num_samples": n, "complete": False, EVERY_CHUNK_ATTR: True,
                 RECORD_ATTR: self.record, VIEWS_ATTR: int(self.manifest["views"])}
 
     def _write_arrays(self, name, source, n, data: dict) -> None:
+        self._uncomplete(name)
         g = self.root.create_group(name, overwrite=True)
         g.attrs.update(self._first_attrs(source, n))
         rows = max(n, 1)
