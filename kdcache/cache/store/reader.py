@@ -16,6 +16,7 @@ from .integrity import (
     blosc_cut, damaged_error, EVERY_CHUNK_ATTR, filesystem_of, head_reader, list_all_groups, list_files,
     missing_data, nonfinite_records,
 )
+from .class_coding import CODING_ATTR, coding_of
 from .growth import group_views, growing_error, growing_from
 from .index import entry_matches, open_arrays, read_index
 from .layouts import decode_group, is_string_keys, read_keys
@@ -70,7 +71,6 @@ class CacheReader:
         self.format_version = int(self.manifest["format_version"])
         self.kind = kind_of(self.manifest)  # "topk" or "sample"
         self.layout = layout_of(self.manifest)  # "plain" or "compact"
-        self.arrays = layout_arrays(self.manifest)
         self._fs = filesystem_of(self.path, storage_options)
         probe_record(self.root, self.manifest, self.path)  # an edited manifest is named before anything is read
         self._groups: set[str] = set()  # shard groups seen so far (groups are never removed)
@@ -258,7 +258,7 @@ class CacheReader:
                 present = arrays_of(self._complete_nodes[name] if name in self._complete_nodes else self.root[name])
         except Exception as e:
             raise damaged_error(f"the arrays' metadata of cache group {name!r} in {self.path}", e) from None
-        names = self.arrays
+        names = layout_arrays(self.manifest, coding_of(attrs))
         missing = [a for a in names if a not in present]
         if missing:
             raise KdcacheError(f"shard {name!r} in cache {self.path} lacks arrays {missing}; re-run precompute on it")
@@ -375,7 +375,7 @@ class CacheReader:
         one) or all views (None)."""
         _, arr, _ = self._open_shard(name)
         out = {}
-        for a in self.arrays:
+        for a in arr:  # the group's arrays (its layout and class coding), in their order
             if a == "keys":
                 out[a] = self._read(name, a, lambda: read_keys(arr["keys"]))
             elif a in ("size", "class_list") or view is None:
@@ -439,12 +439,14 @@ class CacheReader:
         """The digest of every view of a group as its data (``data``: all views decoded, default read
         here) is now; ``view_digests`` are the ones precompute recorded."""
         d = data if data is not None else CacheReader._read_all(self, name)
-        record = self._open_shard(name)[2].get(RECORD_ATTR)
-        return [digest_of(self.kind, self.layout, d, v, record) for v in range(self.group_views(name))]
+        attrs = self._open_shard(name)[2]
+        return [digest_of(self.kind, self.layout, d, v, attrs.get(RECORD_ATTR), attrs.get(CODING_ATTR))
+                for v in range(self.group_views(name))]
 
     def _check_digest(self, name: str, view: int, attrs: dict, d: dict, j: int) -> None:
         want = attrs.get(DIGEST_ATTR)
-        if want is None or digest_of(self.kind, self.layout, d, j, attrs.get(RECORD_ATTR)) == want[view]:
+        if want is None or digest_of(self.kind, self.layout, d, j, attrs.get(RECORD_ATTR),
+                                     attrs.get(CODING_ATTR)) == want[view]:
             return
         raise KdcacheError(
             f"cache group {name!r} of {self.path}: view {view} does not match the digest precompute recorded for it: "

@@ -27,6 +27,7 @@ from .index import group_entry, INDEX_DIR, read_index, entry_matches, segment_by
 from .layouts import (
     CLASS_LIST_CODEC, CODES_CODEC, CRC_CODEC, encode_group, encode_keys, FLOAT_CODEC, INT_CODEC, LOGMASS_CODEC,
 )
+from .class_coding import adopted_encoding, CODING_ATTR, coding_of
 from .growth import (
     finished_manifest, group_views, grown_manifest, growing_from, older_groups, older_groups_error, shrink_error,
 )
@@ -120,10 +121,9 @@ class CacheWriter:
         self._fs = filesystem_of(self.path, storage_options)
         self._claims: dict[str, ShardClaim] = {}
         self.kind, self.layout = kind_of(manifest), layout_of(manifest)
-        self.arrays = layout_arrays(manifest)
-        self.record = decode_record_text(manifest)  # every group records it (RECORD_ATTR)
         self.growing: int | None = None  # V_old while the cache's views are being grown (growth.py)
         self.root = self._create_or_open()
+        self.record = decode_record_text(self.manifest)  # every group records it (RECORD_ATTR)
         # The index of complete groups (index.py), remote caches only: this writer's segment, and the
         # groups the index and one listing of the cache found complete when first asked (resume).
         self._index_token, self._index_seq, self._index_groups = uuid.uuid4().hex, 0, {}
@@ -160,6 +160,7 @@ class CacheWriter:
                 f"with the kdcache release that started it{f' ({made_by})' if made_by else ''}, or precompute "
                 "into a new --out path. The cache stays readable for train, inspect and verify."
             )
+        self.manifest = adopted_encoding(old, self.manifest)
         diffs = manifest_differences(old, self.manifest, tuple(f for f in MATCHED_FIELDS if f != "views"))
         if diffs:
             with warnings.catch_warnings():  # `.claims/` is kdcache's own, not a zarr node
@@ -335,7 +336,7 @@ class CacheWriter:
         except Exception as e:
             return True, ("?", f"its files cannot be listed: {type(e).__name__}: {e}")
         return True, missing_data_quick(files, int(attrs.get("num_samples", -1)), int(self.manifest["topk"]), attrs,
-                                        self.arrays)
+                                        layout_arrays(self.manifest, coding_of(attrs)))
 
     def _indexed_complete(self, name: str) -> bool:
         """Whether the index (remote caches) records ``name`` complete with every recorded file still
@@ -500,9 +501,12 @@ class CacheWriter:
             if tuple(np.shape(arr)) != shape:
                 raise ValueError(f"write_shard({name!r}): {a} has shape {np.shape(arr)}, expected {shape}")
         key_rows = encode_keys(keys)  # refuses a key that cannot round-trip, before touching the store
-        stored, decoded = encode_group(self.manifest, self.path, name, keys, np.asarray(size), np.asarray(classes),
-                                       given[need], box, flip, mix_with, mix_lam, bad or {})
-        digests = [digest_of(self.kind, self.layout, decoded, v, self.record) for v in range(V)]
+        stored, decoded, layout_attrs = encode_group(self.manifest, self.path, name, keys, np.asarray(size),
+                                                     np.asarray(classes), given[need], box, flip, mix_with, mix_lam,
+                                                     bad or {})
+        digests = [digest_of(self.kind, self.layout, decoded, v, self.record, layout_attrs.get(CODING_ATTR))
+                   for v in range(V)]
+        names = layout_arrays(self.manifest, coding_of(layout_attrs))
         claim = self._claim_for_write(name, claim)
         try:
             claim.check()
@@ -514,7 +518,8 @@ class CacheWriter:
                 )
             self._check_kept_views(name, digests)
             try:
-                self._write_arrays(name, source, n, {"keys": key_rows, **stored})
+                self._write_arrays(name, {**self._first_attrs(source, n), **layout_attrs}, names,
+                                   {"keys": key_rows, **stored})
             except OSError as e:  # a full disk, a quota: the CLI names the place it happened
                 if e.filename is None:
                     e.filename = f"{self.path.rstrip('/')}/{name}"
@@ -523,8 +528,8 @@ class CacheWriter:
             # Only with every array's data on disk, and the claim still ours, does the group count as done.
             arrays = arrays_of(g)
             files = list_files(self.root, self.path, name, self._fs)
-            extra = sorted(set(arrays) - set(self.arrays))
-            lost = missing_data(arrays, files, n, k, {EVERY_CHUNK_ATTR: True}, self.arrays)
+            extra = sorted(set(arrays) - set(names))
+            lost = missing_data(arrays, files, n, k, {EVERY_CHUNK_ATTR: True}, names)
             if lost is not None or extra:
                 what = (f"array {lost[0]!r} is missing after it was written ({lost[1]})" if lost
                         else f"it holds other arrays {extra}")
@@ -536,7 +541,7 @@ class CacheWriter:
             done_attrs = {"bad": dict(bad or {}), "render": render or self.manifest.get("render"),
                           DIGEST_ATTR: digests, "complete": True}
             g.attrs.update(done_attrs)
-            self._record_complete(name, {**self._first_attrs(source, n), **done_attrs}, arrays, files)
+            self._record_complete(name, {**self._first_attrs(source, n), **layout_attrs, **done_attrs}, arrays, files)
         finally:
             claim.release()
             self._claims.pop(name, None)
@@ -597,10 +602,12 @@ class CacheWriter:
         return {"source": source, "num_samples": n, "complete": False, EVERY_CHUNK_ATTR: True,
                 RECORD_ATTR: self.record, VIEWS_ATTR: int(self.manifest["views"])}
 
-    def _write_arrays(self, name, source, n, data: dict) -> None:
+    def _write_arrays(self, name, first_attrs: dict, names: tuple[str, ...], data: dict) -> None:
+        """Create group ``name`` (``complete`` false) with ``first_attrs`` and write its arrays ``names``."""
         self._uncomplete(name)
         g = self.root.create_group(name, overwrite=True)
-        g.attrs.update(self._first_attrs(source, n))
+        g.attrs.update(first_attrs)
+        n = int(first_attrs["num_samples"])
         rows = max(n, 1)
         size = data["size"]
         max_side = int(size.max()) if n else 0
@@ -630,7 +637,7 @@ class CacheWriter:
             "mix_lam": (np.float16, FLOAT_CODEC), "class_list": (class_dtype(num_classes), CLASS_LIST_CODEC),
             "class_code": (None, CODES_CODEC), "logprob_steps": (np.uint8, CODES_CODEC), "topk_logmass": (np.float16, LOGMASS_CODEC),
         }
-        for aname in self.arrays:
+        for aname in names:
             dtype, codec = specs[aname]
             arr = np.asarray(data[aname])
             if aname == "class_code":
