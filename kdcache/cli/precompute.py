@@ -45,8 +45,9 @@ from .options import (RGB, augmentation, augmentation_options, config_default, t
                    "this temperature; train must use the same --temperature.")
 @click.option("--compact", is_flag=True,
               help="Compact layout (about half the bytes): log-probs quantised to 1/16 nat against the top-1 (top-k "
-                   "mass kept), class ids coded against a per-image class list, views not stored but re-derived "
-                   "from the seed. Lossy for top-k log-probs (docs/format.md gives the bound); plain by default.")
+                   "mass kept), class ids coded against a per-image class list or stored as they are (the smaller, per "
+                   "group), views not stored but re-derived from the seed. Lossy for top-k log-probs (docs/format.md "
+                   "gives the bound); plain by default.")
 @click.option("--seed", default=config_default(PrecomputeConfig, 'seed'), show_default=True, help="Seed of the view sampler.")
 @click.option("--res", default=config_default(PrecomputeConfig, 'res'), show_default=True, help="Teacher input resolution (square).")
 @augmentation_options()

@@ -16,8 +16,9 @@ Layout (format version 3, the default "plain" layout of top-k targets)::
 The manifest's ``targets`` says what the targets are (``topk``, or ``sample``: classes drawn from
 the teacher with their ``counts`` in place of ``logprobs``) and its ``encoding`` how they are laid
 out: ``plain`` (above) or ``compact`` (``precompute --compact``: log-probs quantised against the
-top-1 with the top-k mass kept, class ids coded against a per-image class list, geometry not
-stored but re-derived from the seeded sampler; ``kdcache.cache.encoding``). Whatever the layout,
+top-1 with the top-k mass kept, class ids coded against a per-image class list or stored as they
+are (per group, the cheaper: ``class_coding``), geometry not stored but re-derived from the seeded
+sampler; ``kdcache.cache.encoding``). Whatever the layout,
 ``CacheReader`` returns the same decoded arrays (``ARRAYS``, plus ``counts`` for sampled targets).
 
 Every per-view array is chunked one chunk per view and packed into one Zarr shard, so a shard
