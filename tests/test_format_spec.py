@@ -321,13 +321,10 @@ def lehmer_decode(lst: np.ndarray, code: np.ndarray) -> np.ndarray:
     return cls
 
 
-def page_digest(record: str | None, keys: list[str], arrays: list[tuple[np.ndarray, str]],
-                coding: str | None = None) -> str:
+def page_digest(record: str | None, keys: list[str], arrays: list[tuple[np.ndarray, str]]) -> str:
     h = hashlib.sha256()
     if record is not None:
         h.update(record.encode("utf-8") + b"\n")
-    if coding is not None:
-        h.update(b"class_coding=" + coding.encode("utf-8") + b"\n")
     h.update("\n".join(keys).encode("utf-8"))
     for a, dtype in arrays:
         a = np.ascontiguousarray(np.asarray(a).astype(dtype))
@@ -368,6 +365,6 @@ def test_view_digests_recomputed_from_this_page(spec_caches, which):
             arrays = ([(g["size"][:], "<i4")] + targets
                       + [(geo["box"][:, v], "<i8"), (geo["flip"][:, v], "u1"), (geo["mix_with"][:, v], "<i4"),
                          (geo["mix_lam"][:, v], "<f2")])
-            assert page_digest(record, keys, arrays, attrs.get("class_coding")) == attrs["view_digests"][v], (name, v)
+            assert page_digest(record, keys, arrays) == attrs["view_digests"][v], (name, v)
             checked += 1
     assert checked == V * len(man["shards"])

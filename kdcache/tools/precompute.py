@@ -284,7 +284,8 @@ def precompute(cfg: PrecomputeConfig) -> dict:
                 elif c is not None:
                     claims[name] = c
         todo = [u for u in mine if shard_name(u) in claims]
-        first_views = {u: v for u in todo if (v := writer.stored_views(shard_name(u)))}  # groups to grow
+        first_views = ({u: v for u in todo if (v := writer.stored_views(shard_name(u)))}  # groups to grow
+                       if writer.growing is not None else {})
         summary = {
             "cache": cfg.out, "shards_total": len(urls), "shards_mine": len(mine),
             "shards_skipped": len(mine) - len(todo) - len(elsewhere), "shards_written": 0,

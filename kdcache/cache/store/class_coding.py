@@ -9,7 +9,10 @@
 
 The writer compresses both with the codecs they are stored with, chunk by chunk as they are stored
 (one chunk per view of a per-view array, the list in one chunk), and keeps the smaller; a tie goes
-to ``image_list``. The group records the choice in ``CODING_ATTR``, which its view digests cover.
+to ``image_list``. The group records the choice in ``CODING_ATTR``. Its view digests cover the
+decoded class ids, not the coding's name: a group grown to more views (growth.py) may change coding
+and keeps the digests of its views. An edited attribute is still refused: the group then holds the
+other coding's arrays (``foreign_arrays``).
 Groups of caches whose manifest says ``"classes": "image_list"`` (earlier releases) have no
 attribute and are all ``image_list``.
 """
@@ -33,6 +36,12 @@ _SIZE_CODECS = {
 def coding_of(attrs: dict) -> str:
     """A compact group's class coding (groups without the attribute: ``image_list``)."""
     return str(attrs.get(CODING_ATTR, "image_list"))
+
+
+def foreign_arrays(attrs: dict, present) -> list[str]:
+    """The class arrays of the coding a compact group does not say it uses, among ``present``."""
+    theirs = {"image_list": ("classes",), "direct": ("class_list", "class_code")}.get(coding_of(attrs), ())
+    return sorted(a for a in present if a in theirs)
 
 
 def coded_bytes(arrays: dict[str, np.ndarray]) -> int:

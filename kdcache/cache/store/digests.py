@@ -20,13 +20,10 @@ def view_digest(keys, size, logprobs, classes, box, flip, mix_with, mix_lam) -> 
     return _digest(keys, size, [(logprobs, "<f2"), (classes, "<i8")], box, flip, mix_with, mix_lam)
 
 
-def _digest(keys, size, targets, box, flip, mix_with, mix_lam, record: str | None = None,
-            coding: str | None = None) -> str:
+def _digest(keys, size, targets, box, flip, mix_with, mix_lam, record: str | None = None) -> str:
     h = hashlib.sha256()
     if record is not None:  # the group's decode record (RECORD_ATTR), then a newline
         h.update(record.encode("utf-8") + b"\n")
-    if coding is not None:  # a compact group's class coding (class_coding.CODING_ATTR)
-        h.update(f"class_coding={coding}\n".encode("utf-8"))
     h.update("\n".join(str(k) for k in keys).encode("utf-8"))
     for arr, dtype in [(size, "<i4")] + list(targets) + [(box, "<i8"), (flip, "u1"), (mix_with, "<i4"),
                                                            (mix_lam, "<f2")]:
@@ -36,7 +33,7 @@ def _digest(keys, size, targets, box, flip, mix_with, mix_lam, record: str | Non
     return h.hexdigest()
 
 
-def digest_of(kind: str, layout: str, d: dict, j: int, record: str | None = None, coding: str | None = None) -> str:
+def digest_of(kind: str, layout: str, d: dict, j: int, record: str | None = None) -> str:
     """The digest of view column ``j`` of decoded group data ``d`` (``CacheReader`` output, which
     for a compact group also holds the stored codes). It covers what the student is given: the
     targets as stored (the log-probs of a compact group through their codes and top-k mass, from
@@ -44,8 +41,9 @@ def digest_of(kind: str, layout: str, d: dict, j: int, record: str | None = None
     ids and the geometry (re-derived for a compact group), so an edit of any stored value, or a
     sampler that no longer draws the stored geometry, changes it. ``record``: the group's decode
     record (``RECORD_ATTR``), which the digest then covers too (groups written before it existed
-    have none). ``coding``: a compact group's class coding attribute, covered too when the group has
-    one. Plain top-k groups without a record keep format 2's digest."""
+    have none). A compact group's class coding is not hashed (a group grown to more views may change
+    coding and keeps its digests): the decoded class ids are, whichever coding held them. Plain top-k
+    groups without a record keep format 2's digest."""
     if kind == "sample":
         targets = [(d["counts"][:, j], "u1"), (d["classes"][:, j], "<i8")]
     elif layout == "compact":
@@ -55,7 +53,7 @@ def digest_of(kind: str, layout: str, d: dict, j: int, record: str | None = None
     else:
         targets = [(d["logprobs"][:, j], "<f2"), (d["classes"][:, j], "<i8")]
     return _digest(d["keys"], d["size"], targets, d["box"][:, j], d["flip"][:, j], d["mix_with"][:, j],
-                   d["mix_lam"][:, j], record, coding)
+                   d["mix_lam"][:, j], record)
 
 def targets_digest(groups: dict[str, list[str]]) -> str:
     """One sha256 for a whole cache's targets: over its groups' view digests, in group order."""

@@ -16,7 +16,7 @@ from .integrity import (
     blosc_cut, damaged_error, EVERY_CHUNK_ATTR, filesystem_of, head_reader, list_all_groups, list_files,
     missing_data, nonfinite_records,
 )
-from .class_coding import CODING_ATTR, coding_of
+from .class_coding import coding_of, foreign_arrays
 from .growth import group_views, growing_error, growing_from
 from .index import entry_matches, open_arrays, read_index
 from .layouts import decode_group, is_string_keys, read_keys
@@ -259,6 +259,12 @@ class CacheReader:
         except Exception as e:
             raise damaged_error(f"the arrays' metadata of cache group {name!r} in {self.path}", e) from None
         names = layout_arrays(self.manifest, coding_of(attrs))
+        foreign = foreign_arrays(attrs, present) if self.layout == "compact" else []
+        if foreign:
+            raise KdcacheError(
+                f"shard {name!r} in cache {self.path}: its class_coding attribute says {coding_of(attrs)!r} but it holds "
+                f"the arrays {foreign} of the other coding; its zarr.json was edited or the store is damaged. Restore "
+                "it, or delete the group and re-run precompute")
         missing = [a for a in names if a not in present]
         if missing:
             raise KdcacheError(f"shard {name!r} in cache {self.path} lacks arrays {missing}; re-run precompute on it")
@@ -439,14 +445,12 @@ class CacheReader:
         """The digest of every view of a group as its data (``data``: all views decoded, default read
         here) is now; ``view_digests`` are the ones precompute recorded."""
         d = data if data is not None else CacheReader._read_all(self, name)
-        attrs = self._open_shard(name)[2]
-        return [digest_of(self.kind, self.layout, d, v, attrs.get(RECORD_ATTR), attrs.get(CODING_ATTR))
-                for v in range(self.group_views(name))]
+        record = self._open_shard(name)[2].get(RECORD_ATTR)
+        return [digest_of(self.kind, self.layout, d, v, record) for v in range(self.group_views(name))]
 
     def _check_digest(self, name: str, view: int, attrs: dict, d: dict, j: int) -> None:
         want = attrs.get(DIGEST_ATTR)
-        if want is None or digest_of(self.kind, self.layout, d, j, attrs.get(RECORD_ATTR),
-                                     attrs.get(CODING_ATTR)) == want[view]:
+        if want is None or digest_of(self.kind, self.layout, d, j, attrs.get(RECORD_ATTR)) == want[view]:
             return
         raise KdcacheError(
             f"cache group {name!r} of {self.path}: view {view} does not match the digest precompute recorded for it: "

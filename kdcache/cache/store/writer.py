@@ -27,7 +27,7 @@ from .index import group_entry, INDEX_DIR, read_index, entry_matches, segment_by
 from .layouts import (
     CLASS_LIST_CODEC, CODES_CODEC, CRC_CODEC, encode_group, encode_keys, FLOAT_CODEC, INT_CODEC, LOGMASS_CODEC,
 )
-from .class_coding import adopted_encoding, CODING_ATTR, coding_of
+from .class_coding import adopted_encoding, coding_of
 from .growth import (
     finished_manifest, group_views, grown_manifest, growing_from, older_groups, older_groups_error, shrink_error,
 )
@@ -504,8 +504,7 @@ class CacheWriter:
         stored, decoded, layout_attrs = encode_group(self.manifest, self.path, name, keys, np.asarray(size),
                                                      np.asarray(classes), given[need], box, flip, mix_with, mix_lam,
                                                      bad or {})
-        digests = [digest_of(self.kind, self.layout, decoded, v, self.record, layout_attrs.get(CODING_ATTR))
-                   for v in range(V)]
+        digests = [digest_of(self.kind, self.layout, decoded, v, self.record) for v in range(V)]
         names = layout_arrays(self.manifest, coding_of(layout_attrs))
         claim = self._claim_for_write(name, claim)
         try:
