@@ -191,7 +191,10 @@ class CacheWriter:
         if want > have:
             with warnings.catch_warnings():  # `.claims/` is kdcache's own, not a zarr node
                 warnings.filterwarnings("ignore", message=r"Object at \..* is not recognized as a component")
-                attrs = {n: dict(g.attrs) for n, g in root.groups()}
+                try:
+                    attrs = {n: dict(g.attrs) for n, g in root.groups()}
+                except Exception as e:  # a group whose zarr.json does not parse: nothing is changed
+                    raise damaged_error(f"the groups of cache {self.path}, read to grow its views", e) from None
             older = older_groups(attrs)
             if older:
                 raise older_groups_error(self.path, older)
