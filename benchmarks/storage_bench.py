@@ -11,6 +11,12 @@ Two teachers:
   entries of one image (the overlap the class lists exploit). The script prints these statistics.
   The records go through ``CacheWriter`` exactly as precompute's would (float32 log-probs, so the
   compact layout quantises from float32 like precompute --compact does).
+- **a hard synthetic teacher, C = 1000** (``--hard``): the same, but each image's cluster has 10
+  classes (logit +2 ± 1, one +7 more) and each view adds N(0, 2.5) noise, so the top classes hold
+  and the lower ranks change from view to view: ~83 distinct classes among an image's 100 top-10
+  entries. There the compact layout codes each group's class ids directly rather than against
+  per-image lists (``cache/store/class_coding.py`` picks the cheaper per group); the table says
+  which coding the groups chose.
 - **the demo's trained teacher** (``--demo DIR``: a ``kdcache demo`` output; its data and
   ``runs/teacher/model.pt``): ``kdcache precompute`` runs on its training shards with the demo's
   settings (V = 8, mixup, top-5 of 10 classes) into a plain and a compact cache. Without
@@ -23,6 +29,7 @@ largest log-prob difference (the quantisation bound is 1/16 nat plus float16 rou
 top-k mass), the largest tail-mass difference, and whether classes and geometry are identical.
 
     python benchmarks/storage_bench.py                       # synthetic teacher only
+    python benchmarks/storage_bench.py --hard                # and the hard synthetic teacher
     python benchmarks/storage_bench.py --demo kdcache-demo   # and the demo's teacher
     python benchmarks/storage_bench.py --json out.json
 """
@@ -81,6 +88,17 @@ def per_record(path) -> dict:
     return out
 
 
+def class_codings(path) -> dict[str, int]:
+    """How many groups of a cache chose each class coding (compact layout; {} for plain)."""
+    import zarr
+
+    out: dict[str, int] = {}
+    for _, g in zarr.open_group(str(path), mode="r").groups():
+        if "class_coding" in g.attrs:
+            out[g.attrs["class_coding"]] = out.get(g.attrs["class_coding"], 0) + 1
+    return out
+
+
 def compare(plain, compact, truth: dict | None = None) -> dict:
     """How far the compact cache's decoded arrays are from the plain one's, and (``truth``: the
     float32 top-k log-probs per shard) how far each is from the teacher's float32 values: per
@@ -129,7 +147,10 @@ def synthetic_logits(n: int, C: int, V: int, seed: int, cluster: int = 20, lift:
     return out
 
 
-def synthetic_shard(name: str, n: int, C: int, V: int, k: int, seed: int, mixup: bool):
+HARD = dict(cluster=10, lift=2.0, top=7.0, view_noise=2.5)  # the hard teacher's synthetic_logits settings
+
+
+def synthetic_shard(name: str, n: int, C: int, V: int, k: int, seed: int, mixup: bool, teacher: dict | None = None):
     """One shard's records as precompute would hand them to CacheWriter."""
     import torch
 
@@ -141,7 +162,7 @@ def synthetic_shard(name: str, n: int, C: int, V: int, k: int, seed: int, mixup:
     w = (h * rng.choice([0.75, 1.0, 1.333, 1.5], n)).astype(int)
     size = np.stack([h, w], 1).astype(np.int32)
     sv = sample_shard_views(0, name, keys, size, V, AugSpec(mixup=mixup))  # the manifest's seed
-    logits = torch.from_numpy(synthetic_logits(n, C, V, seed))
+    logits = torch.from_numpy(synthetic_logits(n, C, V, seed, **(teacher or {})))
     lp = torch.log_softmax(logits, -1)
     vals, ids = torch.topk(lp, k, -1)
     return dict(keys=keys, size=size, logprobs=vals.numpy(), classes=ids.numpy(), box=sv.box, flip=sv.flip,
@@ -164,26 +185,31 @@ def synthetic_stats(shards) -> dict:
 
 
 def synthetic_caches(root: Path, images: int, shards: int, C: int = 1000, V: int = 10, k: int = 10,
-                     mixup: bool = False) -> dict:
+                     mixup: bool = False, teacher: dict | None = None, label: str = "synthetic") -> dict:
     from kdcache.data.render import render_backend
     from kdcache.cache.store import CacheWriter, encoding_record, make_manifest
     from kdcache.data.views import AugSpec
 
     per = images // shards
     names = [f"train-{s:06d}" for s in range(shards)]
-    data = [synthetic_shard(n, per, C, V, k, seed=s, mixup=mixup) for s, n in enumerate(names)]
+    data = [synthetic_shard(n, per, C, V, k, seed=s, mixup=mixup, teacher=teacher) for s, n in enumerate(names)]
     out = {"stats": synthetic_stats(data), "caches": {}}
-    for layout in ("plain", "compact"):
-        path = root / f"synthetic-{'mixup-' if mixup else ''}{layout}.zarr"
+    # compact_lists: every group coded against per-image class lists, as before groups chose (the
+    # encoding earlier releases wrote)
+    encodings = {"plain": encoding_record("plain"), "compact": encoding_record("compact", "topk"),
+                 "compact_lists": {**encoding_record("compact", "topk"), "classes": "image_list"}}
+    for layout, encoding in encodings.items():
+        path = root / f"{label}-{'mixup-' if mixup else ''}{layout}.zarr"
         shutil.rmtree(path, ignore_errors=True)
         man = make_manifest(teacher={"spec": "synthetic", "num_classes": C}, augmentation=AugSpec(mixup=mixup).to_dict(),
                             seed=0, views=V, topk=k, resolution=224, render=render_backend(), shards=names,
-                            sources=[f"/data/{n}.tar" for n in names], encoding=encoding_record(layout, "topk"))
+                            sources=[f"/data/{n}.tar" for n in names], encoding=encoding)
         w = CacheWriter(str(path), man)
         t0 = time.perf_counter()
         for s, (name, (rec, _)) in enumerate(zip(names, data)):
             w.write_shard(name, source=f"/data/{name}.tar", **rec)
-        out["caches"][layout] = {"path": str(path), "bytes": per_record(path), "write_s": time.perf_counter() - t0}
+        out["caches"][layout] = {"path": str(path), "bytes": per_record(path), "write_s": time.perf_counter() - t0,
+                                 "class_codings": class_codings(path)}
     truth = {name: rec["logprobs"] for name, (rec, _) in zip(names, data)}
     out["compact_vs_plain"] = compare(out["caches"]["plain"]["path"], out["caches"]["compact"]["path"], truth)
     return out
@@ -225,14 +251,15 @@ ORDER = ("logprobs", "topk_logmass", "logprob_steps", "classes", "class_list", "
 
 
 def table(title: str, part: dict) -> str:
-    plain, compact = part["caches"]["plain"]["bytes"], part["caches"]["compact"]["bytes"]
-    lines = [f"{title}", "", "| array | plain (B/record) | compact (B/record) |", "|---|---|---|"]
+    cols = [c for c in ("plain", "compact", "compact_lists") if c in part["caches"]]
+    sizes = [part["caches"][c]["bytes"] for c in cols]
+    lines = [f"{title}", "", "| array | " + " | ".join(f"{c} (B/record)" for c in cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    fmt = lambda x: "—" if x is None else f"{x:.2f}"  # noqa: E731
     for a in ORDER:
-        if a in plain or a in compact:
-            p, c = plain.get(a), compact.get(a)
-            fmt = lambda x: "—" if x is None else f"{x:.2f}"  # noqa: E731
+        if any(a in b for b in sizes):
             bold = "**" if a == "total" else ""
-            lines.append(f"| {bold}{a}{bold} | {bold}{fmt(p)}{bold} | {bold}{fmt(c)}{bold} |")
+            lines.append(f"| {bold}{a}{bold} | " + " | ".join(f"{bold}{fmt(b.get(a))}{bold}" for b in sizes) + " |")
     cmp_ = part["compact_vs_plain"]
     lines += ["", f"compact vs plain: max |Δ log-prob| {cmp_['max_abs_logprob_diff']:.4f}, max |Δ top-k mass| "
                   f"{cmp_['max_abs_topk_mass_diff']:.2e}, classes identical: {cmp_['classes_identical']}, geometry "
@@ -242,6 +269,9 @@ def table(title: str, part: dict) -> str:
                      f"max |Δ top-k mass| {cmp_['plain_topk_mass_err']:.2e}; compact max |Δ log-prob| "
                      f"{cmp_['compact_logprob_err']:.4f}, max |Δ top-k mass| {cmp_['compact_topk_mass_err']:.2e}.")
     lines.append("Teacher: " + ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in part["stats"].items()) + ".")
+    codings = part["caches"]["compact"].get("class_codings")
+    if codings:
+        lines.append("Compact groups' class coding: " + ", ".join(f"{v} {k}" for k, v in sorted(codings.items())) + ".")
     return "\n".join(lines)
 
 
@@ -249,6 +279,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=2000, help="synthetic images (split over --shards)")
     p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--hard", action="store_true", help="also the hard synthetic teacher (~83 classes per image)")
     p.add_argument("--demo", default=None, help="a `kdcache demo` output folder (its data and trained teacher)")
     p.add_argument("--work", default=None, help="where the caches go (default: a temporary folder, removed)")
     p.add_argument("--json", default=None, help="write the results here")
@@ -258,11 +289,16 @@ def main(argv=None) -> dict:
     try:
         res = {"synthetic": synthetic_caches(work, a.images, a.shards),
                "synthetic_mixup": synthetic_caches(work, a.images, a.shards, mixup=True)}
+        if a.hard:
+            res["hard"] = synthetic_caches(work, a.images, a.shards, teacher=HARD, label="hard")
         if a.demo:
             res["demo"] = demo_caches(work, Path(a.demo))
         text = [table(f"Synthetic teacher, C = 1000, V = 10, k = 10, {a.images} images in {a.shards} shards, no mixup:",
                       res["synthetic"]),
                 "", table("The same with mixup:", res["synthetic_mixup"])]
+        if "hard" in res:
+            text += ["", table(f"Hard synthetic teacher (lower ranks vary across views), C = 1000, V = 10, k = 10, "
+                               f"{a.images} images in {a.shards} shards, no mixup:", res["hard"])]
         if "demo" in res:
             text += ["", table("The demo's trained teacher (digits, C = 10, V = 8, k = 5, mixup):", res["demo"])]
         print("\n".join(text))

@@ -32,6 +32,35 @@ def snapshot(root) -> dict:
     return out
 
 
+def stored(path) -> dict:
+    """Everything a cache stores, as stored: the manifest, and per group its attributes and each
+    array's dtype, shape and raw bytes (read with plain zarr): two caches equal bit for bit compare equal."""
+    import zarr
+
+    root = zarr.open_group(str(path), mode="r")
+    out = {"manifest": dict(root.attrs["kdcache"])}
+    for name, g in sorted(root.groups()):
+        arrays = {a: (str(arr.dtype), arr.shape, np.ascontiguousarray(arr[...]).tobytes()) for a, arr in g.arrays()}
+        out[name] = {"attrs": dict(g.attrs), "arrays": arrays}
+    return out
+
+
+def cli_in_process(*args):
+    """The command line in this process: (exit code, output). A traceback fails the test."""
+    from click.testing import CliRunner
+
+    from kdcache.cli import cli
+
+    res = CliRunner().invoke(cli, [str(a) for a in args])
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        raise res.exception
+    return res.exit_code, res.output
+
+
+def error_lines(out: str) -> list[str]:
+    return [ln for ln in out.splitlines() if ln.startswith("error: ")]
+
+
 def make_image(rng: np.random.Generator, width: int, height: int, cls: int) -> Image.Image:
     """A real picture with class-dependent structure (so a teacher can learn something)."""
     yy, xx = np.mgrid[0:height, 0:width]

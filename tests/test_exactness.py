@@ -13,28 +13,14 @@ import pytest
 import torch
 import webdataset as wds
 import zarr
-from click.testing import CliRunner
 from PIL import Image
 
-from conftest import NUM_CLASSES, encode, make_image
-from kdcache.cli import cli
+from conftest import NUM_CLASSES, cli_in_process as run, encode, error_lines, make_image
 from kdcache.cache.store import CacheReader
 
 NONFINITE = "py:testmodels:nonfinite_cnn"
 TINY = "py:kdcache.models.zoo:tiny_cnn"
 POISON = "train1_0002"  # the solid image in shard 1: nonfinite_cnn's output there is NaN or ±inf
-
-
-def run(*args):
-    """The command line in this process: (exit code, output). A traceback fails the test."""
-    res = CliRunner().invoke(cli, [str(a) for a in args])
-    if res.exception is not None and not isinstance(res.exception, SystemExit):
-        raise res.exception
-    return res.exit_code, res.output
-
-
-def error_lines(out: str) -> list[str]:
-    return [ln for ln in out.splitlines() if ln.startswith("error: ")]
 
 
 @pytest.fixture(scope="module")

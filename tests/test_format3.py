@@ -54,9 +54,10 @@ def test_compact_layout_arrays_and_manifest(caches):
     r = CacheReader(str(caches["compact"]))
     assert r.manifest["format_version"] == FORMAT_VERSION == 3
     assert r.manifest["targets"] == {"kind": "topk"}
-    assert r.manifest["encoding"] == {"layout": "compact", "classes": "image_list", "geometry": "derived",
+    assert r.manifest["encoding"] == {"layout": "compact", "classes": "per_group", "geometry": "derived",
                                       "logprob_step": 1 / 16}
     g = zarr.open_group(str(caches["compact"] / "train-000000"), mode="r")
+    assert g.attrs["class_coding"] == "image_list"  # (test_class_coding.py: when "direct" is chosen)
     assert sorted(g.array_keys()) == ["class_code", "class_list", "keys", "logprob_steps", "size", "topk_logmass"]
     n, V, k = 7, 3, 3
     assert g["logprob_steps"].shape == (n, V, k - 1) and g["logprob_steps"].dtype == np.uint8

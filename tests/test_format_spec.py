@@ -250,7 +250,9 @@ def test_the_sampler_written_from_the_page_matches_kdcache_on_random_inputs():
 @pytest.fixture(scope="module")
 def spec_caches(tmp_path_factory):
     """Shards with an undecodable image (kept with --skip-bad: its partner stays unmixed), mixup on,
-    V = 3, odd and even shard sizes; a plain, a compact and a compact sampled cache of them."""
+    V = 3, odd and even shard sizes; a plain, a compact and a compact sampled cache of them, and the
+    two compact ones again with every group's class ids coded "direct" (the writer's choice forced)."""
+    from kdcache.cache.store import layouts
     from kdcache.tools.precompute import precompute
 
     root = tmp_path_factory.mktemp("spec")
@@ -268,8 +270,13 @@ def spec_caches(tmp_path_factory):
     out = {}
     for name, kw in {"plain": {}, "compact": dict(compact=True),
                      "sample_compact": dict(targets="sample", samples=8, compact=True)}.items():
-        out[name] = root / f"{name}.zarr"
-        precompute(precompute_config(root / "data", out[name], weights, skip_bad=True, **kw))
+        for coding in ("chosen", "direct") if kw else ("chosen",):
+            key = name if coding == "chosen" else f"{name}_direct"
+            out[key] = root / f"{key}.zarr"
+            with pytest.MonkeyPatch.context() as mp:
+                if coding == "direct":
+                    mp.setattr(layouts, "cheaper_coding", lambda codings: "direct")
+                precompute(precompute_config(root / "data", out[key], weights, skip_bad=True, **kw))
     return out
 
 
@@ -333,7 +340,7 @@ def page_digest(record: str | None, keys: list[str], arrays: list[tuple[np.ndarr
     return h.hexdigest()
 
 
-@pytest.mark.parametrize("which", ["plain", "compact", "sample_compact"])
+@pytest.mark.parametrize("which", ["plain", "compact", "sample_compact", "compact_direct", "sample_compact_direct"])
 def test_view_digests_recomputed_from_this_page(spec_caches, which):
     """Each recorded view digest, recomputed from the page's description: arrays read with plain
     zarr, a compact group's classes decoded as the page shows and its views rebuilt by the page's
@@ -348,12 +355,14 @@ def test_view_digests_recomputed_from_this_page(spec_caches, which):
         attrs = dict(g.attrs)
         keys = plain_keys(g["keys"])
         record = attrs["decode_record"]
+        if which.endswith("_direct"):  # the page's "direct" decoding is what these digests check
+            assert attrs["class_coding"] == "direct"
         geo = (spec_group_views(man, name, keys, g["size"][:], attrs["bad"]) if compact
                else {a: g[a][:] for a in ("box", "flip", "mix_with", "mix_lam")})
         for v in range(V):
-            if compact:
+            if compact and attrs.get("class_coding", "image_list") == "image_list":
                 classes = lehmer_decode(g["class_list"][:].astype(np.int64), g["class_code"][:, v].astype(np.int64))
-            else:
+            else:  # plain, or a compact group coded "direct": the ids as stored
                 classes = g["classes"][:, v]
             if kind == "sample":
                 counts = g["counts"][:, v]

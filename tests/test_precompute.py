@@ -193,7 +193,6 @@ def test_rerun_skips_complete_and_redoes_incomplete(cache, dataset, teacher_weig
     "change,expect",
     [
         (dict(seed=8), "seed: cache has 7, this run has 8"),
-        (dict(views=4), "views: cache has 3, this run has 4"),
         (dict(topk=2), "topk: cache has 3, this run has 2"),
         (dict(mixup=False), "augmentation.mixup: cache has True, this run has False"),
         (dict(scale=(0.2, 1.0)), "augmentation.scale: cache has [0.08, 1.0], this run has [0.2, 1.0]"),
@@ -226,6 +225,9 @@ def test_teacher_batches_are_a_function_of_the_shard():
     assert [b.tolist() for b in batches] == [[[0, 0], [0, 1], [2, 0], [2, 1]], [[3, 0], [3, 1]]]
     assert all(b.dtype == np.int64 for b in batches)
     assert teacher_batches(np.zeros(3, dtype=bool), 2, 4) == []
+    # a group grown from 1 view to 3: only views 1 and 2 of each record
+    grown = teacher_batches(np.array([True, False, True]), 3, 3, first=1)
+    assert [b.tolist() for b in grown] == [[[0, 1], [0, 2], [2, 1]], [[2, 2]]]
     assert [len(b) for b in teacher_batches(np.ones(5, dtype=bool), 3, 4)] == [4, 4, 4, 3]
 
 

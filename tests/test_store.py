@@ -273,7 +273,6 @@ def test_write_shard_refuses_log_probs_no_teacher_gives(tmp_path, value):
     "change,expect",
     [
         (dict(seed=1), "seed: cache has 0, this run has 1"),
-        (dict(views=4), "views: cache has 2, this run has 4"),
         (dict(topk=5), "topk: cache has 3, this run has 5"),
         (dict(resolution=64), "resolution: cache has 32, this run has 64"),
         (dict(teacher={"spec": "y", "weights": None, "weights_sha256": None, "num_classes": 10, "mean": [0, 0, 0], "std": [1, 1, 1]}),
@@ -295,6 +294,21 @@ def test_writer_refuses_other_settings(tmp_path, change, expect):
     assert manifest_differences(_manifest(), _manifest(**change)) != []
     # settings that may change between runs: sources (shards moved), the render backend, class names
     CacheWriter(path, _manifest(sources=["/elsewhere/s0.tar"], render={"pil": "other"}, class_names=["a"]))
+
+
+def test_writer_grows_to_more_views_and_refuses_fewer(tmp_path):
+    """More views than the cache's start a growth (growth.py): the manifest takes the new V and says
+    where it grows from; fewer are refused naming both numbers."""
+    path = str(tmp_path / "c.zarr")
+    CacheWriter(path, _manifest())
+    with pytest.raises(KdcacheError, match="holds 2 views per image and this run asks for 1"):
+        CacheWriter(path, _manifest(views=1))
+    w = CacheWriter(path, _manifest(views=4))
+    assert w.growing == 2 and not w.finish_growth()  # its group is not written yet
+    m = zarr.open_group(path, mode="r").attrs["kdcache"]
+    assert (m["views"], m["growing"]) == (4, {"from": 2})
+    with pytest.raises(KdcacheError, match="holds 4 views per image and this run asks for 3"):
+        CacheWriter(path, _manifest(views=3))
 
 
 def test_writer_refuses_non_stores(tmp_path):

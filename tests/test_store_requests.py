@@ -332,6 +332,35 @@ def test_resume_finds_what_is_left_from_the_index(indexed, teacher_weights, coun
         assert (a.read_view(n, 0).logprobs == b.read_view(n, 0).logprobs).all()
 
 
+def test_a_grown_remote_cache_reads_its_grown_groups_from_the_index(indexed, teacher_weights, tmp_path):
+    """Growing a remote cache (V 2 -> 4) adds a segment whose entries hold every group again, at 4
+    views, beside the first writer's entries at 2: the reader takes the 4-view entries (more views
+    win), believes them (their files are the ones listed), and reads the views the group had
+    unchanged."""
+    import shutil
+
+    import fsspec
+
+    from kdcache.cache.store import CacheReader
+    from kdcache.cache.store.index import read_index
+    from kdcache.tools.precompute import precompute
+
+    data, ref = indexed[SHARDS]
+    out = tmp_path / "grown.zarr"
+    shutil.copytree(ref, out)
+    s = precompute(precompute_config(data, f"countfs://{out}", teacher_weights, views=4, topk=2))
+    assert (s["shards_grown"], s["growth_finished"]) == (SHARDS, True)
+    segments = [json.loads(p.read_text())["groups"] for p in (out / INDEX_DIR).iterdir()]
+    assert sorted(len(g) for g in segments) == [SHARDS, SHARDS]
+    found = read_index(fsspec.filesystem("file"), str(out))
+    assert {e["attrs"]["views"] for e in found.values()} == {4}
+    a, b = CacheReader(f"countfs://{out}"), CacheReader(str(ref))
+    assert a.load_index() == SHARDS
+    for n in b.shard_names():
+        assert a.view_digests(n)[:2] == b.view_digests(n) and n in a._index  # the entry was believed
+        assert (a.read_view(n, 1).logprobs == b.read_view(n, 1).logprobs).all()
+
+
 def test_a_data_worker_with_the_index_reads_no_group_metadata(indexed, counted):
     """A data worker's reader (ReplayStream._open_reader loads the index) reads a group's views with
     no zarr.json of that group or its arrays: only the index, the file listing and the data."""

@@ -30,7 +30,8 @@ from .options import (RGB, augmentation, augmentation_options, config_default, t
 @click.option("--views", "-V", default=config_default(PrecomputeConfig, 'views'), show_default=True, help="Seeded views per image. Training epoch e replays view e mod V, so a schedule of E epochs uses each "
                    "view E/V times; in docs/study.md a student gained with V up to about E/4 (V=1 was worse than no "
                    "teacher). Cost grows linearly in V: teacher time and cache bytes. View v does not depend on V, "
-                   "so a later cache with more views (same --seed) starts with these.")
+                   "so re-running on an existing cache with a larger --views grows it in place: only the new views "
+                   "are computed (docs/cli.md, 'Growing a cache'). A smaller --views is refused.")
 @click.option("--topk", "-k", default=config_default(PrecomputeConfig, 'topk'), show_default=True, help="Teacher outputs kept per view (--targets topk).")
 @click.option("--targets", type=click.Choice(["topk", "sample"]), default=config_default(PrecomputeConfig, "targets"),
               show_default=True,
@@ -44,8 +45,9 @@ from .options import (RGB, augmentation, augmentation_options, config_default, t
                    "this temperature; train must use the same --temperature.")
 @click.option("--compact", is_flag=True,
               help="Compact layout (about half the bytes): log-probs quantised to 1/16 nat against the top-1 (top-k "
-                   "mass kept), class ids coded against a per-image class list, views not stored but re-derived "
-                   "from the seed. Lossy for top-k log-probs (docs/format.md gives the bound); plain by default.")
+                   "mass kept), class ids coded against a per-image class list or stored as they are (the smaller, per "
+                   "group), views not stored but re-derived from the seed. Lossy for top-k log-probs (docs/format.md "
+                   "gives the bound); plain by default.")
 @click.option("--seed", default=config_default(PrecomputeConfig, 'seed'), show_default=True, help="Seed of the view sampler.")
 @click.option("--res", default=config_default(PrecomputeConfig, 'res'), show_default=True, help="Teacher input resolution (square).")
 @augmentation_options()
@@ -102,6 +104,14 @@ def precompute(**kw):
             f"{'; %d already complete' % s['shards_skipped'] if s['shards_skipped'] else ''} -> {s['cache']}",
             err=True,
         )
+    if s["shards_grown"]:
+        click.echo(f"precompute: grew {count(s['shards_grown'], 'shard group')} to {kw['views']} views (only the new "
+                   "views were computed)" + (f"; {s['cache']} now holds {kw['views']} views per image"
+                                             if s["growth_finished"] else
+                                             "; other groups are still to grow: re-run this command (or wait for the "
+                                             "other processes) to finish the growth"), err=True)
+    elif s["growth_finished"]:
+        click.echo(f"precompute: {s['cache']} now holds {kw['views']} views per image (growth finished)", err=True)
     if s["shards_held_elsewhere"]:
         held = s["shards_held_elsewhere"]
         click.echo(f"note: {count(len(held), 'shard group')} ({', '.join(held[:5])}{' ...' if len(held) > 5 else ''}) "

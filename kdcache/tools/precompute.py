@@ -14,6 +14,12 @@ Read top to bottom:
    the results into the shard's arrays.
 5. When every record of a shard is in, the shard group is written and only then marked complete.
 
+Growing a cache (``--views`` larger than the cache's, ``cache/store/growth.py``): a complete group
+holding fewer views is claimed like an unfinished one; its worker renders only the new views
+(``ShardStart.first_view`` on), the main process fills the views the group holds from the cache
+(read back and checked against their digests), and the group is rewritten whole. When every group
+holds the new V, ``CacheWriter.finish_growth`` ends the growth in the manifest.
+
 The render backend (``--render``: ``render.make_renderer``) decides where pixels are made. PIL, and
 the torch backend on the CPU, decode and render in the workers as above. The torch backend on CUDA
 decodes on the GPU: the workers only read the tar and the image headers and ship the shard's
@@ -70,6 +76,7 @@ class ShardStart:
     bad: dict[str, str]
     valid: np.ndarray  # (N,) bool
     images: list | None = None  # views.Encoded images, when the renderer decodes on the device
+    first_view: int = 0  # views the group already holds (a cache being grown): only later ones are rendered
 
 
 @dataclass
@@ -82,17 +89,18 @@ class RecordBatch:
     crops: CropBatch
 
 
-def teacher_batches(valid: np.ndarray, views: int, batch_size: int) -> list[np.ndarray]:
+def teacher_batches(valid: np.ndarray, views: int, batch_size: int, first: int = 0) -> list[np.ndarray]:
     """How the teacher sees one shard: its (record, view) pairs, records in tar order with all their
-    views, bad records left out, cut into consecutive batches of ``batch_size`` (the last may be
-    smaller). A pure function of the shard, so a resumed run (which redoes unfinished shards whole)
+    views (from view ``first`` on: a group grown from ``first`` views), bad records left out, cut into
+    consecutive batches of ``batch_size`` (the last may be smaller). A pure function of the shard, so a resumed run (which redoes unfinished shards whole)
     and ``kdcache verify`` give the teacher exactly the batches an uninterrupted run gave it: batch
     composition can change a result's last bit (cuDNN/oneDNN pick kernels by shape).
 
     Returns one (b, 2) int64 array of (record, view) per batch.
     """
     rows = np.flatnonzero(np.asarray(valid, dtype=bool))
-    pairs = np.stack([np.repeat(rows, views), np.tile(np.arange(views), len(rows))], axis=1).astype(np.int64)
+    vs = np.arange(first, views)
+    pairs = np.stack([np.repeat(rows, len(vs)), np.tile(vs, len(rows))], axis=1).astype(np.int64)
     return [pairs[i : i + batch_size] for i in range(0, len(pairs), batch_size)]
 
 
@@ -127,16 +135,17 @@ def device_batches(start: ShardStart, renderer, cfg: PrecomputeConfig):
         valid[lost], size[lost] = False, -1
         views = ShardViews(views.box.copy(), views.flip.copy(), views.mix_with.copy(), views.mix_lam.copy())
         drop_records(views, lost)
-    yield ShardStart(start.url, start.name, start.keys, size, views, bad, valid)
-    for pairs in teacher_batches(valid, cfg.views, cfg.batch_size):
+    yield ShardStart(start.url, start.name, start.keys, size, views, bad, valid, first_view=start.first_view)
+    for pairs in teacher_batches(valid, cfg.views, cfg.batch_size, start.first_view):
         yield render_batch(start.name, images, views, pairs, cfg.res, renderer)
 
 
 class ShardRenderStream(IterableDataset):
     """Each worker owns whole shards; yields a ``ShardStart`` then ``RecordBatch``es per shard."""
 
-    def __init__(self, urls: list[str], cfg: PrecomputeConfig, renderer=None):
+    def __init__(self, urls: list[str], cfg: PrecomputeConfig, renderer=None, first_views: dict | None = None):
         self.urls, self.cfg, self.renderer = urls, cfg, renderer or make_renderer(cfg.render)
+        self.first_views = dict(first_views or {})  # url -> views its group already holds (growing)
 
     def __iter__(self):
         return guarded(self._shards(worker_share(self.urls)))
@@ -148,11 +157,12 @@ class ShardRenderStream(IterableDataset):
             d = decode_shard(url, cfg.skip_bad, self.renderer)
             valid = np.array([im is not None for im in d.images], dtype=bool)
             sv = sample_shard_views(cfg.seed, name, d.keys, d.sizes, cfg.views, cfg.aug, valid=valid)
+            first = self.first_views.get(url, 0)
             if self.renderer.deferred:  # the main process decodes and renders on the device
-                yield ShardStart(url, name, d.keys, d.sizes, sv, d.bad, valid, images=d.images)
+                yield ShardStart(url, name, d.keys, d.sizes, sv, d.bad, valid, images=d.images, first_view=first)
                 continue
-            yield ShardStart(url, name, d.keys, d.sizes, sv, d.bad, valid)
-            for pairs in teacher_batches(valid, cfg.views, cfg.batch_size):
+            yield ShardStart(url, name, d.keys, d.sizes, sv, d.bad, valid, first_view=first)
+            for pairs in teacher_batches(valid, cfg.views, cfg.batch_size, first):
                 yield render_batch(name, d.images, sv, pairs, cfg.res, self.renderer)
 
 
@@ -170,7 +180,24 @@ class _Pending:
                                                      dtype=np.float32 if compact else np.float16)
         self.counts = np.zeros((n, views, k), dtype=np.uint8) if sampled else None
         self.classes = np.full((n, views, k), -1, dtype=np.int64)
-        self.remaining = int(start.valid.sum()) * views
+        self.remaining = int(start.valid.sum()) * (views - start.first_view)
+
+    def keep_stored_views(self, stored: dict, where: str) -> None:
+        """Fill the views a group being grown already holds (``stored``: ``CacheReader.read_shard``,
+        checked against its digests) after checking that the shard still has the group's keys, sizes
+        and bad records."""
+        s, V0 = self.start, self.start.first_view
+        same = (list(map(str, stored["keys"])) == list(s.keys)
+                and np.array_equal(np.asarray(stored["size"]), np.asarray(s.size)))
+        if not same:
+            raise KdcacheError(
+                f"cannot grow shard group {s.name!r} of {where}: shard {s.url} no longer has the keys or image sizes the "
+                "group was written with (the dataset changed). Precompute into a new --out")
+        if self.logprobs is not None:
+            self.logprobs[:, :V0] = stored["logprobs"]
+        else:
+            self.counts[:, :V0] = stored["counts"]
+        self.classes[:, :V0] = stored["classes"]
 
 
 
@@ -257,9 +284,12 @@ def precompute(cfg: PrecomputeConfig) -> dict:
                 elif c is not None:
                     claims[name] = c
         todo = [u for u in mine if shard_name(u) in claims]
+        first_views = ({u: v for u in todo if (v := writer.stored_views(shard_name(u)))}  # groups to grow
+                       if writer.growing is not None else {})
         summary = {
             "cache": cfg.out, "shards_total": len(urls), "shards_mine": len(mine),
             "shards_skipped": len(mine) - len(todo) - len(elsewhere), "shards_written": 0,
+            "shards_grown": len(first_views), "growth_finished": False,
             "shards_held_elsewhere": sorted(elsewhere), "images": 0, "records": 0, "bad": 0, "seconds": 0.0,
             "images_per_s": 0.0, "threads": threads, "workers": cfg.workers,
         }
@@ -267,28 +297,35 @@ def precompute(cfg: PrecomputeConfig) -> dict:
             note = upscale_note(todo[0], cfg.res)
             if note:
                 print(note, file=sys.stderr, flush=True)
+            if first_views:
+                print(f"kdcache precompute: growing {cfg.out} to {cfg.views} views: {len(first_views)} of this "
+                      f"process's groups hold {sorted(set(first_views.values()))} views; only the new views are "
+                      "computed", file=sys.stderr, flush=True)
             if cfg.progress:
                 print(f"kdcache precompute: {len(todo)} of {len(mine)} shards to write, {cfg.views} views per image at "
                       f"{cfg.res} px, teacher {cfg.teacher} on {device} in batches of {cfg.batch_size}; the bar moves "
                       "once the first shard is decoded and its first batch has run", file=sys.stderr, flush=True)
         if todo:
-            _run(cfg, teacher, writer, todo, claims, summary, rank, renderer)
+            _run(cfg, teacher, writer, todo, claims, summary, rank, renderer, first_views)
     finally:
         writer.release_claims()  # the groups not written (an error, a kill is handled by the next run)
         writer.clear_stale_claims()  # and a claim a killed run left on a group it had completed
     barrier(world)
+    with writing(cfg.out, "--out"):
+        summary["growth_finished"] = writer.finish_growth()  # once every group holds V (any process may)
     return summary
 
 
 def _run(cfg: PrecomputeConfig, teacher, writer: CacheWriter, todo: list[str], claims: dict, summary: dict,
-         rank: int, renderer) -> None:
-    """Render, run the teacher and write every shard of ``todo`` (claimed by this process)."""
+         rank: int, renderer, first_views: dict) -> None:
+    """Render, run the teacher and write every shard of ``todo`` (claimed by this process); the groups
+    of ``first_views`` (url -> views held) are grown: only their new views are computed."""
     device = teacher.device
     render = renderer.describe()
 
     workers = max(0, min(cfg.workers, len(todo)))
     loader = DataLoader(
-        ShardRenderStream(todo, cfg, renderer), batch_size=None, num_workers=workers, collate_fn=unbatched,
+        ShardRenderStream(todo, cfg, renderer, first_views), batch_size=None, num_workers=workers, collate_fn=unbatched,
         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
         persistent_workers=False, timeout=cfg.worker_timeout if workers else 0,
         worker_init_fn=worker_init if workers else None,
@@ -306,6 +343,8 @@ def _run(cfg: PrecomputeConfig, teacher, writer: CacheWriter, todo: list[str], c
             item = raise_if_error(item)
             if isinstance(item, ShardStart):
                 pending[item.name] = p = _Pending(item, cfg.views, width, sampled, cfg.compact)
+                if item.first_view:
+                    p.keep_stored_views(_stored_group(cfg, item.name), cfg.out)
                 if bar is not None:
                     bar.shard_started(item.name, p.remaining)
             else:
@@ -333,7 +372,7 @@ def _run(cfg: PrecomputeConfig, teacher, writer: CacheWriter, todo: list[str], c
                 del pending[p.start.name]
                 summary["shards_written"] += 1
                 summary["images"] += int(p.start.valid.sum())
-                summary["records"] += int(p.start.valid.sum()) * cfg.views
+                summary["records"] += int(p.start.valid.sum()) * (cfg.views - p.start.first_view)
                 summary["bad"] += len(p.start.bad)
                 if bar is not None:
                     bar.views_done(0, summary["shards_written"])
@@ -343,6 +382,13 @@ def _run(cfg: PrecomputeConfig, teacher, writer: CacheWriter, todo: list[str], c
         raise KdcacheError(f"precompute ended with unfinished shards {sorted(pending)}; re-run to resume")
     summary["seconds"] = time.perf_counter() - t0
     summary["images_per_s"] = summary["images"] / max(summary["seconds"], 1e-9)
+
+
+def _stored_group(cfg: PrecomputeConfig, name: str) -> dict:
+    """Every view a group being grown holds, decoded and checked against its digests."""
+    from ..cache.store import CacheReader
+
+    return CacheReader(cfg.out, cfg.storage_options, growing_ok=True).read_shard(name)
 
 
 def _on_device(items, renderer, cfg: PrecomputeConfig):

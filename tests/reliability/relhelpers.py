@@ -7,7 +7,8 @@
   RLIMIT_FSIZE, hang detection), ``cli_inproc`` (the command line in this process);
 - ``cache_diff``/``assert_no_loss``: two caches compared record by record, bit for bit;
 - roles that run the kdcache command line with one function instrumented: ``logged-cli``
-  (records every write_shard), ``kill-on-replace`` and ``kill-on-release`` (SIGKILL at that call);
+  (records every write_shard), ``kill-on-replace``, ``kill-on-release`` and ``kill-at-writer``
+  (SIGKILL at that call);
 - ``tally``: the suite's totals (docs/reliability.md), summed with ``python relhelpers.py tally FILE``.
 """
 
@@ -567,6 +568,27 @@ if __name__ == "__main__":
         from kdcache.cli import main
 
         sys.argv = ["kdcache", *sys.argv[2:]]
+        main()
+    elif role == "kill-at-writer":
+        # Run the kdcache command line; SIGKILL ourselves when CacheWriter.<argv[2]> is first called
+        # ("before") or has first returned ("after"): e.g. _write_arrays after (a group's arrays
+        # rewritten, not yet complete), finish_growth before (every group grown, the manifest not).
+        from kdcache.cache.store import CacheWriter
+
+        method, when = sys.argv[2], sys.argv[3]
+        real = getattr(CacheWriter, method)
+
+        def killing(self, *a, **kw):
+            if when == "before":
+                os.kill(os.getpid(), signal.SIGKILL)
+            out = real(self, *a, **kw)
+            os.kill(os.getpid(), signal.SIGKILL)
+            return out
+
+        setattr(CacheWriter, method, killing)
+        from kdcache.cli import main
+
+        sys.argv = ["kdcache", *sys.argv[4:]]
         main()
     elif role == "tally":
         print(json.dumps(_sum_tally(sys.argv[2]), indent=2))

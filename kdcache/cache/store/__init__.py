@@ -16,14 +16,17 @@ Layout (format version 3, the default "plain" layout of top-k targets)::
 The manifest's ``targets`` says what the targets are (``topk``, or ``sample``: classes drawn from
 the teacher with their ``counts`` in place of ``logprobs``) and its ``encoding`` how they are laid
 out: ``plain`` (above) or ``compact`` (``precompute --compact``: log-probs quantised against the
-top-1 with the top-k mass kept, class ids coded against a per-image class list, geometry not
-stored but re-derived from the seeded sampler; ``kdcache.cache.encoding``). Whatever the layout,
+top-1 with the top-k mass kept, class ids coded against a per-image class list or stored as they
+are (per group, the cheaper: ``class_coding``), geometry not stored but re-derived from the seeded
+sampler; ``kdcache.cache.encoding``). Whatever the layout,
 ``CacheReader`` returns the same decoded arrays (``ARRAYS``, plus ``counts`` for sampled targets).
 
 Every per-view array is chunked one chunk per view and packed into one Zarr shard, so a shard
 group is a handful of files and an epoch reads one small chunk per array. Each group records a
 SHA-256 per view (``view_digests``) and the manifest's decode-relevant fields (``decode_record``,
-which the digests cover): a value or manifest field edited later is refused by name.
+which the digests cover) and its own view count (``views``; the record leaves V out, so a group
+grown to more views keeps its digests: ``growth.py``): a value or manifest field edited later is
+refused by name.
 ``docs/format.md`` describes the semantics in full.
 
 Format version 2 is version 3's plain top-k layout without the manifest's ``targets`` and
@@ -43,7 +46,9 @@ from .manifest import (
 )
 from .records import (
     DECODE_FIELDS, decode_record, decode_record_text, probe_record, RECORD_ATTR, RECORD_PROBES, record_problem,
+    VIEWS_ATTR,
 )
+from .growth import GROWING, group_views, growing_from
 from .layouts import (
     CLASS_LIST_CODEC, CODES_CODEC, CRC_CODEC, decode_group, decode_keys, derived_views, encode_group, encode_keys,
     FLOAT_CODEC, INT_CODEC,
@@ -69,7 +74,7 @@ __all__ = [
     "GEOMETRY", "is_local", "KEYS_ATTRS", "layout_arrays", "layout_of", "LAYOUTS", "make_manifest",
     "manifest_differences", "MATCHED_FIELDS", "MAX_COUNT", "open_manifest", "open_root", "READ_VERSIONS",
     "DECODE_FIELDS", "decode_record", "decode_record_text", "probe_record", "RECORD_ATTR", "RECORD_PROBES",
-    "record_problem", "CLASS_LIST_CODEC", "CODES_CODEC", "CRC_CODEC", "decode_group", "decode_keys", "derived_views", "encode_group", "encode_keys",
+    "record_problem", "VIEWS_ATTR", "GROWING", "group_views", "growing_from", "CLASS_LIST_CODEC", "CODES_CODEC", "CRC_CODEC", "decode_group", "decode_keys", "derived_views", "encode_group", "encode_keys",
     "FLOAT_CODEC", "INT_CODEC", "is_string_keys", "LOGMASS_CODEC", "read_keys", "DIGEST_ATTR", "digest_of",
     "targets_digest", "view_digest", "blosc_cut", "box_fill", "damaged_error", "EVERY_CHUNK_ATTR", "filesystem_of",
     "FILL_VALUES", "head_reader", "list_all_groups", "list_files", "missing_data", "missing_data_quick",

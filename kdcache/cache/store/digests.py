@@ -41,7 +41,9 @@ def digest_of(kind: str, layout: str, d: dict, j: int, record: str | None = None
     ids and the geometry (re-derived for a compact group), so an edit of any stored value, or a
     sampler that no longer draws the stored geometry, changes it. ``record``: the group's decode
     record (``RECORD_ATTR``), which the digest then covers too (groups written before it existed
-    have none). Plain top-k groups without a record keep format 2's digest."""
+    have none). A compact group's class coding is not hashed (a group grown to more views may change
+    coding and keeps its digests): the decoded class ids are, whichever coding held them. Plain top-k
+    groups without a record keep format 2's digest."""
     if kind == "sample":
         targets = [(d["counts"][:, j], "u1"), (d["classes"][:, j], "<i8")]
     elif layout == "compact":

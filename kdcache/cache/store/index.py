@@ -14,6 +14,9 @@ group's ``complete: true`` is stored, so an entry never names a group that was n
 starts a new segment every ``SEGMENT_GROUPS`` groups, so a segment stays small and a reader reads
 one listing of ``.index/`` plus one segment per ``SEGMENT_GROUPS`` groups.
 
+Two segments may hold the same group (it was grown to more views, or deleted and redone): the
+entry with more views wins (``preferred_entry``), and it is still only believed under the rule below.
+
 Staleness rule: an entry is believed only as far as the files it records are still there, each
 with the recorded size. A reader compares them with the file listing it takes anyway before
 reading a group's data (one recursive listing of the cache on remote storage) and drops the entry
@@ -68,8 +71,23 @@ def read_index(fs, base: str) -> dict[str, dict]:
             continue
         for name, entry in (doc.get("groups") or {}).items():
             if isinstance(entry, dict) and (entry.get("attrs") or {}).get("complete") is True:
-                out[name] = entry
+                out[name] = entry if name not in out else preferred_entry(out[name], entry)
     return out
+
+
+def entry_views(entry: dict) -> int:
+    """The view count an entry's group had when it completed (0 for groups that did not record one)."""
+    try:
+        return int((entry.get("attrs") or {}).get("views", 0))
+    except (TypeError, ValueError):
+        return 0
+
+
+def preferred_entry(a: dict, b: dict) -> dict:
+    """Of two entries for one group (segments of two writers: the group was grown to more views, or
+    redone), the one with more views; ``a`` (the earlier segment read) on a tie. Either is still
+    checked against the file listing before it is believed."""
+    return b if entry_views(b) > entry_views(a) else a
 
 
 def entry_matches(entry: dict, files: dict[str, int | None]) -> bool:

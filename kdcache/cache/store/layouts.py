@@ -11,6 +11,7 @@ from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
 from .. import encoding as enc
 from ...errors import KdcacheError
 from ..targets import kind_of, log_weights
+from .class_coding import cheaper_coding, CODING_ATTR, PER_GROUP
 from .integrity import damaged_error, nonfinite_records
 from .manifest import MAX_COUNT, box_dtype, class_dtype, layout_of
 
@@ -84,9 +85,10 @@ def derived_views(manifest: dict, where: str, name: str, keys, size, bad, views)
 
 
 def encode_group(manifest: dict, where: str, name, keys, size, classes, values, box, flip, mix_with, mix_lam,
-             bad) -> tuple[dict, dict]:
+             bad) -> tuple[dict, dict, dict]:
     """A group's layout, written: (arrays to store but the keys, the decoded data a reader will get,
-    for the digests). ``values`` are the top-k log-probs or the sampled counts."""
+    for the digests, the group attributes the layout adds: a compact group's class coding).
+    ``values`` are the top-k log-probs or the sampled counts."""
     kind, layout = kind_of(manifest), layout_of(manifest)
     n, V = len(keys), int(manifest["views"])
     num_classes = int(manifest["teacher"]["num_classes"])
@@ -119,7 +121,7 @@ def encode_group(manifest: dict, where: str, name, keys, size, classes, values, 
         decoded.update(logprobs=targets["logprobs"], classes=classes)
         weights = np.exp(lp.astype(np.float64))
     if layout == "plain":
-        return {"size": np.asarray(size), **targets, "classes": classes.astype(cdt), **geometry}, decoded
+        return {"size": np.asarray(size), **targets, "classes": classes.astype(cdt), **geometry}, decoded, {}
     # compact: geometry must be the seeded sampler's, since it is re-derived on every read
     sv = derived_views(manifest, where, name, keys, size, bad, V)
     for a, want in (("box", sv.box), ("flip", sv.flip), ("mix_with", sv.mix_with), ("mix_lam", sv.mix_lam)):
@@ -128,22 +130,31 @@ def encode_group(manifest: dict, where: str, name, keys, size, classes, values, 
                 f"write_shard({name!r}): the given {a} differs from the views the seeded sampler draws for this "
                 "cache's seed and augmentation; a compact cache does not store its views, it re-derives them, so "
                 "it can only hold the sampler's views")
-    lists = enc.image_class_lists(classes, weights)
-    class_list = enc.pad_lists(lists, cdt)
-    codes = enc.encode_classes(classes, class_list)
-    stored = {"size": np.asarray(size), "class_list": class_list, "class_code": codes}
+    stored = {"size": np.asarray(size)}
     if kind == "sample":
         stored["counts"] = targets["counts"]
     else:
-        steps, logmass = enc.quantise_logprobs(lp, float(manifest["encoding"]["logprob_step"]))
+        step = float(manifest["encoding"]["logprob_step"])
+        steps, logmass = enc.quantise_logprobs(lp, step)
         if lp.shape[-1] > 1:
             stored["logprob_steps"] = steps
         stored["topk_logmass"] = logmass
         decoded.update(logprob_steps=steps, topk_logmass=logmass)
-    decoded["classes"] = enc.decode_classes(codes, class_list)
+        # the lists are ordered by what a reader decodes, so a group re-encoded from its decoded
+        # views (grown to more views, growth.py) gets the lists a one-go run would
+        weights = np.exp(enc.dequantise_logprobs(steps, logmass, step).astype(np.float64))
+    class_list = enc.pad_lists(enc.image_class_lists(classes, weights), cdt)
+    codes = enc.encode_classes(classes, class_list)
+    codings = {"image_list": {"class_list": class_list, "class_code": codes}}
+    per_group = manifest["encoding"].get("classes") == PER_GROUP
+    if per_group and n:
+        codings["direct"] = {"classes": classes.astype(cdt)}
+    coding = cheaper_coding(codings) if len(codings) > 1 else "image_list"
+    stored.update(codings[coding])
+    decoded["classes"] = enc.decode_classes(codes, class_list) if coding == "image_list" else classes
     if not np.array_equal(classes, decoded["classes"]):
         raise KdcacheError(f"write_shard({name!r}): the class codes do not decode to the classes (a bug)")
-    return stored, decoded
+    return stored, decoded, ({CODING_ATTR: coding} if per_group else {})
 
 
 def decode_group(manifest: dict, where: str, name: str, st: dict, view: int | None, bad, logprob_step: float,
@@ -153,9 +164,9 @@ def decode_group(manifest: dict, where: str, name: str, st: dict, view: int | No
     the result too (the digest covers them)."""
     d = dict(st)
     if layout_of(manifest) == "compact":
-        codes = st["class_code"]
+        codes = st["class_code"] if "class_code" in st else st["classes"]  # the group's class coding
         try:
-            d["classes"] = enc.decode_classes(codes, st["class_list"]).astype(np.int64)
+            d["classes"] = (enc.decode_classes(codes, st["class_list"]) if "class_code" in st else codes).astype(np.int64)
         except Exception as e:
             raise damaged_error(f"array 'class_code' of cache group {name!r} in {where}", e) from None
         if kind_of(manifest) == "topk":
@@ -164,7 +175,7 @@ def decode_group(manifest: dict, where: str, name: str, st: dict, view: int | No
                 steps = np.zeros(codes.shape[:2] + (0,), np.uint8)
             d["logprobs"] = enc.dequantise_logprobs(steps, st["topk_logmass"], logprob_step).astype(np.float32)
         sv = derived_views(manifest, where, name, d["keys"], d["size"], bad,
-                           list(range(int(manifest["views"]))) if view is None else [view])
+                           list(range(codes.shape[1])) if view is None else [view])
         max_side = int(np.asarray(d["size"]).max()) if len(d["keys"]) else 0
         d.update(box=sv.box.astype(box_dtype(max_side)), flip=sv.flip, mix_with=sv.mix_with, mix_lam=sv.mix_lam)
     if kind_of(manifest) == "sample":

@@ -10,6 +10,7 @@ import numpy as np
 import zarr
 
 from .. import encoding as enc
+from .class_coding import PER_GROUP
 from ...errors import KdcacheError
 from ...version import __version__
 from ..targets import kind_of, MAX_SAMPLES, TARGET_KINDS
@@ -90,7 +91,7 @@ def encoding_record(layout: str = "plain", kind: str = "topk") -> dict:
     """The manifest's ``encoding`` entry: the plain layout, or the compact one with its parameters."""
     if layout == "plain":
         return {"layout": "plain"}
-    out = {"layout": "compact", "classes": "image_list", "geometry": "derived"}
+    out = {"layout": "compact", "classes": PER_GROUP, "geometry": "derived"}
     if kind == "topk":
         out["logprob_step"] = enc.LOGPROB_STEP
     return out
@@ -101,21 +102,23 @@ def layout_of(manifest: dict) -> str:
     return str((manifest.get("encoding") or {}).get("layout", "plain"))
 
 
-def layout_arrays(manifest: dict) -> tuple[str, ...]:
-    """The arrays every shard group of a cache holds, in the order they are written."""
+def layout_arrays(manifest: dict, coding: str = "image_list") -> tuple[str, ...]:
+    """The arrays a shard group of a cache holds, in the order they are written (``coding``: a compact
+    group's class coding, ``class_coding.coding_of`` its attributes)."""
     kind, k = kind_of(manifest), int(manifest["topk"])
     if layout_of(manifest) == "plain":
         targets = ("logprobs", "classes") if kind == "topk" else ("classes", "counts")
         return ("keys", "size") + targets + GEOMETRY
+    ids = ("classes",) if coding == "direct" else ("class_list", "class_code")
     if kind == "topk":
-        return ("keys", "size", "class_list", "class_code") + (("logprob_steps",) if k > 1 else ()) + ("topk_logmass",)
-    return ("keys", "size", "class_list", "class_code", "counts")
+        return ("keys", "size") + ids + (("logprob_steps",) if k > 1 else ()) + ("topk_logmass",)
+    return ("keys", "size") + ids + ("counts",)
 
 
-def manifest_differences(old: dict, new: dict) -> list[str]:
-    """Human-readable lines for each matched field where two manifests disagree."""
+def manifest_differences(old: dict, new: dict, fields: tuple[str, ...] = MATCHED_FIELDS) -> list[str]:
+    """Human-readable lines for each of ``fields`` where two manifests disagree (and the render backend)."""
     out = []
-    for name in MATCHED_FIELDS:
+    for name in fields:
         a, b = old.get(name), new.get(name)
         if name == "compute" and old.get("format_version") == 1:
             continue  # format 1 did not record it (and a format-1 cache is never written to again)

@@ -17,6 +17,8 @@ from .integrity import (
     blosc_cut, damaged_error, EVERY_CHUNK_ATTR, filesystem_of, head_reader, list_all_groups, list_files,
     missing_data, nonfinite_records,
 )
+from .class_coding import coding_of, foreign_arrays
+from .growth import group_views, growing_error, growing_from
 from .index import entry_matches, open_arrays, read_index
 from .layouts import decode_group, is_string_keys, read_keys
 from .manifest import arrays_of, layout_arrays, layout_of, open_manifest
@@ -72,15 +74,16 @@ class CacheReader:
     """
 
     def __init__(self, path: str, storage_options: dict | None = None, check_digests: bool = True,
-                 check_values: bool = True):
+                 check_values: bool = True, growing_ok: bool = False):
         self.path = str(path)
         self.check_digests = check_digests  # False: read views whose content no longer matches its digest
         self.check_values = check_values  # False: also read top-k log-probs that are NaN or +inf (inspect)
         self.root, self.manifest = open_manifest(self.path, storage_options)
+        if growing_from(self.manifest) is not None and not growing_ok:  # (precompute reads the groups it grows)
+            raise growing_error(self.manifest, self.path)
         self.format_version = int(self.manifest["format_version"])
         self.kind = kind_of(self.manifest)  # "topk" or "sample"
         self.layout = layout_of(self.manifest)  # "plain" or "compact"
-        self.arrays = layout_arrays(self.manifest)
         self._fs = filesystem_of(self.path, storage_options)
         probe_record(self.root, self.manifest, self.path)  # an edited manifest is named before anything is read
         self._groups: set[str] = set()  # shard groups seen so far (groups are never removed)
@@ -302,11 +305,17 @@ class CacheReader:
                 present = arrays_of(self._complete_nodes[name] if name in self._complete_nodes else self.root[name])
         except Exception as e:
             raise damaged_error(f"the arrays' metadata of cache group {name!r} in {self.path}", e) from None
-        names = self.arrays
+        names = layout_arrays(self.manifest, coding_of(attrs))
+        foreign = foreign_arrays(attrs, present) if self.layout == "compact" else []
+        if foreign:
+            raise KdcacheError(
+                f"shard {name!r} in cache {self.path}: its class_coding attribute says {coding_of(attrs)!r} but it holds "
+                f"the arrays {foreign} of the other coding; its zarr.json was edited or the store is damaged. Restore "
+                "it, or delete the group and re-run precompute")
         missing = [a for a in names if a not in present]
         if missing:
             raise KdcacheError(f"shard {name!r} in cache {self.path} lacks arrays {missing}; re-run precompute on it")
-        n, V, k = int(attrs.get("num_samples", -1)), self.views, self.topk
+        n, V, k = int(attrs.get("num_samples", -1)), group_views(attrs, self.manifest), self.topk
         keys = present["keys"]
         if self.format_version == 1:
             keys_shape = (n,)
@@ -420,7 +429,7 @@ class CacheReader:
         one) or all views (None)."""
         _, arr, _ = self._open_shard(name)
         out = {}
-        for a in self.arrays:
+        for a in arr:  # the group's arrays (its layout and class coding), in their order
             if a == "keys":
                 out[a] = self._read(name, a, lambda: read_keys(arr["keys"]))
             elif a in ("size", "class_list") or view is None:
@@ -434,11 +443,16 @@ class CacheReader:
         bad = self._open_shard(name)[2].get("bad") or {} if self.layout == "compact" else {}
         return decode_group(self.manifest, self.path, name, st, view, bad, self.logprob_step, self.samples)
 
+    def group_views(self, name: str) -> int:
+        """V of one group: the manifest's, except in a cache being grown (groups not grown yet hold fewer)."""
+        return group_views(self._open_shard(name)[2], self.manifest)
+
     def read_view(self, name: str, view: int) -> ViewRecords:
         """View ``view`` of every record in shard ``name``: one chunk read per array."""
         _, _, attrs = self._open_shard(name)
-        if not 0 <= view < self.views:
-            raise KdcacheError(f"view {view} is out of range; cache {self.path} holds views 0..{self.views - 1}")
+        V = group_views(attrs, self.manifest)
+        if not 0 <= view < V:
+            raise KdcacheError(f"view {view} is out of range; cache {self.path} holds views 0..{V - 1}")
         d = self._decode(name, self._stored(name, view), view)
         if self.check_digests:
             self._check_digest(name, view, attrs, d, 0)
@@ -473,14 +487,14 @@ class CacheReader:
         if want is None:
             return []
         got = self.computed_digests(name, data)
-        return [v for v in range(self.views) if got[v] != want[v]]
+        return [v for v in range(len(got)) if got[v] != want[v]]
 
     def computed_digests(self, name: str, data: dict | None = None) -> list[str]:
         """The digest of every view of a group as its data (``data``: all views decoded, default read
         here) is now; ``view_digests`` are the ones precompute recorded."""
         d = data if data is not None else CacheReader._read_all(self, name)
         record = self._open_shard(name)[2].get(RECORD_ATTR)
-        return [digest_of(self.kind, self.layout, d, v, record) for v in range(self.views)]
+        return [digest_of(self.kind, self.layout, d, v, record) for v in range(self.group_views(name))]
 
     def _check_digest(self, name: str, view: int, attrs: dict, d: dict, j: int) -> None:
         want = attrs.get(DIGEST_ATTR)
@@ -512,7 +526,7 @@ class CacheReader:
         if self.kind != "topk":
             return
         d = d if d is not None else self._read_all(name)
-        views = views if views is not None else list(range(self.views))
+        views = views if views is not None else list(range(self.group_views(name)))
         bad = frozenset(self._open_shard(name)[2].get("bad") or {})
         valid = np.array([str(k) not in bad for k in d["keys"]], dtype=bool)
         hits = nonfinite_records(d["logprobs"], valid)

@@ -10,6 +10,10 @@ from ...errors import KdcacheError
 DECODE_FIELDS = ("format_version", "teacher", "augmentation", "seed", "views", "topk", "resolution", "compute",
                  "targets", "encoding")
 RECORD_ATTR = "decode_record"
+# A group's own view count. Its decode record leaves V out (the group attribute says it), so that
+# nothing a group's view digests cover depends on V: a group grown to more views keeps the digests
+# of the views it had (growth.py). Groups written before it record V in their decode record.
+VIEWS_ATTR = "views"
 # How many of the manifest's listed groups a reader looks at on open for a record to compare with.
 RECORD_PROBES = 4
 
@@ -22,9 +26,22 @@ def decode_record(manifest: dict) -> dict:
 
 
 def decode_record_text(manifest: dict) -> str:
-    """``decode_record`` as canonical JSON text (sorted keys, no spaces, UTF-8 as is): what a group stores
-    in ``RECORD_ATTR`` and what its view digests begin with."""
-    return json.dumps(decode_record(manifest), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """``decode_record`` without ``views``, as canonical JSON text (sorted keys, no spaces, UTF-8 as is):
+    what a group stores in ``RECORD_ATTR`` and what its view digests begin with. V is the group's own
+    ``VIEWS_ATTR``, compared with the manifest by ``record_problem`` like the record's fields."""
+    rec = {k: v for k, v in decode_record(manifest).items() if k != "views"}
+    return json.dumps(rec, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def written_record(attrs: dict) -> dict:
+    """What a group was written with, as ``decode_record`` gives it for a manifest: its stored record,
+    with V from its ``VIEWS_ATTR`` when the record leaves it out. ValueError when the record does not parse."""
+    stored = json.loads(attrs.get(RECORD_ATTR))
+    if not isinstance(stored, dict):
+        raise ValueError("not an object")
+    if "views" not in stored and VIEWS_ATTR in attrs:
+        stored["views"] = attrs[VIEWS_ATTR]
+    return stored
 
 
 _ABSENT = object()
@@ -48,13 +65,15 @@ def record_problem(manifest: dict, attrs: dict, name: str, where: str) -> str | 
     if text is None:
         return None
     try:
-        stored = json.loads(text)
-        if not isinstance(stored, dict):
-            raise ValueError("not an object")
+        stored = written_record(attrs)
     except (TypeError, ValueError) as e:
         return (f"cache group {name!r} of {where}: its {RECORD_ATTR} attribute is damaged ({e}); the group's "
                 "zarr.json was edited or damaged. Restore it, or delete the group and re-run precompute")
-    a, b = _leaves(stored), _leaves(decode_record(manifest))
+    current = decode_record(manifest)
+    if manifest.get("growing"):  # groups hold V_old or V while a precompute run grows the cache (growth.py)
+        stored.pop("views", None)
+        current.pop("views")
+    a, b = _leaves(stored), _leaves(current)
     diffs = [p for p in sorted(set(a) | set(b)) if a.get(p, _ABSENT) != b.get(p, _ABSENT)]
     # a field removed (or emptied) on one side shows as its leaves on the other: name those
     diffs = [p for p in diffs if not any(q.startswith(p + ".") for q in diffs)]

@@ -27,11 +27,15 @@ from .index import group_entry, INDEX_DIR, read_index, entry_matches, segment_by
 from .layouts import (
     CLASS_LIST_CODEC, CODES_CODEC, CRC_CODEC, encode_group, encode_keys, FLOAT_CODEC, INT_CODEC, LOGMASS_CODEC,
 )
+from .class_coding import adopted_encoding, coding_of
+from .growth import (
+    finished_manifest, group_views, grown_manifest, growing_from, older_groups, older_groups_error, shrink_error,
+)
 from .manifest import (
     arrays_of, box_dtype, class_dtype, FORMAT_VERSION, is_local, KEYS_ATTRS, layout_arrays, layout_of,
-    manifest_differences, open_manifest, open_root,
+    manifest_differences, MATCHED_FIELDS, open_manifest, open_root,
 )
-from .records import decode_record_text, probe_record, RECORD_ATTR
+from .records import decode_record_text, probe_record, RECORD_ATTR, VIEWS_ATTR
 
 
 # ---- root creation -----------------------------------------------------------------------------
@@ -117,9 +121,9 @@ class CacheWriter:
         self._fs = filesystem_of(self.path, storage_options)
         self._claims: dict[str, ShardClaim] = {}
         self.kind, self.layout = kind_of(manifest), layout_of(manifest)
-        self.arrays = layout_arrays(manifest)
-        self.record = decode_record_text(manifest)  # every group records it (RECORD_ATTR)
+        self.growing: int | None = None  # V_old while the cache's views are being grown (growth.py)
         self.root = self._create_or_open()
+        self.record = decode_record_text(self.manifest)  # every group records it (RECORD_ATTR)
         # The index of complete groups (index.py), remote caches only: this writer's segment, and the
         # groups the index and one listing of the cache found complete when first asked (resume).
         self._index_token, self._index_seq, self._index_groups = uuid.uuid4().hex, 0, {}
@@ -156,7 +160,8 @@ class CacheWriter:
                 f"with the kdcache release that started it{f' ({made_by})' if made_by else ''}, or precompute "
                 "into a new --out path. The cache stays readable for train, inspect and verify."
             )
-        diffs = manifest_differences(old, self.manifest)
+        self.manifest = adopted_encoding(old, self.manifest)
+        diffs = manifest_differences(old, self.manifest, tuple(f for f in MATCHED_FIELDS if f != "views"))
         if diffs:
             with warnings.catch_warnings():  # `.claims/` is kdcache's own, not a zarr node
                 warnings.filterwarnings("ignore", message=r"Object at \..* is not recognized as a component")
@@ -173,7 +178,51 @@ class CacheWriter:
             )
         root = open_root(path, "r+", self.storage_options)
         probe_record(root, old, path)  # an edited manifest: never add groups written with the edit
+        return self._grow_if_asked(root, old)
+
+    def _grow_if_asked(self, root, old: dict):
+        """The opened root, its manifest made a growing one when this run asks for more views than
+        the cache holds (refused for fewer, and for a cache with groups written before groups
+        recorded their own V). One atomic write of the root's metadata."""
+        have, want = int(old["views"]), int(self.manifest["views"])
+        if want < have:
+            raise shrink_error(self.path, have, want)
+        stored = old
+        if want > have:
+            with warnings.catch_warnings():  # `.claims/` is kdcache's own, not a zarr node
+                warnings.filterwarnings("ignore", message=r"Object at \..* is not recognized as a component")
+                try:
+                    attrs = {n: dict(g.attrs) for n, g in root.groups()}
+                except Exception as e:  # a group whose zarr.json does not parse: nothing is changed
+                    raise damaged_error(f"the groups of cache {self.path}, read to grow its views", e) from None
+            older = older_groups(attrs)
+            if older:
+                raise older_groups_error(self.path, older)
+            stored = grown_manifest(old, self.manifest)
+            root.attrs.update({"kdcache": stored})
+        self.growing = growing_from(stored)
         return root
+
+    def stored_views(self, name: str) -> int:
+        """V of group ``name`` if it is complete (fewer than this run's V when it is to grow), else 0."""
+        try:
+            attrs = dict(self.root[name].attrs)
+        except (KeyError, ValueError):
+            return 0
+        return group_views(attrs, self.manifest) if attrs.get("complete", False) else 0
+
+    def finish_growth(self) -> bool:
+        """End a growth once every listed group holds this run's V: the manifest's ``growing`` is
+        removed in one atomic write of the root's metadata. True when this call ended it."""
+        if self.growing is None or not all(self.is_complete(str(n)) for n in self.manifest["shards"]):
+            return False
+        root = open_root(self.path, "r+", self.storage_options)
+        stored = dict(root.attrs["kdcache"])
+        if int(stored["views"]) != int(self.manifest["views"]) or growing_from(stored) is None:
+            return False  # another run grows it further, or has ended it
+        root.attrs.update({"kdcache": finished_manifest(stored)})
+        self.growing = None
+        return True
 
     def _create_local(self) -> None:
         """Create the root group of a local cache atomically, unless it exists.
@@ -283,14 +332,14 @@ class CacheWriter:
             return False, None  # it cannot say complete, so it is redone
         except OSError as e:
             raise damaged_error(f"the metadata of cache group {name!r} in {self.path}", e) from None
-        if not attrs.get("complete", False):
-            return False, None
+        if not attrs.get("complete", False) or group_views(attrs, self.manifest) < int(self.manifest["views"]):
+            return False, None  # (a complete group with fewer views is to be grown: rewritten whole)
         try:
             files = list_files(self.root, self.path, name, self._fs)
         except Exception as e:
             return True, ("?", f"its files cannot be listed: {type(e).__name__}: {e}")
         return True, missing_data_quick(files, int(attrs.get("num_samples", -1)), int(self.manifest["topk"]), attrs,
-                                        self.arrays)
+                                        layout_arrays(self.manifest, coding_of(attrs)))
 
     def _indexed_complete(self, name: str) -> bool:
         """Whether the index (remote caches) records ``name`` complete with every recorded file still
@@ -304,7 +353,9 @@ class CacheWriter:
 
             found = read_index(*self._fs)
             listing = list_all_groups(*self._fs) if found else {}
-            self._indexed_done = {n for n, e in found.items() if entry_matches(e, listing.get(n, {}))}
+            V = int(self.manifest["views"])
+            self._indexed_done = {n for n, e in found.items() if entry_matches(e, listing.get(n, {}))
+                                  and group_views(e["attrs"], self.manifest) >= V}
             self._listed = set(listing) if found else None
         return name in self._indexed_done
 
@@ -453,8 +504,11 @@ class CacheWriter:
             if tuple(np.shape(arr)) != shape:
                 raise ValueError(f"write_shard({name!r}): {a} has shape {np.shape(arr)}, expected {shape}")
         key_rows = encode_keys(keys)  # refuses a key that cannot round-trip, before touching the store
-        stored, decoded = encode_group(self.manifest, self.path, name, keys, np.asarray(size), np.asarray(classes),
-                                       given[need], box, flip, mix_with, mix_lam, bad or {})
+        stored, decoded, layout_attrs = encode_group(self.manifest, self.path, name, keys, np.asarray(size),
+                                                     np.asarray(classes), given[need], box, flip, mix_with, mix_lam,
+                                                     bad or {})
+        digests = [digest_of(self.kind, self.layout, decoded, v, self.record) for v in range(V)]
+        names = layout_arrays(self.manifest, coding_of(layout_attrs))
         claim = self._claim_for_write(name, claim)
         try:
             claim.check()
@@ -464,8 +518,10 @@ class CacheWriter:
                     f"shard group {name!r} in cache {self.path} is already complete; kdcache never overwrites "
                     "a complete group"
                 )
+            self._check_kept_views(name, digests)
             try:
-                self._write_arrays(name, source, n, {"keys": key_rows, **stored})
+                self._write_arrays(name, {**self._first_attrs(source, n), **layout_attrs}, names,
+                                   {"keys": key_rows, **stored})
             except OSError as e:  # a full disk, a quota: the CLI names the place it happened
                 if e.filename is None:
                     e.filename = f"{self.path.rstrip('/')}/{name}"
@@ -474,8 +530,8 @@ class CacheWriter:
             # Only with every array's data on disk, and the claim still ours, does the group count as done.
             arrays = arrays_of(g)
             files = list_files(self.root, self.path, name, self._fs)
-            extra = sorted(set(arrays) - set(self.arrays))
-            lost = missing_data(arrays, files, n, k, {EVERY_CHUNK_ATTR: True}, self.arrays)
+            extra = sorted(set(arrays) - set(names))
+            lost = missing_data(arrays, files, n, k, {EVERY_CHUNK_ATTR: True}, names)
             if lost is not None or extra:
                 what = (f"array {lost[0]!r} is missing after it was written ({lost[1]})" if lost
                         else f"it holds other arrays {extra}")
@@ -484,14 +540,28 @@ class CacheWriter:
                     "writing into this cache without claims? Re-run to redo the group"
                 )
             claim.check()
-            digests = [digest_of(self.kind, self.layout, decoded, v, self.record) for v in range(V)]
             done_attrs = {"bad": dict(bad or {}), "render": render or self.manifest.get("render"),
                           DIGEST_ATTR: digests, "complete": True}
             g.attrs.update(done_attrs)
-            self._record_complete(name, {**self._first_attrs(source, n), **done_attrs}, arrays, files)
+            self._record_complete(name, {**self._first_attrs(source, n), **layout_attrs, **done_attrs}, arrays, files)
         finally:
             claim.release()
             self._claims.pop(name, None)
+
+    def _check_kept_views(self, name: str, digests: list[str]) -> None:
+        """A complete group about to be grown (fewer views than this run's) must get its stored views
+        back unchanged: their recorded digests must equal the new data's, else nothing is written."""
+        try:
+            attrs = dict(self.root[name].attrs)
+        except (KeyError, ValueError):
+            return
+        kept = list(attrs.get(DIGEST_ATTR) or []) if attrs.get("complete", False) else []
+        changed = [v for v, d in enumerate(kept) if d != digests[v]]
+        if changed:
+            raise KdcacheError(
+                f"growing cache group {name!r} in {self.path} would change its stored views {changed[:5]}: the "
+                "shard's images or keys, or the teacher's outputs, are not those the group was written with. Nothing "
+                "was written; the group keeps its views. Check the data and the teacher, or precompute into a new --out")
 
     def _claim_for_write(self, name: str, claim: ShardClaim | None) -> ShardClaim:
         """The claim ``write_shard`` writes group ``name`` under: the one given (checked to be this
@@ -518,14 +588,28 @@ class CacheWriter:
             raise KdcacheError(f"write_shard({name!r}): the claim is not one of this cache ({self.path})")
         return claim
 
+    def _uncomplete(self, name: str) -> None:
+        """Mark a complete group (one being grown to more views) incomplete before anything of it is
+        removed: replacing a group deletes its files one by one, and a kill in the middle must leave
+        a group that says incomplete (redone by the next run), never a complete one missing arrays."""
+        try:
+            g = self.root[name]
+            if g.attrs.get("complete", False):
+                g.attrs.update({"complete": False})
+        except (KeyError, ValueError):  # no group, or a zarr.json that does not parse: not complete
+            pass
+
     def _first_attrs(self, source: str, n: int) -> dict:
         """A group's attributes as it is created (``complete`` false)."""
         return {"source": source, "num_samples": n, "complete": False, EVERY_CHUNK_ATTR: True,
-                RECORD_ATTR: self.record}
+                RECORD_ATTR: self.record, VIEWS_ATTR: int(self.manifest["views"])}
 
-    def _write_arrays(self, name, source, n, data: dict) -> None:
+    def _write_arrays(self, name, first_attrs: dict, names: tuple[str, ...], data: dict) -> None:
+        """Create group ``name`` (``complete`` false) with ``first_attrs`` and write its arrays ``names``."""
+        self._uncomplete(name)
         g = self.root.create_group(name, overwrite=True)
-        g.attrs.update(self._first_attrs(source, n))
+        g.attrs.update(first_attrs)
+        n = int(first_attrs["num_samples"])
         rows = max(n, 1)
         size = data["size"]
         max_side = int(size.max()) if n else 0
@@ -555,7 +639,7 @@ class CacheWriter:
             "mix_lam": (np.float16, FLOAT_CODEC), "class_list": (class_dtype(num_classes), CLASS_LIST_CODEC),
             "class_code": (None, CODES_CODEC), "logprob_steps": (np.uint8, CODES_CODEC), "topk_logmass": (np.float16, LOGMASS_CODEC),
         }
-        for aname in self.arrays:
+        for aname in names:
             dtype, codec = specs[aname]
             arr = np.asarray(data[aname])
             if aname == "class_code":
