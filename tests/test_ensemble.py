@@ -171,6 +171,49 @@ def test_verify_passes_and_fails_when_a_members_weights_are_swapped(dataset, mem
     assert not allowed["ok"] and allowed["failures"] and not allowed["problems"]
 
 
+@pytest.mark.parametrize("kind", ["sample", "compact"])
+def test_sampled_and_compact_ensemble_caches_verify(dataset, members, tmp_path, kind):
+    """Drawn targets come from the averaged distribution, and the compact layout stores it too:
+    verify rebuilds both from the members."""
+    from kdcache.tools.verify import format_verify, verify
+
+    out = tmp_path / "cache.zarr"
+    extra = ["--targets", "sample", "--samples", "6"] if kind == "sample" else ["--compact"]
+    res = CliRunner().invoke(cli, precompute_args(dataset, out, members) + extra)
+    assert res.exit_code == 0, res.output
+    r = verify(str(out), str(dataset), [TEACHER, TEACHER], teacher_weights=[str(p) for p in members], samples=10,
+               device="cpu", progress=False)
+    assert r["ok"] and r["compared"] == 10, format_verify(r)
+    if kind == "sample":
+        assert r["draws_exact"] == 1.0
+    other = tmp_path / "other.pt"  # a confident stranger as member 2: its draws land elsewhere
+    torch.save(sharp_teacher(5, 40.0).state_dict(), other)
+    wrong = verify(str(out), str(dataset), [TEACHER, TEACHER], teacher_weights=[str(members[0]), str(other)],
+                   samples=10, device="cpu", progress=False, allow_teacher_mismatch=True)
+    assert not wrong["ok"] and wrong["failures"]
+
+
+def test_a_live_ensemble_without_a_cache_runs_each_member_at_its_resolution(dataset, members):
+    """No cache: the members' resolutions are given; the targets are the mean of their softmax on the
+    loader's views, each rendered at the member's size."""
+    models = [model_of(p) for p in members]
+    live = kdcache.LiveEnsemble.load([TEACHER, TEACHER], weights=[str(p) for p in members], res=[48, 40], topk=4,
+                                     num_classes=NUM_CLASSES, device="cpu")
+    assert live.resolutions == [48, 40] and live.ensemble.resolutions == [48, 40]
+    loader = kdcache.ReplayLoader(str(dataset), None, 8, res=32, views=2, device="cpu", teacher_res=live.resolutions)
+    batch = next(iter(loader))
+    t = live.targets(batch)
+    with torch.no_grad():
+        probs = [torch.softmax(m(normalize(batch.pixels_at(r, "cpu"), IMAGENET_MEAN, IMAGENET_STD)).double(), -1)
+                 for m, r in zip(models, (48, 40))]
+    want = torch.topk(((probs[0] + probs[1]) / 2).log(), 4)
+    assert torch.equal(t.classes, want.indices)
+    torch.testing.assert_close(t.logprobs.double(), want.values, rtol=2 ** -10, atol=1e-4)
+    assert batch.pixels_at(40, "cpu").shape[-1] == 40 and batch.pixels_at(32, "cpu").shape[-1] == 32
+    with pytest.raises(kdcache.KdcacheError, match="not at 64 px"):
+        batch.pixels_at(64, "cpu")
+
+
 def test_verify_cli_needs_one_teacher_per_member(dataset, members, ens_cache):
     res = CliRunner().invoke(cli, ["verify", str(ens_cache), "--data", str(dataset), "--teacher", TEACHER,
                                    "--teacher-weights", str(members[0]), "--device", "cpu", "--no-progress"])

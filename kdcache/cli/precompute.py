@@ -18,9 +18,10 @@ from .options import (RGB, augmentation, augmentation_options, config_default, p
 @click.command()
 @click.option("--data", required=True, help="Shards: a brace pattern (data/train-{000000..000099}.tar), a glob, or a directory.")
 @click.option("--teacher", required=True, multiple=True,
-              help="Teacher spec: timm:NAME, torchvision:NAME, py:MODULE:FACTORY, a torch.export .pt2 file (exported in "
-                   "eval mode with a dynamic batch dimension) or a TorchScript file. Repeat it for an ensemble: every "
-                   "member sees the same views and the cache keeps the top-k of their mean probability.")
+              help="Teacher spec: timm:NAME, torchvision:NAME, py:MODULE:FACTORY, a torch.export .pt2 file "
+                   "(exported in eval mode with a dynamic batch dimension) or a TorchScript file. Repeat it for an "
+                   "ensemble: every member sees the same views and the cache keeps the top-k of their mean "
+                   "probability.")
 @per_teacher_option("--teacher-weights", "Teacher weights: a .pt/.pth state dict or .safetensors.", type=click.Path())
 @per_teacher_option("--teacher-res", "A teacher's own input resolution [default: --res]; each teacher renders the same "
                     "crop box at its own size.", type=int)

@@ -50,7 +50,8 @@ def verify(cache, data, teacher, teacher_weights, num_classes, pretrained, sampl
     from ..tools import verify as api
 
     out = api.verify(
-        cache, data, per_teacher(teacher), teacher_weights=per_teacher(teacher_weights), num_classes=num_classes, pretrained=pretrained,
+        cache, data, per_teacher(teacher), teacher_weights=per_teacher(teacher_weights), num_classes=num_classes,
+        pretrained=pretrained,
         samples=samples,
         device=device, seed=seed, batch_size=batch_size, atol=atol,
         allow_teacher_mismatch=allow_teacher_mismatch, storage_options=parse_storage_options(storage_options),

@@ -22,7 +22,7 @@ import torch
 
 from ..cache.store import CacheReader
 from ..errors import KdcacheError
-from ..models.ensemble import Ensemble, MemberSpec, ensemble_topk, load_ensemble, members_of
+from ..models.ensemble import Ensemble, MemberSpec, ensemble_topk, load_ensemble, members_of, per_member
 from ..models.teacher import NonFiniteTeacherOutput, Teacher, load_teacher, topk_tensors
 from ..runtime import resolve_device
 from .losses import Targets
@@ -115,8 +115,6 @@ class LiveEnsemble:
         order), or None. With ``cache`` whose teacher has these specs as its members (in order), each
         member takes the cache's normalisation, resolution and (without weights) seeded random init, so
         the targets equal the cached ones; ``topk`` defaults to the cache's (else 10)."""
-        from ..tools.config import per_member
-
         reader = cache if cache is None or isinstance(cache, CacheReader) else getattr(cache, "reader", None)
         if cache is not None and reader is None:
             reader = CacheReader(str(cache), storage_options)

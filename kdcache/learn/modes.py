@@ -188,7 +188,7 @@ def live_ensemble_mode(ctx: ModeContext) -> Mode:
     return Mode("live", C, None if cfg.num_classes is not None else f"the live teachers have {C} classes",
                 lambda inputs: LiveKDTask(inputs, C, live, **kd), teacher_res=others or None, tail=cfg.tail,
                 record={"teacher_res": live.ensemble.resolutions, "topk": live.topk,
-                        "teachers": [t for t in specs],
+                        "teachers": specs,
                         "targets": (m.get("targets") or {"kind": "topk"}) if m else None, "tail": cfg.tail})
 
 

@@ -10,7 +10,8 @@ teachers' probabilities the same way), and the cache's tail and temperature sema
 a single teacher: the tail mass is what the averaged distribution leaves outside its top-k, and a
 temperature at training time reshapes the averaged distribution.
 
-- ``MemberSpec``     what the user asks of one member (spec, weights, resolution, normalisation, seed).
+- ``MemberSpec``     what the user asks of one member (spec, weights, resolution, normalisation, seed);
+                     ``per_member`` matches a per-teacher option's values to the teachers by position.
 - ``load_ensemble``  builds every member (``teacher.load_teacher``) and checks that they agree on the
                      class count; returns an ``Ensemble``.
 - ``Ensemble``       the members and their resolutions; ``describe`` is the manifest's ``teacher``
@@ -82,6 +83,22 @@ class Ensemble:
                 "members": [{**info.describe(), "resolution": int(r)} for info, r in zip(self.infos, self.resolutions)]}
 
 
+def per_member(value, n: int | None, flag: str, default, rgb: bool = False) -> list:
+    """A per-member option as one value per teacher: None gives ``default`` to every member, a
+    single value (a scalar, or one R,G,B triple with ``rgb``) belongs to a single teacher, and a list
+    must hold exactly one value per teacher, in ``--teacher`` order (``n``: the teacher count; None
+    for the teachers themselves)."""
+    if value is None:
+        return [default] * (n or 0)
+    single = not isinstance(value, (list, tuple)) or (rgb and len(value) and not isinstance(value[0], (list, tuple)))
+    values = [value] if single else list(value)
+    if n is not None and len(values) != n:
+        raise KdcacheError(
+            f"{flag} is given {len(values)} time{'s' if len(values) != 1 else ''} for {n} teacher"
+            f"{'s' if n != 1 else ''}: give it once per --teacher, in the same order (or not at all)")
+    return values
+
+
 def members_of(teacher_entry: dict, resolution: int) -> list[dict]:
     """A manifest ``teacher`` entry as its list of member entries, each with its ``resolution``
     (a single teacher's entry is one member at the cache's resolution)."""
@@ -109,21 +126,19 @@ def load_ensemble(members: list[MemberSpec], device: torch.device, *, num_classe
     return Ensemble(teachers, [int(m.res) for m in members], infos)
 
 
-def ensemble_logprobs(ensemble: Ensemble, pixels: Mapping[int, torch.Tensor], means=None, stds=None) -> torch.Tensor:
+def ensemble_logprobs(ensemble: Ensemble, pixels: Mapping[int, torch.Tensor]) -> torch.Tensor:
     """Log of the members' mean probability (B, C), float32 on the ensemble's device, at T=1.
-    ``pixels[r]`` are the batch's float pixels in [0, 1] at resolution r; ``means``/``stds``
-    (per member, None entries allowed) override the members' normalisation."""
-    logps = [logprob_tensors(t, pixels[r], None if means is None else means[m], None if stds is None else stds[m])
-             for m, (t, r) in enumerate(zip(ensemble.teachers, ensemble.resolutions))]
+    ``pixels[r]`` are the batch's float pixels in [0, 1] at resolution r, each member normalised its
+    own way (``Teacher.mean``/``std``)."""
+    logps = [logprob_tensors(t, pixels[r]) for t, r in zip(ensemble.teachers, ensemble.resolutions)]
     if len(logps) == 1:
         return logps[0]
     return torch.logsumexp(torch.stack(logps), dim=0) - math.log(len(logps))
 
 
-def ensemble_topk(ensemble: Ensemble, pixels: Mapping[int, torch.Tensor], k: int, half: bool = True,
-                  means=None, stds=None):
+def ensemble_topk(ensemble: Ensemble, pixels: Mapping[int, torch.Tensor], k: int, half: bool = True):
     """Top-k of ``ensemble_logprobs`` (descending; float16, or float32 with ``half=False``) and class ids."""
-    logp = ensemble_logprobs(ensemble, pixels, means, stds)
+    logp = ensemble_logprobs(ensemble, pixels)
     vals, ids = torch.topk(logp, k, dim=-1, largest=True, sorted=True)
     return (vals.half() if half else vals), ids
 

@@ -90,7 +90,7 @@ class PrecomputeConfig:
         """The teachers asked for, one ``ensemble.MemberSpec`` each: ``teacher`` (one spec or a list),
         with ``teacher_weights``, ``teacher_res`` (default ``res``), ``mean``, ``std`` and
         ``random_init`` matched to them by position (each given for every teacher or for none)."""
-        from ..models.ensemble import MemberSpec
+        from ..models.ensemble import MemberSpec, per_member
 
         specs = per_member(self.teacher, None, "--teacher", None)
         if not specs or not all(isinstance(s, str) and s for s in specs):
@@ -105,29 +105,14 @@ class PrecomputeConfig:
                 for s, w, r, m, d, i in zip(specs, weights, res, mean, std, seeds)]
 
 
-def per_member(value, n: int | None, flag: str, default, rgb: bool = False) -> list:
-    """A per-member option as one value per teacher: None gives ``default`` to every member, a
-    single value (a scalar, or one R,G,B triple with ``rgb``) belongs to a single teacher, and a list
-    must hold exactly one value per teacher, in ``--teacher`` order (``n``: the teacher count; None
-    for the teachers themselves)."""
-    if value is None:
-        return [default] * (n or 0)
-    single = not isinstance(value, (list, tuple)) or (rgb and len(value) and not isinstance(value[0], (list, tuple)))
-    values = [value] if single else list(value)
-    if n is not None and len(values) != n:
-        raise KdcacheError(
-            f"{flag} is given {len(values)} time{'s' if len(values) != 1 else ''} for {n} teacher"
-            f"{'s' if n != 1 else ''}: give it once per --teacher, in the same order (or not at all)")
-    return values
-
-
 def check_member(m) -> None:
     """One member's resolution, seed and normalisation (``MemberSpec``), named by their flags."""
     want, ok = at_least(8)
     if not isinstance(m.res, numbers.Integral) or isinstance(m.res, bool) or not ok(m.res):
         raise KdcacheError(f"--teacher-res (or --res) must be {want}, got {m.res!r}")
-    if m.random_init is not None and (not isinstance(m.random_init, numbers.Integral) or isinstance(m.random_init, bool)):
-        raise KdcacheError(f"--random-init must be an integer, got {m.random_init!r}")
+    seed = m.random_init
+    if seed is not None and (not isinstance(seed, numbers.Integral) or isinstance(seed, bool)):
+        raise KdcacheError(f"--random-init must be an integer, got {seed!r}")
     for name in ("mean", "std"):
         values = getattr(m, name)
         if values is not None and (len(values) != 3 or not all(isinstance(v, numbers.Real) and math.isfinite(v)

@@ -140,7 +140,7 @@ def cache_members(manifest: dict) -> list[dict]:
 def given_members(manifest: dict, teacher, teacher_weights) -> tuple[list, list]:
     """The specs and weights files given to verify, one per member of the cache's teacher (refused
     when their counts differ from the cache's members)."""
-    from .config import per_member
+    from ..models.ensemble import per_member
 
     members = cache_members(manifest)
     specs = per_member(teacher, None, "--teacher", None)
