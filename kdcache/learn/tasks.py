@@ -185,9 +185,8 @@ class LiveKDTask:
     name = "live"
 
     def __init__(self, inputs: StudentInput, num_classes: int, teacher: Teacher | LiveTeacher | LiveEnsemble,
-                 topk: int | None = None,
-                 mean=None, std=None, temperature: float = 1.0, tail: str = "uniform", label_weight: float = 0.0,
-                 backend: str = "auto"):
+                 topk: int | None = None, mean=None, std=None, temperature: float = 1.0, tail: str = "uniform",
+                 label_weight: float = 0.0, backend: str = "auto"):
         self.inputs, self.num_classes = inputs, num_classes
         self.kd = KDLoss(temperature, tail, label_weight, backend)
         self.live = (teacher if isinstance(teacher, (LiveTeacher, LiveEnsemble))
