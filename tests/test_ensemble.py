@@ -110,6 +110,9 @@ def test_the_manifest_lists_every_member(ens_cache, members, cache):
     assert [m["spec"] for m in t["members"]] == [TEACHER, TEACHER]
     assert [m["weights_sha256"] for m in t["members"]] == [file_sha256(str(p)) for p in members]
     assert [m["resolution"] for m in t["members"]] == list(RES) and man["resolution"] == RES[0]
+    handle = kdcache.open_cache(str(ens_cache))
+    assert handle.members == t["members"] and "ensemble of 2" in repr(handle)
+    assert [m["resolution"] for m in kdcache.open_cache(str(cache)).members] == [32]
     # a single teacher's manifest keeps today's form
     single = CacheReader(str(cache)).manifest["teacher"]
     assert "members" not in single and set(single) == {"spec", "weights", "weights_sha256", "num_classes", "mean",

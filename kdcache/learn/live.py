@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..cache.store import CacheReader
+from ..cache.store import CacheReader, members_of
 from ..errors import KdcacheError
-from ..models.ensemble import Ensemble, MemberSpec, ensemble_topk, load_ensemble, members_of, per_member
+from ..models.ensemble import Ensemble, MemberSpec, ensemble_topk, load_ensemble, per_member
 from ..models.teacher import NonFiniteTeacherOutput, Teacher, load_teacher, topk_tensors
 from ..runtime import resolve_device
 from .losses import Targets

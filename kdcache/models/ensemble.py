@@ -99,14 +99,6 @@ def per_member(value, n: int | None, flag: str, default, rgb: bool = False) -> l
     return values
 
 
-def members_of(teacher_entry: dict, resolution: int) -> list[dict]:
-    """A manifest ``teacher`` entry as its list of member entries, each with its ``resolution``
-    (a single teacher's entry is one member at the cache's resolution)."""
-    if "members" in teacher_entry:
-        return [dict(m) for m in teacher_entry["members"]]
-    return [{**teacher_entry, "resolution": int(resolution)}]
-
-
 def load_ensemble(members: list[MemberSpec], device: torch.device, *, num_classes: int | None = None,
                   pretrained: bool = False, flag: str = "--random-init") -> Ensemble:
     """Build every member, frozen on ``device``; their class counts must agree (one averaged

@@ -692,7 +692,7 @@ def _fmt_bytes(n: int | None) -> str:
 
 def teacher_members(man: dict) -> list[dict] | None:
     """The manifest's teacher as a list of members, each with its resolution (one for a single teacher)."""
-    from ..models.ensemble import members_of
+    from ..cache.store import members_of
 
     t = man.get("teacher")
     return members_of(t, man.get("resolution")) if isinstance(t, dict) else None

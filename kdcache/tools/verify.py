@@ -132,7 +132,7 @@ def identity(manifest: dict, teacher, teacher_weights, device_type: str,
 
 def cache_members(manifest: dict) -> list[dict]:
     """The cache's teachers: one member entry each (with its resolution)."""
-    from ..models.ensemble import members_of
+    from ..cache.store import members_of
 
     return members_of(manifest["teacher"], int(manifest["resolution"]))
 

@@ -144,6 +144,14 @@ def manifest_differences(old: dict, new: dict) -> list[str]:
     return out
 
 
+def members_of(teacher_entry: dict, resolution: int) -> list[dict]:
+    """A manifest ``teacher`` entry as its list of member entries, each with its ``resolution``
+    (a single teacher's entry is one member at the cache's resolution)."""
+    if "members" in teacher_entry:
+        return [dict(m) for m in teacher_entry["members"]]
+    return [{**teacher_entry, "resolution": int(resolution)}]
+
+
 def member_differences(old: dict, new: dict) -> list[str]:
     """Where two ``teacher`` entries disagree when either is an ensemble: the member count, or each
     member's changed fields, named by position (``teacher.members[2].weights_sha256``, from 1)."""
