@@ -36,6 +36,7 @@ _API = {
     "kd_loss": "kdcache.learn.losses",
     "sparse_kd_loss": "kdcache.learn.losses",
     "LiveTeacher": "kdcache.learn.live",
+    "LiveEnsemble": "kdcache.learn.live",
     "SpotCheck": "kdcache.learn.spotcheck",
     "AugSpec": "kdcache.data.views",
     "View": "kdcache.data.views",
@@ -73,7 +74,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from .errors import KdcacheError
     from .learn.config import SelfDistillConfig, TrainConfig
     from .tools.config import EvaluateConfig, PrecomputeConfig, VerifyConfig
-    from .learn.live import LiveTeacher
+    from .learn.live import LiveEnsemble, LiveTeacher
     from .learn.loader import ReplayLoader
     from .learn.losses import Targets, kd_loss, sparse_kd_loss
     from .learn.replay import Batch

@@ -29,8 +29,8 @@ STUDENT = "py:kdcache.models.zoo:tiny_cnn"
 
 # The public surface. A name may be added; one that disappears breaks users' code (docs/api.md).
 PUBLIC = {"__version__", "open_cache", "Cache", "Record", "ReplayLoader", "Batch", "Targets", "kd_loss",
-          "sparse_kd_loss", "LiveTeacher", "SpotCheck", "AugSpec", "View", "render", "create_model", "KdcacheError",
-          "PrecomputeConfig", "TrainConfig", "precompute", "train"}
+          "sparse_kd_loss", "LiveTeacher", "LiveEnsemble", "SpotCheck", "AugSpec", "View", "render", "create_model",
+          "KdcacheError", "PrecomputeConfig", "TrainConfig", "precompute", "train"}
 
 
 def test_every_public_name_is_there_and_resolves():

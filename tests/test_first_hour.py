@@ -456,12 +456,18 @@ def test_every_numeric_setting_is_checked_in_the_config():
     for name, (want, _) in PRECOMPUTE_NUMBERS:
         with pytest.raises(KdcacheError, match=re.escape(f"--{name.replace('_', '-')} must be {want}")):
             PrecomputeConfig(data="d", teacher="t", out="o", **{name: bad[want]})
-    fields = {f.name for f in dataclasses.fields(TrainConfig) if f.type in ("int", "float", "int | None", "float | None")}
+    numeric = ("int", "float", "int | None", "float | None", "int | list[int] | None")  # lists: one per teacher
+    fields = {f.name for f in dataclasses.fields(TrainConfig) if f.type in numeric}
     seeds = {"seed", "view_seed", "teacher_random_init"}
     assert fields - seeds == {name for name, _ in TRAIN_NUMBERS}  # every number has its rule
-    pfields = {f.name for f in dataclasses.fields(PrecomputeConfig) if f.type in ("int", "float", "int | None")}
-    assert pfields - {"seed", "random_init", "samples", "shard_index", "num_shard_groups"} == \
-        {name for name, _ in PRECOMPUTE_NUMBERS}  # (samples and the shard split have their own checks)
+    pfields = {f.name for f in dataclasses.fields(PrecomputeConfig) if f.type in numeric}
+    assert pfields - {"seed", "random_init", "samples", "shard_index", "num_shard_groups", "teacher_res"} == \
+        {name for name, _ in PRECOMPUTE_NUMBERS}  # (samples, the shard split and each member have their own checks)
+    for res in (7, [32, 7]):
+        with pytest.raises(KdcacheError, match=re.escape("--teacher-res (or --res) must be at least 8, got 7")):
+            PrecomputeConfig(data="d", teacher=["t"] * (1 if res == 7 else 2), out="o", teacher_res=res)
+    with pytest.raises(KdcacheError, match=re.escape("--teacher-res must be at least 8, got 7")):
+        TrainConfig(**base, teacher=["t", "u"], teacher_res=[32, 7])
     with pytest.raises(KdcacheError, match="--std values divide the pixels"):
         PrecomputeConfig(data="d", teacher="t", out="o", std=(0.2, 0.0, 0.2))
     with pytest.raises(KdcacheError, match="--lr must be > 0, got '0.1'"):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import KdcacheError
-from .store import CacheReader
+from .store import CacheReader, members_of
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,12 @@ class Cache:
     def teacher(self) -> dict:
         """Spec, weights hash, class count and input normalisation of the teacher that made the cache."""
         return dict(self.reader.manifest["teacher"])
+
+    @property
+    def members(self) -> list[dict]:
+        """The teacher as a list of members, each with its ``resolution``: an ensemble's in
+        ``--teacher`` order, one entry for a single teacher."""
+        return members_of(self.reader.manifest["teacher"], self.resolution)
 
     @property
     def num_classes(self) -> int:
@@ -150,9 +156,10 @@ class Cache:
             kind=self.kind, counts=None if rec.counts is None else np.asarray(rec.counts[i]))
 
     def __repr__(self) -> str:
-        t = self.teacher
+        specs = [m.get("spec") for m in self.members]
+        teacher = f"teacher {specs[0]}" if len(specs) == 1 else f"ensemble of {len(specs)} ({', '.join(specs)})"
         what = f"top-{self.topk}" if self.kind == "topk" else f"{self.samples} draws"
-        return (f"Cache({self.path!r}: teacher {t.get('spec')}, {self.num_classes} classes, {self.views} views, "
+        return (f"Cache({self.path!r}: {teacher}, {self.num_classes} classes, {self.views} views, "
                 f"{what}, {self.layout}, {self.resolution}px, seed {self.seed})")
 
 

@@ -37,6 +37,20 @@ def config_default(config_cls, name: str):
     return f.default
 
 
+def per_teacher_option(flag: str, help_text: str, **kw):
+    """A per-teacher flag: repeatable, matched to the --teacher flags by position (``per_teacher``)."""
+    return click.option(flag, default=None, multiple=True, **kw,
+                        help=f"{help_text} With several --teacher, give it once per teacher, in the same order.")
+
+
+def per_teacher(values: tuple):
+    """A repeated per-teacher option as the config takes it: None when not given, the value itself
+    when given once, else the list (``tools.config.per_member`` matches it to the teachers)."""
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else list(values)
+
+
 def workers_option(help_text: str):
     """-j/--workers with the default every command uses (``runtime.default_workers``); ``--help`` shows
     the rule and what it comes to on this machine."""

@@ -11,20 +11,24 @@ from ..data.views import AugSpec
 
 from ..tools.config import PrecomputeConfig
 
-from .options import (RGB, augmentation, augmentation_options, config_default, threads_option, worker_timeout_option,
-                      workers_option)
+from .options import (RGB, augmentation, augmentation_options, config_default, per_teacher, per_teacher_option,
+                      threads_option, worker_timeout_option, workers_option)
 
 
 @click.command()
 @click.option("--data", required=True, help="Shards: a brace pattern (data/train-{000000..000099}.tar), a glob, or a directory.")
-@click.option("--teacher", required=True, help="Teacher spec: timm:NAME, torchvision:NAME, py:MODULE:FACTORY, a torch.export .pt2 file (exported in eval mode "
-                   "with a dynamic batch dimension) or a TorchScript file.")
-@click.option("--teacher-weights", type=click.Path(), default=None, help="Teacher weights: a .pt/.pth state dict or .safetensors.")
+@click.option("--teacher", required=True, multiple=True,
+              help="Teacher spec: timm:NAME, torchvision:NAME, py:MODULE:FACTORY, a torch.export .pt2 file "
+                   "(exported in eval mode with a dynamic batch dimension) or a TorchScript file. Repeat it for an "
+                   "ensemble: every member sees the same views and the cache keeps the top-k of their mean "
+                   "probability.")
+@per_teacher_option("--teacher-weights", "Teacher weights: a .pt/.pth state dict or .safetensors.", type=click.Path())
+@per_teacher_option("--teacher-res", "A teacher's own input resolution [default: --res]; each teacher renders the same "
+                    "crop box at its own size.", type=int)
 @click.option("--pretrained", is_flag=True, help="Let timm/torchvision fetch their pretrained weights (needs network).")
-@click.option("--random-init", type=int, default=None, metavar="SEED",
-              help="Use a randomly initialised teacher on purpose (benchmarks, tests), built under SEED and recorded "
-                   "in the cache so resume and verify rebuild the same network. A teacher without weights is "
-                   "refused otherwise.")
+@per_teacher_option("--random-init", "Use a randomly initialised teacher on purpose (benchmarks, tests), built under "
+                    "SEED and recorded in the cache so resume and verify rebuild the same network. A teacher without "
+                    "weights is refused otherwise.", type=int, metavar="SEED")
 @click.option("--num-classes", type=int, default=None, help="Expected teacher class count (checked; passed to py: factories).")
 @click.option("--out", required=True, help="Cache path (a local directory or an fsspec URL), e.g. cache.zarr.")
 @click.option("--views", "-V", default=config_default(PrecomputeConfig, 'views'), show_default=True, help="Seeded views per image. Training epoch e replays view e mod V, so a schedule of E epochs uses each "
@@ -60,8 +64,8 @@ from .options import (RGB, augmentation, augmentation_options, config_default, t
 @workers_option("DataLoader workers (each owns whole shards).")
 @threads_option()
 @worker_timeout_option(PrecomputeConfig)
-@click.option("--mean", type=RGB, default=None, help="Override input mean R,G,B (default: timm config or ImageNet).")
-@click.option("--std", type=RGB, default=None, help="Override input std R,G,B.")
+@per_teacher_option("--mean", "Override input mean R,G,B (default: timm config or ImageNet).", type=RGB)
+@per_teacher_option("--std", "Override input std R,G,B.", type=RGB)
 @click.option("--shard-index", default=config_default(PrecomputeConfig, 'shard_index'), show_default=True, help="With --num-shard-groups: which group this process writes.")
 @click.option("--num-shard-groups", default=config_default(PrecomputeConfig, 'num_shard_groups'), show_default=True, help="Split the shards into this many disjoint groups.")
 @click.option("--skip-bad", is_flag=True, help="Record undecodable images in the shard's attributes and go on.")
@@ -89,6 +93,8 @@ def precompute(**kw):
             click.echo(f"note: {flag} applies to --targets {kind} only; this run stores --targets {kw['targets']} "
                        f"and does not use it", err=True)
     kw["progress"] = not kw.pop("no_progress")
+    for name in ("teacher", "teacher_weights", "teacher_res", "random_init", "mean", "std"):
+        kw[name] = per_teacher(kw[name])
     aug = augmentation(kw)
     if kw.pop("center_crop"):
         if aug.mixup:

@@ -11,20 +11,21 @@ from ..learn.live import DEFAULT_TOPK
 from ..learn.losses import BACKENDS as LOSS_BACKENDS, TAIL_MODES
 from ..learn.signals import SIGNALS
 
-from .options import (augmentation, augmentation_options, config_default, self_distill, self_distill_options,
-                      threads_option, worker_timeout_option, workers_option)
+from .options import (augmentation, augmentation_options, config_default, per_teacher, per_teacher_option, self_distill,
+                      self_distill_options, threads_option, worker_timeout_option, workers_option)
 
 
 @click.command()
 @click.option("--data", required=True, help="Training shards: a brace pattern, a glob, or a directory.")
 @click.option("--cache", default=None, help="Cache made by `kdcache precompute` on these shards (cached-teacher mode).")
-@click.option("--teacher", default=None, help="Live teacher spec (live mode), as for precompute: timm:NAME, torchvision:NAME, py:MODULE:FACTORY, "
-                   "a .pt2 export or a TorchScript file; run on the same replayed views.")
-@click.option("--teacher-weights", type=click.Path(), default=None,
-              help="Live teacher weights (.pt/.pth/.safetensors); with --spot-check, the cache's teacher's weights.")
-@click.option("--teacher-random-init", type=int, default=None, metavar="SEED",
-              help="Live mode: a randomly initialised teacher on purpose, built under SEED [default: the cache's "
-                   "seed when the cache was made with one].")
+@click.option("--teacher", default=None, multiple=True,
+              help="Live teacher spec (live mode), as for precompute: timm:NAME, torchvision:NAME, py:MODULE:FACTORY, "
+                   "a .pt2 export or a TorchScript file; run on the same replayed views. Repeat it for a live "
+                   "ensemble (the mean of the teachers' probabilities, as an ensemble cache stores it).")
+@per_teacher_option("--teacher-weights", "Live teacher weights (.pt/.pth/.safetensors); with --spot-check, the cache's "
+                    "teacher's weights.", type=click.Path())
+@per_teacher_option("--teacher-random-init", "Live mode: a randomly initialised teacher on purpose, built under SEED "
+                    "[default: the cache's seed when the cache was made with one].", type=int, metavar="SEED")
 @click.option("--mode", type=click.Choice(MODES), default=config_default(TrainConfig, 'mode'), show_default=True,
               help="auto: live with --teacher, cached with --cache, else labels. `labels` with --cache trains on "
                    "the cache's views with cross-entropy only.")
@@ -56,7 +57,7 @@ from .options import (augmentation, augmentation_options, config_default, self_d
                    "combinations. Not with --mixup caches.")
 @click.option("--label-weight", default=config_default(TrainConfig, 'label_weight'), show_default=True, help="Weight of the cross-entropy on labels (needs cls).")
 @click.option("--res", type=int, default=None, help="Student input resolution [default: the cache's, else 224].")
-@click.option("--teacher-res", type=int, default=None, help="Live teacher resolution [default: the cache's, else --res].")
+@per_teacher_option("--teacher-res", "Live teacher resolution [default: the cache's, else --res].", type=int)
 @click.option("--topk", type=int, default=None, help=f"Live teacher top-k [default: the cache's k, else {DEFAULT_TOPK}].")
 @click.option("--val-data", default=None, help="Validation shards with cls labels (top-1/top-5).")
 @click.option("--val-batch-size", type=int, default=None, help="Validation batch size [default: --batch-size].")
@@ -128,6 +129,8 @@ def train(**kw):
     from ..learn.trainer import train as run
 
     kw["compile"] = kw.pop("compile_")
+    for name in ("teacher", "teacher_weights", "teacher_random_init", "teacher_res"):
+        kw[name] = per_teacher(kw[name])
     kw["progress"] = not kw.pop("no_progress")
     s = run(TrainConfig(aug=augmentation(kw), self_distill=self_distill(kw), **kw))
     if "stopped_at" in s:  # a planned stop (--stop-after): not an error

@@ -10,14 +10,15 @@ import click
 
 from ..tools.config import VerifyConfig
 from .options import parse_storage_options, storage_options_option
-from .options import config_default
+from .options import config_default, per_teacher, per_teacher_option
 
 
 @click.command()
 @click.argument("cache")
 @click.option("--data", required=True, help="The data shards the cache was made from (pattern, glob or folder).")
-@click.option("--teacher", required=True, help="Teacher spec, as given to precompute.")
-@click.option("--teacher-weights", type=click.Path(), default=None, help="Teacher weights file, as given to precompute.")
+@click.option("--teacher", required=True, multiple=True,
+              help="Teacher spec, as given to precompute; for an ensemble cache, each member's, in the same order.")
+@per_teacher_option("--teacher-weights", "Teacher weights file, as given to precompute.", type=click.Path())
 @click.option("--num-classes", type=int, default=None, help="Teacher class count (default: the cache's).")
 @click.option("--pretrained", is_flag=True, help="As for precompute: let timm/torchvision fetch their weights.")
 @click.option("--samples", "-n", default=config_default(VerifyConfig, "samples"), show_default=True, help="(record, view) pairs to re-run.")
@@ -49,7 +50,8 @@ def verify(cache, data, teacher, teacher_weights, num_classes, pretrained, sampl
     from ..tools import verify as api
 
     out = api.verify(
-        cache, data, teacher, teacher_weights=teacher_weights, num_classes=num_classes, pretrained=pretrained,
+        cache, data, per_teacher(teacher), teacher_weights=per_teacher(teacher_weights), num_classes=num_classes,
+        pretrained=pretrained,
         samples=samples,
         device=device, seed=seed, batch_size=batch_size, atol=atol,
         allow_teacher_mismatch=allow_teacher_mismatch, storage_options=parse_storage_options(storage_options),

@@ -58,15 +58,21 @@ def check_numbers(cfg, rules, seeds=(), flag_prefix: str = "") -> None:
     """Every numeric setting of ``cfg`` against its rule (``None``: not given, left to a default). The
     error names the flag: ``--`` + ``flag_prefix`` + the field's name with dashes."""
     for name, (want, ok) in rules:
-        value = getattr(cfg, name)
-        if value is None:
-            continue
-        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not ok(value):
-            raise KdcacheError(f"--{flag_prefix}{name.replace('_', '-')} must be {want}, got {value!r}")
+        for value in each_value(getattr(cfg, name)):
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not ok(value):
+                raise KdcacheError(f"--{flag_prefix}{name.replace('_', '-')} must be {want}, got {value!r}")
     for name in seeds:
-        value = getattr(cfg, name)
-        if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool)):
-            raise KdcacheError(f"--{name.replace('_', '-')} must be an integer, got {value!r}")
+        for value in each_value(getattr(cfg, name)):
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise KdcacheError(f"--{name.replace('_', '-')} must be an integer, got {value!r}")
+
+
+def each_value(value) -> list:
+    """A setting's given values: none for None, each item of a per-teacher list (an ensemble's
+    --teacher-res, --teacher-random-init), else the value itself."""
+    if value is None:
+        return []
+    return [v for v in value if v is not None] if isinstance(value, list) else [value]
 
 
 @dataclass
@@ -77,9 +83,9 @@ class TrainConfig:
     student: str
     out: str
     cache: str | None = None
-    teacher: str | None = None
-    teacher_weights: str | None = None
-    teacher_random_init: int | None = None  # live: a seeded random teacher (default: the cache's seed, if it has one)
+    teacher: str | list[str] | None = None  # live; several: an ensemble (the per-teacher fields then take lists)
+    teacher_weights: str | list[str] | None = None
+    teacher_random_init: int | list[int] | None = None  # live: a seeded random teacher (default: the cache's seed)
     mode: str = "auto"  # auto: live with --teacher, cached with --cache, else labels
     student_weights: str | None = None
     num_classes: int | None = None
@@ -98,7 +104,7 @@ class TrainConfig:
     # signal derived from them and the labels (smoothing, relations, reweight, ...), docs/losses.md.
     kd_signal: str = "full"
     res: int | None = None  # default: the cache's resolution, else 224
-    teacher_res: int | None = None  # live: default the cache's resolution, else the student's
+    teacher_res: int | list[int] | None = None  # live: default the cache's resolution(s), else the student's
     topk: int | None = None  # live: default the cache's k, else 10
     val_data: str | list[str] | None = None
     val_batch_size: int | None = None

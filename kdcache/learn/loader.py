@@ -60,7 +60,8 @@ class ReplayLoader:
         device, mean, std, channels_last: where ``batch.images`` live and how they are normalised.
         labels: require a ``cls`` label on every record (for a loss on labels).
         targets: ship the cache's targets (False: the cache's views only).
-        teacher_res: also render every batch at this resolution (``batch.teacher_pixels``).
+        teacher_res: also render every batch at this resolution (``batch.teacher_pixels``), or at each
+            of a list of them (a live ensemble's ``resolutions``: ``batch.pixels_at(r)``).
     """
 
     def __init__(self, data, cache=None, batch_size: int = 128, *, res: int | None = None,
@@ -68,7 +69,7 @@ class ReplayLoader:
                  student_view: str = "cache", views_used: int | None = None, device=None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                  channels_last: bool = False, labels: bool = False, targets: bool = True,
                  num_classes: int | None = None, views: int | None = None, view_seed: int | None = None,
-                 aug: AugSpec | None = None, teacher_res: int | None = None, shuffle_buffer: int = 1024,
+                 aug: AugSpec | None = None, teacher_res: int | list[int] | None = None, shuffle_buffer: int = 1024,
                  skip_bad: bool = False, worker_timeout: float = 600.0, check_digests: bool = True,
                  storage_options: dict | None = None, pin_memory: bool | None = None):
         if student_view not in STUDENT_VIEWS:

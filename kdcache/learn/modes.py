@@ -29,7 +29,7 @@ import torch
 from ..cache.store import CacheReader
 from ..data.shards import load_class_names
 from ..errors import KdcacheError
-from .live import LiveTeacher
+from .live import LiveEnsemble, LiveTeacher
 from .signals import DERIVED_TAIL, DerivedSignal, cache_stats
 from .tasks import CachedKDTask, LabelsTask, LiveKDTask, StudentInput
 
@@ -153,8 +153,11 @@ def signal_mode(ctx: ModeContext) -> Mode:
 
 def live_mode(ctx: ModeContext) -> Mode:
     """A teacher run on the replayed views (``live.LiveTeacher``: like precompute's, and with the
-    cache's teacher spec, its normalisation and seeded random init, so live targets equal cached ones)."""
+    cache's teacher spec, its normalisation and seeded random init, so live targets equal cached ones).
+    Several --teacher, or a cache made by an ensemble, give ``live_ensemble_mode``."""
     cfg, m = ctx.cfg, ctx.manifest
+    if not isinstance(cfg.teacher, str) or (m is not None and "members" in m["teacher"]):
+        return live_ensemble_mode(ctx)
     live = LiveTeacher.load(cfg.teacher, weights=cfg.teacher_weights, cache=ctx.reader, num_classes=cfg.num_classes,
                             topk=cfg.topk, res=cfg.teacher_res or ctx.res, device=ctx.device,
                             random_init=cfg.teacher_random_init, random_init_flag="--teacher-random-init")
@@ -165,6 +168,27 @@ def live_mode(ctx: ModeContext) -> Mode:
                 lambda inputs: LiveKDTask(inputs, C, live, **kd),
                 teacher_res=teacher_res if teacher_res != ctx.res else None, tail=cfg.tail,
                 record={"teacher_res": teacher_res, "topk": live.topk,
+                        "targets": (m.get("targets") or {"kind": "topk"}) if m else None, "tail": cfg.tail})
+
+
+def live_ensemble_mode(ctx: ModeContext) -> Mode:
+    """Several teachers run on the replayed views (``live.LiveEnsemble``), each at its own resolution
+    (the stream renders every one that differs from the student's); with the cache's members, their
+    normalisation, resolutions and seeded random inits, so live targets equal the cache's."""
+    cfg, m = ctx.cfg, ctx.manifest
+    specs = [cfg.teacher] if isinstance(cfg.teacher, str) else list(cfg.teacher)
+    live = LiveEnsemble.load(specs, weights=cfg.teacher_weights, cache=ctx.reader, num_classes=cfg.num_classes,
+                             topk=cfg.topk, res=cfg.teacher_res if cfg.teacher_res is not None else (
+                                 None if m is not None else [ctx.res] * len(specs)),
+                             device=ctx.device, random_init=cfg.teacher_random_init,
+                             random_init_flag="--teacher-random-init")
+    C = live.num_classes
+    kd = _kd_settings(cfg, cfg.tail)
+    others = tuple(r for r in live.resolutions if r != ctx.res)
+    return Mode("live", C, None if cfg.num_classes is not None else f"the live teachers have {C} classes",
+                lambda inputs: LiveKDTask(inputs, C, live, **kd), teacher_res=others or None, tail=cfg.tail,
+                record={"teacher_res": live.ensemble.resolutions, "topk": live.topk,
+                        "teachers": specs,
                         "targets": (m.get("targets") or {"kind": "topk"}) if m else None, "tail": cfg.tail})
 
 

@@ -299,6 +299,9 @@ class Batch:
     logprobs: torch.Tensor | None = None  # (b, k) cached teacher top-k (or sampled log-weights)
     classes: torch.Tensor | None = None  # (b, k) int64
     teacher_crops: CropBatch | None = None  # at the live teacher's resolution when it differs
+    # At every live-teacher resolution that differs from the student's (an ensemble may have several;
+    # the first is ``teacher_crops`` itself).
+    more_crops: dict = field(default_factory=dict)
     bound: "Binding | None" = field(default=None, repr=False)  # set in the main process by ReplayLoader
     _pixels: torch.Tensor | None = field(default=None, repr=False)
     _images: torch.Tensor | None = field(default=None, repr=False)
@@ -359,7 +362,10 @@ class Batch:
 
     def pin_memory(self):
         self.crops = self.crops.pin_memory()
-        if self.teacher_crops is not None:
+        if self.more_crops:
+            self.more_crops = {r: c.pin_memory() for r, c in self.more_crops.items()}
+            self.teacher_crops = next(iter(self.more_crops.values()))
+        elif self.teacher_crops is not None:
             self.teacher_crops = self.teacher_crops.pin_memory()
         for f in ("label", "label_other", "logprobs", "classes"):
             t = getattr(self, f)
@@ -379,6 +385,18 @@ class Batch:
     def teacher_pixels(self, device) -> torch.Tensor | None:
         """Pixels at the live teacher's resolution, or None when it equals the student's."""
         return None if self.teacher_crops is None else self.teacher_crops.pixels(device)
+
+    def pixels_at(self, res: int, device) -> torch.Tensor:
+        """Pixels of the same views at ``res``: one of the live-teacher resolutions the loader renders
+        (``teacher_res``), or the student's own. Any other resolution is an error."""
+        if res in self.more_crops:
+            return self.more_crops[res].pixels(device)
+        px = self.pixels(device)
+        if px.shape[-1] != res:
+            raise KdcacheError(f"this batch is rendered at {px.shape[-1]} px (the student's) and at "
+                               f"{sorted(self.more_crops) or 'no other resolution'}, not at {res} px: pass "
+                               f"teacher_res={res} (or the list of a live ensemble's resolutions) to the ReplayLoader")
+        return px
 
     def mixed(self) -> bool:
         return bool((self.crops.lam < 1).any())  # λ is 1.0 wherever a record is unmixed
@@ -402,8 +420,9 @@ class Batch:
         return Batch(
             crops=self.crops.slice(lo, hi), label=s(self.label), label_other=s(self.label_other),
             index=s(self.index), keys=self.keys[lo:hi], shards=self.shards[lo:hi], view=self.view,
-            logprobs=s(self.logprobs), classes=s(self.classes),
-            teacher_crops=None if self.teacher_crops is None else self.teacher_crops.slice(lo, hi),
+            logprobs=s(self.logprobs), classes=s(self.classes), **teacher_fields(
+                {r: c.slice(lo, hi) for r, c in self.more_crops.items()},
+                None if self.teacher_crops is None else self.teacher_crops.slice(lo, hi)),
         )
 
     @staticmethod
@@ -418,10 +437,24 @@ class Batch:
         return Batch(
             crops=parts[0].crops.cat([p.crops for p in parts]), label=c("label"), label_other=c("label_other"),
             index=c("index"), keys=[k for p in parts for k in p.keys], shards=[s for p in parts for s in p.shards],
-            view=parts[0].view, logprobs=c("logprobs"), classes=c("classes"),
-            teacher_crops=None if parts[0].teacher_crops is None else parts[0].teacher_crops.cat(
-                [p.teacher_crops for p in parts]),
+            view=parts[0].view, logprobs=c("logprobs"), classes=c("classes"), **teacher_fields(
+                {r: c0.cat([p.more_crops[r] for p in parts]) for r, c0 in parts[0].more_crops.items()},
+                None if parts[0].teacher_crops is None else parts[0].teacher_crops.cat(
+                    [p.teacher_crops for p in parts])),
         )
+
+
+def teacher_sizes(teacher_res) -> list[int]:
+    """The live-teacher resolutions a stream renders besides the student's: none, one, or a list."""
+    if not teacher_res:
+        return []
+    return [int(teacher_res)] if isinstance(teacher_res, (int, np.integer)) else list(dict.fromkeys(teacher_res))
+
+
+def teacher_fields(more: dict, first=None) -> dict:
+    """A Batch's ``teacher_crops`` and ``more_crops`` from the crops at each teacher resolution
+    (``first``: the single teacher crops of a batch made before ``more_crops`` existed)."""
+    return {"teacher_crops": next(iter(more.values())) if more else first, "more_crops": more}
 
 
 @dataclass(frozen=True)
@@ -515,7 +548,8 @@ class StreamConfig:
     cache: str | None = None  # views (and targets) from this cache
     storage_options: dict | None = None
     with_targets: bool = True  # ship the cached top-k (cached-KD mode)
-    teacher_res: int | None = None  # live teacher resolution when it differs from ``res``
+    # Live teacher resolution(s) when they differ from ``res``: one, or a live ensemble's list.
+    teacher_res: int | tuple | list | None = None
     views: int | None = None  # V without a cache (None: view index = epoch)
     view_seed: int = 0  # without a cache
     aug: AugSpec = field(default_factory=AugSpec)  # without a cache
@@ -780,7 +814,7 @@ class _ChunkBuilder:
 
         out = Batch(
             crops=crop_batch(records, cfg.res, self.renderer),
-            teacher_crops=crop_batch(records, cfg.teacher_res, self.renderer) if cfg.teacher_res else None,
+            **teacher_fields({r: crop_batch(records, r, self.renderer) for r in teacher_sizes(cfg.teacher_res)}),
             label=torch.tensor([int(s.labels[i]) for s, i in items], dtype=torch.int64),
             label_other=torch.tensor([int(s.labels[s.views.mix_with[i, 0]]) if s.views.mix_with[i, 0] >= 0
                                       else int(s.labels[i]) for s, i in items], dtype=torch.int64),

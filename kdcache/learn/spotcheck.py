@@ -62,6 +62,10 @@ class SpotCheck:
                                "check compares top-k log-probs; check a sampled cache with `kdcache verify`, which "
                                "re-draws its targets")
         t = m["teacher"]
+        if "members" in t:
+            raise KdcacheError(f"cache {reader.path} was made by an ensemble of {len(t['members'])} teachers; a spot "
+                               "check re-runs a single teacher. Check an ensemble cache with `kdcache verify` (one "
+                               "--teacher and --teacher-weights per member)")
         if weights is not None:
             if not os.path.isfile(weights):
                 raise KdcacheError(f"teacher weights file {weights} does not exist")

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ..models.factory import logits_of, normalize
 from ..models.teacher import Teacher
-from .live import LiveTeacher
+from .live import LiveEnsemble, LiveTeacher
 from .losses import Targets, sparse_kd_loss
 from .replay import Batch, Binding
 
@@ -184,12 +184,13 @@ class LiveKDTask:
 
     name = "live"
 
-    def __init__(self, inputs: StudentInput, num_classes: int, teacher: Teacher | LiveTeacher, topk: int | None = None,
-                 mean=None, std=None, temperature: float = 1.0, tail: str = "uniform", label_weight: float = 0.0,
-                 backend: str = "auto"):
+    def __init__(self, inputs: StudentInput, num_classes: int, teacher: Teacher | LiveTeacher | LiveEnsemble,
+                 topk: int | None = None, mean=None, std=None, temperature: float = 1.0, tail: str = "uniform",
+                 label_weight: float = 0.0, backend: str = "auto"):
         self.inputs, self.num_classes = inputs, num_classes
         self.kd = KDLoss(temperature, tail, label_weight, backend)
-        self.live = teacher if isinstance(teacher, LiveTeacher) else LiveTeacher(teacher, topk, tuple(mean), tuple(std))
+        self.live = (teacher if isinstance(teacher, (LiveTeacher, LiveEnsemble))
+                     else LiveTeacher(teacher, topk, tuple(mean), tuple(std)))
 
     def teacher_targets(self, batch: Batch) -> Targets:
         """The live teacher's top-k on the batch's views (at its own resolution when that differs)."""

@@ -31,24 +31,25 @@ class PrecomputeConfig:
     """Everything ``precompute`` needs; checked when it is made (the CLI and the Python API alike)."""
 
     data: str | list[str]
-    teacher: str
+    teacher: str | list[str]  # several: an ensemble (``members``); the per-member fields below then take lists
     out: str
-    teacher_weights: str | None = None
+    teacher_weights: str | list[str] | None = None
     pretrained: bool = False
-    random_init: int | None = None  # a seeded random teacher, on purpose (benchmarks, tests)
+    random_init: int | list[int] | None = None  # a seeded random teacher, on purpose (benchmarks, tests)
     num_classes: int | None = None
     views: int = 10
     topk: int = 10
     seed: int = 0
     res: int = 224
+    teacher_res: int | list[int] | None = None  # per member; default ``res`` for every member
     aug: AugSpec = field(default_factory=AugSpec)
     batch_size: int = 256
     device: str = "auto"
     workers: int = field(default_factory=default_workers)
     worker_timeout: float = 600.0  # seconds to wait for a batch from the data workers before giving up
     threads: int | None = None  # torch threads of the main process; default: the cores the workers leave
-    mean: tuple | None = None
-    std: tuple | None = None
+    mean: tuple | list[tuple] | None = None  # per member with several teachers
+    std: tuple | list[tuple] | None = None
     shard_index: int = 0
     num_shard_groups: int = 1
     skip_bad: bool = False
@@ -68,16 +69,11 @@ class PrecomputeConfig:
 
         if self.targets not in TARGET_KINDS:
             raise KdcacheError(f"--targets must be one of {', '.join(TARGET_KINDS)}, got {self.targets!r}")
-        check_numbers(self, PRECOMPUTE_NUMBERS, SEEDS["precompute"])
+        check_numbers(self, PRECOMPUTE_NUMBERS, ("seed",))
+        for m in self.members():  # the per-member values: counts matched to the teachers, each checked
+            check_member(m)
         if not 1 <= self.samples <= MAX_COUNT:
             raise KdcacheError(f"--samples must be in 1..{MAX_COUNT} (counts are stored as bytes), got {self.samples}")
-        for name in ("mean", "std"):
-            values = getattr(self, name)
-            if values is not None and (len(values) != 3 or not all(isinstance(v, numbers.Real) and math.isfinite(v)
-                                                                   for v in values)):
-                raise KdcacheError(f"--{name} takes three numbers R,G,B, got {values!r}")
-        if self.std is not None and min(self.std) <= 0:
-            raise KdcacheError(f"--std values divide the pixels: each must be > 0, got {tuple(self.std)}")
 
         if self.render not in RENDER_BACKENDS:
             raise KdcacheError(f"--render must be one of {', '.join(RENDER_BACKENDS)}, got {self.render!r}")
@@ -90,6 +86,41 @@ class PrecomputeConfig:
             raise KdcacheError(f"--shard-index must be in [0, --num-shard-groups); got {self.shard_index} of "
                                f"{self.num_shard_groups}")
 
+    def members(self) -> list:
+        """The teachers asked for, one ``ensemble.MemberSpec`` each: ``teacher`` (one spec or a list),
+        with ``teacher_weights``, ``teacher_res`` (default ``res``), ``mean``, ``std`` and
+        ``random_init`` matched to them by position (each given for every teacher or for none)."""
+        from ..models.ensemble import MemberSpec, per_member
+
+        specs = per_member(self.teacher, None, "--teacher", None)
+        if not specs or not all(isinstance(s, str) and s for s in specs):
+            raise KdcacheError(f"--teacher takes a model spec (one per ensemble member), got {self.teacher!r}")
+        n = len(specs)
+        weights = per_member(self.teacher_weights, n, "--teacher-weights", None)
+        res = per_member(self.teacher_res, n, "--teacher-res", self.res)
+        mean = per_member(self.mean, n, "--mean", None, rgb=True)
+        std = per_member(self.std, n, "--std", None, rgb=True)
+        seeds = per_member(self.random_init, n, "--random-init", None)
+        return [MemberSpec(s, w, r, tuple(m) if m is not None else None, tuple(d) if d is not None else None, i)
+                for s, w, r, m, d, i in zip(specs, weights, res, mean, std, seeds)]
+
+
+def check_member(m) -> None:
+    """One member's resolution, seed and normalisation (``MemberSpec``), named by their flags."""
+    want, ok = at_least(8)
+    if not isinstance(m.res, numbers.Integral) or isinstance(m.res, bool) or not ok(m.res):
+        raise KdcacheError(f"--teacher-res (or --res) must be {want}, got {m.res!r}")
+    seed = m.random_init
+    if seed is not None and (not isinstance(seed, numbers.Integral) or isinstance(seed, bool)):
+        raise KdcacheError(f"--random-init must be an integer, got {seed!r}")
+    for name in ("mean", "std"):
+        values = getattr(m, name)
+        if values is not None and (len(values) != 3 or not all(isinstance(v, numbers.Real) and math.isfinite(v)
+                                                               for v in values)):
+            raise KdcacheError(f"--{name} takes three numbers R,G,B, got {values!r}")
+    if m.std is not None and min(m.std) <= 0:
+        raise KdcacheError(f"--std values divide the pixels: each must be > 0, got {tuple(m.std)}")
+
 
 @dataclass
 class VerifyConfig:
@@ -97,8 +128,8 @@ class VerifyConfig:
 
     cache: object  # a path or URL, or an open CacheReader
     data: str | list[str]
-    teacher: str
-    teacher_weights: str | None = None
+    teacher: str | list[str]  # an ensemble cache: one spec per member, in the cache's order
+    teacher_weights: str | list[str] | None = None  # likewise one file per member
     num_classes: int | None = None
     pretrained: bool = False
     samples: int = 64  # (record, view) pairs re-run

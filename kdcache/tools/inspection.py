@@ -260,6 +260,7 @@ def summary_report(reader: CacheReader, order, shards, bad_list, complete_names,
         "format_version": man.get("format_version"),
         "kdcache_version": man.get("kdcache_version"),
         "teacher": man.get("teacher"),
+        "members": teacher_members(man),
         "num_classes": C,
         "class_names": names,
         "views": reader.views,
@@ -696,19 +697,51 @@ def _fmt_bytes(n: int | None) -> str:
     return "-" if n is None else f"{n:,}"
 
 
+def teacher_members(man: dict) -> list[dict] | None:
+    """The manifest's teacher as a list of members, each with its resolution (one for a single teacher)."""
+    from ..cache.store import members_of
+
+    t = man.get("teacher")
+    return members_of(t, man.get("resolution")) if isinstance(t, dict) else None
+
+
+def _teacher_lines(s: dict) -> list[str]:
+    """The summary's teacher: one teacher in two lines, an ensemble as its averaging and one line per member."""
+    t = s["teacher"] or {}
+
+    def weights(m):
+        sha = m.get("weights_sha256")
+        return f"weights {m.get('weights') or '-'}  sha256 {sha[:16] + '…' if sha else '-'}"
+
+    if "members" not in t:
+        return [f"teacher       {t.get('spec')}  {weights(t)}",
+                f"              {s['num_classes']} classes, mean {t.get('mean')}, std {t.get('std')}"]
+    members = s.get("members") or []
+    lines = [f"teacher       ensemble of {len(members)} ({t.get('ensemble')}: the mean of the members' probabilities), "
+             f"{s['num_classes']} classes"]
+    for n, m in enumerate(members, 1):
+        lines.append(f"  member {n}    {m.get('spec')}  {weights(m)}")
+        lines.append(f"              resolution {m.get('resolution')}, mean {m.get('mean')}, std {m.get('std')}")
+    return lines
+
+
+def _resolution_text(s: dict) -> str:
+    members = s.get("members") or []
+    if len(members) > 1:
+        return "teacher resolutions " + ", ".join(str(m.get("resolution")) for m in members)
+    return f"teacher resolution {s['resolution']}"
+
+
 def format_summary(s: dict, max_shards: int = 50) -> str:
     from ..data.render import render_text
 
-    t = s["teacher"] or {}
     aug = s["augmentation"] or {}
     rd = s["render"] or {}
     tot = s["totals"]
-    sha = t.get("weights_sha256")
     lines = [
         f"cache         {s['cache']}  (format {s['format_version']}, written by kdcache {s['kdcache_version']})",
-        f"teacher       {t.get('spec')}  weights {t.get('weights') or '-'}  sha256 {sha[:16] + '…' if sha else '-'}",
-        f"              {s['num_classes']} classes, mean {t.get('mean')}, std {t.get('std')}",
-        f"views V       {s['views']}    {_targets_text(s)}    seed {s['seed']}    teacher resolution {s['resolution']}",
+        *_teacher_lines(s),
+        f"views V       {s['views']}    {_targets_text(s)}    seed {s['seed']}    {_resolution_text(s)}",
         f"layout        {_layout_text(s['encoding'])}",
         f"augmentation  {aug.get('name')} v{aug.get('version')}  scale {aug.get('scale')}  ratio "
         f"{[round(x, 4) for x in aug.get('ratio', [])]}  flip {aug.get('flip')}  mixup {aug.get('mixup')}",

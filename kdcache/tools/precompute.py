@@ -8,10 +8,13 @@ Read top to bottom:
    draws the shard's views (``views.sample_shard_views``: crops, flips, mixup pairs) and renders
    all V views from the decoded images (``render.crop_batch``), in teacher batches that are a
    fixed function of the shard (``teacher_batches``).
-4. The main process runs the teacher on each batch (``teacher.batch_topk``: mixed on the device,
-   bf16 autocast on CUDA, log-softmax, top-k; with ``--targets sample``, ``teacher.batch_logprobs``
-   and ``targets.draw_batch``: N classes drawn per record, seeded by (seed, key, view)) and files
-   the results into the shard's arrays.
+4. The main process runs the teacher on each batch (``ensemble.ensemble_batch_topk``: mixed on the
+   device, bf16 autocast on CUDA, log-softmax, top-k; with ``--targets sample``,
+   ``ensemble.ensemble_batch_logprobs`` and ``targets.draw_batch``: N classes drawn per record,
+   seeded by (seed, key, view)) and files the results into the shard's arrays. Several
+   ``--teacher``s are an ensemble (``models/ensemble.py``): each batch is rendered at every member's
+   resolution from the same boxes and mixes, and the members' probabilities are averaged; one
+   teacher is a one-member ensemble, stored exactly as a single teacher.
 5. When every record of a shard is in, the shard group is written and only then marked complete.
 
 Growing a cache (``--views`` larger than the cache's, ``cache/store/growth.py``): a complete group
@@ -32,7 +35,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -47,7 +50,8 @@ from ..runtime import (
 from ..data.shards import check_shards_open, decode_shard, expand_urls, load_class_names, shard_name
 from ..cache.store import CLAIM_REFRESH_S, CacheWriter, encoding_record, make_manifest
 from ..cache.targets import draw_batch, slots, targets_record
-from ..models.teacher import NonFiniteTeacherOutput, batch_logprobs, batch_topk, compute_record, load_teacher
+from ..models.ensemble import Ensemble, ensemble_batch_logprobs, ensemble_batch_topk, load_ensemble
+from ..models.teacher import NonFiniteTeacherOutput, compute_record
 from ..data.views import ShardViews, drop_records, sample_shard_views
 from ..data.render import CropBatch, crop_batch
 from ..data.render import make_renderer
@@ -81,12 +85,19 @@ class ShardStart:
 
 @dataclass
 class RecordBatch:
-    """One teacher batch of a shard: which (record, view) pairs, and their crops."""
+    """One teacher batch of a shard: which (record, view) pairs, and their crops (at the first
+    teacher resolution; an ensemble's other resolutions in ``more``)."""
 
     name: str
     index: np.ndarray  # (b,) record index in shard
     view: np.ndarray  # (b,) view index
     crops: CropBatch
+    res: int  # the resolution of ``crops``
+    more: dict = field(default_factory=dict)  # resolution -> CropBatch: the same boxes at other sizes
+
+    def at(self) -> dict:
+        """The batch's crops by resolution, every teacher resolution it was rendered at."""
+        return {self.res: self.crops, **self.more}
 
 
 def teacher_batches(valid: np.ndarray, views: int, batch_size: int, first: int = 0) -> list[np.ndarray]:
@@ -104,11 +115,20 @@ def teacher_batches(valid: np.ndarray, views: int, batch_size: int, first: int =
     return [pairs[i : i + batch_size] for i in range(0, len(pairs), batch_size)]
 
 
-def render_batch(name: str, images: list, sv: ShardViews, pairs: np.ndarray, res: int, renderer=None) -> RecordBatch:
+def teacher_sizes(cfg: PrecomputeConfig) -> list[int]:
+    """The resolutions every teacher batch is rendered at: each member's, once, in member order."""
+    return list(dict.fromkeys(m.res for m in cfg.members()))
+
+
+def render_batch(name: str, images: list, sv: ShardViews, pairs: np.ndarray, res, renderer=None) -> RecordBatch:
     """The crops of the given (record, view) pairs of one shard: one teacher batch (``renderer``:
-    the render backend, default PIL; ``images`` are its decoded images)."""
-    crops = crop_batch([(images, sv, i, v) for i, v in pairs.tolist()], res, renderer)
-    return RecordBatch(name, pairs[:, 0].copy(), pairs[:, 1].copy(), crops)
+    the render backend, default PIL; ``images`` are its decoded images), at ``res`` (one resolution,
+    or a list: an ensemble's, each rendered from the same boxes and mixes)."""
+    sizes = [int(res)] if isinstance(res, (int, np.integer)) else list(res)
+    records = [(images, sv, i, v) for i, v in pairs.tolist()]
+    crops = [crop_batch(records, r, renderer) for r in sizes]
+    return RecordBatch(name, pairs[:, 0].copy(), pairs[:, 1].copy(), crops[0], sizes[0],
+                       dict(zip(sizes[1:], crops[1:])))
 
 
 def device_batches(start: ShardStart, renderer, cfg: PrecomputeConfig):
@@ -137,7 +157,7 @@ def device_batches(start: ShardStart, renderer, cfg: PrecomputeConfig):
         drop_records(views, lost)
     yield ShardStart(start.url, start.name, start.keys, size, views, bad, valid, first_view=start.first_view)
     for pairs in teacher_batches(valid, cfg.views, cfg.batch_size, start.first_view):
-        yield render_batch(start.name, images, views, pairs, cfg.res, renderer)
+        yield render_batch(start.name, images, views, pairs, teacher_sizes(cfg), renderer)
 
 
 class ShardRenderStream(IterableDataset):
@@ -163,7 +183,7 @@ class ShardRenderStream(IterableDataset):
                 continue
             yield ShardStart(url, name, d.keys, d.sizes, sv, d.bad, valid, first_view=first)
             for pairs in teacher_batches(valid, cfg.views, cfg.batch_size, first):
-                yield render_batch(name, d.images, sv, pairs, cfg.res, self.renderer)
+                yield render_batch(name, d.images, sv, pairs, teacher_sizes(cfg), self.renderer)
 
 
 # ---- the main side: teacher → top-k → shard groups --------------------------------------------
@@ -245,19 +265,18 @@ def precompute(cfg: PrecomputeConfig) -> dict:
     device = resolve_device(cfg.device)
     threads = set_threads(cfg.threads, cfg.workers)
 
-    teacher, info = load_teacher(cfg.teacher, device, num_classes=cfg.num_classes, weights=cfg.teacher_weights,
-                                 pretrained=cfg.pretrained, mean=cfg.mean, std=cfg.std, resolution=cfg.res,
-                                 random_init=cfg.random_init)
+    teacher = load_ensemble(cfg.members(), device, num_classes=cfg.num_classes, pretrained=cfg.pretrained)
+    C, res = teacher.num_classes, teacher.resolutions[0]
     sampled = cfg.targets == "sample"
-    if not sampled and cfg.topk > info.num_classes:
-        raise KdcacheError(f"--topk {cfg.topk} exceeds the teacher's {info.num_classes} classes")
+    if not sampled and cfg.topk > C:
+        raise KdcacheError(f"--topk {cfg.topk} exceeds the teacher's {C} classes")
     names = load_class_names(urls)
     renderer = make_renderer(cfg.render, device)
     manifest = make_manifest(
-        teacher=info.describe(), augmentation=cfg.aug.to_dict(), seed=cfg.seed, views=cfg.views,
-        topk=slots(cfg.samples, info.num_classes) if sampled else cfg.topk,
-        resolution=cfg.res, render=renderer.describe(), shards=[shard_name(u) for u in urls], sources=urls,
-        class_names=names if names is not None and len(names) == info.num_classes else None,
+        teacher=teacher.describe(), augmentation=cfg.aug.to_dict(), seed=cfg.seed, views=cfg.views,
+        topk=slots(cfg.samples, C) if sampled else cfg.topk,
+        resolution=res, render=renderer.describe(), shards=[shard_name(u) for u in urls], sources=urls,
+        class_names=names if names is not None and len(names) == C else None,
         compute=compute_record(cfg.batch_size, device),
         targets=targets_record(cfg.targets, cfg.samples, cfg.sample_temperature),
         encoding=encoding_record("compact" if cfg.compact else "plain", cfg.targets),
@@ -294,7 +313,7 @@ def precompute(cfg: PrecomputeConfig) -> dict:
             "images_per_s": 0.0, "threads": threads, "workers": cfg.workers,
         }
         if todo and rank == 0:
-            note = upscale_note(todo[0], cfg.res)
+            note = upscale_note(todo[0], max(teacher.sizes))
             if note:
                 print(note, file=sys.stderr, flush=True)
             if first_views:
@@ -303,7 +322,8 @@ def precompute(cfg: PrecomputeConfig) -> dict:
                       "computed", file=sys.stderr, flush=True)
             if cfg.progress:
                 print(f"kdcache precompute: {len(todo)} of {len(mine)} shards to write, {cfg.views} views per image at "
-                      f"{cfg.res} px, teacher {cfg.teacher} on {device} in batches of {cfg.batch_size}; the bar moves "
+                      f"{'/'.join(map(str, teacher.sizes))} px, teacher {' + '.join(m.spec for m in cfg.members())} "
+                      f"on {device} in batches of {cfg.batch_size}; the bar moves "
                       "once the first shard is decoded and its first batch has run", file=sys.stderr, flush=True)
         if todo:
             _run(cfg, teacher, writer, todo, claims, summary, rank, renderer, first_views)
@@ -316,7 +336,7 @@ def precompute(cfg: PrecomputeConfig) -> dict:
     return summary
 
 
-def _run(cfg: PrecomputeConfig, teacher, writer: CacheWriter, todo: list[str], claims: dict, summary: dict,
+def _run(cfg: PrecomputeConfig, teacher: Ensemble, writer: CacheWriter, todo: list[str], claims: dict, summary: dict,
          rank: int, renderer, first_views: dict) -> None:
     """Render, run the teacher and write every shard of ``todo`` (claimed by this process); the groups
     of ``first_views`` (url -> views held) are grown: only their new views are computed."""
@@ -351,12 +371,12 @@ def _run(cfg: PrecomputeConfig, teacher, writer: CacheWriter, todo: list[str], c
                 p = pending[item.name]
                 try:
                     if sampled:  # N draws per record, a pure function of (seed, key, view) and the teacher
-                        logp = batch_logprobs(teacher, item.crops)
+                        logp = ensemble_batch_logprobs(teacher, item.at())
                         ids, counts = draw_batch(logp, [p.start.keys[i] for i in item.index], item.view, cfg.seed,
                                                  cfg.samples, cfg.sample_temperature)
                         p.counts[item.index, item.view] = counts
                     else:
-                        vals, ids = batch_topk(teacher, item.crops, cfg.topk, half=not cfg.compact)
+                        vals, ids = ensemble_batch_topk(teacher, item.at(), cfg.topk, half=not cfg.compact)
                         p.logprobs[item.index, item.view] = vals
                 except NonFiniteTeacherOutput as e:  # nothing of this shard is stored
                     raise e.at(f" for shard {p.start.url}",

@@ -82,23 +82,29 @@ class Tally:
 # ---- 1. identity -------------------------------------------------------------------------------
 
 
-def identity(manifest: dict, teacher: str, teacher_weights: str | None, device_type: str,
+def identity(manifest: dict, teacher, teacher_weights, device_type: str,
              allow_teacher_mismatch: bool) -> tuple[dict, list[str], list[str]]:
-    """The identity checks. Returns (report fields, problems, warnings)."""
-    from ..models.factory import file_sha256
+    """The identity checks. Returns (report fields, problems, warnings). ``teacher`` and
+    ``teacher_weights`` are one spec and file, or one per member of an ensemble cache, in order."""
     from ..data.render import render_mismatch, renderer_for
 
     problems, warnings = [], []
-    mt = manifest["teacher"]
-    spec_ok = teacher == mt.get("spec")
-    if teacher_weights and not os.path.isfile(teacher_weights):
-        raise KdcacheError(f"weights file {teacher_weights} does not exist")
-    sha = file_sha256(teacher_weights) if teacher_weights else None
-    weights_ok = sha == mt.get("weights_sha256")
-    for ok, what in ((spec_ok, f"teacher spec {teacher!r} differs from the cache's {mt.get('spec')!r}"),
-                     (weights_ok, f"teacher weights sha256 {sha} differs from the cache's {mt.get('weights_sha256')}")):
-        if not ok:
-            (warnings if allow_teacher_mismatch else problems).append(what)
+    checks = []
+    members = cache_members(manifest)
+    for n, (m, spec, weights) in enumerate(zip(members, *given_members(manifest, teacher, teacher_weights)), 1):
+        who = f"teacher {n} " if len(members) > 1 else "teacher "
+        check = member_identity(m, spec, weights)
+        for ok, what in ((check["spec_matches"], f"{who}spec {spec!r} differs from the cache's {m.get('spec')!r}"),
+                         (check["weights_match"], f"{who}weights sha256 {check['weights_sha256']} differs from the "
+                                                  f"cache's {m.get('weights_sha256')}")):
+            if not ok:
+                (warnings if allow_teacher_mismatch else problems).append(what)
+        checks.append(check)
+    if len(checks) == 1:
+        teacher_report = checks[0]
+    else:
+        teacher_report = {"members": checks, "spec_matches": all(c["spec_matches"] for c in checks),
+                          "weights_match": all(c["weights_match"] for c in checks)}
     there = manifest.get("render") or {}
     renderer = renderer_for(there)  # the cache's backend; an unknown one is an error
     here = renderer.describe()
@@ -118,11 +124,44 @@ def identity(manifest: dict, teacher: str, teacher_weights: str | None, device_t
             f"{device_type} here; other kernels and precision can move log-probs beyond the tolerance. "
             f"Verify on a {compute['device']} device (--device), or widen --atol")
     report = {
-        "teacher": {"spec": teacher, "cache_spec": mt.get("spec"), "spec_matches": spec_ok, "weights_sha256": sha,
-                    "cache_weights_sha256": mt.get("weights_sha256"), "weights_match": weights_ok},
+        "teacher": teacher_report,
         "render": {"here": here, "cache": there, "matches": render_ok},
     }
     return report, problems, warnings
+
+
+def cache_members(manifest: dict) -> list[dict]:
+    """The cache's teachers: one member entry each (with its resolution)."""
+    from ..cache.store import members_of
+
+    return members_of(manifest["teacher"], int(manifest["resolution"]))
+
+
+def given_members(manifest: dict, teacher, teacher_weights) -> tuple[list, list]:
+    """The specs and weights files given to verify, one per member of the cache's teacher (refused
+    when their counts differ from the cache's members)."""
+    from ..models.ensemble import per_member
+
+    members = cache_members(manifest)
+    specs = per_member(teacher, None, "--teacher", None)
+    if len(specs) != len(members):
+        raise KdcacheError(
+            f"the cache's teacher has {len(members)} member(s) ({', '.join(str(m.get('spec')) for m in members)}) and "
+            f"{len(specs)} --teacher were given: pass --teacher (and --teacher-weights) once per member, in the "
+            "cache's order")
+    return specs, per_member(teacher_weights, len(specs), "--teacher-weights", None)
+
+
+def member_identity(member: dict, spec: str, weights: str | None) -> dict:
+    """One teacher's spec and weights file against the cache's entry for it."""
+    from ..models.factory import file_sha256
+
+    if weights and not os.path.isfile(weights):
+        raise KdcacheError(f"weights file {weights} does not exist")
+    sha = file_sha256(weights) if weights else None
+    return {"spec": spec, "cache_spec": member.get("spec"), "spec_matches": spec == member.get("spec"),
+            "weights_sha256": sha, "cache_weights_sha256": member.get("weights_sha256"),
+            "weights_match": sha == member.get("weights_sha256")}
 
 
 # ---- 2. coverage -------------------------------------------------------------------------------
@@ -194,12 +233,12 @@ def check_shard(reader: CacheReader, name: str, url: str, picks: list[Pick], tea
 
     from .precompute import render_batch
     from ..cache.targets import check_draws
-    from ..models.teacher import NonFiniteTeacherOutput, batch_logprobs, batch_topk
+    from ..models.ensemble import ensemble_batch_logprobs, ensemble_batch_topk
+    from ..models.teacher import NonFiniteTeacherOutput
     from ..data.views import ShardViews
     from ..data.render import image_hw, renderer_for
 
     man = reader.manifest
-    res = int(man["resolution"])
     sd = reader.read_shard(name)
     keys, n = sd["keys"], len(sd["keys"])
     valid = valid_records(keys, sd["size"], dict(reader.shard_attrs(name).get("bad") or {}))
@@ -246,13 +285,13 @@ def check_shard(reader: CacheReader, name: str, url: str, picks: list[Pick], tea
         if (stored.mix_with[pairs[:, 0], pairs[:, 1]] >= n).any():
             pairs = pairs[stored.mix_with[pairs[:, 0], pairs[:, 1]] < n]  # cannot render; failed above
         with torch.inference_mode():
-            crops = render_batch(name, images, stored, pairs, res, renderer).crops
+            crops = render_batch(name, images, stored, pairs, teacher.sizes, renderer).at()
             try:
                 if sampled:
-                    logp = batch_logprobs(teacher, crops)
+                    logp = ensemble_batch_logprobs(teacher, crops)
                     vals = ids = logp
                 else:
-                    vals, ids = batch_topk(teacher, crops, C)
+                    vals, ids = ensemble_batch_topk(teacher, crops, C)
             except NonFiniteTeacherOutput as e:
                 raise e.at(f" on shard {url}", [f"key {str(keys[i])!r} view {v}" for i, v in pairs.tolist()],
                            "verify cannot compare the cache with it") from None
@@ -413,16 +452,19 @@ def format_warnings(man: dict, batch_size: int) -> list[str]:
 
 
 def rebuild_teacher(cfg: VerifyConfig, man: dict, dev, ident: dict, problems: list[str]):
-    """The cache's teacher, built as precompute built it (its normalisation and resolution; its
-    seeded random init when it had one, then checked parameter for parameter)."""
-    from ..models.teacher import load_teacher
+    """The cache's teacher (an ``ensemble.Ensemble``; one member for a single teacher), built as
+    precompute built it: each member's normalisation and resolution, and its seeded random init when
+    it had one, then checked parameter for parameter."""
+    from ..models.ensemble import MemberSpec, load_ensemble
+    from ..models.factory import state_sha256
 
-    mt = man["teacher"]
-    init_seed = mt.get("random_init_seed") if cfg.teacher_weights is None and not cfg.pretrained else None
+    members = cache_members(man)
+    specs, weights = given_members(man, cfg.teacher, cfg.teacher_weights)
+    asked = [MemberSpec(spec, w, int(m["resolution"]), m.get("mean"), m.get("std"),
+                        m.get("random_init_seed") if w is None and not cfg.pretrained else None)
+             for m, spec, w in zip(members, specs, weights)]
     try:
-        t, _ = load_teacher(cfg.teacher, dev, num_classes=int(mt["num_classes"]), weights=cfg.teacher_weights,
-                            pretrained=cfg.pretrained, mean=mt.get("mean"), std=mt.get("std"),
-                            resolution=int(man["resolution"]), random_init=init_seed)
+        ens = load_ensemble(asked, dev, num_classes=int(man["teacher"]["num_classes"]), pretrained=cfg.pretrained)
     except KdcacheError as e:
         if "has random weights" not in str(e):
             raise
@@ -430,14 +472,16 @@ def rebuild_teacher(cfg: VerifyConfig, man: dict, dev, ident: dict, problems: li
             f"{e}. This cache records no teacher weights file and no random-init seed, so its teacher cannot be "
             "rebuilt and verify cannot check it; precompute a new cache with --teacher-weights (or --random-init "
             "SEED)") from None
-    if init_seed is not None:
-        from ..models.factory import state_sha256
-
-        ident["teacher"]["state_matches"] = state_sha256(t.model) == mt.get("state_sha256")
-        if not ident["teacher"]["state_matches"]:
-            problems.append(f"the teacher rebuilt with the cache's random-init seed {init_seed} has other parameters "
+    checks = ident["teacher"].get("members") or [ident["teacher"]]
+    for n, (a, m, t, check) in enumerate(zip(asked, members, ens.teachers, checks), 1):
+        if a.random_init is None:
+            continue
+        check["state_matches"] = state_sha256(t.model) == m.get("state_sha256")
+        if not check["state_matches"]:
+            who = f"teacher {n}" if len(members) > 1 else "the teacher"
+            problems.append(f"{who} rebuilt with the cache's random-init seed {a.random_init} has other parameters "
                             "than the one that made the cache (another torch or model version?)")
-    return t
+    return ens
 
 
 def report(cfg: VerifyConfig, reader: CacheReader, names, picks, population, by_shard, ident, tally: Tally,
@@ -503,8 +547,10 @@ def format_verify(r: dict, max_failures: int = 50) -> str:
         f"verify {r['cache']} against {r['data']}",
         f"  sampled {r['samples_checked']} of {r['population']} (record, view) pairs in {len(r['shards_checked'])} "
         f"shards (seed {r['seed']})" + ("; teacher batches as precompute ran them" if r["exact_batches"] else ""),
-        f"  teacher spec {'matches' if t['spec_matches'] else 'DIFFERS'}, weights sha256 "
-        f"{'matches' if t['weights_match'] else 'DIFFERS'}",
+        *[f"  {who}spec {'matches' if m['spec_matches'] else 'DIFFERS'}, weights sha256 "
+          f"{'matches' if m['weights_match'] else 'DIFFERS'}"
+          for who, m in ([("teacher ", t)] if "members" not in t else
+                         [(f"teacher {n} ({m['spec']}) ", m) for n, m in enumerate(t["members"], 1)])],
         f"  render: here {render_text(r['render']['here'])}, cache {render_text(r['render']['cache'])}"
         f"{'' if r['render']['matches'] else ' (DIFFERENT)'}",
         f"  keys found {r['keys_found']}/{r['keys_checked']}, image sizes match {r['sizes_match']}/{r['keys_checked']}, "

@@ -41,7 +41,7 @@ from ..claims import (
 )
 from .manifest import (
     ARRAYS, arrays_of, box_dtype, class_dtype, encoding_record, FORMAT_VERSION, GEOMETRY, is_local, KEYS_ATTRS,
-    layout_arrays, layout_of, LAYOUTS, make_manifest, manifest_differences, MATCHED_FIELDS, MAX_COUNT,
+    layout_arrays, layout_of, LAYOUTS, make_manifest, manifest_differences, MATCHED_FIELDS, MAX_COUNT, members_of,
     open_manifest, open_root, READ_VERSIONS,
 )
 from .records import (
@@ -72,7 +72,7 @@ __all__ = [
     "CLAIM_GRACE_S", "CLAIM_LEASE_S", "CLAIM_REFRESH_S", "CLAIMS_DIR", "ClaimLostError", "ShardClaim",
     "ShardClaimedError", "ARRAYS", "arrays_of", "box_dtype", "class_dtype", "encoding_record", "FORMAT_VERSION",
     "GEOMETRY", "is_local", "KEYS_ATTRS", "layout_arrays", "layout_of", "LAYOUTS", "make_manifest",
-    "manifest_differences", "MATCHED_FIELDS", "MAX_COUNT", "open_manifest", "open_root", "READ_VERSIONS",
+    "manifest_differences", "MATCHED_FIELDS", "MAX_COUNT", "members_of", "open_manifest", "open_root", "READ_VERSIONS",
     "DECODE_FIELDS", "decode_record", "decode_record_text", "probe_record", "RECORD_ATTR", "RECORD_PROBES",
     "record_problem", "VIEWS_ATTR", "GROWING", "group_views", "growing_from", "CLASS_LIST_CODEC", "CODES_CODEC", "CRC_CODEC", "decode_group", "decode_keys", "derived_views", "encode_group", "encode_keys",
     "FLOAT_CODEC", "INT_CODEC", "is_string_keys", "LOGMASS_CODEC", "read_keys", "DIGEST_ATTR", "digest_of",

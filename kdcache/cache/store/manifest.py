@@ -127,7 +127,9 @@ def manifest_differences(old: dict, new: dict, fields: tuple[str, ...] = MATCHED
         if name == "shards":  # the same shards listed in another order are the same data
             a, b = sorted(a or []), sorted(b or [])
         if json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
-            if isinstance(a, dict) and isinstance(b, dict):
+            if name == "teacher" and isinstance(a, dict) and isinstance(b, dict) and ("members" in a or "members" in b):
+                out += member_differences(a, b)
+            elif isinstance(a, dict) and isinstance(b, dict):
                 for sub in sorted(set(a) | set(b)):
                     if a.get(sub) != b.get(sub):
                         out.append(f"{name}.{sub}: cache has {a.get(sub)!r}, this run has {b.get(sub)!r}")
@@ -143,6 +145,36 @@ def manifest_differences(old: dict, new: dict, fields: tuple[str, ...] = MATCHED
     if a != b:
         out.append(f"render.backend: cache has {a!r}, this run has {b!r} (--render)")
     return out
+
+
+def members_of(teacher_entry: dict, resolution: int) -> list[dict]:
+    """A manifest ``teacher`` entry as its list of member entries, each with its ``resolution``
+    (a single teacher's entry is one member at the cache's resolution)."""
+    if "members" in teacher_entry:
+        return [dict(m) for m in teacher_entry["members"]]
+    return [{**teacher_entry, "resolution": int(resolution)}]
+
+
+def member_differences(old: dict, new: dict) -> list[str]:
+    """Where two ``teacher`` entries disagree when either is an ensemble: the member count, or each
+    member's changed fields, named by position (``teacher.members[2].weights_sha256``, from 1)."""
+    a, b = old.get("members"), new.get("members")
+    if not isinstance(a, list) or not isinstance(b, list) or len(a) != len(b):
+        count = lambda m: len(m) if isinstance(m, list) else 1  # noqa: E731 - a single teacher is one member
+        return [f"teacher: the cache's ensemble has {count(a)} member(s) ({_member_specs(old)}), this run "
+                f"{count(b)} ({_member_specs(new)})"]
+    out = [f"teacher.{k}: cache has {old.get(k)!r}, this run has {new.get(k)!r}"
+           for k in sorted(set(old) | set(new)) if k != "members" and old.get(k) != new.get(k)]
+    for n, (x, y) in enumerate(zip(a, b), 1):
+        for sub in sorted(set(x) | set(y)):
+            if x.get(sub) != y.get(sub):
+                out.append(f"teacher.members[{n}].{sub}: cache has {x.get(sub)!r}, this run has {y.get(sub)!r}")
+    return out
+
+
+def _member_specs(entry: dict) -> str:
+    members = entry.get("members") if isinstance(entry.get("members"), list) else [entry]
+    return ", ".join(str(m.get("spec")) for m in members)
 
 
 # The manifest fields that decide what a group's stored bytes mean: its format, the teacher (its
