@@ -333,3 +333,29 @@ def test_members_must_agree_on_the_class_count(dataset, members, tmp_path):
                            device="cpu", workers=0, progress=False)
     with pytest.raises(KdcacheError, match="teacher 2 .* outputs 7 classes, teacher 1 .* 5"):
         precompute(cfg)
+
+
+def test_an_ensemble_cache_grows_to_the_one_go_cache(dataset, members, ens_cache, tmp_path):
+    """Growing an ensemble cache from 2 to 3 views renders only the new view, at every member's
+    resolution, and gives the cache an ensemble run at 3 views makes in one go."""
+    import shutil
+
+    from conftest import stored
+
+    grown, onego = tmp_path / "grown.zarr", tmp_path / "onego.zarr"
+    shutil.copytree(ens_cache, grown)
+
+    def at_three(out):
+        args = precompute_args(dataset, out, members)
+        args[args.index("--views") + 1] = "3"
+        return CliRunner().invoke(cli, args)
+
+    res = at_three(grown)
+    assert res.exit_code == 0, res.output
+    assert "growing" in res.output and "only the new views" in res.output
+    assert at_three(onego).exit_code == 0
+    a, b = stored(grown), stored(onego)
+    assert a.keys() == b.keys() and a["manifest"]["views"] == 3
+    assert [m["resolution"] for m in a["manifest"]["teacher"]["members"]] == list(RES)
+    for name in a:
+        assert a[name] == b[name], name
