@@ -76,3 +76,28 @@ def test_decompose_study_quick(tmp_path):
     table = (out / "table.md").read_text()
     assert all(f"| {arm} |" in table for arm in arms) and "share of full KD's gain" in table
     assert (out / "decompose.png").stat().st_size > 1000 and (out / "relations.png").stat().st_size > 1000
+
+
+def test_ensemble_study_quick(tmp_path):
+    """The ensemble study's smoke run: member B is trained at its own resolution, the three caches
+    hold the members they should (one each, both for the ensemble), every arm trains, and the
+    table compares the ensemble with each member."""
+    ensemble_study = study("ensemble_study")
+    out = tmp_path / "ensemble"
+    res = ensemble_study.main(["--out", str(out), "--quick"])
+    assert [r["arm"] for r in res["results"]] == list(ensemble_study.ARMS)
+    assert all(0.0 <= r["val_top1"] <= 1.0 and r["curve"] for r in res["results"])
+    assert res["members"]["A"]["res"] == 32 and res["members"]["B"]["res"] == 48
+    assert json.loads((out / "teacher-b" / "config.json").read_text())["res"] == 48
+
+    def teacher_of(name):
+        return json.loads((out / "caches" / f"{name}-V2.zarr" / "zarr.json").read_text())["attributes"]["kdcache"]["teacher"]
+
+    assert "members" not in teacher_of("A") and "members" not in teacher_of("B")
+    ens = teacher_of("AB")["members"]
+    assert [m["resolution"] for m in ens] == [32, 48]
+    assert [m["weights_sha256"] for m in ens] == [teacher_of("A")["weights_sha256"], teacher_of("B")["weights_sha256"]]
+    labels = json.loads((out / "runs" / "labels_only-s0" / "config.json").read_text())
+    assert labels["mode"] == "labels"
+    table = (out / "table.md").read_text()
+    assert all(f"| {arm} |" in table for arm in ensemble_study.ARMS) and "ensemble over this arm" in table
