@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import platform
 import statistics
@@ -169,15 +168,7 @@ def main(argv=None) -> dict:
              "config": arm_config(a, arm, str(out / "runs" / f"{arm.replace(' ', '_').replace('+', '-')}-s{seed}"),
                                   seed, subset, caches)}
             for seed in range(a.seeds) for arm in a.arms]
-    done = []
-    if a.jobs > 1:
-        with mp.get_context("spawn").Pool(a.jobs) as pool:
-            done = list(pool.imap_unordered(ds.run_one, jobs))
-    else:
-        for j in jobs:
-            done.append(ds.run_one(j))
-            r = done[-1]
-            print(f"[{len(done)}/{len(jobs)}] {r['arm']} seed {r['seed']}: {100 * r['val_top1']:.1f} %", flush=True)
+    done = ds.run_all(jobs, a.jobs)
     order = {arm: i for i, arm in enumerate(a.arms)}
     results = sorted(done, key=lambda r: (order[r["arm"]], r["seed"]))
     signals = {"epsilon": rel["epsilon"], "entries": rel["entries"], "confused_pairs": rel["confused_pairs"][:5]}

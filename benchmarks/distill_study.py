@@ -187,6 +187,26 @@ def run_one(job: dict) -> dict:
             "best_val_top1": s["best_val_top1"], "curve": sorted(curve.items()), "train_s": s["train_time_s"]}
 
 
+def run_all(jobs: list[dict], at_once: int) -> list[dict]:
+    """Every job through ``run_one``, ``at_once`` processes at a time (one torch thread each), with
+    a line per finished run; results in the order they finish."""
+    done = []
+
+    def said(r):
+        done.append(r)
+        print(f"[{len(done)}/{len(jobs)}] {r['arm']} {r['epochs']} epochs seed {r['seed']}: {100 * r['val_top1']:.1f} %",
+              flush=True)
+
+    if at_once > 1:
+        with mp.get_context("spawn").Pool(at_once) as pool:
+            for r in pool.imap_unordered(run_one, jobs):
+                said(r)
+    else:
+        for j in jobs:
+            said(run_one(j))
+    return done
+
+
 def teacher_accuracy(a, teacher_weights: str) -> dict:
     """The teacher on whole images (the centre view) and on crops like the students' (4 per image)."""
     import torch
@@ -334,15 +354,7 @@ def main(argv=None) -> dict:
             run = out / "runs" / f"sweep-V{V}-s{seed}"
             jobs.append({"arm": f"V={V}", "epochs": E, "seed": seed,
                          "config": common(a, str(run), seed, E, data=subset, cache=path)})
-    done = []
-    if a.jobs > 1:
-        with mp.get_context("spawn").Pool(a.jobs) as pool:
-            for r in pool.imap_unordered(run_one, jobs):
-                done.append(r)
-                print(f"[{len(done)}/{len(jobs)}] {r['arm']} {r['epochs']} epochs seed {r['seed']}: "
-                      f"{100 * r['val_top1']:.1f} %", flush=True)
-    else:
-        done = [run_one(j) for j in jobs]
+    done = run_all(jobs, a.jobs)
     results = [r for r in done if r["arm"] in ARMS]
     sweep = []
     for V in a.sweep:

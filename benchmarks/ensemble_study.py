@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import platform
 import statistics
@@ -161,15 +160,7 @@ def main(argv=None) -> dict:
             run = out / "runs" / f"{arm.replace(' ', '_').replace('+', '')}-s{seed}"
             jobs.append({"arm": arm, "epochs": a.epochs, "seed": seed,
                          "config": ds.common(a, str(run), seed, a.epochs, data=subset, cache=caches[arm], **extra)})
-    done = []
-    if a.jobs > 1:
-        with mp.get_context("spawn").Pool(a.jobs) as pool:
-            done = list(pool.imap_unordered(ds.run_one, jobs))
-    else:
-        for j in jobs:
-            done.append(ds.run_one(j))
-            r = done[-1]
-            print(f"[{len(done)}/{len(jobs)}] {r['arm']} seed {r['seed']}: {100 * r['val_top1']:.1f} %", flush=True)
+    done = ds.run_all(jobs, a.jobs)
     order = {arm: i for i, arm in enumerate(ARMS)}
     results = sorted(done, key=lambda r: (order[r["arm"]], r["seed"]))
     members = {"A": {"spec": a.teacher, "res": a.res, **acc_a}, "B": {"spec": a.teacher_b, "res": a.res_b, **acc_b}}
