@@ -162,6 +162,9 @@ class CacheWriter:
             )
         self.manifest = adopted_encoding(old, self.manifest)
         diffs = manifest_differences(old, self.manifest, tuple(f for f in MATCHED_FIELDS if f != "views"))
+        if diffs and int(self.manifest["views"]) < int(old["views"]):  # named with the others: it never resumes either
+            diffs.insert(0, f"views: cache has {int(old['views'])}, this run has {int(self.manifest['views'])} "
+                            "(a cache never shrinks; a larger --views grows it)")
         if diffs:
             with warnings.catch_warnings():  # `.claims/` is kdcache's own, not a zarr node
                 warnings.filterwarnings("ignore", message=r"Object at \..* is not recognized as a component")
