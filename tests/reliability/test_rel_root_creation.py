@@ -151,3 +151,34 @@ def test_remote_root_written_in_place_and_cut_is_created_again():
     with pytest.raises(KdcacheError, match="refusing to write into"):
         CacheWriter(f"{base}/b.zarr", manifest(["s0"]))
     assert fs.cat_file(f"{base}/b.zarr/notes.txt") == b"mine" and fs.cat_file(f"{base}/b.zarr/zarr.json") == b""
+
+
+def test_every_version_of_a_groups_metadata_is_whole(tmp_path, monkeypatch):
+    """A group's zarr.json is written whole each time: no reader can catch a group with its decode
+    record but not its view count, or marked complete before its digests. (zarr's attrs.update
+    writes the document once per key; a race of four writers once read such a half-written group
+    and took it for an edited manifest.)"""
+    import zarr.storage
+
+    from kdcache.cache.store import RECORD_ATTR, VIEWS_ATTR
+    from kdcache.cache.store.digests import DIGEST_ATTR
+
+    versions = []
+    real_set = zarr.storage.LocalStore.set
+
+    async def recording_set(self, key, value):
+        if key == "g0/zarr.json":
+            versions.append(json.loads(value.to_bytes())["attributes"])
+        return await real_set(self, key, value)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", recording_set)
+    w = CacheWriter(str(tmp_path / "cache.zarr"), manifest(["g0"]))
+    w.write_shard("g0", source="/d/g0.tar", claim=w.claim("g0"), **records(5, 3))
+    assert versions and versions[-1].get("complete") is True
+    for attrs in versions:
+        if not attrs:
+            continue  # the group as created, before any attribute
+        assert RECORD_ATTR in attrs and VIEWS_ATTR in attrs, sorted(attrs)
+        if attrs.get("complete"):
+            assert DIGEST_ATTR in attrs, sorted(attrs)
+    assert len(versions) <= 3, [sorted(a) for a in versions]  # created, described, completed

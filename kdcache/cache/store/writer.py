@@ -81,6 +81,13 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def set_attrs(node, new: dict) -> None:
+    """Add ``new`` to a zarr node's attributes in one write of its zarr.json. (zarr's ``attrs.update``
+    writes the document once per key, and a reader between two of those writes sees a group half
+    described: a decode record without the view count it needs, found by a race of four writers.)"""
+    node.attrs.put({**node.attrs.asdict(), **new})
+
+
 class CacheWriter:
     """Creates a cache or opens one for more shards. Refuses a cache made with other settings.
 
@@ -202,7 +209,7 @@ class CacheWriter:
             if older:
                 raise older_groups_error(self.path, older)
             stored = grown_manifest(old, self.manifest)
-            root.attrs.update({"kdcache": stored})
+            set_attrs(root, {"kdcache": stored})
         self.growing = growing_from(stored)
         return root
 
@@ -223,7 +230,7 @@ class CacheWriter:
         stored = dict(root.attrs["kdcache"])
         if int(stored["views"]) != int(self.manifest["views"]) or growing_from(stored) is None:
             return False  # another run grows it further, or has ended it
-        root.attrs.update({"kdcache": finished_manifest(stored)})
+        set_attrs(root, {"kdcache": finished_manifest(stored)})
         self.growing = None
         return True
 
@@ -545,7 +552,7 @@ class CacheWriter:
             claim.check()
             done_attrs = {"bad": dict(bad or {}), "render": render or self.manifest.get("render"),
                           DIGEST_ATTR: digests, "complete": True}
-            g.attrs.update(done_attrs)
+            set_attrs(g, done_attrs)
             self._record_complete(name, {**self._first_attrs(source, n), **layout_attrs, **done_attrs}, arrays, files)
         finally:
             claim.release()
@@ -598,7 +605,7 @@ class CacheWriter:
         try:
             g = self.root[name]
             if g.attrs.get("complete", False):
-                g.attrs.update({"complete": False})
+                set_attrs(g, {"complete": False})
         except (KeyError, ValueError):  # no group, or a zarr.json that does not parse: not complete
             pass
 
@@ -611,7 +618,7 @@ class CacheWriter:
         """Create group ``name`` (``complete`` false) with ``first_attrs`` and write its arrays ``names``."""
         self._uncomplete(name)
         g = self.root.create_group(name, overwrite=True)
-        g.attrs.update(first_attrs)
+        set_attrs(g, first_attrs)
         n = int(first_attrs["num_samples"])
         rows = max(n, 1)
         size = data["size"]
