@@ -82,6 +82,7 @@ bench: install-dev
 SCALE_ARGS ?=
 bench-scale: install-dev
 	$(PY) benchmarks/scale_bench.py $(SCALE_ARGS)
+	$(PY) benchmarks/ranks_bench.py $(RANKS_ARGS)
 
 # The GPU suite (benchmarks/gpu_suite.py): loss, precompute data path and training throughput, written
 # as JSON + markdown to BENCH_OUT. It installs nothing, so it runs on a machine set up by hand (the

@@ -130,3 +130,18 @@ def test_four_rank_ddp_epochs_see_every_record_once(ranks_data, one_rank_cache, 
             cached = {str(k): int(c) for k, c in zip(view.keys, view.classes[:, 0])}
             got = {key: top1 for s, key, top1, _ in seen if s == shard}
             assert got == cached, (shard, e)
+
+
+def test_the_ranks_benchmark_checks_hold_on_its_quick_point(tmp_path):
+    """benchmarks/ranks_bench.py (the same two checks at scale) on its quick point: 640 images in 8
+    shards, 4 ranks: equal caches file for file, every record once across the ranks, equal steps."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import ranks_bench
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    r = ranks_bench.main(["--quick", "--workdir", str(tmp_path), "--json", str(tmp_path / "r.json")])
+    assert r["ok"] and r["caches_equal"] and r["files_differing"] == []
+    assert r["records_seen"] == r["records_expected"] == 640 and r["views"] == [0]
+    assert r["same_steps"] and len(r["steps_per_rank"]) == 4
+    assert json.loads((tmp_path / "r.json").read_text())["cache_files"] == r["cache_files"] > 8
