@@ -243,20 +243,24 @@ def test_spot_check_needs_the_caches_own_teacher(dataset, sharp, teacher_weights
 # ---- the examples, run as a user runs them ------------------------------------------------------
 
 
-def _example(name, *args):
+def _example(name, *args, threads: int | None = None):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's kdcache, installed or not
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     return subprocess.run([sys.executable, str(ROOT / "examples" / name), *map(str, args)], capture_output=True,
                           text=True, cwd=ROOT, env=env)
 
 
 def test_own_loop_trains_the_weights_kdcache_train_trains(dataset, cache, tmp_path):
     settings = ["--epochs", "2", "--batch-size", "6", "--lr", "3e-3", "--warmup-steps", "2", "--temperature", "2"]
+    # One torch thread on both sides: a float sum's order depends on the thread count, so the same
+    # weights bit for bit need the same threads (whatever OMP_NUM_THREADS the suite runs under).
     mine = _example("own_loop.py", "--data", dataset, "--cache", cache, "--student", STUDENT, "--seed", "5",
-                    "--out", tmp_path / "own.pt", *settings)
+                    "--out", tmp_path / "own.pt", *settings, threads=1)
     assert mine.returncode == 0, mine.stderr
     res = CliRunner().invoke(cli, ["train", "--data", str(dataset), "--cache", str(cache), "--student", STUDENT,
                                    "--out", str(tmp_path / "run"), "--seed", "5", "--workers", "0", "--device",
-                                   "cpu", "--no-progress", *settings])
+                                   "cpu", "--no-progress", "--threads", "1", *settings])
     assert res.exit_code == 0, res.output
     own = torch.load(tmp_path / "own.pt", weights_only=True)
     trained = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
