@@ -27,7 +27,7 @@ def resolve_device(device: str):
 
     if device == "auto":
         if torch.cuda.is_available():
-            return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+            return cuda_device(None)
         return torch.device("cpu")
     try:
         dev = torch.device(device)
@@ -35,7 +35,18 @@ def resolve_device(device: str):
         raise KdcacheError(f"--device {device!r} is not a device torch knows: {e}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise KdcacheError(f"--device {device} asked for CUDA but no CUDA GPU is visible; use --device cpu")
+    if dev.type == "cuda" and dev.index is None:
+        # `cuda` alone is this process's GPU, as for ``auto``: an index, so that tensors made on it
+        # (``cuda:N``) compare equal to it and ``torch.cuda.set_device`` takes it
+        return cuda_device(None)
     return dev
+
+
+def cuda_device(index: int | None):
+    """A CUDA device with its index: ``index``, or this process's GPU (torchrun's LOCAL_RANK, else 0)."""
+    import torch
+
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if index is None else index)
 
 
 def init_distributed(device: str = "auto") -> tuple[int, int, int]:

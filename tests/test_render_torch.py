@@ -456,11 +456,18 @@ def test_pil_caches_still_say_pil(cache):
 
 def test_cuda_without_an_index_is_the_current_cuda_device(monkeypatch):
     """`--device cuda` names the current CUDA device: an image nvJPEG decoded on cuda:0 is on it (on
-    the first GPU run, `cuda` vs `cuda:0` stopped every `--render torch` precompute)."""
-    from kdcache.data.render import _same_device
+    the first GPU run, `cuda` vs `cuda:0` stopped every `--render torch` precompute, and the trainer's
+    set_device refused `cuda`). The device is named where it is made: resolve_device and the renderer."""
+    from kdcache.data.render import TorchRenderer
+    from kdcache.runtime import resolve_device
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    assert _same_device(torch.device("cuda:0"), torch.device("cuda"))
-    assert _same_device("cuda", "cuda:0") and _same_device("cuda", "cuda")
-    assert not _same_device("cuda:1", "cuda") and not _same_device("cuda:0", "cuda:1")
-    assert not _same_device("cpu", "cuda") and _same_device("cpu", "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert TorchRenderer("cuda").device == torch.device("cuda:0")
+    assert TorchRenderer("cuda:1").device == torch.device("cuda:1") != torch.device("cuda:0")
+    assert TorchRenderer("cpu").device == torch.device("cpu")
+    assert resolve_device("cuda") == torch.device("cuda:0") == resolve_device("auto")
+    monkeypatch.setenv("LOCAL_RANK", "1")  # under torchrun: this rank's GPU, as for auto
+    assert resolve_device("cuda") == torch.device("cuda:1") == resolve_device("auto")
+    assert resolve_device("cuda:0") == torch.device("cuda:0")

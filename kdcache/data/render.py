@@ -265,6 +265,8 @@ class TorchRenderer:
         self.device = torch.device(device)
         if self.device.type not in ("cpu", "cuda"):
             raise KdcacheError(f"the torch render backend runs on cpu or cuda, not {self.device.type}")
+        if self.device.type == "cuda" and self.device.index is None:  # `cuda`: this process's current GPU,
+            self.device = torch.device("cuda", torch.cuda.current_device())  # named, as its images' devices are
         self.deferred = self.device.type == "cuda" if deferred is None else bool(deferred)
 
     def __repr__(self) -> str:
@@ -422,7 +424,7 @@ class TorchRenderer:
         xidx = torch.from_numpy(xidx - x0[:, None]).to(dev)  # relative to the columns the taps read
         pieces = []
         for r, im in enumerate(images):
-            if not _same_device(im.device, dev):
+            if im.device != dev:
                 raise KdcacheError(f"an image decoded on {im.device} cannot be cropped on {dev}")
             band = im[:, int(y0[r]): int(y0[r] + rows[r]), int(x0[r]): int(x1[r])].permute(2, 0, 1).contiguous()
             pieces.append(band.index_select(0, xidx[r]))  # (R*Kx, 3, rows)
@@ -697,15 +699,3 @@ def _assemble(renderer, size, own_items, other_items, other_rows, lam) -> CropBa
         other[torch.as_tensor(other_rows, device=own.device)] = renderer.crops(other_items, size)
     return CropBatch(own, other, lam)
 
-
-def _same_device(a, b) -> bool:
-    """Whether two devices are one, counting ``cuda`` (no index) as the current CUDA device."""
-    import torch
-
-    a, b = torch.device(a), torch.device(b)
-    if a.type != b.type:
-        return False
-    if a.type != "cuda":
-        return a.index == b.index or a.index is None or b.index is None
-    current = torch.cuda.current_device()
-    return (current if a.index is None else a.index) == (current if b.index is None else b.index)

@@ -60,7 +60,6 @@ from ..errors import BadImageError, KdcacheError, size_text
 from ..runtime import guarded, raise_if_error, unbatched, worker_init, worker_items, worker_share
 from ..data.shards import decode_image, decode_shard, is_remote, iter_samples, scan_keys, scan_labels, shard_name
 from ..cache.store import CacheReader
-from ..cache.store.reader import reads_at_once
 from ..data.render import backend_conflict, renderer_for
 from ..data.views import AugSpec, ShardViews, sample_shard_views, stable_seed
 from ..data.render import CropBatch, crop_batch
@@ -191,8 +190,6 @@ def check_cache_groups(reader: CacheReader, names: list[str], workers: int, rank
 
     share = names[rank::world]
     if reader.is_remote and len(share) > 1:  # waiting on requests, not the CPU: threads, all in this reader
-        for name in share:
-            reader.check_shard(name)  # metadata, in order (from the index: no request of its own)
         found = dict(zip(share, reader.read_ahead(share, partial(_check_in, reader))))
     elif workers > 1 and len(share) > 1:
         check = partial(_check_group, reader.path, storage_options, reader.check_digests)
@@ -215,35 +212,19 @@ def check_cache_groups(reader: CacheReader, names: list[str], workers: int, rank
     gather_across_ranks(result, names, rank, world)
 
 
-def gather_across_ranks(fn, items: list, rank: int, world: int, threads: int = 1) -> list:
-    """``[fn(x) for x in items]`` with the work split over ranks (and, with ``threads`` > 1, over that
-    many threads of this process, for work that waits on storage); errors re-raised on every rank
-    (the first item's error in order wins)."""
+def gather_across_ranks(fn, items: list, rank: int, world: int, each=None) -> list:
+    """``[fn(x) for x in items]`` with the work split over ranks; errors re-raised on every rank (the
+    first in item order wins). ``each(share, fn)`` yields ``fn`` of this rank's items in order (for
+    example ``CacheReader.read_ahead``, which reads a remote cache's groups together); default: in turn."""
     mine = {}
     err = None
     share = list(range(rank, len(items), world))
-    if threads > 1 and len(share) > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
-        def one(i):
-            try:
-                return fn(items[i]), None
-            except KdcacheError as e:
-                return None, str(e)
-
-        with ThreadPoolExecutor(min(threads, len(share))) as pool:
-            for i, (value, e) in zip(share, pool.map(one, share)):
-                if e is not None:
-                    err = e
-                    break
-                mine[i] = value
-    else:
-        for i in share:
-            try:
-                mine[i] = fn(items[i])
-            except KdcacheError as e:
-                err = str(e)
-                break
+    results = (each or _in_turn)([items[i] for i in share], fn)
+    try:
+        for i, value in zip(share, results):
+            mine[i] = value
+    except KdcacheError as e:
+        err = str(e)
     if world > 1:
         parts = [None] * world
         dist.all_gather_object(parts, (mine, err))
@@ -258,6 +239,11 @@ def gather_across_ranks(fn, items: list, rank: int, world: int, threads: int = 1
     return [merged[i] for i in range(len(items))]
 
 
+def _in_turn(items, fn):
+    for x in items:
+        yield fn(x)
+
+
 def prepare_shards(
     urls: list[str], reader: CacheReader | None, need_labels: bool, rank: int = 0, world: int = 1,
     scan_local: bool = True, skip_bad: bool = False, num_classes: int | None = None,
@@ -268,12 +254,11 @@ def prepare_shards(
     over ranks) to find the undecodable ones, which go into ``ShardInfo.bad`` and are not counted.
     With a cache the bad records are the cache's (``bad`` attribute) either way.
     """
-    threads = 1
     if reader is not None:
         reader.load_index()  # a remote cache's index of complete groups: no request per group below
-        threads = reads_at_once() if reader.is_remote else 1  # each shard's keys: one read that waits
+    # each shard's keys are one read that waits on a remote cache: read ahead there
     return gather_across_ranks(lambda u: _check_one(u, reader, need_labels, scan_local, skip_bad, num_classes), urls,
-                               rank, world, threads)
+                               rank, world, reader.read_ahead if reader is not None else None)
 
 
 # ---- what workers ship ------------------------------------------------------------------

@@ -263,12 +263,8 @@ def setup(cfg: TrainConfig) -> Run:
 
 def _place(cfg: TrainConfig):
     """This process's rank, world size, device and torch threads (torchrun's process group joined)."""
-    rank, world, local = init_distributed(cfg.device)
-    device = resolve_device(cfg.device)
-    if world > 1 and device.type == "cuda" and device.index is None:
-        device = torch.device(f"cuda:{local}")
-    if device.type == "cuda" and device.index is None:  # set_device and device checks want an index
-        device = torch.device("cuda", torch.cuda.current_device())
+    rank, world, _ = init_distributed(cfg.device)
+    device = resolve_device(cfg.device)  # `cuda` alone is cuda:LOCAL_RANK
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return rank, world, device, set_threads(cfg.threads, cfg.workers)

@@ -156,8 +156,9 @@ def device_batches(start: ShardStart, renderer, cfg: PrecomputeConfig):
         views = ShardViews(views.box.copy(), views.flip.copy(), views.mix_with.copy(), views.mix_lam.copy())
         drop_records(views, lost)
     yield ShardStart(start.url, start.name, start.keys, size, views, bad, valid, first_view=start.first_view)
+    sizes = teacher_sizes(cfg)
     for pairs in teacher_batches(valid, cfg.views, cfg.batch_size, start.first_view):
-        yield render_batch(start.name, images, views, pairs, teacher_sizes(cfg), renderer)
+        yield render_batch(start.name, images, views, pairs, sizes, renderer)
 
 
 class ShardRenderStream(IterableDataset):
@@ -172,6 +173,7 @@ class ShardRenderStream(IterableDataset):
 
     def _shards(self, urls):
         cfg = self.cfg
+        sizes = teacher_sizes(cfg)  # (the members are matched and checked once, not per batch)
         for url in urls:
             name = shard_name(url)
             d = decode_shard(url, cfg.skip_bad, self.renderer)
@@ -183,7 +185,7 @@ class ShardRenderStream(IterableDataset):
                 continue
             yield ShardStart(url, name, d.keys, d.sizes, sv, d.bad, valid, first_view=first)
             for pairs in teacher_batches(valid, cfg.views, cfg.batch_size, first):
-                yield render_batch(name, d.images, sv, pairs, teacher_sizes(cfg), self.renderer)
+                yield render_batch(name, d.images, sv, pairs, sizes, self.renderer)
 
 
 # ---- the main side: teacher → top-k → shard groups --------------------------------------------

@@ -52,11 +52,6 @@ class ViewRecords:
 REMOTE_READS_AT_ONCE = 16
 
 
-def reads_at_once() -> int:
-    """How many groups of a remote cache are read at once (``REMOTE_READS_AT_ONCE``, read when asked)."""
-    return REMOTE_READS_AT_ONCE
-
-
 class CacheReader:
     """Read access to a cache (local path or fsspec URL). Opening validates the format.
 
@@ -133,7 +128,7 @@ class CacheReader:
         another; at most that many results are held. An error is raised when its name's turn comes.
         A local cache (or one name) is read in turn, in this thread."""
         names = list(names)
-        at_once = reads_at_once() if at_once is None else at_once
+        at_once = REMOTE_READS_AT_ONCE if at_once is None else at_once  # (the module's value when called)
         if not self.is_remote or len(names) < 2 or at_once < 2:
             for name in names:
                 yield fn(name)

@@ -528,7 +528,8 @@ class CacheWriter:
                     f"shard group {name!r} in cache {self.path} is already complete; kdcache never overwrites "
                     "a complete group"
                 )
-            self._check_kept_views(name, digests)
+            if self.growing is not None:  # only a growth rewrites a complete group
+                self._check_kept_views(name, digests)
             try:
                 self._write_arrays(name, {**self._first_attrs(source, n), **layout_attrs}, names,
                                    {"keys": key_rows, **stored})
@@ -616,7 +617,8 @@ class CacheWriter:
 
     def _write_arrays(self, name, first_attrs: dict, names: tuple[str, ...], data: dict) -> None:
         """Create group ``name`` (``complete`` false) with ``first_attrs`` and write its arrays ``names``."""
-        self._uncomplete(name)
+        if self.growing is not None:  # only a growth replaces a complete group
+            self._uncomplete(name)
         g = self.root.create_group(name, overwrite=True)
         set_attrs(g, first_attrs)
         n = int(first_attrs["num_samples"])
